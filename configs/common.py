@@ -1,0 +1,110 @@
+"""Shared pieces of every experiment config (big_vision style: plain functions returning ConfigDicts).
+
+A config is built by `get_config(arg)` where `arg` is the text after the colon in
+`--config=configs/NAME.py:key=value,...`; `parse_arg` turns it into a ConfigDict with typed
+defaults so that a misspelt or mistyped argument fails at start-up.
+"""
+from __future__ import annotations
+
+import ml_collections as mlc
+
+
+def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
+    """'steps=20,size=7b,runlocal' -> ConfigDict, typed by `defaults` (a bare key means True)."""
+    out = mlc.ConfigDict(defaults)
+    if not arg:
+        return out
+    for item in arg.split(","):
+        if not item:
+            continue
+        key, _, value = item.partition("=")
+        if key not in defaults:
+            raise ValueError(f"config argument {key!r} is unknown; allowed: {sorted(defaults)}")
+        default = defaults[key]
+        if "=" not in item:
+            if not isinstance(default, bool):
+                raise ValueError(f"config argument {key!r} needs a value (default {default!r})")
+            out[key] = True
+        elif isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"config argument {key}={value!r}: expected true/false")
+            out[key] = value.lower() in ("true", "1")
+        else:
+            try:
+                out[key] = type(default)(value)
+            except ValueError as e:
+                raise ValueError(f"config argument {key}={value!r}: expected {type(default).__name__}") from e
+    return out
+
+
+def llm_config(**overrides) -> mlc.ConfigDict:
+    """The LLM block (`config.model`); keys mirror `illume_jax.models.llm.LLMConfig`."""
+    c = mlc.ConfigDict(dict(
+        family="qwen2",          # 'qwen2' (Qwen2/2.5: GQA, qkv bias) | 'llama' (LLaMA/Vicuna: no bias)
+        text_vocab_size=512,     # rows of the text tokenizer; ids >= this are visual/structure tokens
+        vocab_size=512,          # total embedding / head rows (text + extra rows, maybe padded)
+        d_model=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        mlp_dim=128,
+        rope_theta=1_000_000.0,
+        norm_eps=1e-6,
+        qkv_bias=True,
+        tie_embeddings=True,
+        dtype="float32",         # compute dtype: bfloat16 on accelerators; params stay param_dtype
+        param_dtype="float32",
+        attention="xla",         # 'xla' (reference, any backend) | 'cudnn' (GPU) | 'splash' (TPU Pallas)
+        remat="nothing_saveable",  # 'none' fastest/most memory ... 'nothing_saveable' least memory
+        scan_layers=True,        # scan keeps compile time flat in depth
+    ))
+    c.update(overrides)
+    return c
+
+
+def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> mlc.ConfigDict:
+    return mlc.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+
+
+def optim_config(**overrides) -> mlc.ConfigDict:
+    c = mlc.ConfigDict(dict(
+        b1=0.9, b2=0.95, eps=1e-8,
+        weight_decay=0.0,
+        clip_norm=1.0,           # global-norm clipping; 0 disables
+        grad_accum=1,            # micro-batches per update (global batch is split into them)
+        mu_dtype="float32",      # bfloat16 halves Adam's first-moment memory (big_vision)
+    ))
+    c.update(overrides)
+    return c
+
+
+def stage_config(name: str, **overrides) -> mlc.ConfigDict:
+    """One training stage. Stage N starts from the parameters stage N-1 ended with."""
+    c = mlc.ConfigDict(dict(
+        name=name,
+        steps=100,
+        seq_len=128,
+        global_batch_size=16,
+        # Regexes over '/'-joined parameter paths (e.g. 'layers/attn/q_proj/kernel').
+        # Everything not matched is frozen: no gradient update, no optimizer state.
+        trainable=(".*",),
+        # Extra regex -> learning-rate multiplier groups (first match wins), e.g. a lower LR
+        # for a vision tower: {'vision_tower/.*': 0.1}.
+        lr_multipliers={},
+        lr=1e-3,
+        schedule="cosine",       # 'cosine' | 'linear' | 'constant' (all after linear warmup)
+        warmup_steps=10,
+        end_lr_ratio=0.1,
+        # Only the embedding/head rows >= model.text_vocab_size change (ILLUME stage 1).
+        new_vocab_only=False,
+        mixture={},              # dataset name (in config.data.datasets) -> sampling weight
+    ))
+    c.update(overrides)
+    return c
+
+
+def checkpoint_config(**overrides) -> mlc.ConfigDict:
+    c = mlc.ConfigDict(dict(every_steps=50, max_to_keep=3, async_save=True))
+    c.update(overrides)
+    return c

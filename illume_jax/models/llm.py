@@ -1,0 +1,321 @@
+"""Decoder-only LLM for both ILLUME families: Qwen2/Qwen2.5 (ILLUME+) and LLaMA/Vicuna (ILLUME).
+
+Matches HF `Qwen2ForCausalLM` (GQA, q/k/v bias, RMSNorm, SwiGLU, rotate-half RoPE, tied or
+untied head) and `LlamaForCausalLM` (no bias, usually MHA); the two differ only in config.
+The vocabulary is the text vocabulary plus extra rows for ILLUME's visual and structure
+tokens (`vocab_size` total rows, `text_vocab_size` text rows; spec §3.2), one shared
+embedding / head over all of them.
+
+Layers are stacked along a leading 'layers' axis (one `nnx.vmap`-created module) and run
+with `lax.scan` + a named remat policy, so compile time does not grow with depth. Every
+parameter carries logical axis names (see `illume_jax.sharding`).
+
+Parameter paths (used by stage patterns and the converters): `embed/embedding` [V,D],
+`layers/input_norm/scale`, `layers/attn/{q,k,v}_proj/{kernel,bias}` [L,D,N|K,H],
+`layers/attn/o_proj/kernel` [L,N,H,D], `layers/post_attn_norm/scale`,
+`layers/mlp/{gate,up}_proj/kernel` [L,D,F], `layers/mlp/down_proj/kernel` [L,F,D],
+`final_norm/scale`, `lm_head/kernel` [D,V] (absent when tied).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from illume_jax.modules.attention import IMPLEMENTATIONS, attend
+from illume_jax.modules.mlp import GatedMLP
+from illume_jax.modules.norms import RMSNorm
+from illume_jax.modules.rope import apply_rope
+from illume_jax.sharding import constrain
+
+FAMILIES = ("qwen2", "llama")
+# Named remat policies, from least to most memory (MaxText's naming idea, jax's policies).
+REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "none": None,  # no rematerialisation
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+    family: str = "qwen2"
+    text_vocab_size: int = 512
+    vocab_size: int = 512
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    mlp_dim: int = 128
+    rope_theta: float = 1_000_000.0
+    norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    tie_embeddings: bool = True
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    attention: str = "xla"
+    remat: str = "nothing_saveable"
+    scan_layers: bool = True
+    # Pallas interpreter for the splash kernel (CPU tests only).
+    splash_interpret: bool = False
+
+    def __post_init__(self):
+        def bad(key, value, allowed):
+            raise ValueError(f"config.model.{key}={value!r}: expected {allowed}")
+        if self.family not in FAMILIES:
+            bad("family", self.family, f"one of {FAMILIES}")
+        if self.attention not in IMPLEMENTATIONS:
+            bad("attention", self.attention, f"one of {IMPLEMENTATIONS}")
+        if self.remat not in REMAT_POLICIES:
+            bad("remat", self.remat, f"one of {tuple(REMAT_POLICIES)}")
+        for key in ("dtype", "param_dtype"):
+            if getattr(self, key) not in DTYPES:
+                bad(key, getattr(self, key), f"one of {tuple(DTYPES)}")
+        for key in ("text_vocab_size", "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                    "head_dim", "mlp_dim"):
+            if int(getattr(self, key)) <= 0:
+                bad(key, getattr(self, key), "a positive integer")
+        if self.vocab_size < self.text_vocab_size:
+            bad("vocab_size", self.vocab_size, f">= text_vocab_size ({self.text_vocab_size})")
+        if self.num_heads % self.num_kv_heads:
+            bad("num_heads", self.num_heads, f"a multiple of num_kv_heads ({self.num_kv_heads})")
+
+    @classmethod
+    def from_config(cls, config: Any) -> "LLMConfig":
+        """From `config.model` (a ConfigDict or mapping); unknown keys are an error."""
+        items = dict(config.items() if hasattr(config, "items") else config)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(items) - known)
+        if unknown:
+            raise ValueError(f"config.model has unknown keys {unknown}; allowed: {sorted(known)}")
+        return cls(**items)
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    def num_params(self) -> int:
+        D, F, L, V = self.d_model, self.mlp_dim, self.num_layers, self.vocab_size
+        qo = 2 * D * self.num_heads * self.head_dim
+        kv = 2 * D * self.num_kv_heads * self.head_dim
+        bias = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim if self.qkv_bias else 0
+        per_layer = qo + kv + bias + 3 * D * F + 2 * D
+        return L * per_layer + V * D * (1 if self.tie_embeddings else 2) + D
+
+
+@struct.dataclass
+class KVCache:
+    """Preallocated decode cache. k, v: [L,B,S,K,H]; segment_ids: [B,S] (0 = empty or padding);
+    index: next slot to write (scalar int32). A pytree, so it rides in `lax.while_loop` carries
+    and can be donated."""
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array
+    index: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def _param(init, rngs, shape, axes, dtype):
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        init = nnx.initializers.normal(0.02)
+        bias_init = nnx.initializers.zeros_init()
+
+        def proj(heads, axis_name):
+            return nnx.Einsum("btd,dnh->btnh", (D, heads, H), (heads, H) if cfg.qkv_bias else None,
+                              dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                              kernel_init=nnx.with_partitioning(init, ("embed", axis_name, "head_dim")),
+                              bias_init=nnx.with_partitioning(bias_init, (axis_name, "head_dim")), rngs=rngs)
+
+        self.q_proj = proj(N, "heads")
+        self.k_proj = proj(K, "kv_heads")
+        self.v_proj = proj(K, "kv_heads")
+        self.o_proj = nnx.Einsum("btnh,nhd->btd", (N, H, D), None, dtype=cfg.compute_dtype,
+                                 param_dtype=cfg.weight_dtype,
+                                 kernel_init=nnx.with_partitioning(init, ("heads", "head_dim", "embed")), rngs=rngs)
+
+    def qkv(self, x, positions):
+        q = apply_rope(self.q_proj(x), positions, self.cfg.rope_theta)
+        k = apply_rope(self.k_proj(x), positions, self.cfg.rope_theta)
+        v = self.v_proj(x)
+        q = constrain(q, "batch", "act_seq", "act_heads", "head_dim")
+        k = constrain(k, "batch", "act_seq", "act_kv_heads", "head_dim")
+        v = constrain(v, "batch", "act_seq", "act_kv_heads", "head_dim")
+        return q, k, v
+
+    def __call__(self, x, positions, segment_ids):
+        q, k, v = self.qkv(x, positions)
+        out = attend(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                     implementation=self.cfg.attention, splash_interpret=self.cfg.splash_interpret)
+        return self.o_proj(out)
+
+    def decode(self, x, positions, segment_ids, k_cache, v_cache, cache_segment_ids, index):
+        """Writes this step's k/v at `index` and attends over the whole cache."""
+        q, k, v = self.qkv(x, positions)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+        impl = "xla" if self.cfg.attention == "splash" else self.cfg.attention
+        out = attend(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), q_segment_ids=segment_ids,
+                     kv_segment_ids=cache_segment_ids, q_offset=index, implementation=impl)
+        return self.o_proj(out), k_cache, v_cache
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.weight_dtype)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.weight_dtype)
+        self.mlp = GatedMLP(cfg.d_model, cfg.mlp_dim, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                            rngs=rngs)
+
+    def __call__(self, x, positions, segment_ids):
+        x = x + self.attn(self.input_norm(x), positions, segment_ids)
+        x = x + self.mlp(self.post_attn_norm(x))
+        return constrain(x, "batch", "act_seq", "act_embed")
+
+    def decode(self, x, positions, segment_ids, k_cache, v_cache, cache_segment_ids, index):
+        h, k_cache, v_cache = self.attn.decode(self.input_norm(x), positions, segment_ids, k_cache, v_cache,
+                                               cache_segment_ids, index)
+        x = x + h
+        x = x + self.mlp(self.post_attn_norm(x))
+        return x, k_cache, v_cache
+
+
+class LLM(nnx.Module):
+    def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        init = nnx.initializers.normal(0.02)
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                               embedding_init=nnx.with_partitioning(init, ("vocab", "embed")), rngs=rngs)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(r):
+            return DecoderLayer(cfg, rngs=r)
+
+        self.layers = make_layers(rngs)
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.weight_dtype)
+        if not cfg.tie_embeddings:
+            self.lm_head = nnx.Einsum("btd,dv->btv", (cfg.d_model, cfg.vocab_size), None,
+                                      dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                                      kernel_init=nnx.with_partitioning(init, ("embed", "vocab")), rngs=rngs)
+
+    # -- pieces ---------------------------------------------------------------------------
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """[B,T] int -> [B,T,D] in the compute dtype (also used to splice image features)."""
+        return constrain(self.embed(tokens), "batch", "act_seq", "act_embed")
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Final norm + head; logits in fp32 (softmax and loss need the range)."""
+        x = self.final_norm(x)
+        if self.cfg.tie_embeddings:
+            table = self.embed.embedding[...].astype(x.dtype)
+            out = jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
+        else:
+            out = self.lm_head(x).astype(jnp.float32)
+        return constrain(out, "batch", "act_seq", "act_vocab")
+
+    def _scan(self, fn, carry, xs):
+        """Runs `fn(layer, carry, xs_i) -> (carry, ys_i)` over the stacked layers."""
+        graphdef, state = nnx.split(self.layers)
+        policy = REMAT_POLICIES[self.cfg.remat]
+
+        def body(c, inputs):
+            layer_state, x_i = inputs
+            return fn(nnx.merge(graphdef, layer_state), c, x_i)
+
+        if self.cfg.remat != "none":
+            # prevent_cse=False: under scan CSE cannot undo the remat (big_vision does the same).
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        if self.cfg.scan_layers:
+            return jax.lax.scan(body, carry, (state, xs))
+        ys = []
+        for i in range(self.cfg.num_layers):
+            carry, y = body(carry, jax.tree.map(lambda a: a[i], (state, xs)))
+            ys.append(y)
+        return carry, (None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys))
+
+    # -- full forward ---------------------------------------------------------------------
+    def __call__(self, tokens: jax.Array | None = None, *, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, inputs_embeds: jax.Array | None = None,
+                 return_hidden: bool = False) -> jax.Array:
+        """tokens [B,T] (or inputs_embeds [B,T,D]) -> logits [B,T,V] fp32.
+
+        positions default to 0..T-1; segment_ids (packing; 0 = padding) default to one segment.
+        """
+        x = self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds.astype(self.cfg.compute_dtype)
+        B, T = x.shape[:2]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+
+        def step(layer, h, _):
+            return layer(h, positions, segment_ids), None
+
+        x, _ = self._scan(step, x, None)
+        return x if return_hidden else self.logits(x)
+
+    # -- cached decoding ------------------------------------------------------------------
+    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+        c = self.cfg
+        shape = (c.num_layers, batch_size, max_len, c.num_kv_heads, c.head_dim)
+        dtype = dtype or c.compute_dtype
+        zeros = constrain(jnp.zeros(shape, dtype), "layers", "batch", "cache_len", "act_kv_heads", "head_dim")
+        return KVCache(k=zeros, v=zeros, segment_ids=jnp.zeros((batch_size, max_len), jnp.int32),
+                       index=jnp.zeros((), jnp.int32))
+
+    def decode(self, tokens: jax.Array | None, cache: KVCache, *, positions: jax.Array,
+               segment_ids: jax.Array | None = None, inputs_embeds: jax.Array | None = None
+               ) -> tuple[jax.Array, KVCache]:
+        """Feeds T new tokens (prefill: the prompt; then T=1 per step) at slot `cache.index`.
+
+        positions [B,T]: RoPE positions (per row, so left-padded rows start at 0);
+        segment_ids [B,T]: 1 for real tokens, 0 for padding. Returns logits [B,T,V] fp32.
+        """
+        x = self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds.astype(self.cfg.compute_dtype)
+        B, T = x.shape[:2]
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, T), jnp.int32)
+        cache_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
+
+        def step(layer, h, kv):
+            h, k, v = layer.decode(h, positions, segment_ids, kv[0], kv[1], cache_seg, cache.index)
+            return h, (k, v)
+
+        x, (k, v) = self._scan(step, x, (cache.k, cache.v))
+        new_cache = KVCache(k=k, v=v, segment_ids=cache_seg, index=cache.index + T)
+        return self.logits(x), new_cache
+
+
+def create_llm(cfg: LLMConfig, mesh: jax.sharding.Mesh | None = None, seed: int = 0) -> LLM:
+    """Creates the model with every parameter already sharded (init runs inside jit).
+
+    Without a mesh the model lives on one device (a 1x1x1 mesh: eager sharding needs one).
+    """
+    from illume_jax.sharding import make_mesh, use_mesh
+
+    @nnx.jit
+    def make():
+        return LLM(cfg, rngs=nnx.Rngs(seed))
+
+    if mesh is None:
+        mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    with use_mesh(mesh):
+        return make()

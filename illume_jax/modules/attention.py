@@ -1,0 +1,106 @@
+"""Multi-head / grouped-query attention with three interchangeable kernels.
+
+- 'xla':    `jax.nn.dot_product_attention(implementation='xla')` with a boolean [B,1,T,S]
+            mask built from segment ids. The numerical reference; runs anywhere.
+- 'cudnn':  cuDNN fused attention on GPU. Unpacked rows use the built-in causal mask and
+            sequence lengths; packed rows (several segments) pass the mask (cuDNN takes it
+            as an additive bias, so this materialises [B,1,T,S] — pack less on GPU or use
+            the XLA path if that matters).
+- 'splash': Pallas splash attention on TPU, inside `shard_map` over the mesh (batch over
+            data/fsdp, heads over tensor). Causal structure is a static block-sparse mask
+            and packing comes from segment ids, so no T×T mask is ever materialised.
+            `interpret=True` runs the kernel through the Pallas interpreter on CPU (tests).
+
+All take q [B,T,N,H], k/v [B,S,K,H] with N % K == 0 (GQA), q pre-RoPE'd, and return
+[B,T,N,H]. Scaling is 1/sqrt(H) (HF Qwen2/LLaMA).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+
+
+def causal_segment_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
+                        q_slots: jax.Array, kv_slots: jax.Array) -> jax.Array:
+    """Boolean [B,1,T,S]: same non-zero segment and key slot <= query slot.
+
+    Slots are positions in the (possibly cached) sequence buffer, not RoPE positions, so
+    left padding and packing both work. Segment id 0 marks padding / empty cache rows.
+    """
+    same = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] != 0)
+    causal = kv_slots[..., None, :] <= q_slots[..., :, None]
+    if causal.ndim == 2:
+        causal = causal[None]
+    return (same & causal)[:, None]
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array | None = None,
+           kv_segment_ids: jax.Array | None = None, q_offset: jax.Array | int = 0,
+           implementation: str = "xla", splash_interpret: bool = False) -> jax.Array:
+    """Causal attention of T queries over S keys.
+
+    q_offset: slot of the first query within the key buffer (0 for a full forward; the
+    cache write index while decoding). Segment ids default to "one segment, no padding".
+    """
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    if N % K:
+        raise ValueError(f"attention: {N} query heads are not a multiple of {K} kv heads")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}: expected one of {IMPLEMENTATIONS}")
+    full_forward = isinstance(q_offset, int) and q_offset == 0 and S == T
+    if implementation == "splash":
+        if not full_forward:
+            raise ValueError("splash attention is for full-sequence forwards; decode with 'xla' or 'cudnn'")
+        return _splash(q, k, v, q_segment_ids, interpret=splash_interpret)
+    if implementation == "cudnn" and full_forward and q_segment_ids is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    if q_segment_ids is None:
+        q_segment_ids = jnp.ones((B, T), jnp.int32)
+    if kv_segment_ids is None:
+        kv_segment_ids = q_segment_ids if S == T else jnp.ones((B, S), jnp.int32)
+    q_slots = q_offset + jnp.arange(T, dtype=jnp.int32)
+    mask = causal_segment_mask(q_segment_ids, kv_segment_ids, q_slots, jnp.arange(S, dtype=jnp.int32))
+    impl = "cudnn" if implementation == "cudnn" else "xla"
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(num_heads: int, seq_len: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+    block = min(512, seq_len)
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                          block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                          block_q_dq=block, block_kv_dq=block)
+    mask = sm.MultiHeadMask([sm.CausalMask((seq_len, seq_len)) for _ in range(num_heads)])
+    return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _splash(q, k, v, segment_ids, *, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    B, T, N, H = q.shape
+    if segment_ids is None:
+        segment_ids = jnp.ones((B, T), jnp.int32)
+    # Splash expects [heads, T, H] per example and unscaled logits.
+    qh = jnp.swapaxes(q * (H ** -0.5), 1, 2)
+    kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+
+    def per_shard(qs, ks, vs, seg):
+        kernel = _splash_kernel(qs.shape[1], T, interpret)
+        one = lambda a, b, c, s: kernel(a, b, c, segment_ids=sk.SegmentIds(q=s, kv=s))
+        return jax.vmap(one)(qs, ks, vs, seg)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        out = per_shard(qh, kh, vh, segment_ids)
+    else:
+        heads = P(("data", "fsdp"), "tensor", None, None)
+        out = jax.shard_map(per_shard, mesh=mesh, in_specs=(heads, heads, heads, P(("data", "fsdp"), None)),
+                            out_specs=heads, check_vma=False)(qh, kh, vh, segment_ids)
+    return jnp.swapaxes(out, 1, 2).astype(q.dtype)
