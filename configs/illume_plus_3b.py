@@ -1,0 +1,12 @@
+"""ILLUME+ 3B (Qwen2.5-3B-Instruct LLM, 36 layers, d=2048, 283,047 vocabulary rows).
+
+AOT check: python -m illume_jax aot --config=configs/illume_plus_3b.py --topology=v5p:4x4x4
+Train:     python -m illume_jax train --config=configs/illume_plus_3b.py:tokenizer=/path/tokenizer.json \
+             --config.data.datasets.understanding.path=... --workdir=gs://...
+Hardware:  a TPU v5p-128 slice (64 chips, FSDP 64); figures in the README.
+"""
+from configs import illume_plus
+
+
+def get_config(arg=None):
+    return illume_plus.get_config(arg, size="3b")

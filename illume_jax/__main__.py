@@ -1,0 +1,3 @@
+from illume_jax.cli import run
+
+run()

@@ -1,0 +1,91 @@
+"""Command line: `python -m illume_jax <command> --config=configs/NAME.py[:ARGS] [--config.key=value ...] --workdir=DIR`.
+
+Commands:
+  demo           the main job: data + tokenizer, staged training with a preemption and resume, summary
+  train          run the config's training stages (resumes from the workdir's checkpoints)
+  data build     build/cache the config's datasets and text tokenizer
+  data inspect   print a few decoded examples of a dataset (--dataset=NAME, --num=N)
+  aot            compile the train step ahead of time for a TPU topology (--topology=v5p:4x4x4)
+
+The config is validated before anything is built or compiled.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+COMMANDS = ("demo", "train", "data", "aot")
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: configs/NAME.py[:key=value,...]",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics, tokenizer, data).")
+_DATASET = flags.DEFINE_string("dataset", None, "data inspect: dataset name from config.data.datasets.")
+_NUM = flags.DEFINE_integer("num", 3, "data inspect: number of examples to show.")
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p:4x4x4", "aot: TPU topology name, e.g. v5p:4x4x4 or v5e:2x2.")
+_STAGE = flags.DEFINE_integer("stage", -1, "aot: stage index to compile (-1 = the largest sequence).")
+
+
+def _usage(msg: str) -> None:
+    sys.stderr.write(f"error: {msg}\n\n{__doc__}")
+    sys.exit(2)
+
+
+def main(argv: list[str]) -> None:
+    args = argv[1:]
+    if not args or args[0] not in COMMANDS:
+        _usage(f"expected a command, one of {COMMANDS}; got {args[:1] or 'nothing'}")
+    command, rest = args[0], args[1:]
+    if _CONFIG.value is None:
+        _usage("--config is required")
+
+    from illume_jax.config_check import validate
+    config = _CONFIG.value
+    validate(config)
+
+    if command == "aot":
+        from illume_jax import aot
+        aot.main(config, topology=_TOPOLOGY.value, stage_index=_STAGE.value)
+        return
+
+    if not _WORKDIR.value:
+        _usage("--workdir is required")
+    workdir = os.path.abspath(_WORKDIR.value)
+    os.makedirs(workdir, exist_ok=True)
+
+    if command == "demo":
+        from illume_jax import demo
+        config_args = [a for a in sys.argv[1:] if a.startswith("--config")]
+        config_arg = next(a.split("=", 1)[1] for a in config_args if a.startswith("--config="))
+        overrides = [a for a in config_args if not a.startswith("--config=")]
+        demo.run(config, config_arg, workdir, overrides)
+    elif command == "train":
+        from illume_jax.sharding import maybe_initialize_distributed
+        from illume_jax.train import loop
+        maybe_initialize_distributed()
+        loop.train(config, workdir)
+    elif command == "data":
+        from illume_jax.data import build
+        sub = rest[0] if rest else "build"
+        data_dir = config.data.data_dir or os.path.join(workdir, "data")
+        if sub == "build":
+            from illume_jax.data.tokenizers import load_or_train_tokenizer
+            infos = build.build_datasets(config, data_dir)
+            tok = load_or_train_tokenizer(config, workdir)
+            for name, info in infos.items():
+                logging.info("dataset %s: %s", name, info)
+                print(f"{name}: {info}")
+            print(f"tokenizer: vocab {tok.vocab_size}; data in {data_dir}")
+        elif sub == "inspect":
+            if not _DATASET.value:
+                _usage(f"data inspect needs --dataset, one of {sorted(config.data.datasets.keys())}")
+            print(build.inspect_dataset(config, data_dir, _DATASET.value, _NUM.value))
+        else:
+            _usage(f"data: expected 'build' or 'inspect', got {sub!r}")
+
+
+def run() -> None:
+    # grain/absl: flags must count as parsed even when the library is driven from here.
+    app.run(main)

@@ -1,0 +1,102 @@
+"""Validates an experiment config before anything is built or compiled.
+
+Every problem names the config key and what is allowed, so a typo fails in a second at
+start-up instead of as an XLA shape error minutes into a run.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from configs import common
+from illume_jax.models.llm import LLMConfig
+
+SCHEDULES = ("cosine", "linear", "constant")
+TOKENIZER_KINDS = ("sentencepiece", "hf")
+CHAT_TEMPLATES = ("plain", "qwen2", "vicuna")
+DATASET_KINDS = ("shapecomp", "jsonl")
+MU_DTYPES = ("float32", "bfloat16")
+
+
+def _fail(key: str, value: Any, expected: str):
+    raise ValueError(f"config.{key}={value!r}: expected {expected}")
+
+
+def _check_keys(prefix: str, section: Any, allowed: set[str]):
+    unknown = sorted(set(section.keys()) - allowed)
+    if unknown:
+        raise ValueError(f"config.{prefix} has unknown keys {unknown}; allowed: {sorted(allowed)}")
+
+
+def validate(config: Any) -> LLMConfig:
+    """Raises ValueError on the first invalid value; returns the parsed LLMConfig."""
+    for section in ("model", "mesh", "stages", "optim", "checkpoint", "tokenizer", "data"):
+        if section not in config:
+            raise ValueError(f"config.{section} is missing")
+    llm = LLMConfig.from_config(config.model)
+
+    _check_keys("mesh", config.mesh, {"data", "fsdp", "tensor"})
+    for k, v in config.mesh.items():
+        if not isinstance(v, int) or (v < 1 and v != -1):
+            _fail(f"mesh.{k}", v, "a positive int or -1 (the remaining devices)")
+
+    _check_keys("optim", config.optim, set(common.optim_config().keys()))
+    if config.optim.grad_accum < 1:
+        _fail("optim.grad_accum", config.optim.grad_accum, "an int >= 1")
+    if config.optim.mu_dtype not in MU_DTYPES:
+        _fail("optim.mu_dtype", config.optim.mu_dtype, f"one of {MU_DTYPES}")
+    if config.optim.clip_norm < 0:
+        _fail("optim.clip_norm", config.optim.clip_norm, ">= 0 (0 disables clipping)")
+    _check_keys("checkpoint", config.checkpoint, set(common.checkpoint_config().keys()))
+    if config.checkpoint.every_steps < 1 or config.checkpoint.max_to_keep < 1:
+        _fail("checkpoint", dict(config.checkpoint), "every_steps >= 1 and max_to_keep >= 1")
+
+    tok = config.tokenizer
+    if tok.kind not in TOKENIZER_KINDS:
+        _fail("tokenizer.kind", tok.kind, f"one of {TOKENIZER_KINDS}")
+    if tok.chat_template not in CHAT_TEMPLATES:
+        _fail("tokenizer.chat_template", tok.chat_template, f"one of {CHAT_TEMPLATES}")
+    if tok.vocab_size > llm.text_vocab_size:
+        _fail("tokenizer.vocab_size", tok.vocab_size, f"<= model.text_vocab_size ({llm.text_vocab_size})")
+
+    datasets = config.data.datasets
+    for name, ds in datasets.items():
+        if ds.get("kind") not in DATASET_KINDS:
+            _fail(f"data.datasets.{name}.kind", ds.get("kind"), f"one of {DATASET_KINDS}")
+
+    if not config.stages:
+        _fail("stages", config.stages, "a non-empty list of stages")
+    allowed = set(common.stage_config("x").keys())
+    names = set()
+    for i, st in enumerate(config.stages):
+        key = f"stages[{i}]"
+        _check_keys(key, st, allowed)
+        if st.name in names:
+            _fail(f"{key}.name", st.name, "a name unique among stages")
+        names.add(st.name)
+        for k in ("steps", "seq_len", "global_batch_size"):
+            if not isinstance(st[k], int) or st[k] < 1:
+                _fail(f"{key}.{k}", st[k], "a positive int")
+        if st.global_batch_size % config.optim.grad_accum:
+            _fail(f"{key}.global_batch_size", st.global_batch_size,
+                  f"a multiple of optim.grad_accum ({config.optim.grad_accum})")
+        if st.schedule not in SCHEDULES:
+            _fail(f"{key}.schedule", st.schedule, f"one of {SCHEDULES}")
+        if st.lr <= 0 or not 0 <= st.end_lr_ratio <= 1 or st.warmup_steps < 0:
+            _fail(f"{key}", {"lr": st.lr, "end_lr_ratio": st.end_lr_ratio, "warmup_steps": st.warmup_steps},
+                  "lr > 0, 0 <= end_lr_ratio <= 1, warmup_steps >= 0")
+        for pattern in list(st.trainable) + list(st.lr_multipliers.keys()):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                _fail(f"{key}.trainable", pattern, f"a valid regex ({e})")
+        if not st.mixture:
+            _fail(f"{key}.mixture", dict(st.mixture), "a non-empty {dataset: weight} mapping")
+        for ds, w in st.mixture.items():
+            if ds not in datasets:
+                _fail(f"{key}.mixture", ds, f"a dataset of config.data.datasets {sorted(datasets.keys())}")
+            if w < 0:
+                _fail(f"{key}.mixture.{ds}", w, "a weight >= 0")
+        if sum(st.mixture.values()) <= 0:
+            _fail(f"{key}.mixture", dict(st.mixture), "weights with a positive sum")
+    return llm

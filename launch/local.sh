@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Set-up and entry point on a fresh machine (CPU is enough for the defaults).
+#
+#   bash launch/local.sh demo            # build ShapeComp data, train the tiny LLM (2 stages), report
+#   bash launch/local.sh test [ARGS]     # the whole test suite (ARGS go to pytest)
+#   bash launch/local.sh train|data|aot --config=... [--workdir=...]   # any CLI command
+#
+# Creates .venv with Python 3.11 if missing and installs the package with the extras the
+# command needs; re-installs only when setup.py changes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cmd="${1:-}"
+[ -n "$cmd" ] || { sed -n '2,10p' "$0"; exit 2; }
+shift
+
+PYTHON="${PYTHON:-python3.11}"
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+  echo "error: $PYTHON not found; illume_jax needs Python 3.11 (set PYTHON=/path/to/python3.11)" >&2
+  exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+fi
+
+case "$cmd" in
+  test) extras="test,tpu" ;;   # tpu: libtpu, for the ahead-of-time TPU compile tests
+  aot) extras="tpu" ;;
+  *) extras="" ;;
+esac
+stamp=".venv/.installed-$(echo "$extras" | tr ',' '-')-$(sha1sum setup.py | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+  echo "installing illume_jax${extras:+[$extras]} into .venv ..."
+  .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
+  touch "$stamp"
+fi
+
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# A persistent compilation cache makes re-runs start fast.
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.venv/jax_cache}"
+
+case "$cmd" in
+  demo)
+    exec .venv/bin/python -m illume_jax demo --config=configs/tiny.py --workdir="${WORKDIR:-runs/demo}" "$@" ;;
+  test)
+    # libtpu is installed for AOT tests; keep the default backend on the CPU.
+    export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
+    exec .venv/bin/python -m pytest -q "${@:-tests}" ;;
+  train|data|aot)
+    exec .venv/bin/python -m illume_jax "$cmd" "$@" ;;
+  *)
+    echo "error: unknown command '$cmd' (expected demo, test, train, data or aot)" >&2; exit 2 ;;
+esac
