@@ -1,0 +1,60 @@
+"""Config errors fail at start-up, naming the key and what is allowed."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import illume_plus_3b, illume_plus_7b, tiny
+from illume_jax.config_check import validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_shipped_configs_validate():
+    assert validate(tiny.get_config()).num_layers == 2
+    assert validate(illume_plus_3b.get_config()).vocab_size == 283_047
+    assert validate(illume_plus_7b.get_config()).vocab_size == 283_175
+
+
+@pytest.mark.parametrize("arg,match", [
+    ("stepz=3", "'stepz' is unknown"), ("steps=abc", "steps='abc': expected int"), ("steps", "needs a value")])
+def test_parse_arg_errors(arg, match):
+    with pytest.raises(ValueError, match=match):
+        tiny.get_config(arg)
+
+
+def _bad(mutate):
+    c = tiny.get_config()
+    mutate(c)
+    return c
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda c: c.model.update(attention="flash"), r"config.model.attention='flash'"),
+    (lambda c: c.mesh.update(data=0), r"config.mesh.data=0"),
+    (lambda c: c.stages[0].update(schedule="exp"), r"config.stages\[0\].schedule='exp'"),
+    (lambda c: c.stages[1].update(mixture={"nope": 1.0}), r"config.stages\[1\].mixture='nope'"),
+    (lambda c: c.stages[0].update(trainable=("(",)), r"config.stages\[0\].trainable"),
+    (lambda c: c.stages[0].update(global_batch_size=0), r"global_batch_size=0"),
+    (lambda c: c.optim.update(grad_accum=3), r"global_batch_size=16: expected a multiple of optim.grad_accum"),
+    (lambda c: c.tokenizer.update(kind="bpe"), r"config.tokenizer.kind='bpe'"),
+    (lambda c: c.tokenizer.update(vocab_size=10_000), r"config.tokenizer.vocab_size"),
+    (lambda c: c.data.datasets.shapecomp_qa.update(kind="csv"), r"config.data.datasets.shapecomp_qa.kind"),
+    (lambda c: c.stages[0].update(bogus=1), r"config.stages\[0\] has unknown keys \['bogus'\]"),
+])
+def test_validate_names_the_key(mutate, match):
+    with pytest.raises(ValueError, match=match):
+        validate(_bad(mutate))
+
+
+def test_cli_rejects_bad_values_before_compiling(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "illume_jax", *a], cwd=ROOT, env=env,
+                                    capture_output=True, text=True, timeout=120)
+    r = run("train", "--config=configs/tiny.py", "--config.model.attention=flash", f"--workdir={tmp_path}")
+    assert r.returncode != 0 and "config.model.attention='flash'" in r.stderr
+    r = run("train", "--config=configs/tiny.py", "--config.model.nope=1", f"--workdir={tmp_path}")
+    assert r.returncode != 0 and "nope" in r.stderr
+    r = run("fly", "--config=configs/tiny.py")
+    assert r.returncode == 2 and "expected a command" in r.stderr
