@@ -2,10 +2,10 @@
 
 - 'xla':    `jax.nn.dot_product_attention(implementation='xla')` with a boolean [B,1,T,S]
             mask built from segment ids. The numerical reference; runs anywhere.
-- 'cudnn':  cuDNN fused attention on GPU. Unpacked rows use the built-in causal mask and
-            sequence lengths; packed rows (several segments) pass the mask (cuDNN takes it
-            as an additive bias, so this materialises [B,1,T,S] — pack less on GPU or use
-            the XLA path if that matters).
+- 'cudnn':  cuDNN fused attention on GPU. Full forwards use cuDNN's own causal mask; packed
+            rows go through its packed-segment layout (per-row segment offsets and lengths
+            derived from the segment ids), so no mask is materialised. Decoding steps pass
+            the [B,1,T,S] boolean mask (T = 1 there, so it is only [B,1,1,S]).
 - 'splash': Pallas splash attention on TPU, inside `shard_map` over the mesh (batch over
             data/fsdp, heads over tensor). Causal structure is a static block-sparse mask
             and packing comes from segment ids, so no T×T mask is ever materialised.
@@ -58,8 +58,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array
         if not full_forward:
             raise ValueError("splash attention is for full-sequence forwards; decode with 'xla' or 'cudnn'")
         return _splash(q, k, v, q_segment_ids, interpret=splash_interpret)
-    if implementation == "cudnn" and full_forward and q_segment_ids is None:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    if implementation == "cudnn" and full_forward:
+        if q_segment_ids is None:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        return _cudnn_packed(q, k, v, q_segment_ids)
     if q_segment_ids is None:
         q_segment_ids = jnp.ones((B, T), jnp.int32)
     if kv_segment_ids is None:
@@ -68,6 +70,35 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array
     mask = causal_segment_mask(q_segment_ids, kv_segment_ids, q_slots, jnp.arange(S, dtype=jnp.int32))
     impl = "cudnn" if implementation == "cudnn" else "xla"
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+
+# cuDNN's packed layout costs memory in proportion to the number of segment slots, so rows
+# may hold at most this many packed sequences (the data pipeline's packer enforces it).
+CUDNN_MAX_SEGMENTS = 16
+
+
+def segment_offsets(segment_ids: jax.Array, max_segments: int = CUDNN_MAX_SEGMENTS) -> tuple[jax.Array, jax.Array]:
+    """Packed-row description for cuDNN: lengths [B,M] and offsets [B,M+1], -1 = absent.
+
+    Assumes each row holds contiguous segments 1..n (n <= M) followed by padding (0), which
+    is what the data pipeline's packer emits.
+    """
+    B, T = segment_ids.shape
+    counts = jax.vmap(lambda row: jnp.bincount(row, length=max_segments + 1))(segment_ids)  # [B, M+1]
+    lengths = counts[:, 1:].astype(jnp.int32)  # [B,M]: tokens of segment m+1; id 0 = padding
+    starts = jnp.cumsum(lengths, axis=1) - lengths
+    present = lengths > 0
+    lengths = jnp.where(present, lengths, -1)
+    offsets = jnp.where(present, starts, -1)
+    offsets = jnp.concatenate([offsets, jnp.full((B, 1), -1, jnp.int32)], axis=1)
+    return lengths, offsets
+
+
+def _cudnn_packed(q, k, v, segment_ids):
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention as cudnn_attention
+    lengths, offsets = segment_offsets(segment_ids)
+    return cudnn_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets,
+                           scale=q.shape[-1] ** -0.5, mask_type=MaskType.PADDING_CAUSAL)
 
 
 @functools.lru_cache(maxsize=32)
