@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from illume_jax.modules.attention import IMPLEMENTATIONS, attend
+from illume_jax.modules.embedding import Embed
 from illume_jax.modules.mlp import GatedMLP
 from illume_jax.modules.norms import RMSNorm
 from illume_jax.modules.rope import apply_rope
@@ -203,8 +204,8 @@ class LLM(nnx.Module):
     def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         init = nnx.initializers.normal(0.02)
-        self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                               embedding_init=nnx.with_partitioning(init, ("vocab", "embed")), rngs=rngs)
+        self.embed = Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                           rngs=rngs)
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
