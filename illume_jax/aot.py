@@ -1,0 +1,117 @@
+"""Ahead-of-time compilation of the train step for a TPU topology, on a CPU host.
+
+`python -m illume_jax aot --config=configs/illume_plus_7b.py --topology=v5p:4x4x4`
+
+libtpu (the `tpu` extra) describes the devices of a named topology
+(`jax.experimental.topologies.get_topology_desc`), so the real train step — the same
+function, shardings and donation as in training — can be lowered and compiled for a pod
+this machine does not have. The compiled program's `memory_analysis()` gives the per-chip
+HBM it needs (arguments, temporaries, outputs), `cost_analysis()` XLA's FLOP count.
+XLA counts a `while` loop body once, so with scanned layers its FLOPs cover one layer;
+the analytic model FLOPs (6·N·tokens + causal attention) are printed beside it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+
+from illume_jax import sharding
+from illume_jax.models.llm import LLMConfig
+
+# Per-chip HBM by TPU generation (GiB), for the "fits" verdict.
+HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
+
+
+@dataclasses.dataclass
+class AotReport:
+    topology: str
+    num_devices: int
+    mesh: dict
+    stage: str
+    seq_len: int
+    global_batch_size: int
+    argument_gib: float
+    temp_gib: float
+    output_gib: float
+    alias_gib: float
+    peak_gib: float
+    hbm_gib: float | None
+    xla_flops: float
+    model_flops_per_step: float
+    compile_s: float
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.hbm_gib is None else self.peak_gib <= self.hbm_gib
+
+    def table(self) -> str:
+        fits = "unknown HBM size" if self.fits is None else ("fits" if self.fits else "DOES NOT FIT")
+        return "\n".join([
+            f"topology {self.topology}: {self.num_devices} chips, mesh {self.mesh}",
+            f"stage {self.stage!r}: global batch {self.global_batch_size} x seq {self.seq_len}",
+            f"per-chip memory: arguments {self.argument_gib:.2f} GiB, temporaries {self.temp_gib:.2f} GiB, "
+            f"outputs {self.output_gib:.2f} GiB (donated/aliased {self.alias_gib:.2f} GiB)",
+            f"peak per chip ~{self.peak_gib:.2f} GiB of {self.hbm_gib or '?'} GiB HBM: {fits}",
+            f"FLOPs per step: model {self.model_flops_per_step:.3e} (all chips; "
+            f"{self.model_flops_per_step / self.num_devices:.3e} per chip), "
+            f"XLA cost analysis {self.xla_flops:.3e} per chip (scan body counted once)",
+            f"compile time {self.compile_s:.1f} s",
+        ])
+
+
+def model_flops_per_token(cfg: LLMConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul params (head included, lookup excluded) + causal attention."""
+    matmul_params = cfg.num_params() - cfg.vocab_size * cfg.d_model * (0 if cfg.tie_embeddings else 1)
+    attention = 6 * 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len / 2 * 2
+    return 6 * matmul_params + attention
+
+
+def topology_devices(topology: str) -> list:
+    from jax.experimental import topologies
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+    except Exception as e:  # libtpu missing or an unknown name
+        raise ValueError(f"--topology={topology!r}: cannot describe it ({e}). Install the `tpu` extra "
+                         f"(pip install -e '.[tpu]') and use names like v5p:2x2x1, v5p:4x4x4, v6e:2x2") from e
+    return list(desc.devices)
+
+
+def compile_train_step(config: Any, topology: str, stage_index: int = -1) -> AotReport:
+    from illume_jax.train import step as step_lib
+
+    cfg = LLMConfig.from_config(config.model)
+    stages = list(config.stages)
+    if stage_index < 0:
+        stage_index = max(range(len(stages)), key=lambda i: (stages[i].seq_len * stages[i].global_batch_size, i))
+    if stage_index >= len(stages):
+        raise ValueError(f"--stage={stage_index}: the config has {len(stages)} stages")
+    stage = stages[stage_index]
+    devices = topology_devices(topology)
+    mesh = sharding.make_mesh(dict(config.mesh), devices=devices)
+    t0 = time.time()
+    lowered = step_lib.lower_train_step(config, stage_index, mesh)
+    compiled = lowered.compile()
+    compile_s = time.time() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    gib = 1024 ** 3
+    arg, temp, out = mem.argument_size_in_bytes / gib, mem.temp_size_in_bytes / gib, mem.output_size_in_bytes / gib
+    alias = mem.alias_size_in_bytes / gib
+    kind = topology.split(":")[0]
+    tokens = stage.seq_len * stage.global_batch_size
+    return AotReport(
+        topology=topology, num_devices=len(devices), mesh=dict(mesh.shape), stage=stage.name,
+        seq_len=stage.seq_len, global_batch_size=stage.global_batch_size, argument_gib=arg, temp_gib=temp,
+        output_gib=out, alias_gib=alias, peak_gib=arg + temp + out - alias, hbm_gib=HBM_GIB.get(kind),
+        xla_flops=float(cost.get("flops", 0.0)), model_flops_per_step=model_flops_per_token(cfg, stage.seq_len) * tokens,
+        compile_s=compile_s)
+
+
+def main(config: Any, topology: str, stage_index: int = -1) -> AotReport:
+    report = compile_train_step(config, topology, stage_index)
+    print(report.table())
+    return report

@@ -1,0 +1,78 @@
+"""Orbax checkpoints of everything a run needs to continue exactly where it stopped.
+
+Each checkpoint (one step directory) holds three items:
+  state  the TrainState (params, optimizer state, counters, RNG) — sharded arrays;
+  data   the Grain iterator position, one JSON file per JAX process (grain's handler);
+  meta   stage index, step, config and mesh shape (JSON).
+Orbax writes into a temporary directory and renames it when complete, so an interrupted
+save never replaces the last good checkpoint; `max_to_keep` prunes old ones. Saves are
+asynchronous (training continues while arrays are written) when config.checkpoint.async_save.
+Restoring takes the target shardings of the *current* mesh, so a run can move to another
+device count or mesh shape.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class _IteratorSnapshot:
+    """The iterator state captured at save time (saving may finish after training moved on)."""
+
+    def __init__(self, state: dict):
+        self._state = json.dumps(state, indent=1).encode()
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
+class Checkpointer:
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()})
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iterator: Any, meta: dict, *, force: bool = False) -> bool:
+        data_state = data_iterator.get_state() if data_iterator is not None else {}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_state)),
+                                  meta=ocp.args.JsonSave(meta))
+        return self.manager.save(step, args=args, force=force)
+
+    def restore_meta(self, step: int | None = None) -> dict | None:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+        """Restores into `abstract_state` (ShapeDtypeStructs with the target shardings) and
+        moves `data_iterator` to the saved position. Returns the state."""
+        items = dict(state=ocp.args.StandardRestore(abstract_state))
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(state: Any) -> Any:
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)

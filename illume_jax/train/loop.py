@@ -1,0 +1,133 @@
+"""The staged training loop: `python -m illume_jax train --config=... --workdir=...`.
+
+Stages run in order; stage N starts from the parameters stage N-1 ended with and gets a
+fresh optimizer (its own trainable set, learning rates and schedule) and its own data
+iterator. Checkpoints are written every `config.checkpoint.every_steps`, at the end of each
+stage and on SIGTERM (preemption); re-running the same command restores the stage, step,
+train state and data position and continues as if never interrupted.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any, Callable
+
+import jax
+from absl import logging
+
+from illume_jax import sharding
+from illume_jax.train import checkpoint as ckpt_lib
+from illume_jax.train import metrics as metrics_lib
+from illume_jax.train import state as state_lib
+from illume_jax.train import step as step_lib
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps (then it saves and exits)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. some test runners): no handler
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and stopping after this step")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def stage_offsets(config: Any) -> list[int]:
+    """Global step at which each stage starts."""
+    out, total = [], 0
+    for st in config.stages:
+        out.append(total)
+        total += st.steps
+    return out
+
+
+def default_iterator_factory(config: Any, workdir: str, tokenizer=None) -> Callable[[int], Any]:
+    """Builds the datasets and tokenizer once; returns stage_index -> Grain iterator."""
+    from illume_jax.data import build, pipeline
+    from illume_jax.data.tokenizers import load_or_train_tokenizer
+
+    data_dir = config.data.data_dir or os.path.join(workdir, "data")
+    build.build_datasets(config, data_dir)
+    tokenizer = tokenizer or load_or_train_tokenizer(config, workdir)
+    return lambda stage_index: pipeline.make_train_iterator(
+        config, stage_index, tokenizer, data_dir, process_index=jax.process_index(),
+        process_count=jax.process_count(), seed=config.seed)
+
+
+def train(config: Any, workdir: str, *, make_iterator: Callable[[int], Any] | None = None, tokenizer=None,
+          stop_after_steps: int | None = None, mesh=None) -> dict:
+    """Runs (or resumes) all stages. `stop_after_steps` stops this run after that many
+    steps as if preempted (checkpoint, then return) — for tests and demos."""
+    workdir = os.path.abspath(workdir)
+    mesh = mesh or sharding.make_mesh(dict(config.mesh))
+    make_iterator = make_iterator or default_iterator_factory(config, workdir, tokenizer)
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
+                                 async_save=config.checkpoint.async_save)
+    offsets = stage_offsets(config)
+    total = offsets[-1] + config.stages[-1].steps
+    meta = ckpt.restore_meta()
+    resume_step = ckpt.latest_step()
+    start_stage = meta["stage_index"] if meta else 0
+    logger = metrics_lib.MetricsLogger(workdir, total_steps=total, initial_step=resume_step or 0)
+    if meta:
+        logging.info("resuming from checkpoint step %d (stage %s)", resume_step, meta["stage_name"])
+        print(f"resuming from step {resume_step} (stage {meta['stage_name']!r})", flush=True)
+
+    params, last_row, run_steps = None, {}, 0
+    with _Preemption() as preempt:
+        for si in range(start_stage, len(config.stages)):
+            stage = config.stages[si]
+            iterator = make_iterator(si)
+            graphdef, tx, abs_state = state_lib.abstract_state(config, si, mesh)
+            if meta and si == start_stage:
+                state = ckpt.restore(resume_step, abs_state, iterator)
+            else:
+                graphdef, tx, state = state_lib.create_state(config, si, mesh, params=params, step=offsets[si])
+            step_fn = step_lib.make_train_step(config, si, mesh, graphdef, tx, abs_state)
+            stage_step, step = int(state.stage_step), int(state.step)
+            if stage_step < stage.steps:
+                print(f"stage {si} {stage.name!r}: steps {stage_step}..{stage.steps} "
+                      f"(global {step}..{offsets[si] + stage.steps})", flush=True)
+
+            def save(force: bool):
+                ckpt.save(step, state, iterator, dict(stage_index=si, stage_name=stage.name, step=step,
+                                                      stage_step=stage_step, mesh=dict(mesh.shape),
+                                                      config=config.to_json()), force=force)
+
+            while stage_step < stage.steps:
+                batch = sharding.global_batch(mesh, next(iterator))
+                state, metrics = step_fn(state, batch)
+                stage_step += 1
+                step += 1
+                run_steps += 1
+                logger.accumulate(metrics)
+                if stage_step % config.log_every == 0 or stage_step == stage.steps:
+                    last_row = logger.log(step, {"stage": stage.name}) or last_row
+                stopping = preempt.requested or (stop_after_steps is not None and run_steps >= stop_after_steps)
+                if stopping or step % config.checkpoint.every_steps == 0 or stage_step == stage.steps:
+                    logger.log(step, {"stage": stage.name})
+                    save(force=True)
+                if stopping:
+                    ckpt.close()
+                    logger.close()
+                    print(f"stopped at step {step} (checkpoint saved in {ckpt.directory})", flush=True)
+                    return dict(last_row, stopped_at=step, preempted=True)
+            params = state.params
+            meta = None
+    ckpt.close()
+    logger.close()
+    print(f"training done: {total} steps; checkpoints in {ckpt.directory}, metrics in {logger.path}", flush=True)
+    return dict(last_row, preempted=False)

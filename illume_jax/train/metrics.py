@@ -1,0 +1,79 @@
+"""Metrics: JSONL lines and TensorBoard event files (tensorboardX, no TensorFlow), plus a
+tqdm bar for interactive runs. Only process 0 writes.
+
+Step metrics stay on device between log steps; `MetricsLogger.log` pulls them with one
+`device_get` every `log_every` steps, so the training loop has no per-step host sync.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+
+class MetricsLogger:
+    def __init__(self, workdir: str, *, total_steps: int, initial_step: int = 0, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._pending: list[dict] = []
+        self._last_time = time.perf_counter()
+        self._last_step = initial_step
+        self._tb = None
+        self._bar = None
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+        interactive = sys.stderr.isatty() and not os.environ.get("CI")
+        if interactive:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
+
+    def accumulate(self, metrics: dict) -> None:
+        """Keeps this step's (device) metrics until the next log."""
+        self._pending.append(metrics)
+
+    def log(self, step: int, extra: dict | None = None) -> dict | None:
+        """Averages the pending metrics, adds throughput, writes them. Returns the row."""
+        if not self._pending:
+            return None
+        host = jax.device_get(self._pending)
+        self._pending = []
+        now = time.perf_counter()
+        steps = max(step - self._last_step, 1)
+        elapsed = max(now - self._last_time, 1e-9)
+        self._last_time, self._last_step = now, step
+        row = {"step": int(step)}
+        for k in host[-1]:
+            vals = np.asarray([h[k] for h in host], np.float64)
+            row[k] = float(vals.sum() if k in ("nan_skipped",) else vals.mean())
+        tokens = float(sum(h["tokens"] for h in host))
+        row["trained_tokens_per_s"] = tokens / elapsed
+        row["steps_per_s"] = steps / elapsed
+        row["lr"] = float(host[-1]["lr"])
+        row.update(extra or {})
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(k, v, step)
+            if self._bar is not None:
+                self._bar.n = step
+                self._bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=True)
+            else:
+                print(f"step {step}: loss {row['loss']:.4f} (text {row['text_loss']:.4f}, image {row['image_loss']:.4f})"
+                      f" grad_norm {row['grad_norm']:.3f} lr {row['lr']:.2e} "
+                      f"{row['trained_tokens_per_s']:.0f} tok/s", flush=True)
+        return row
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._bar is not None:
+            self._bar.close()

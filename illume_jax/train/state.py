@@ -1,0 +1,106 @@
+"""Train state: a plain pytree of fp32 master parameters, optimizer state, counters and RNG.
+
+Functional NNX style: the model's graph definition is static (`nnx.split`), the state
+flows through a pure, jitted, donated step. Parameters and optimizer state are created
+already sharded: the init runs inside `jax.jit` with output shardings derived from the
+logical axis names (never materialised on one device first).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from illume_jax import sharding
+from illume_jax.models.llm import LLM, LLMConfig
+from illume_jax.train import optim
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array          # global step (all stages), int32
+    stage_step: jax.Array    # step within the current stage, int32
+    params: Any              # nnx.State of nnx.Param (fp32 master weights)
+    opt_state: Any
+    rng: jax.Array           # typed PRNG key, folded with the step for per-step randomness
+    nan_skips: jax.Array     # updates skipped because the loss or gradient was not finite
+
+
+def abstract_model(cfg: LLMConfig, mesh: Mesh, seed: int = 0):
+    """(graphdef, abstract params) without allocating anything."""
+    with sharding.use_mesh(mesh):
+        model = nnx.eval_shape(lambda: LLM(cfg, rngs=nnx.Rngs(seed)))
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, params
+
+
+def _opt_state_shardings(abs_opt, param_shardings, mesh: Mesh):
+    """Optimizer leaves mirror their parameter's sharding (matched by key-path suffix and
+    rank); counters and hyperparameters are replicated."""
+    by_path = {optim.path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+    replicated = NamedSharding(mesh, P())
+
+    def find(path, leaf):
+        s = optim.path_str(path)
+        for ppath, psh in by_path.items():
+            if (s == ppath or s.endswith("/" + ppath)) and len(leaf.shape) == len(psh.spec):
+                return psh
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(find, abs_opt)
+
+
+def state_shardings(abs_state: TrainState, mesh: Mesh) -> TrainState:
+    with sharding.use_mesh(mesh):
+        psh = nnx.get_named_sharding(abs_state.params, mesh)
+    replicated = NamedSharding(mesh, P())
+    return TrainState(step=replicated, stage_step=replicated, params=psh,
+                      opt_state=_opt_state_shardings(abs_state.opt_state, psh, mesh), rng=replicated,
+                      nan_skips=replicated)
+
+
+def abstract_state(config: Any, stage_index: int, mesh: Mesh):
+    """(graphdef, optimizer, abstract TrainState with shardings attached)."""
+    cfg = LLMConfig.from_config(config.model)
+    graphdef, abs_params = abstract_model(cfg, mesh, config.seed)
+    tx = optim.make_optimizer(config, stage_index, abs_params)
+    abs_state = jax.eval_shape(lambda p: _fresh(p, tx, config.seed), abs_params)
+    sh = state_shardings(abs_state, mesh)
+    abs_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, sh)
+    return graphdef, tx, abs_state
+
+
+def _fresh(params, tx: optax.GradientTransformation, seed: int, step=0) -> TrainState:
+    return TrainState(step=jnp.asarray(step, jnp.int32), stage_step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(seed)),
+                      nan_skips=jnp.zeros((), jnp.int32))
+
+
+def create_state(config: Any, stage_index: int, mesh: Mesh, params=None, step: int = 0):
+    """A new TrainState for `stage_index`, created sharded.
+
+    params=None initialises the model from config.seed; otherwise the given (sharded)
+    parameters carry over from the previous stage and only a new optimizer state is made.
+    Returns (graphdef, tx, state).
+    """
+    cfg = LLMConfig.from_config(config.model)
+    graphdef, tx, abs_state = abstract_state(config, stage_index, mesh)
+    out_sh = jax.tree.map(lambda a: a.sharding, abs_state)
+    with sharding.use_mesh(mesh):
+        if params is None:
+            def init():
+                model = LLM(cfg, rngs=nnx.Rngs(config.seed))
+                return _fresh(nnx.state(model, nnx.Param), tx, config.seed, step)
+            state = jax.jit(init, out_shardings=out_sh)()
+        else:
+            state = jax.jit(lambda p: _fresh(p, tx, config.seed, step), out_shardings=out_sh,
+                            donate_argnums=(0,))(params)
+    return graphdef, tx, state
+
+
+def count_bytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))

@@ -1,0 +1,142 @@
+"""The pure train step: loss, gradients (with accumulation), optax update, NaN guard, metrics.
+
+`make_train_step` returns the jitted step with explicit in/out shardings and the state
+donated, so the second call reuses the first compilation and peak memory holds one state.
+Batches are dicts of [B,T] arrays: tokens, targets, loss_mask, segment_ids, positions.
+The loss is the token cross-entropy (fp32 logsumexp) averaged over trained tokens; it is
+also split into text tokens (targets < text_vocab_size) and image/structure tokens.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from illume_jax import sharding
+from illume_jax.train import optim
+from illume_jax.train.state import TrainState, abstract_state
+
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def token_losses(params, graphdef, batch: dict, text_vocab_size: int) -> tuple[jax.Array, dict]:
+    """Summed NLL over trained tokens (the differentiated quantity) and per-modality sums."""
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    nll = logz - target_logit
+    mask = batch["loss_mask"].astype(jnp.float32)
+    image = (batch["targets"] >= text_vocab_size).astype(jnp.float32) * mask
+    text = mask - image
+    sums = dict(nll=jnp.sum(nll * mask), tokens=jnp.sum(mask), text_nll=jnp.sum(nll * text),
+                text_tokens=jnp.sum(text), image_nll=jnp.sum(nll * image), image_tokens=jnp.sum(image))
+    return sums["nll"], sums
+
+
+def _grads(params, graphdef, batch, text_vocab_size: int, grad_accum: int):
+    grad_fn = jax.value_and_grad(token_losses, has_aux=True)
+    if grad_accum == 1:
+        (_, sums), grads = grad_fn(params, graphdef, batch, text_vocab_size)
+        return grads, sums
+
+    def split(x):
+        return x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
+
+    micro = jax.tree.map(split, batch)
+
+    def body(carry, mb):
+        g_acc, s_acc = carry
+        (_, sums), g = grad_fn(params, graphdef, mb, text_vocab_size)
+        return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, sums)), None
+
+    zeros_g = jax.tree.map(jnp.zeros_like, params)
+    zeros_s = {k: jnp.zeros((), jnp.float32) for k in
+               ("nll", "tokens", "text_nll", "text_tokens", "image_nll", "image_tokens")}
+    (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), micro)
+    return grads, sums
+
+
+def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTransformation,
+               text_vocab_size: int, grad_accum: int, lr_fn: Callable) -> tuple[TrainState, dict]:
+    grads, sums = _grads(state.params, graphdef, batch, text_vocab_size, grad_accum)
+    # Gradients of the summed NLL / trained tokens = gradient of the mean over the whole
+    # global batch, however it was split into micro-batches.
+    denom = jnp.maximum(sums["tokens"], 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    loss = sums["nll"] / denom
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # NaN/Inf guard without a host sync: keep the old params and optimizer state.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(
+        step=state.step + 1, stage_step=state.stage_step + 1,
+        params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
+        nan_skips=state.nan_skips + (~finite).astype(jnp.int32))
+    metrics = dict(
+        loss=loss, grad_norm=grad_norm, lr=lr_fn(state.stage_step), nan_skipped=(~finite).astype(jnp.int32),
+        tokens=sums["tokens"], text_loss=sums["text_nll"] / jnp.maximum(sums["text_tokens"], 1.0),
+        text_tokens=sums["text_tokens"], image_loss=sums["image_nll"] / jnp.maximum(sums["image_tokens"], 1.0),
+        image_tokens=sums["image_tokens"])
+    return new_state, metrics
+
+
+def batch_shapes(config: Any, stage_index: int, mesh: Mesh) -> dict:
+    stage = config.stages[stage_index]
+    sh = sharding.batch_sharding(mesh, 2)
+    shape = (stage.global_batch_size, stage.seq_len)
+    return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32, sharding=sh)
+            for k in BATCH_KEYS}
+
+
+def make_train_step(config: Any, stage_index: int, mesh: Mesh, graphdef=None, tx=None, abs_state=None):
+    """The jitted, donated step for one stage: `step(state, batch) -> (state, metrics)`."""
+    if abs_state is None:
+        graphdef, tx, abs_state = abstract_state(config, stage_index, mesh)
+    stage = config.stages[stage_index]
+    if stage.global_batch_size % (config.optim.grad_accum * sharding.data_parallel_size(mesh)):
+        raise ValueError(f"stage {stage.name!r}: global_batch_size={stage.global_batch_size} must be a multiple of "
+                         f"optim.grad_accum x data-parallel devices = {config.optim.grad_accum} x "
+                         f"{sharding.data_parallel_size(mesh)}")
+    state_sh = jax.tree.map(lambda a: a.sharding, abs_state)
+    batch_sh = {k: v.sharding for k, v in batch_shapes(config, stage_index, mesh).items()}
+
+    def step(state, batch):
+        return train_step(state, batch, graphdef=graphdef, tx=tx, text_vocab_size=config.model.text_vocab_size,
+                          grad_accum=config.optim.grad_accum,
+                          lr_fn=lambda s: optim.learning_rate(config, stage_index, s))
+
+    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
+    return MeshJit(jitted, mesh)
+
+
+class MeshJit:
+    """A jitted function always traced and called under its mesh and the logical-axis rules
+    (`jax.set_mesh` cannot be entered inside jit; the layers' sharding constraints need it)."""
+
+    def __init__(self, jitted, mesh: Mesh):
+        self.jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args):
+        with sharding.use_mesh(self.mesh):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with sharding.use_mesh(self.mesh):
+            return self.jitted.lower(*args)
+
+    def cache_size(self) -> int:
+        return self.jitted._cache_size()
+
+
+def lower_train_step(config: Any, stage_index: int, mesh: Mesh):
+    """Lowers the real step on abstract inputs (used by the AOT command for TPU topologies)."""
+    graphdef, tx, abs_state = abstract_state(config, stage_index, mesh)
+    step = make_train_step(config, stage_index, mesh, graphdef, tx, abs_state)
+    return step.lower(abs_state, batch_shapes(config, stage_index, mesh))
