@@ -89,9 +89,9 @@ def stage_config(name: str, **overrides) -> mlc.ConfigDict:
         # Regexes over '/'-joined parameter paths (e.g. 'layers/attn/q_proj/kernel').
         # Everything not matched is frozen: no gradient update, no optimizer state.
         trainable=(".*",),
-        # Extra regex -> learning-rate multiplier groups (first match wins), e.g. a lower LR
-        # for a vision tower: {'vision_tower/.*': 0.1}.
-        lr_multipliers={},
+        # (regex, learning-rate multiplier) groups, first match wins, e.g. a lower LR for a
+        # vision tower: (("vision_tower/.*", 0.1),). Pairs, not a dict: keys may not hold dots.
+        lr_multipliers=(),
         lr=1e-3,
         schedule="cosine",       # 'cosine' | 'linear' | 'constant' (all after linear warmup)
         warmup_steps=10,

@@ -85,7 +85,10 @@ def validate(config: Any) -> LLMConfig:
         if st.lr <= 0 or not 0 <= st.end_lr_ratio <= 1 or st.warmup_steps < 0:
             _fail(f"{key}", {"lr": st.lr, "end_lr_ratio": st.end_lr_ratio, "warmup_steps": st.warmup_steps},
                   "lr > 0, 0 <= end_lr_ratio <= 1, warmup_steps >= 0")
-        for pattern in list(st.trainable) + list(st.lr_multipliers.keys()):
+        for group in st.lr_multipliers:
+            if len(group) != 2 or not isinstance(group[1], (int, float)) or group[1] < 0:
+                _fail(f"{key}.lr_multipliers", group, "(regex, multiplier >= 0) pairs")
+        for pattern in list(st.trainable) + [g[0] for g in st.lr_multipliers]:
             try:
                 re.compile(pattern)
             except re.error as e:

@@ -20,7 +20,13 @@ HEAD_PATH = "lm_head/kernel"     # [D, V]: columns are vocabulary entries
 
 
 def path_str(path) -> str:
-    """'/'-joined names of a pytree key path (nnx.State keys or dict keys)."""
+    """'/'-joined names of a pytree key path, e.g. 'layers/attn/q_proj/kernel'.
+
+    The trailing `.value` of an NNX Variable (a pytree node of its own) is dropped, so the
+    names are the parameter paths users write patterns against.
+    """
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
     parts = []
     for k in path:
         key = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
@@ -60,12 +66,12 @@ def param_labels(params, stage: Any) -> Callable:
     is almost certainly a typo and fails, naming the stage and the pattern.
     """
     paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    for kind, patterns in (("trainable", stage.trainable), ("lr_multipliers", tuple(stage.lr_multipliers.keys()))):
+    for kind, patterns in (("trainable", stage.trainable), ("lr_multipliers", tuple(p for p, _ in stage.lr_multipliers))):
         for pat in patterns:
             if not any(re.fullmatch(pat, p) for p in paths):
                 raise ValueError(f"stage {stage.name!r}: {kind} pattern {pat!r} matches no parameter "
                                  f"(parameters look like {paths[:4]})")
-    multipliers = tuple(stage.lr_multipliers.items())
+    multipliers = tuple(stage.lr_multipliers)
 
     def label(path, _):
         s = path_str(path)
@@ -117,7 +123,7 @@ def make_optimizer(config: Any, stage_index: int, params) -> optax.GradientTrans
             weight_decay=o.weight_decay, mu_dtype=mu_dtype)
 
     transforms = {"frozen": optax.set_to_zero(), "lr0": adamw(1.0)}
-    for i, (_, mult) in enumerate(stage.lr_multipliers.items()):
+    for i, (_, mult) in enumerate(stage.lr_multipliers):
         transforms[f"lr{i + 1}"] = adamw(float(mult))
     # Frozen gradients are zeroed first: they then neither count in the clipping norm nor
     # stay alive, so XLA drops the weight-gradient matmuls of frozen layers.

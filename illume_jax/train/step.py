@@ -71,7 +71,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTr
     loss = sums["nll"] / denom
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # NaN/Inf guard without a host sync: keep the old params and optimizer state.
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)

@@ -1,0 +1,100 @@
+"""The train step: learning, gradient accumulation, NaN guard, sharding, modality split."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from illume_jax import sharding
+from illume_jax.train import state as state_lib, step as step_lib
+from train.helpers import synthetic_batch, tiny_config
+
+def _mesh1():
+    return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    config = tiny_config()
+    mesh = _mesh1()
+    _, _, state = state_lib.create_state(config, 0, mesh)
+    step = step_lib.make_train_step(config, 0, mesh)
+    batch = sharding.global_batch(mesh, synthetic_batch(np.random.default_rng(0), 8, 16, 64))
+    losses = []
+    for _ in range(20):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert int(state.step) == 20 and int(state.nan_skips) == 0
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    mesh = _mesh1()
+    batch = synthetic_batch(np.random.default_rng(1), 8, 16, 64)
+    batch["loss_mask"][0, :5] = 0.0  # unequal token counts per micro-batch: averaging must be by tokens
+    results = []
+    for accum in (1, 2, 4):
+        config = tiny_config(grad_accum=accum)
+        _, _, state = state_lib.create_state(config, 0, mesh)
+        state, m = step_lib.make_train_step(config, 0, mesh)(state, sharding.global_batch(mesh, batch))
+        results.append((float(m["loss"]), float(m["grad_norm"]), state.params))
+    for loss, gnorm, params in results[1:]:
+        np.testing.assert_allclose(loss, results[0][0], rtol=1e-6)
+        np.testing.assert_allclose(gnorm, results[0][1], rtol=1e-5)
+        # After one Adam step of size ~lr=1e-2: equal up to summation order (Adam divides
+        # by sqrt(v), which magnifies float noise in near-zero gradients).
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(results[0][2])):
+            np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_nan_guard_skips_the_update():
+    config = tiny_config()
+    mesh = _mesh1()
+    _, _, state = state_lib.create_state(config, 0, mesh)
+    step = step_lib.make_train_step(config, 0, mesh)
+    good = sharding.global_batch(mesh, synthetic_batch(np.random.default_rng(2), 8, 16, 64))
+    state, _ = step(state, good)
+    # Poison one embedding row used by the batch: the loss becomes NaN.
+    params = state.params
+    emb = params["embed"]["embedding"]
+    emb[...] = emb[...].at[int(good["tokens"][0, 0])].set(jnp.nan)
+    state = state.replace(params=params)
+    before = [np.asarray(x).copy() for x in jax.tree.leaves(state.params)]
+    opt_before = [np.asarray(x).copy() for x in jax.tree.leaves(state.opt_state)]
+    state, m = step(state, good)
+    assert int(m["nan_skipped"]) == 1 and int(state.nan_skips) == 1 and int(state.step) == 2
+    for a, b in zip(before, jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    for a, b in zip(opt_before, jax.tree.leaves(state.opt_state)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_sharded_step_on_8_devices_keeps_shardings_and_compiles_once():
+    config = tiny_config()
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    _, _, state = state_lib.create_state(config, 0, mesh)
+    up = state.params["layers"]["mlp"]["up_proj"]["kernel"][...]
+    assert up.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert up.addressable_shards[0].data.shape == (2, 16, 32)
+    step = step_lib.make_train_step(config, 0, mesh)
+    rng = np.random.default_rng(3)
+    ref_state = state_lib.create_state(config, 0, _mesh1())[2]
+    ref_step = step_lib.make_train_step(config, 0, _mesh1())
+    for _ in range(3):
+        b = synthetic_batch(rng, 8, 16, 64)
+        state, m = step(state, sharding.global_batch(mesh, b))
+        ref_state, ref_m = ref_step(ref_state, sharding.global_batch(_mesh1(), b))
+        np.testing.assert_allclose(float(m["loss"]), float(ref_m["loss"]), rtol=1e-5)
+    assert step.cache_size() == 1
+    up = state.params["layers"]["mlp"]["up_proj"]["kernel"][...]
+    assert up.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    mu_leaves = [x for x in jax.tree.leaves(state.opt_state) if getattr(x, "ndim", 0) == 3 and x.shape == up.shape]
+    assert mu_leaves and all(x.sharding.spec == up.sharding.spec for x in mu_leaves)
+
+
+def test_text_and_image_losses_split_by_target_id():
+    config = tiny_config()
+    mesh = _mesh1()
+    graphdef, _, state = state_lib.create_state(config, 0, mesh)
+    b = synthetic_batch(np.random.default_rng(4), 8, 16, 64)
+    _, sums = step_lib.token_losses(state.params, graphdef, {k: jnp.asarray(v) for k, v in b.items()}, 48)
+    image = (b["targets"] >= 48).sum()
+    assert float(sums["image_tokens"]) == image and float(sums["text_tokens"]) == b["targets"].size - image
+    np.testing.assert_allclose(float(sums["text_nll"] + sums["image_nll"]), float(sums["nll"]), rtol=1e-6)
