@@ -1,0 +1,24 @@
+"""Ahead-of-time compilation of the real train step for a TPU topology, on this CPU host."""
+import pytest
+
+pytest.importorskip("libtpu", reason="needs the `tpu` extra (libtpu), installed by launch/local.sh test")
+
+from configs import tiny  # noqa: E402
+from illume_jax import aot  # noqa: E402
+
+
+@pytest.mark.parametrize("attention", ["xla", "splash"])
+def test_tiny_config_compiles_for_v5p_2x2x1(attention):
+    config = tiny.get_config("seq_len=256,batch=8")
+    config.mesh.update(data=1, fsdp=-1, tensor=1)
+    config.model.update(attention=attention, dtype="bfloat16")
+    report = aot.compile_train_step(config, "v5p:2x2x1")
+    assert report.num_devices == 4 and report.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert 0 < report.argument_gib < 0.01 and report.temp_gib > 0 and report.fits
+    assert report.xla_flops > 0 and report.model_flops_per_step > 0
+    assert "fits" in report.table()
+
+
+def test_unknown_topology_is_a_clear_error():
+    with pytest.raises(ValueError, match="--topology='v9z:1x1'"):
+        aot.topology_devices("v9z:1x1")
