@@ -1,0 +1,86 @@
+"""Understanding questions from the scene graph: POPE-style existence probes plus counting,
+colour, relation and size questions, all with single-word answers.
+
+POPE (RUCAIBox/POPE): per image, present objects are asked about as often as absent ones;
+negatives are drawn three ways — random, popular (the most frequent objects of the level)
+and adversarial (objects that co-occur with the present ones: here the same shape in a
+colour that is not there, or a present colour on an absent shape).
+"""
+from __future__ import annotations
+
+import functools
+from collections import Counter
+
+from illume_jax.data.shapecomp import world
+from illume_jax.data.shapecomp.scene import Scene, make_scene, object_relations, scene_rng
+from illume_jax.data.shapecomp.text import _a, plural
+
+POPE_SPLITS = ("random", "popular", "adversarial")
+
+
+@functools.lru_cache(maxsize=None)
+def popular_objects(level: int) -> tuple[str, ...]:
+    """'colour shape' names by frequency over 300 train scenes of the level (POPE's popular set)."""
+    counts = Counter(o.name for i in range(300) for o in make_scene(level, "train", i).objects)
+    return tuple(name for name, _ in counts.most_common())
+
+
+def existence_questions(scene: Scene, negative: str, n: int = 3) -> list[dict]:
+    """n present + n absent 'Is there a ... in the image?' questions (fewer if the scene has
+    fewer distinct present objects; always balanced)."""
+    if negative not in POPE_SPLITS:
+        raise ValueError(f"negative={negative!r}: expected one of {POPE_SPLITS}")
+    lv = world.get_level(scene.level)
+    rng = scene_rng(scene.level, scene.split, scene.index, salt=f"pope-{negative}")
+    present = sorted({o.name for o in scene.objects})
+    present_shapes = {o.shape for o in scene.objects}
+    present_colors = {o.color for o in scene.objects}
+    all_names = [f"{c} {s}" for c in lv.colors for s in lv.shapes]
+    absent = [x for x in all_names if x not in present]
+    if negative == "random":
+        pool = list(rng.permutation(absent))
+    elif negative == "popular":
+        pool = [x for x in popular_objects(scene.level) if x in absent] + list(rng.permutation(absent))
+    else:
+        near = [x for x in absent if x.split(" ", 1)[1] in present_shapes or x.split(" ", 1)[0] in present_colors]
+        pool = list(rng.permutation(near)) + list(rng.permutation(absent))
+    negatives = list(dict.fromkeys(pool))
+    k = min(n, len(present))
+    positives = [present[i] for i in rng.permutation(len(present))[:k]]
+    out = [dict(question=f"Is there {_a(x)} {x} in the image?", answer="yes", kind="existence", negative=negative)
+           for x in positives]
+    out += [dict(question=f"Is there {_a(x)} {x} in the image?", answer="no", kind="existence", negative=negative)
+            for x in negatives[:k]]
+    return out
+
+
+def attribute_questions(scene: Scene) -> list[dict]:
+    """Counting, colour, relation (one true, one false) and size questions."""
+    rng = scene_rng(scene.level, scene.split, scene.index, salt="attr-qa")
+    objs = scene.objects
+    shapes = Counter(o.shape for o in objs)
+    out = []
+    shape = sorted(shapes)[int(rng.integers(len(shapes)))]
+    out.append(dict(question=f"How many {plural(shape)} are there?", answer=world.COUNT_WORDS[shapes[shape]],
+                    kind="counting"))
+    unique = [o for o in objs if shapes[o.shape] == 1]
+    if unique:
+        o = unique[int(rng.integers(len(unique)))]
+        out.append(dict(question=f"What color is the {o.shape}?", answer=o.color, kind="color"))
+    if len(unique) >= 2:
+        a, b = unique[0], unique[1]
+        rels = object_relations(a, b)
+        if rels:
+            true_rel = sorted(rels)[0]
+            false_rel = next(r for r in world.RELATIONS if r not in rels)
+            out.append(dict(question=f"Is the {a.shape} {true_rel} the {b.shape}?", answer="yes", kind="relation"))
+            out.append(dict(question=f"Is the {a.shape} {false_rel} the {b.shape}?", answer="no", kind="relation"))
+        if a.r != b.r:
+            out.append(dict(question=f"Is the {a.shape} bigger than the {b.shape}?",
+                            answer="yes" if a.r > b.r else "no", kind="size"))
+    return out
+
+
+def questions(scene: Scene) -> list[dict]:
+    """All questions for a scene: existence (random negatives) + attributes."""
+    return existence_questions(scene, "random") + attribute_questions(scene)

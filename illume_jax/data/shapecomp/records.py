@@ -1,0 +1,76 @@
+"""LLaVA-style conversation records (the official data format, spec §5.3) for ShapeComp.
+
+Each record: {'id', 'task', 'level', 'images': [png bytes], 'conversations':
+[{'from': 'human'|'gpt', 'value': str}, ...], 'context': str}. Human turns hold `<image>`
+placeholders; `context` is the dense scene description, which a text-only stage puts in
+place of the image. QA records are multi-turn: one conversation per scene, every question a
+turn (so the image is encoded once, as in LLaVA's multi-question samples).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+from illume_jax.data.shapecomp import qa, text, world
+from illume_jax.data.shapecomp.edit import edit_pair
+from illume_jax.data.shapecomp.render import png_bytes, render
+from illume_jax.data.shapecomp.scene import make_scene, scene_rng
+
+TASKS = ("caption", "qa", "t2i", "edit")
+DESCRIBE = ("Describe the image.", "What is in the picture?", "Give a short description of the image.")
+
+
+def _turns(*pairs: tuple[str, str]) -> list[dict]:
+    out = []
+    for human, gpt in pairs:
+        out += [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
+    return out
+
+
+def conversation_records(level: int, split: str, index: int, tasks: Iterable[str] = TASKS) -> list[dict]:
+    tasks = tuple(tasks)
+    for t in tasks:
+        if t not in TASKS:
+            raise ValueError(f"tasks: {t!r} is not one of {TASKS}")
+    scene = make_scene(level, split, index)
+    image = png_bytes(render(scene))
+    dense = text.dense_caption(scene)
+    rng = scene_rng(level, split, index, salt="records")
+    base = f"shapecomp-L{level}-{split}-{index}"
+    out = []
+    if "caption" in tasks:
+        ask = DESCRIBE[int(rng.integers(len(DESCRIBE)))]
+        caption = dense if rng.random() < 0.5 else text.short_caption(scene)
+        out.append(dict(id=f"{base}-caption-0", task="caption", level=level, images=[image],
+                        conversations=_turns((f"<image>\n{ask}", caption)), context=dense))
+    if "qa" in tasks:
+        items = qa.questions(scene)
+        turns = _turns(*[(q["question"], q["answer"]) for q in items])
+        turns[0]["value"] = "<image>\n" + turns[0]["value"]
+        out.append(dict(id=f"{base}-qa-0", task="qa", level=level, images=[image], conversations=turns,
+                        context=dense))
+    if "t2i" in tasks:
+        prompt = text.short_caption(scene)
+        out.append(dict(id=f"{base}-t2i-0", task="t2i", level=level, images=[image],
+                        conversations=_turns((f"Generate an image of {{resolution_tag}}, the content of image is "
+                                              f"{prompt}\n", "<image>")), context=dense))
+    if "edit" in tasks:
+        pair = edit_pair(level, split, index)
+        out.append(dict(id=f"{base}-edit-0", task="edit", level=level,
+                        images=[image, png_bytes(render(pair.after))],
+                        conversations=_turns((f"<image>\nPlease edit the image according to the instruction: "
+                                              f"{pair.instruction}\n", "<image>")), context=dense))
+    return out
+
+
+def text_corpus(levels: Iterable[int], split: str, n: int) -> Iterator[str]:
+    """Every piece of text of n scenes per level (for training a tokenizer)."""
+    for level in levels:
+        for i in range(n):
+            for rec in conversation_records(level, split, i, tasks=("caption", "qa", "edit")):
+                yield rec["context"]
+                for turn in rec["conversations"]:
+                    yield turn["value"].replace("<image>\n", "")
+
+
+WORDS = tuple(sorted(set(world.SHAPES) | set(world.COLORS) | set(world.SIZES) | set(world.COUNT_WORDS.values())
+                     | {w for r in world.RELATIONS for w in r.split()}))
