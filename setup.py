@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "numpy",
     "scipy",
     "tensorboardX",
+    "importlib_resources",  # tensorflow-datasets imports it without declaring it
 ]
 
 EXTRAS = {

@@ -13,7 +13,7 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-    a = common.parse_arg(arg, steps=60, levels="01", seq_len=128, batch=16, vocab=512, workers=0)
+    a = common.parse_arg(arg, steps=120, levels="01", seq_len=128, batch=16, vocab=512, workers=0)
     c = mlc.ConfigDict()
     c.seed = 0
     c.mesh = common.mesh_config()

@@ -42,6 +42,8 @@ def main(argv: list[str]) -> None:
         _usage("--config is required")
 
     from illume_jax.config_check import validate
+    # TFDS / Orbax log every file they write at INFO; keep the console to what matters.
+    logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     validate(config)
 

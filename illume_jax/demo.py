@@ -67,7 +67,8 @@ def run(config, config_arg: str, workdir: str, overrides: list[str], preempt_at_
         if hit is not None:
             proc.send_signal(signal.SIGTERM)
             proc.wait()
-            print(f"      preempted at step {hit} (exit code {proc.returncode}); restarting the same command",
+            print(f"      SIGTERM sent after step {hit}; the run saved and exited with code {proc.returncode}; "
+                  f"restarting the same command",
                   flush=True)
             resumed = True
         else:

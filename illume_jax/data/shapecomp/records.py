@@ -67,7 +67,7 @@ def text_corpus(levels: Iterable[int], split: str, n: int) -> Iterator[str]:
     for level in levels:
         for i in range(n):
             for rec in conversation_records(level, split, i, tasks=("caption", "qa", "edit")):
-                yield rec["context"]
+                yield f"Scene: {rec['context']}"  # how text-only stages present the image
                 for turn in rec["conversations"]:
                     yield turn["value"].replace("<image>\n", "")
 

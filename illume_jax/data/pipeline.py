@@ -1,0 +1,105 @@
+"""Grain training pipeline: TFDS sources -> mixture -> shuffle -> per-process shard ->
+chat-template tokenisation -> first-fit packing -> batches.
+
+Every batch is a dict of numpy arrays [b, T], b = global_batch_size / process_count:
+  tokens       int32   inputs
+  targets      int32   next token within the same packed conversation
+  loss_mask    float32 1 where the target is trained (assistant turns)
+  segment_ids  int32   1..n per packed conversation, 0 = padding
+  positions    int32   restart at 0 in every conversation
+The iterator is deterministic for a config and seed, and `get_state()` / `set_state()`
+restore it exactly (also with worker processes, given the same worker count).
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from typing import Any
+
+import grain
+import numpy as np
+from absl import flags, logging
+
+from illume_jax.data import build, chat
+from illume_jax.modules.attention import CUDNN_MAX_SEGMENTS
+
+# grain reads absl flags; they must count as parsed even outside an absl program.
+if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+class Tokenize:
+    """Record -> {tokens, targets, loss_mask} of one conversation (None = skipped)."""
+
+    def __init__(self, tokenizer, template: str, text_only: bool, seq_len: int):
+        self.tokenizer, self.template, self.text_only, self.seq_len = tokenizer, template, text_only, seq_len
+        self.skipped = 0
+        self.truncated = 0
+
+    def __call__(self, record: dict) -> dict | None:
+        try:
+            conv = json.loads(record["conversations"])
+            context = record["context"].decode() if isinstance(record["context"], bytes) else record["context"]
+            ids, mask = chat.render(conv, self.tokenizer, self.template, text_only=self.text_only, context=context)
+        except chat.SkipRecord:
+            self.skipped += 1
+            return None
+        if len(ids) > self.seq_len + 1:
+            self.truncated += 1
+            ids, mask = ids[:self.seq_len + 1], mask[:self.seq_len + 1]
+        # Next-token pairs are formed before packing, so targets never cross conversations.
+        return {"tokens": ids[:-1], "targets": ids[1:], "loss_mask": mask[1:]}
+
+
+def _finalise(packed: dict) -> dict:
+    return {"tokens": packed["tokens"].astype(np.int32), "targets": packed["targets"].astype(np.int32),
+            "loss_mask": packed["loss_mask"].astype(np.float32),
+            "segment_ids": packed["tokens_segment_ids"].astype(np.int32),
+            "positions": packed["tokens_positions"].astype(np.int32)}
+
+
+def _seed(*parts) -> int:
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+def make_train_iterator(config: Any, stage_index: int, tokenizer, data_dir: str, *, process_index: int = 0,
+                        process_count: int = 1, seed: int | None = None, sources: dict | None = None):
+    """The stage's batch iterator (a grain DatasetIterator). `sources` (name -> random-access
+    source) overrides reading the TFDS datasets (tests)."""
+    stage = config.stages[stage_index]
+    seed = config.seed if seed is None else seed
+    if stage.global_batch_size % process_count:
+        raise ValueError(f"stage {stage.name!r}: global_batch_size={stage.global_batch_size} is not divisible by "
+                         f"{process_count} processes")
+    names = [n for n, w in stage.mixture.items() if w > 0]
+    for n in stage.mixture:
+        if n not in config.data.datasets:
+            raise ValueError(f"stage {stage.name!r}: mixture names {n!r}, not in config.data.datasets")
+    if not names:
+        raise ValueError(f"stage {stage.name!r}: the mixture has no dataset with a positive weight")
+    datasets = []
+    for name in names:
+        src = sources[name] if sources is not None else build.data_source(config, name, data_dir)
+        if len(src) == 0:
+            raise ValueError(f"dataset {name!r} is empty")
+        # Each epoch gets its own permutation (grain's shuffle re-seeds per epoch).
+        datasets.append(grain.MapDataset.source(src).shuffle(seed=_seed(config.data.shuffle_seed, seed, name))
+                        .repeat())
+    weights = [float(stage.mixture[n]) for n in names]
+    ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
+    ds = ds[process_index::process_count]          # disjoint per JAX process
+    tok = Tokenize(tokenizer, config.tokenizer.chat_template, config.data.text_only, stage.seq_len)
+    ds = ds.map(tok).filter(lambda x: x is not None)
+    local_batch = stage.global_batch_size // process_count
+    T = stage.seq_len
+    it = ds.to_iter_dataset()
+    it = grain.experimental.FirstFitPackIterDataset(
+        it, length_struct={"tokens": T, "targets": T, "loss_mask": T}, num_packing_bins=max(2 * local_batch, 8),
+        seed=_seed("pack", seed), shuffle_bins=True, max_sequences_per_bin=CUDNN_MAX_SEGMENTS)
+    it = it.map(_finalise).batch(local_batch, drop_remainder=True)
+    workers = int(config.data.num_workers)
+    if workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    logging.info("stage %s: mixture %s, %d rows/batch of %d tokens, %d workers", stage.name, dict(zip(names, weights)),
+                 local_batch, T, workers)
+    return iter(it)

@@ -1,0 +1,145 @@
+"""Text tokenizers behind one small interface.
+
+- sentencepiece, trained on the experiment's own text (ShapeComp for the tiny configs) and
+  cached in `<workdir>/tokenizer/`; the chat-template markers are user-defined pieces, so
+  each encodes to one id;
+- HF `tokenizer.json` (Qwen2.5 / LLaMA vocabularies), via the `tokenizers` library.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from typing import Any, Iterable, Protocol, Sequence
+
+import sentencepiece as spm
+
+# Markers the chat templates use; they must be single ids in every vocabulary we train.
+SPECIAL_PIECES = ("<image>", "<|user|>", "<|assistant|>", "<|im_start|>", "<|im_end|>")
+
+
+class TextTokenizer(Protocol):
+    """encode / decode / ids of the special tokens."""
+
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def token_to_id(self, piece: str) -> int | None: ...
+
+
+class SentencePieceTokenizer:
+    def __init__(self, model_proto: bytes):
+        self.proto = model_proto
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.vocab_size = self.sp.get_piece_size()
+        self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def token_to_id(self, piece: str) -> int | None:
+        i = self.sp.piece_to_id(piece)
+        return None if i == self.sp.unk_id() and piece != self.sp.id_to_piece(i) else i
+
+
+class HFTokenizer:
+    """A `tokenizer.json` (e.g. Qwen2.5's: pad <|endoftext|>, eos <|im_end|>)."""
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer
+        if not os.path.exists(path):
+            raise ValueError(f"config.tokenizer.path={path!r}: no such tokenizer.json")
+        self.tok = Tokenizer.from_file(path)
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        find = lambda *names: next((self.tok.token_to_id(n) for n in names if self.tok.token_to_id(n) is not None),
+                                   None)
+        self.eos_id = find("<|im_end|>", "</s>", "<|endoftext|>", "<eos>")
+        self.pad_id = find("<|endoftext|>", "<pad>", "<unk>", "</s>")
+        self.bos_id = find("<s>", "<bos>")
+        if self.eos_id is None:
+            raise ValueError(f"tokenizer {path}: no end-of-sequence token (<|im_end|>, </s>, <|endoftext|>)")
+        self.pad_id = self.eos_id if self.pad_id is None else self.pad_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_to_id(self, piece: str) -> int | None:
+        return self.tok.token_to_id(piece)
+
+
+def train_sentencepiece(sentences: Iterable[str], vocab_size: int) -> bytes:
+    """A BPE model over `sentences`; single-threaded and unshuffled so it is reproducible."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        hard_vocab_limit=False,  # a small corpus may not support the full size
+        user_defined_symbols=list(SPECIAL_PIECES), pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+        character_coverage=1.0, num_threads=1, shuffle_input_sentence=False, minloglevel=2)
+    return model.getvalue()
+
+
+def _shapecomp_corpus(config: Any) -> tuple[list[str], dict]:
+    from illume_jax.data.shapecomp import text_corpus
+    levels = sorted({int(l) for ds in config.data.datasets.values() if ds.get("kind") == "shapecomp"
+                     for l in ds.get("levels", (0,))})
+    spec = dict(levels=levels, scenes_per_level=300)
+    return list(text_corpus(levels, "train", spec["scenes_per_level"])), spec
+
+
+def load_or_train_tokenizer(config: Any, workdir: str) -> TextTokenizer:
+    tc = config.tokenizer
+    if tc.kind == "hf":
+        if not tc.path:
+            raise ValueError("config.tokenizer.path is empty: point it at a tokenizer.json (kind='hf')")
+        tok = HFTokenizer(tc.path)
+    elif tc.kind == "sentencepiece":
+        folder = os.path.join(workdir, "tokenizer")
+        model_path, meta_path = os.path.join(folder, "spm.model"), os.path.join(folder, "meta.json")
+        has_shapecomp = any(ds.get("kind") == "shapecomp" for ds in config.data.datasets.values())
+        if not has_shapecomp and not os.path.exists(model_path):
+            raise ValueError("config.tokenizer.kind='sentencepiece' trains on ShapeComp text, but config.data has "
+                             "no shapecomp dataset; use kind='hf' with a tokenizer.json for other data")
+        corpus_spec = None
+        if has_shapecomp:
+            levels = sorted({int(l) for ds in config.data.datasets.values() if ds.get("kind") == "shapecomp"
+                             for l in ds.get("levels", (0,))})
+            corpus_spec = dict(levels=levels, scenes_per_level=300, vocab_size=tc.vocab_size)
+        meta = json.load(open(meta_path)) if os.path.exists(meta_path) else None
+        if os.path.exists(model_path) and (corpus_spec is None or meta == corpus_spec):
+            with open(model_path, "rb") as f:
+                tok = SentencePieceTokenizer(f.read())
+        else:
+            sentences, _ = _shapecomp_corpus(config)
+            proto = train_sentencepiece(sentences, tc.vocab_size)
+            os.makedirs(folder, exist_ok=True)
+            tmp = model_path + ".tmp"
+            with open(tmp, "wb") as f:
+                f.write(proto)
+            os.replace(tmp, model_path)  # atomic: a killed run never leaves half a model
+            with open(meta_path, "w") as f:
+                json.dump(corpus_spec, f)
+            tok = SentencePieceTokenizer(proto)
+    else:
+        raise ValueError(f"config.tokenizer.kind={tc.kind!r}: expected 'sentencepiece' or 'hf'")
+    if tok.vocab_size > config.model.text_vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but config.model.text_vocab_size is "
+                         f"{config.model.text_vocab_size}; raise text_vocab_size (and vocab_size)")
+    return tok
+
+
+def fingerprint(tok: TextTokenizer) -> str:
+    data = tok.proto if isinstance(tok, SentencePieceTokenizer) else json.dumps(tok.tok.get_vocab()).encode()
+    return hashlib.sha1(data).hexdigest()[:12]
