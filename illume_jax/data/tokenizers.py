@@ -87,7 +87,8 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int) -> bytes:
         sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size, model_type="bpe",
         hard_vocab_limit=False,  # a small corpus may not support the full size
         user_defined_symbols=list(SPECIAL_PIECES), pad_id=0, unk_id=1, bos_id=2, eos_id=3,
-        character_coverage=1.0, num_threads=1, shuffle_input_sentence=False, minloglevel=2)
+        character_coverage=1.0, num_threads=1, shuffle_input_sentence=False, minloglevel=2,
+        add_dummy_prefix=False)  # templates are encoded piece by piece: no phantom leading spaces
     return model.getvalue()
 
 

@@ -1,0 +1,104 @@
+"""ShapeComp: determinism, level ranges, splits, records, bad arguments."""
+import numpy as np
+import pytest
+
+from illume_jax.data import shapecomp as sc
+from illume_jax.data.shapecomp import world
+
+
+def test_samples_are_pure_functions_of_level_split_index():
+    for level in range(5):
+        a, b = sc.make_scene(level, "train", 7), sc.make_scene(level, "train", 7)
+        assert a == b
+        np.testing.assert_array_equal(sc.render(a), sc.render(b))
+        assert sc.conversation_records(level, "train", 7) == sc.conversation_records(level, "train", 7)
+    assert sc.make_scene(2, "train", 1) != sc.make_scene(2, "train", 2)
+    assert sc.make_scene(2, "train", 1) != sc.make_scene(2, "validation", 1)
+
+
+@pytest.mark.parametrize("level", range(5))
+def test_level_ranges(level):
+    lv = world.get_level(level)
+    counts = set()
+    for i in range(60):
+        s = sc.make_scene(level, "train", i)
+        img = sc.render(s)
+        assert img.shape == (lv.resolution, lv.resolution, 3) and img.dtype == np.uint8
+        assert lv.min_objects <= len(s.objects) <= lv.max_objects
+        counts.add(len(s.objects))
+        for o in s.objects:
+            assert o.shape in lv.shapes and o.color in lv.colors and o.size in lv.sizes
+            # No anti-aliasing: every object pixel has its exact palette colour.
+            mask = sc.object_mask(o, lv.resolution)
+            assert mask.any()
+        for a in range(len(s.objects)):  # non-overlapping (>= 2 px gap between bounding circles)
+            for b in range(a + 1, len(s.objects)):
+                oa, ob = s.objects[a], s.objects[b]
+                assert np.hypot(oa.cx - ob.cx, oa.cy - ob.cy) >= oa.r + ob.r + 2
+    assert len(counts) == lv.max_objects - lv.min_objects + 1  # every count occurs
+
+
+def test_compositional_pairs_held_out_of_train_at_level_3():
+    held = set(world.HELD_OUT_PAIRS)
+    for i in range(200):
+        assert not {(o.color, o.shape) for o in sc.make_scene(3, "train", i).objects} & held
+    for i in range(50):
+        assert {(o.color, o.shape) for o in sc.make_scene(3, "compositional", i).objects} & held
+
+
+def test_pope_questions_balanced_per_split_and_truthful():
+    for negative in sc.POPE_SPLITS:
+        yes = no = 0
+        for i in range(100):
+            s = sc.make_scene(2, "test", i)
+            present = {o.name for o in s.objects}
+            for q in sc.existence_questions(s, negative):
+                name = q["question"].split(" ", 3)[3].rsplit(" in the image", 1)[0]
+                assert (name in present) == (q["answer"] == "yes"), q
+                yes += q["answer"] == "yes"
+                no += q["answer"] == "no"
+        assert yes == no > 0
+
+
+def test_captions_and_relations_follow_the_scene():
+    for i in range(100):
+        s = sc.make_scene(1, "train", i)
+        for tag in sc.available_tags(s):
+            text, meta = sc.prompt_for(s, tag)
+            assert meta["tag"] == tag and all(c["class"] in text for c in meta["include"])
+            if tag == "position":
+                a, b = s.objects
+                assert meta["include"][1]["position"][0] in sc.object_relations(a, b)
+
+
+def test_edit_pairs_change_exactly_one_thing():
+    for op in sc.OPS:
+        for i in range(20):
+            p = sc.edit_pair(2, "train", i, op)
+            if p.op != op:
+                continue
+            assert p.before != p.after
+            for k in p.untouched:
+                assert p.after.objects[k] in p.before.objects
+
+
+def test_records_schema():
+    recs = sc.conversation_records(1, "train", 3)
+    assert [r["task"] for r in recs] == list(sc.TASKS)
+    for r in recs:
+        assert set(r) == {"id", "task", "level", "images", "conversations", "context"}
+        assert r["images"][0][:8] == b"\x89PNG\r\n\x1a\n"
+        assert r["conversations"][0]["from"] == "human" and r["conversations"][1]["from"] == "gpt"
+    assert len(recs[3]["images"]) == 2 and "{resolution_tag}" in recs[2]["conversations"][0]["value"]
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: sc.make_scene(9, "train", 0), "level=9"),
+    (lambda: sc.make_scene(0, "dev", 0), "split='dev'"),
+    (lambda: sc.make_scene(0, "train", -1), "index=-1"),
+    (lambda: sc.conversation_records(0, "train", 0, tasks=("vqa",)), "'vqa'"),
+    (lambda: sc.edit_pair(0, "train", 0, op="rotate"), "op='rotate'"),
+])
+def test_bad_arguments_are_named(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
