@@ -88,7 +88,9 @@ def make_scene(level: int, split: str, index: int) -> Scene:
         centres = _place(rng, res, radii, gap=max(2, res // 16) if n <= 2 else 2)
         if centres is None:
             continue
-        rotations = rng.uniform(0, 2 * np.pi, len(kinds)) if lv.rotation else np.zeros(len(kinds))
+        # Small rotations only: a square turned by 45 degrees would be a diamond, and the
+        # scorer must be able to tell every shape apart from pixels alone.
+        rotations = rng.uniform(-0.35, 0.35, len(kinds)) if lv.rotation else np.zeros(len(kinds))
         objects = tuple(Obj(shape=s, color=c, size=z, cx=x, cy=y, r=r, rotation=float(round(a, 3)))
                         for (c, s), z, (x, y), r, a in zip(kinds, sizes, centres, radii, rotations))
         return Scene(level=level, split=split, index=int(index), resolution=res, background=background,

@@ -1,0 +1,111 @@
+"""Scorer self-checks: ~100% on ground truth, ~0 on contradicting prompts, graceful under
+noise / blur / JPEG, exact POPE metrics, editing grades."""
+import copy
+import io
+from collections import defaultdict
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from illume_jax.data import shapecomp as sc
+from illume_jax.data.shapecomp import world
+from illume_jax.eval import shapecomp_scorer as S
+
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def _cases(level, n):
+    out = []
+    for i in range(n):
+        s = sc.make_scene(level, "test", i)
+        for tag in sc.available_tags(s):
+            out.append((s, sc.prompt_for(s, tag)[1]))
+    return out
+
+
+def _contradict(scene, meta):
+    """The same prompt with one fact made false for this scene."""
+    m = copy.deepcopy(meta)
+    lv = world.get_level(scene.level)
+    present = {o.shape for o in scene.objects}
+    req = m["include"][-1]
+    if m["tag"] == "counting":
+        req["count"] += 1
+        m["exclude"][0]["count"] += 1
+    elif "position" in req:
+        req["position"][0] = OPPOSITE[req["position"][0]]
+    elif "color" in req:
+        req["color"] = next(c for c in lv.colors if c not in {o.color for o in scene.objects})
+    else:
+        req["class"] = next(s for s in lv.shapes if s not in present)
+    return m
+
+
+def _degrade(img, kind):
+    if kind == "noise":
+        return np.clip(img + np.random.default_rng(0).normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+    if kind == "blur":
+        return np.asarray(Image.fromarray(img).filter(ImageFilter.BoxBlur(1)))
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=75)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+# Measured on 200 test scenes per level (see the issue note): ground truth is exact at levels
+# 0, 1 and 3 except a few position calls; at level 2 small hexagons (5 px radius) read as circles.
+GT_MIN = {0: 1.0, 1: 0.99, 2: 0.9, 3: 0.95}
+
+
+@pytest.mark.parametrize("level", [0, 1, 2, 3])
+def test_ground_truth_scores_near_100_and_contradictions_near_0(level):
+    per_tag, wrong = defaultdict(list), []
+    shapes = world.get_level(level).shapes
+    for scene, meta in _cases(level, 60):
+        img = sc.render(scene)
+        dets = S.detect(img, shapes=shapes)
+        per_tag[meta["tag"]].append(S.grade(img, meta, dets)[0])
+        wrong.append(S.grade(img, _contradict(scene, meta), dets)[0])
+    for tag, oks in per_tag.items():
+        assert np.mean(oks) >= GT_MIN[level], (tag, np.mean(oks))
+    assert np.mean(wrong) <= 0.02
+
+
+@pytest.mark.parametrize("level,kind,minimum", [
+    (1, "noise", 0.97), (3, "noise", 0.95), (3, "blur", 0.85), (3, "jpeg", 0.85),
+    # 64x64 shapes are a few pixels across: blur and JPEG change their geometry a lot.
+    (1, "blur", 0.4), (1, "jpeg", 0.35)])
+def test_graceful_under_degradation(level, kind, minimum):
+    shapes = world.get_level(level).shapes
+    oks = [S.grade(_degrade(sc.render(s), kind), m, S.detect(_degrade(sc.render(s), kind), shapes=shapes))[0]
+           for s, m in _cases(level, 40)]
+    assert np.mean(oks) >= minimum
+
+
+def test_pope_metrics_exact():
+    labels = ["yes", "no"] * 5
+    m = S.pope_metrics(["Yes, there is."] * 10, labels)
+    assert m == {"accuracy": 0.5, "precision": 0.5, "recall": 1.0, "f1": 2 / 3, "yes_ratio": 1.0}
+    m = S.pope_metrics(["yes", "No, there is not."] * 5, labels)
+    assert m["accuracy"] == 1.0 and m["f1"] == 1.0 and m["yes_ratio"] == 0.5
+    assert S.parse_yes_no("There is not a star. Yes.") == "no"
+    with pytest.raises(ValueError, match="equally long"):
+        S.pope_metrics(["yes"], ["yes", "no"])
+
+
+def test_edit_grading():
+    follow, unchanged = [], []
+    for i in range(40):
+        p = sc.edit_pair(2, "test", i)
+        g = S.grade_edit(sc.render(p.after), p.before, p.after, p.edited, p.untouched)
+        follow.append(g["instruction"])
+        assert g["preservation"] >= 0.99 and g["l1_outside"] < 1e-6
+        unchanged.append(S.grade_edit(sc.render(p.before), p.before, p.after, p.edited, p.untouched)["instruction"])
+    assert np.mean(follow) >= 0.85 and np.mean(unchanged) <= 0.1
+
+
+def test_bad_images_are_named():
+    with pytest.raises(ValueError, match=r"expected a \[H, W, 3\] uint8 array"):
+        S.detect(np.zeros((8, 8), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        S.detect(np.zeros((8, 8, 3), np.float32))
