@@ -27,6 +27,7 @@ from flax import nnx, struct
 
 from illume_jax.modules.attention import IMPLEMENTATIONS, attend
 from illume_jax.modules.embedding import Embed
+from illume_jax.modules.linear import Dense
 from illume_jax.modules.mlp import GatedMLP
 from illume_jax.modules.norms import RMSNorm
 from illume_jax.modules.rope import apply_rope
@@ -137,21 +138,15 @@ class Attention(nnx.Module):
     def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        init = nnx.initializers.normal(0.02)
-        bias_init = nnx.initializers.zeros_init()
+        dt = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
 
         def proj(heads, axis_name):
-            return nnx.Einsum("btd,dnh->btnh", (D, heads, H), (heads, H) if cfg.qkv_bias else None,
-                              dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                              kernel_init=nnx.with_partitioning(init, ("embed", axis_name, "head_dim")),
-                              bias_init=nnx.with_partitioning(bias_init, (axis_name, "head_dim")), rngs=rngs)
+            return Dense((D,), (heads, H), axes=("embed", axis_name, "head_dim"), use_bias=cfg.qkv_bias, **dt)
 
         self.q_proj = proj(N, "heads")
         self.k_proj = proj(K, "kv_heads")
         self.v_proj = proj(K, "kv_heads")
-        self.o_proj = nnx.Einsum("btnh,nhd->btd", (N, H, D), None, dtype=cfg.compute_dtype,
-                                 param_dtype=cfg.weight_dtype,
-                                 kernel_init=nnx.with_partitioning(init, ("heads", "head_dim", "embed")), rngs=rngs)
+        self.o_proj = Dense((N, H), (D,), axes=("heads", "head_dim", "embed"), **dt)
 
     def qkv(self, x, positions):
         q = apply_rope(self.q_proj(x), positions, self.cfg.rope_theta)
@@ -203,7 +198,6 @@ class DecoderLayer(nnx.Module):
 class LLM(nnx.Module):
     def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        init = nnx.initializers.normal(0.02)
         self.embed = Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
                            rngs=rngs)
 
@@ -215,9 +209,8 @@ class LLM(nnx.Module):
         self.layers = make_layers(rngs)
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.weight_dtype)
         if not cfg.tie_embeddings:
-            self.lm_head = nnx.Einsum("btd,dv->btv", (cfg.d_model, cfg.vocab_size), None,
-                                      dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                                      kernel_init=nnx.with_partitioning(init, ("embed", "vocab")), rngs=rngs)
+            self.lm_head = Dense((cfg.d_model,), (cfg.vocab_size,), axes=("embed", "vocab"),
+                                 dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
 
     # -- pieces ---------------------------------------------------------------------------
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
@@ -229,7 +222,9 @@ class LLM(nnx.Module):
         x = self.final_norm(x)
         if self.cfg.tie_embeddings:
             table = self.embed.embedding[...].astype(x.dtype)
-            out = jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
+            # 2-D product (see modules/linear.py for why): [B*T, D] x [D, V].
+            out = jnp.matmul(x.reshape(-1, x.shape[-1]), table.T, preferred_element_type=jnp.float32)
+            out = out.reshape(*x.shape[:-1], -1)
         else:
             out = self.lm_head(x).astype(jnp.float32)
         return constrain(out, "batch", "act_seq", "act_vocab")
