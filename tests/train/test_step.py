@@ -11,11 +11,14 @@ def _mesh1():
     return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
 
 
-def test_loss_decreases_on_a_fixed_batch():
-    config = tiny_config()
-    mesh = _mesh1()
+def _state_and_step(config, mesh):
     _, _, state = state_lib.create_state(config, 0, mesh)
-    step = step_lib.make_train_step(config, 0, mesh)
+    return state, step_lib.make_train_step(config, 0, mesh)
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    mesh = _mesh1()
+    state, step = _state_and_step(tiny_config(), mesh)
     batch = sharding.global_batch(mesh, synthetic_batch(np.random.default_rng(0), 8, 16, 64))
     losses = []
     for _ in range(20):
@@ -31,9 +34,8 @@ def test_gradient_accumulation_equals_one_big_batch():
     batch["loss_mask"][0, :5] = 0.0  # unequal token counts per micro-batch: averaging must be by tokens
     results = []
     for accum in (1, 2, 4):
-        config = tiny_config(grad_accum=accum)
-        _, _, state = state_lib.create_state(config, 0, mesh)
-        state, m = step_lib.make_train_step(config, 0, mesh)(state, sharding.global_batch(mesh, batch))
+        state, step = _state_and_step(tiny_config(grad_accum=accum), mesh)
+        state, m = step(state, sharding.global_batch(mesh, batch))
         results.append((float(m["loss"]), float(m["grad_norm"]), state.params))
     for loss, gnorm, params in results[1:]:
         np.testing.assert_allclose(loss, results[0][0], rtol=1e-6)
@@ -45,10 +47,8 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 
 def test_nan_guard_skips_the_update():
-    config = tiny_config()
     mesh = _mesh1()
-    _, _, state = state_lib.create_state(config, 0, mesh)
-    step = step_lib.make_train_step(config, 0, mesh)
+    state, step = _state_and_step(tiny_config(), mesh)
     good = sharding.global_batch(mesh, synthetic_batch(np.random.default_rng(2), 8, 16, 64))
     state, _ = step(state, good)
     # Poison one embedding row used by the batch: the loss becomes NaN.
