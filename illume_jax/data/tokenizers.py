@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -92,12 +91,12 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int) -> bytes:
     return model.getvalue()
 
 
-def _shapecomp_corpus(config: Any) -> tuple[list[str], dict]:
-    from illume_jax.data.shapecomp import text_corpus
-    levels = sorted({int(l) for ds in config.data.datasets.values() if ds.get("kind") == "shapecomp"
-                     for l in ds.get("levels", (0,))})
-    spec = dict(levels=levels, scenes_per_level=300)
-    return list(text_corpus(levels, "train", spec["scenes_per_level"])), spec
+SCENES_PER_LEVEL = 300  # ShapeComp scenes whose text trains the tokenizer (its vocabulary is small)
+
+
+def _shapecomp_levels(config: Any) -> list[int]:
+    return sorted({int(l) for ds in config.data.datasets.values() if ds.get("kind") == "shapecomp"
+                   for l in ds.get("levels", (0,))})
 
 
 def load_or_train_tokenizer(config: Any, workdir: str) -> TextTokenizer:
@@ -109,22 +108,20 @@ def load_or_train_tokenizer(config: Any, workdir: str) -> TextTokenizer:
     elif tc.kind == "sentencepiece":
         folder = os.path.join(workdir, "tokenizer")
         model_path, meta_path = os.path.join(folder, "spm.model"), os.path.join(folder, "meta.json")
-        has_shapecomp = any(ds.get("kind") == "shapecomp" for ds in config.data.datasets.values())
-        if not has_shapecomp and not os.path.exists(model_path):
+        levels = _shapecomp_levels(config)
+        if not levels and not os.path.exists(model_path):
             raise ValueError("config.tokenizer.kind='sentencepiece' trains on ShapeComp text, but config.data has "
                              "no shapecomp dataset; use kind='hf' with a tokenizer.json for other data")
-        corpus_spec = None
-        if has_shapecomp:
-            levels = sorted({int(l) for ds in config.data.datasets.values() if ds.get("kind") == "shapecomp"
-                             for l in ds.get("levels", (0,))})
-            corpus_spec = dict(levels=levels, scenes_per_level=300, vocab_size=tc.vocab_size)
+        # The cached model is reused only if it was trained on the same corpus and size.
+        corpus_spec = dict(levels=levels, scenes_per_level=SCENES_PER_LEVEL, vocab_size=tc.vocab_size) \
+            if levels else None
         meta = json.load(open(meta_path)) if os.path.exists(meta_path) else None
         if os.path.exists(model_path) and (corpus_spec is None or meta == corpus_spec):
             with open(model_path, "rb") as f:
                 tok = SentencePieceTokenizer(f.read())
         else:
-            sentences, _ = _shapecomp_corpus(config)
-            proto = train_sentencepiece(sentences, tc.vocab_size)
+            from illume_jax.data.shapecomp import text_corpus
+            proto = train_sentencepiece(text_corpus(levels, "train", SCENES_PER_LEVEL), tc.vocab_size)
             os.makedirs(folder, exist_ok=True)
             tmp = model_path + ".tmp"
             with open(tmp, "wb") as f:
@@ -140,7 +137,3 @@ def load_or_train_tokenizer(config: Any, workdir: str) -> TextTokenizer:
                          f"{config.model.text_vocab_size}; raise text_vocab_size (and vocab_size)")
     return tok
 
-
-def fingerprint(tok: TextTokenizer) -> str:
-    data = tok.proto if isinstance(tok, SentencePieceTokenizer) else json.dumps(tok.tok.get_vocab()).encode()
-    return hashlib.sha1(data).hexdigest()[:12]
