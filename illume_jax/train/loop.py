@@ -91,11 +91,13 @@ def train(config: Any, workdir: str, *, make_iterator: Callable[[int], Any] | No
         for si in range(start_stage, len(config.stages)):
             stage = config.stages[si]
             iterator = make_iterator(si)
-            graphdef, tx, abs_state = state_lib.abstract_state(config, si, mesh)
+            abstract = state_lib.abstract_state(config, si, mesh)
+            graphdef, tx, abs_state = abstract
             if meta and si == start_stage:
                 state = ckpt.restore(resume_step, abs_state, iterator)
             else:
-                graphdef, tx, state = state_lib.create_state(config, si, mesh, params=params, step=offsets[si])
+                _, _, state = state_lib.create_state(config, si, mesh, params=params, step=offsets[si],
+                                                     abstract=abstract)
             step_fn = step_lib.make_train_step(config, si, mesh, graphdef, tx, abs_state)
             stage_step, step = int(state.stage_step), int(state.step)
             if stage_step < stage.steps:

@@ -80,15 +80,16 @@ def _fresh(params, tx: optax.GradientTransformation, seed: int, step=0) -> Train
                       nan_skips=jnp.zeros((), jnp.int32))
 
 
-def create_state(config: Any, stage_index: int, mesh: Mesh, params=None, step: int = 0):
+def create_state(config: Any, stage_index: int, mesh: Mesh, params=None, step: int = 0, abstract=None):
     """A new TrainState for `stage_index`, created sharded.
 
     params=None initialises the model from config.seed; otherwise the given (sharded)
     parameters carry over from the previous stage and only a new optimizer state is made.
+    `abstract`: the stage's `abstract_state(...)` result when the caller already has it.
     Returns (graphdef, tx, state).
     """
     cfg = LLMConfig.from_config(config.model)
-    graphdef, tx, abs_state = abstract_state(config, stage_index, mesh)
+    graphdef, tx, abs_state = abstract or abstract_state(config, stage_index, mesh)
     out_sh = jax.tree.map(lambda a: a.sharding, abs_state)
     with sharding.use_mesh(mesh):
         if params is None:
