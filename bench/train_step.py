@@ -3,10 +3,12 @@ next to the machine's practical FLOP/s ceiling (one large matmul), in one invoca
 
   python bench/train_step.py                 # tiny + small (~67M params) configs, CPU
   python bench/train_step.py --sizes small --steps 5 --seq 256 --batch 8
+  python bench/train_step.py --sizes small --batch 16 --seq 1024 --matmul 8192   # on a GPU: bf16 compute
 
 For each size: tokens/s and achieved FLOP/s (6 * params * tokens + attention, the usual
 model-FLOPs convention, remat not counted) of
-  - jax:   illume_jax's train step (AdamW, global-norm clipping, fp32, remat off, XLA attention,
+  - jax:   illume_jax's train step (AdamW, global-norm clipping, fp32, remat off, XLA attention
+           on CPU / cuDNN on GPU,
            scanned layers, NaN guard, per-modality metrics), one device;
   - torch: transformers Qwen2ForCausalLM + torch.optim.AdamW(fused where available), fp32;
   - matmul: a large fp32 matmul in each framework (the ceiling).
@@ -44,10 +46,10 @@ def attention_flops_per_token(cfg, seq: int) -> float:
     return 3 * 2 * 2 * seq * cfg.num_heads * cfg.head_dim * cfg.num_layers / 2
 
 
-def bench_matmul_jax(n: int, iters: int) -> float:
+def bench_matmul_jax(n: int, iters: int, dtype: str = "float32") -> float:
     import jax
     import jax.numpy as jnp
-    a = jnp.ones((n, n), jnp.float32)
+    a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
     t = time.perf_counter()
@@ -57,13 +59,17 @@ def bench_matmul_jax(n: int, iters: int) -> float:
     return 2 * n ** 3 * iters / (time.perf_counter() - t)
 
 
-def bench_matmul_torch(n: int, iters: int) -> float:
+def bench_matmul_torch(n: int, iters: int, device: str = "cpu", dtype: str = "float32") -> float:
     import torch
-    a = torch.ones((n, n))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    a = torch.ones((n, n), device=device, dtype=getattr(torch, dtype))
     a @ a
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
     t = time.perf_counter()
     for _ in range(iters):
         a @ a
+    sync()
     return 2 * n ** 3 * iters / (time.perf_counter() - t)
 
 
@@ -103,23 +109,30 @@ def bench_jax(cfg, batch: int, seq: int, steps: int) -> dict:
     return dict(step_s=dt, compile_s=compile_s, loss=float(metrics["loss"]))
 
 
-def bench_torch(cfg, batch: int, seq: int, steps: int) -> dict:
+def bench_torch(cfg, batch: int, seq: int, steps: int, device: str = "cpu") -> dict:
     import torch
     import transformers
     torch.manual_seed(0)
+    # JAX's default fp32 matmul precision on GPUs is TF32; give PyTorch the same.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     hf_cfg = transformers.Qwen2Config(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
         head_dim=cfg.head_dim, tie_word_embeddings=cfg.tie_embeddings, max_position_embeddings=max(seq, 64),
         rope_theta=cfg.rope_theta, attn_implementation="sdpa")
-    model = transformers.Qwen2ForCausalLM(hf_cfg).train()
+    model = transformers.Qwen2ForCausalLM(hf_cfg).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
     rng = np.random.default_rng(0)
-    tokens = torch.as_tensor(rng.integers(0, cfg.vocab_size, (batch, seq + 1)))
+    tokens = torch.as_tensor(rng.integers(0, cfg.vocab_size, (batch, seq + 1))).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
+    import contextlib
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+
     def step():
-        logits = model(inputs).logits
+        with autocast:
+            logits = model(inputs).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -129,10 +142,12 @@ def bench_torch(cfg, batch: int, seq: int, steps: int) -> dict:
 
     t0 = time.perf_counter()
     step()
+    sync()
     warm = time.perf_counter() - t0
     t = time.perf_counter()
     for _ in range(steps):
         loss = step()
+    sync()
     dt = (time.perf_counter() - t) / steps
     return dict(step_s=dt, compile_s=warm, loss=float(loss.detach()))
 
@@ -144,6 +159,7 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--matmul", type=int, default=2048)
+    p.add_argument("--attention", default=None, help="our kernel: xla (CPU default) | cudnn (GPU default)")
     args = p.parse_args()
 
     import jax
@@ -152,21 +168,28 @@ def main():
     from illume_jax.models.llm import LLMConfig
 
     backend = jax.default_backend()
-    ceiling = {"jax": bench_matmul_jax(args.matmul, 10), "torch": bench_matmul_torch(args.matmul, 10)}
+    # On a GPU both frameworks run there (fp32 storage, TF32 matmuls as JAX does by default).
+    device = "cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu"
+    mm_dtype = "bfloat16" if backend == "gpu" else "float32"
+    ceiling = {"jax": bench_matmul_jax(args.matmul, 10, mm_dtype),
+               "torch": bench_matmul_torch(args.matmul, 10, device, mm_dtype)}
     results = dict(backend=backend, device=jax.devices()[0].device_kind, cores=os.cpu_count(),
                    torch_threads=torch.get_num_threads(), batch=args.batch, seq=args.seq,
                    matmul_flops=ceiling, rows=[])
     ceil = max(ceiling.values())
     print(f"backend={backend} ({results['device']}), {os.cpu_count()} cores; batch {args.batch} x seq {args.seq}")
-    print(f"matmul {args.matmul}^3 fp32: jax {ceiling['jax'] / 1e9:.1f} GFLOP/s, "
+    print(f"matmul {args.matmul}^3 {mm_dtype}: jax {ceiling['jax'] / 1e9:.1f} GFLOP/s, "
           f"torch {ceiling['torch'] / 1e9:.1f} GFLOP/s (ceiling = the higher)")
     print(f"{'size':6s} {'params':>8s} {'framework':9s} {'step ms':>9s} {'tokens/s':>9s} {'GFLOP/s':>8s} "
           f"{'% ceiling':>9s} {'warm-up s':>9s}")
     for size in args.sizes.split(","):
-        cfg = LLMConfig(**SIZES[size], tie_embeddings=True, remat="none", rope_theta=1e6)
+        attention = args.attention or ("cudnn" if backend == "gpu" else "xla")
+        # GPU: bf16 compute over fp32 master weights in both frameworks (cuDNN attention needs bf16).
+        cfg = LLMConfig(**SIZES[size], tie_embeddings=True, remat="none", rope_theta=1e6, attention=attention,
+                        dtype="bfloat16" if backend == "gpu" else "float32")
         tokens = args.batch * args.seq
         flops = tokens * (model_flops_per_token(cfg) + attention_flops_per_token(cfg, args.seq))
-        for name, fn in (("jax", bench_jax), ("torch", bench_torch)):
+        for name, fn in (("jax", bench_jax), ("torch", lambda *a: bench_torch(*a, device=device))):
             r = fn(cfg, args.batch, args.seq, args.steps)
             row = dict(size=size, params=cfg.num_params(), framework=name, step_ms=r["step_s"] * 1e3,
                        tokens_per_s=tokens / r["step_s"], gflops=flops / r["step_s"] / 1e9,
