@@ -28,6 +28,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("kv_heads", "tensor"),  # key/value heads K
     ("head_dim", None),    # H
     ("vocab", "tensor"),   # V
+    ("conv_out", "tensor"),  # output channels of CNN kernels (HWIO: only O is sharded)
     ("norm", None),
     # Activations. Hidden states are replicated over 'tensor' between blocks (Megatron
     # style) and never sharded over 'fsdp' (their batch axis already is).
