@@ -13,6 +13,11 @@
 
 All take q [B,T,N,H], k/v [B,S,K,H] with N % K == 0 (GQA), q pre-RoPE'd, and return
 [B,T,N,H]. Scaling is 1/sqrt(H) (HF Qwen2/LLaMA).
+
+`attend(..., causal=False)` is bidirectional (vision encoders): with segment ids it is
+block-diagonal (each token sees exactly the tokens of its own segment, like Qwen2-VL's
+cu_seqlens), without them plain full attention. Padding (segment 0) attends only to
+padding there, so no query row is fully masked and every kernel stays finite.
 """
 from __future__ import annotations
 
@@ -39,13 +44,22 @@ def causal_segment_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
     return (same & causal)[:, None]
 
 
+def segment_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Array:
+    """Boolean [B,1,T,S] block-diagonal mask for bidirectional attention: same segment id.
+
+    Padding (0) matches only padding, so padded queries never have an empty row.
+    """
+    return (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array | None = None,
            kv_segment_ids: jax.Array | None = None, q_offset: jax.Array | int = 0,
-           implementation: str = "xla", splash_interpret: bool = False) -> jax.Array:
-    """Causal attention of T queries over S keys.
+           implementation: str = "xla", splash_interpret: bool = False, causal: bool = True) -> jax.Array:
+    """Attention of T queries over S keys; causal unless `causal=False`.
 
     q_offset: slot of the first query within the key buffer (0 for a full forward; the
     cache write index while decoding). Segment ids default to "one segment, no padding".
+    With causal=False q_offset is ignored and the mask is block-diagonal over segments.
     """
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -53,6 +67,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array
         raise ValueError(f"attention: {N} query heads are not a multiple of {K} kv heads")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}: expected one of {IMPLEMENTATIONS}")
+    if not causal:
+        return _attend_bidirectional(q, k, v, q_segment_ids, kv_segment_ids, implementation, splash_interpret)
     full_forward = isinstance(q_offset, int) and q_offset == 0 and S == T
     if implementation == "splash":
         if not full_forward:
@@ -69,6 +85,26 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array
     q_slots = q_offset + jnp.arange(T, dtype=jnp.int32)
     mask = causal_segment_mask(q_segment_ids, kv_segment_ids, q_slots, jnp.arange(S, dtype=jnp.int32))
     impl = "cudnn" if implementation == "cudnn" else "xla"
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+
+def _attend_bidirectional(q, k, v, q_segment_ids, kv_segment_ids, implementation, splash_interpret):
+    B, T = q.shape[:2]
+    S = k.shape[1]
+    if implementation == "splash":
+        if S != T:
+            raise ValueError("splash attention needs as many keys as queries")
+        if kv_segment_ids is not None and kv_segment_ids is not q_segment_ids:
+            raise ValueError("splash attention takes one set of segment ids (queries and keys alike)")
+        return _splash(q, k, v, q_segment_ids, interpret=splash_interpret, causal=False)
+    impl = "cudnn" if implementation == "cudnn" else "xla"
+    if q_segment_ids is None and kv_segment_ids is None:
+        return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+    if q_segment_ids is None:
+        q_segment_ids = jnp.ones((B, T), jnp.int32)
+    if kv_segment_ids is None:
+        kv_segment_ids = q_segment_ids if S == T else jnp.ones((B, S), jnp.int32)
+    mask = segment_mask(q_segment_ids, kv_segment_ids)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 
@@ -102,18 +138,19 @@ def _cudnn_packed(q, k, v, segment_ids):
 
 
 @functools.lru_cache(maxsize=32)
-def _splash_kernel(num_heads: int, seq_len: int, interpret: bool):
+def _splash_kernel(num_heads: int, seq_len: int, interpret: bool, causal: bool = True):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
     block = min(512, seq_len)
     sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                           block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                           block_q_dq=block, block_kv_dq=block)
-    mask = sm.MultiHeadMask([sm.CausalMask((seq_len, seq_len)) for _ in range(num_heads)])
+    make = sm.CausalMask if causal else sm.FullMask
+    mask = sm.MultiHeadMask([make((seq_len, seq_len)) for _ in range(num_heads)])
     return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def _splash(q, k, v, segment_ids, *, interpret: bool):
+def _splash(q, k, v, segment_ids, *, interpret: bool, causal: bool = True):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     B, T, N, H = q.shape
     if segment_ids is None:
@@ -123,7 +160,7 @@ def _splash(q, k, v, segment_ids, *, interpret: bool):
     kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
 
     def per_shard(qs, ks, vs, seg):
-        kernel = _splash_kernel(qs.shape[1], T, interpret)
+        kernel = _splash_kernel(qs.shape[1], T, interpret, causal)
         one = lambda a, b, c, s: kernel(a, b, c, segment_ids=sk.SegmentIds(q=s, kv=s))
         return jax.vmap(one)(qs, ks, vs, seg)
 
