@@ -1,0 +1,177 @@
+"""Image pipelines for the vision-tokenizer trainers and `encode-dataset`.
+
+Sources are random-access (`len`, `__getitem__`) so Grain can shuffle, shard over processes
+and checkpoint the iterator position:
+  ShapeCompImages   renders (level, split, index) scenes on the fly, with their captions
+                    (the SigLIP pre-training of the tiny semantic ViT needs the text);
+  DatasetImages     the first image of every record of a built TFDS dataset
+                    (`config.data.datasets`: ShapeComp or user JSONL), decoded on read.
+Images leave the pipeline as float32 [-1, 1] NHWC (the official tokenizer's input range,
+spec §0) at one fixed training resolution.
+"""
+from __future__ import annotations
+
+import io
+import re
+import zlib
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from illume_jax.data import shapecomp
+
+
+def _seed(*parts) -> int:
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+class ShapeCompImages:
+    """Scenes `index` of each level in `levels`, rendered on access (a pure function of the index)."""
+
+    def __init__(self, levels: Sequence[int], split: str, num_per_level: int):
+        self.levels = tuple(int(l) for l in levels)
+        for level in self.levels:
+            shapecomp.get_level(level)
+        shapecomp.world.check_split(split)
+        if num_per_level < 1:
+            raise ValueError(f"num_per_level={num_per_level}: expected >= 1")
+        self.split, self.num = split, int(num_per_level)
+
+    def __len__(self) -> int:
+        return self.num * len(self.levels)
+
+    def __getitem__(self, i: int) -> dict:
+        level, index = self.levels[i // self.num], i % self.num
+        scene = shapecomp.make_scene(level, self.split, index)
+        caption = shapecomp.dense_caption(scene) if index % 2 == 0 else shapecomp.short_caption(scene)
+        return {"image": shapecomp.render(scene), "caption": caption, "id": f"shapecomp-L{level}-{self.split}-{index}"}
+
+    def scene(self, i: int):
+        return shapecomp.make_scene(self.levels[i // self.num], self.split, i % self.num)
+
+
+class DatasetImages:
+    """The first image of each record of a TFDS data source; undecodable images come back as
+    None (callers skip and count them)."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict:
+        rec = self.source[i]
+        images = rec["images"]
+        rid = rec["id"].decode() if isinstance(rec["id"], bytes) else str(rec["id"])
+        if len(images) == 0:
+            return {"image": None, "caption": "", "id": rid, "error": "no image"}
+        try:
+            from PIL import Image
+            with Image.open(io.BytesIO(images[0])) as im:
+                arr = np.asarray(im.convert("RGB"))
+        except Exception as e:  # noqa: BLE001 - any decoder failure means "bad image"
+            return {"image": None, "caption": "", "id": rid, "error": f"undecodable: {type(e).__name__}"}
+        return {"image": arr, "caption": "", "id": rid}
+
+
+def fit_resolution(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize the short side to `size` (PIL bicubic) and centre-crop to size x size."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    from PIL import Image
+    h, w = image.shape[:2]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    im = Image.fromarray(image).resize((nw, nh), Image.BICUBIC)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return np.asarray(im)[top:top + size, left:left + size]
+
+
+def to_model_range(image: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    return image.astype(np.float32) / 127.5 - 1.0
+
+
+def to_uint8(image) -> np.ndarray:
+    """float [-1, 1] -> uint8, rounding as the official `127.5 * x + 128` clamp does."""
+    return np.clip(np.asarray(image, np.float32) * 127.5 + 128.0, 0, 255).astype(np.uint8)
+
+
+# -- word-level caption tokens (for the tiny SigLIP text tower) ---------------------------------
+
+class CaptionVocab:
+    """Word-level vocabulary of ShapeComp captions: 0 = padding, 1 = unknown word.
+
+    The world's text is ~60 words, so a word vocabulary is exact; it is built from the
+    captions of the first scenes of the configured levels, a deterministic function of them.
+    """
+
+    def __init__(self, levels: Sequence[int], num_scenes: int = 400):
+        words = set()
+        for level in levels:
+            for i in range(num_scenes):
+                scene = shapecomp.make_scene(int(level), "train", i)
+                for text in (shapecomp.dense_caption(scene), shapecomp.short_caption(scene)):
+                    words.update(self.split(text))
+        self.words = ("<pad>", "<unk>") + tuple(sorted(words))
+        self.index = {w: i for i, w in enumerate(self.words)}
+
+    @staticmethod
+    def split(text: str) -> list[str]:
+        return re.findall(r"[a-z]+|[0-9]+", text.lower())
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def encode(self, text: str, length: int) -> np.ndarray:
+        ids = [self.index.get(w, 1) for w in self.split(text)][:length]
+        return np.asarray(ids + [0] * (length - len(ids)), np.int32)
+
+
+class _Prepare:
+    """Record -> {'image': float32 [S,S,3] in [-1,1] (+ 'text' ids)}; a picklable class so
+    Grain worker processes can run it."""
+
+    def __init__(self, resolution: int, vocab: CaptionVocab | None, text_len: int):
+        self.resolution, self.vocab, self.text_len = resolution, vocab, text_len
+
+    def __call__(self, rec: dict) -> dict | None:
+        if rec["image"] is None or min(rec["image"].shape[:2]) < 16:
+            return None
+        out = {"image": to_model_range(fit_resolution(rec["image"], self.resolution))}
+        if self.vocab is not None:
+            out["text"] = self.vocab.encode(rec["caption"], self.text_len)
+        return out
+
+
+def image_source(data: Any, split: str = "train", data_dir: str = ""):
+    """The random-access image source a tokenizer config's `data` block names."""
+    if data.source == "shapecomp":
+        return ShapeCompImages(data.levels, split, int(data.num_examples if split == "train" else data.num_eval))
+    if data.source == "dataset":
+        from illume_jax.data import build
+        return DatasetImages(build.data_source(data.dataset_config, data.dataset, data_dir, split))
+    raise ValueError(f"data.source={data.source!r}: expected 'shapecomp' or 'dataset'")
+
+
+def make_image_iterator(source, *, batch_size: int, resolution: int, seed: int, process_index: int = 0,
+                        process_count: int = 1, vocab: CaptionVocab | None = None, text_len: int = 24,
+                        num_workers: int = 0):
+    """Endless shuffled batches {'image': [b,S,S,3] (+ 'text': [b,L])}, b = batch_size / processes.
+
+    A checkpointable Grain iterator: its state goes into the training checkpoint, so a resumed
+    run sees exactly the batches it would have seen.
+    """
+    if batch_size % process_count:
+        raise ValueError(f"batch_size={batch_size} is not divisible by {process_count} processes")
+    if len(source) == 0:
+        raise ValueError("the image source is empty")
+    ds = grain.MapDataset.source(source).shuffle(seed=_seed("images", seed)).repeat()
+    ds = ds[process_index::process_count]
+    ds = ds.map(_Prepare(resolution, vocab, text_len)).filter(lambda x: x is not None)
+    it = ds.to_iter_dataset().batch(batch_size // process_count, drop_remainder=True)
+    if num_workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(it)

@@ -1,0 +1,53 @@
+"""Reconstruction metrics and the ShapeComp tokenizer-ceiling agreement."""
+import numpy as np
+import pytest
+
+from illume_jax.data import shapecomp
+from illume_jax.eval import recon
+
+
+def _scene_image(i, level=1):
+    return shapecomp.render(shapecomp.make_scene(level, "validation", i))
+
+
+def test_psnr_known_value():
+    a = np.zeros((1, 8, 8, 3), np.uint8)
+    b = np.full((1, 8, 8, 3), 10, np.uint8)
+    assert recon.psnr(a, b) == pytest.approx(10 * np.log10(255 ** 2 / 100))
+
+
+def test_ssim_is_one_for_identical_and_lower_for_noise():
+    img = np.stack([_scene_image(i) for i in range(3)])
+    assert recon.ssim(img, img) == pytest.approx(1.0)
+    noisy = np.clip(img.astype(int) + np.random.default_rng(0).integers(-40, 40, img.shape), 0, 255).astype(np.uint8)
+    assert recon.ssim(img, noisy) < 0.9
+
+
+def test_agreement_exact_on_ground_truth_and_zero_on_blanks():
+    imgs = [_scene_image(i) for i in range(20)]
+    assert recon.scorer_agreement(imgs, imgs) == 1.0
+    blanks = [np.full_like(im, 128) for im in imgs]
+    assert recon.scorer_agreement(imgs, blanks) == 0.0
+
+
+def test_agreement_catches_a_moved_or_recoloured_object():
+    scene = shapecomp.make_scene(1, "validation", 3)
+    img = shapecomp.render(scene)
+    shifted = np.roll(img, 6, axis=1)
+    assert not recon.same_reading(img, shifted)
+    recoloured = img.copy()
+    mask = shapecomp.object_mask(scene.objects[0], img.shape[0])
+    recoloured[mask] = (30, 60, 220) if scene.objects[0].color != "blue" else (220, 30, 30)
+    assert not recon.same_reading(img, recoloured)
+
+
+def test_agreement_tolerates_small_noise():
+    imgs = [_scene_image(i) for i in range(10)]
+    rng = np.random.default_rng(0)
+    noisy = [np.clip(im.astype(int) + rng.integers(-12, 12, im.shape), 0, 255).astype(np.uint8) for im in imgs]
+    assert recon.scorer_agreement(imgs, noisy) == 1.0
+
+
+def test_mismatched_lengths_are_an_error():
+    with pytest.raises(ValueError, match="same non-zero number"):
+        recon.scorer_agreement([_scene_image(0)], [])
