@@ -115,3 +115,79 @@ def main(config: Any, topology: str, stage_index: int = -1) -> AotReport:
     report = compile_train_step(config, topology, stage_index)
     print(report.table())
     return report
+
+
+@dataclasses.dataclass
+class TokenizerAotReport:
+    topology: str
+    num_devices: int
+    mesh: dict
+    kind: str
+    batch: int
+    resolution: int
+    code_grids: dict
+    argument_gib: float
+    temp_gib: float
+    output_gib: float
+    peak_gib: float
+    hbm_gib: float | None
+    xla_flops: float
+    compile_s: float
+
+    def table(self) -> str:
+        fits = "unknown HBM size" if self.hbm_gib is None else (
+            "fits" if self.peak_gib <= self.hbm_gib else "DOES NOT FIT")
+        return "\n".join([
+            f"topology {self.topology}: {self.num_devices} chips, mesh {self.mesh}",
+            f"{self.kind} encode: batch {self.batch} x {self.resolution}x{self.resolution} -> codes {self.code_grids}",
+            f"per-chip memory: arguments {self.argument_gib:.2f} GiB, temporaries {self.temp_gib:.2f} GiB, "
+            f"outputs {self.output_gib:.3f} GiB; peak ~{self.peak_gib:.2f} GiB of {self.hbm_gib or '?'} GiB: {fits}",
+            f"XLA FLOPs per chip {self.xla_flops:.3e} (scan bodies counted once); compile time {self.compile_s:.1f} s",
+        ])
+
+
+def compile_tokenizer_encode(config: Any, topology: str, resolution: int = 0, batch: int = 0) -> TokenizerAotReport:
+    """Lowers and compiles the tokenizer's `encode` (images -> codes) for a TPU topology: the
+    parameters sharded by the logical rules, the image batch over (data, fsdp)."""
+    from flax import nnx
+
+    from illume_jax.train.tokenizer import make_model
+    devices = topology_devices(topology)
+    mesh = sharding.make_mesh(dict(config.mesh), devices=devices)
+    resolution = resolution or (512 if config.model.kind == "dualvitok" else int(config.data.resolution))
+    batch = batch or int(config.train.batch_size)
+    with sharding.use_mesh(mesh):
+        abstract_model = nnx.eval_shape(lambda: make_model(config.model, nnx.Rngs(0)))
+        graphdef, state = nnx.split(abstract_model)
+        state_sh = nnx.get_named_sharding(state, mesh)
+    abs_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, state_sh)
+    images = jax.ShapeDtypeStruct((batch, resolution, resolution, 3), jax.numpy.float32,
+                                  sharding=sharding.batch_sharding(mesh, 4))
+
+    def encode(st, x):
+        model = nnx.merge(graphdef, st)
+        out = model.encode(x)
+        return out if isinstance(out, tuple) else (out,)
+
+    t0 = time.time()
+    with sharding.use_mesh(mesh):
+        lowered = jax.jit(encode).lower(abs_state, images)
+    compiled = lowered.compile()
+    compile_s = time.time() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    gib = 1024 ** 3
+    arg, temp, out = mem.argument_size_in_bytes / gib, mem.temp_size_in_bytes / gib, mem.output_size_in_bytes / gib
+    grids = [tuple(o.shape[1:]) for o in jax.tree.leaves(lowered.out_info)]
+    return TokenizerAotReport(
+        topology=topology, num_devices=len(devices), mesh=dict(mesh.shape), kind=config.model.kind, batch=batch,
+        resolution=resolution, code_grids={"semantic": grids[0], **({"pixel": grids[1]} if len(grids) > 1 else {})},
+        argument_gib=arg, temp_gib=temp, output_gib=out, peak_gib=arg + temp + out,
+        hbm_gib=HBM_GIB.get(topology.split(":")[0]), xla_flops=float(cost.get("flops", 0.0)), compile_s=compile_s)
+
+
+def main_tokenizer(config: Any, topology: str, resolution: int = 0) -> TokenizerAotReport:
+    report = compile_tokenizer_encode(config, topology, resolution)
+    print(report.table())
+    return report

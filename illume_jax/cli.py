@@ -5,7 +5,12 @@ Commands:
   train          run the config's training stages (resumes from the workdir's checkpoints)
   data build     build/cache the config's datasets and text tokenizer
   data inspect   print a few decoded examples of a dataset (--dataset=NAME, --num=N)
-  aot            compile the train step ahead of time for a TPU topology (--topology=v5p:4x4x4)
+  aot            compile the train step (LLM configs) or the tokenizer encode (tokenizer configs)
+                 ahead of time for a TPU topology (--topology=v5p:4x4x4)
+  train-tokenizer  train a vision tokenizer (configs/dualvitok.py, configs/semantic_vq_illume.py),
+                 pre-training its tiny semantic ViT first when configured; resumes from the workdir
+  encode-dataset pre-tokenize the config's images into codes (ArrayRecord) with the trained
+                 tokenizer in --workdir (--split=train, --num=0 means all)
 
 The config is validated before anything is built or compiled.
 """
@@ -17,7 +22,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("demo", "train", "data", "aot")
+COMMANDS = ("demo", "train", "data", "aot", "train-tokenizer", "encode-dataset")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: configs/NAME.py[:key=value,...]",
                                           lock_config=True)
@@ -26,6 +31,9 @@ _DATASET = flags.DEFINE_string("dataset", None, "data inspect: dataset name from
 _NUM = flags.DEFINE_integer("num", 3, "data inspect: number of examples to show.")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:4x4x4", "aot: TPU topology name, e.g. v5p:4x4x4 or v5e:2x2.")
 _STAGE = flags.DEFINE_integer("stage", -1, "aot: stage index to compile (-1 = the largest sequence).")
+_SPLIT = flags.DEFINE_string("split", "train", "encode-dataset: split to encode.")
+_RESOLUTION = flags.DEFINE_integer("resolution", 0, "aot (tokenizer configs): image side (0 = 512 official / "
+                                   "data.resolution).")
 
 
 def _usage(msg: str) -> None:
@@ -41,12 +49,25 @@ def main(argv: list[str]) -> None:
     if _CONFIG.value is None:
         _usage("--config is required")
 
-    from illume_jax.config_check import validate
+    from illume_jax import config_check
     # TFDS / Orbax log every file they write at INFO; keep the console to what matters.
     logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
-    validate(config)
+    tokenizer_config = config_check.is_tokenizer_config(config)
+    if tokenizer_config:
+        config_check.validate_tokenizer(config, training=command == "train-tokenizer")
+        if command not in ("train-tokenizer", "encode-dataset", "aot"):
+            _usage(f"{command!r} needs an MLLM/LLM config; {_CONFIG.value.model.kind} configs take "
+                   "train-tokenizer, encode-dataset or aot")
+    else:
+        config_check.validate(config)
+        if command in ("train-tokenizer", "encode-dataset"):
+            _usage(f"{command!r} needs a vision-tokenizer config (configs/dualvitok.py, configs/semantic_vq_illume.py)")
 
+    if command == "aot" and tokenizer_config:
+        from illume_jax import aot
+        aot.main_tokenizer(config, topology=_TOPOLOGY.value, resolution=_RESOLUTION.value)
+        return
     if command == "aot":
         from illume_jax import aot
         aot.main(config, topology=_TOPOLOGY.value, stage_index=_STAGE.value)
@@ -68,6 +89,19 @@ def main(argv: list[str]) -> None:
         from illume_jax.train import loop
         maybe_initialize_distributed()
         loop.train(config, workdir)
+    elif command == "train-tokenizer":
+        from illume_jax.sharding import maybe_initialize_distributed
+        from illume_jax.train import tokenizer
+        maybe_initialize_distributed()
+        out = tokenizer.train_tokenizer(config, workdir)
+        if not out["preempted"]:
+            final = {k: v for k, v in out["tokenizer"].items() if isinstance(v, (int, float))}
+            print("tokenizer:", ", ".join(f"{k}={v:.4g}" for k, v in sorted(final.items())), flush=True)
+    elif command == "encode-dataset":
+        from illume_jax.data.encode import encode_dataset
+        summary = encode_dataset(config, workdir, split=_SPLIT.value, limit=_NUM.value if _NUM.present else 0)
+        print(f"encoded {summary['records']} images ({summary['skipped']} skipped) -> {summary['path']} "
+              f"in {summary['seconds']} s", flush=True)
     elif command == "data":
         from illume_jax.data import build
         sub = rest[0] if rest else "build"

@@ -103,3 +103,72 @@ def validate(config: Any) -> LLMConfig:
         if sum(st.mixture.values()) <= 0:
             _fail(f"{key}.mixture", dict(st.mixture), "weights with a positive sum")
     return llm
+
+
+TOKENIZER_KINDS_MODEL = ("dualvitok", "semantic_vq")
+PERCEPTUAL = ("none", "vit", "lpips_vgg")
+IMAGE_SOURCES = ("shapecomp", "dataset")
+
+
+def is_tokenizer_config(config: Any) -> bool:
+    """Vision-tokenizer experiment configs have `model.kind` and a `train` block (no LLM stages)."""
+    return "model" in config and "kind" in config.model and "train" in config
+
+
+def validate_tokenizer(config: Any, *, training: bool = True):
+    """Validates a vision-tokenizer config (configs/dualvitok.py, configs/semantic_vq_illume.py);
+    returns the parsed model config. `training=False` (AOT compiles, encoding with a trained model)
+    skips what only a training run needs, such as the LPIPS weights file."""
+    from configs.dualvitok import tokenizer_data, tokenizer_train_config, vit_pretrain_config
+    for section in ("model", "model_init", "mesh", "data", "vit_pretrain", "train", "checkpoint"):
+        if section not in config:
+            raise ValueError(f"config.{section} is missing")
+    kind = config.model.kind
+    if kind == "dualvitok":
+        from illume_jax.models.dualvitok import DualViTokConfig as cls
+    elif kind == "semantic_vq":
+        from illume_jax.models.semantic_vq import SemanticVQConfig as cls
+    else:
+        _fail("model.kind", kind, f"one of {TOKENIZER_KINDS_MODEL}")
+    model = cls.from_config(config.model)
+    _check_keys("mesh", config.mesh, {"data", "fsdp", "tensor"})
+    _check_keys("data", config.data, set(tokenizer_data("1", 64).keys()))
+    _check_keys("vit_pretrain", config.vit_pretrain, set(vit_pretrain_config(0).keys()))
+    train_keys = set(tokenizer_train_config(steps=1, batch_size=1, lr=1.0, trainable=(), loss_weights={},
+                                            perceptual="none", disc_start=-1, disc_ndf=1, disc_layers=1).keys())
+    _check_keys("train", config.train, train_keys)
+    _check_keys("checkpoint", config.checkpoint, set(common.checkpoint_config().keys()))
+    d, t = config.data, config.train
+    if d.source not in IMAGE_SOURCES:
+        _fail("data.source", d.source, f"one of {IMAGE_SOURCES}")
+    if d.source == "shapecomp":
+        from illume_jax.data import shapecomp
+        for level in d.levels:
+            shapecomp.get_level(level)
+    elif not (d.dataset and d.dataset_config):
+        _fail("data", dict(dataset=d.dataset, dataset_config=d.dataset_config),
+              "source='dataset' needs data.dataset and data.dataset_config")
+    if kind == "dualvitok":
+        from illume_jax.models.dualvitok import token_grids
+        token_grids(d.resolution, d.resolution, model)
+    for k in ("steps", "batch_size"):
+        if not isinstance(t[k], int) or t[k] < 1:
+            _fail(f"train.{k}", t[k], "a positive int")
+    if t.perceptual not in PERCEPTUAL:
+        _fail("train.perceptual", t.perceptual, f"one of {PERCEPTUAL}")
+    if training and t.perceptual == "lpips_vgg" and not t.lpips_path:
+        _fail("train.lpips_path", t.lpips_path, "a converted LPIPS-VGG16 weights file when perceptual='lpips_vgg'")
+    if t.perceptual == "vit" and config.vit_pretrain.steps <= 0 and not config.model_init.vit_from:
+        _fail("train.perceptual", t.perceptual, "'vit' only with a pre-trained ViT (vit_pretrain.steps > 0 or "
+              "model_init.vit_from)")
+    if config.vit_pretrain.steps > 0 and d.source != "shapecomp":
+        _fail("vit_pretrain.steps", config.vit_pretrain.steps, "0 unless data.source='shapecomp' (captions needed)")
+    for pattern in t.trainable:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            _fail("train.trainable", pattern, f"a valid regex ({e})")
+    for k, w in t.loss_weights.items():
+        if not isinstance(w, (int, float)) or w < 0:
+            _fail(f"train.loss_weights.{k}", w, "a number >= 0")
+    return model

@@ -39,7 +39,10 @@ class MetricsLogger:
         self._pending.append(metrics)
 
     def log(self, step: int, extra: dict | None = None) -> dict | None:
-        """Averages the pending metrics, adds throughput, writes them. Returns the row."""
+        """Averages the pending metrics, adds throughput, writes them. Returns the row.
+
+        Throughput: `tokens` (LLM) and `images` (tokenizers) per-step counts become per-second rates.
+        """
         if not self._pending:
             return None
         host = jax.device_get(self._pending)
@@ -52,25 +55,47 @@ class MetricsLogger:
         for k in host[-1]:
             vals = np.asarray([h[k] for h in host], np.float64)
             row[k] = float(vals.sum() if k in ("nan_skipped",) else vals.mean())
-        tokens = float(sum(h["tokens"] for h in host))
-        row["trained_tokens_per_s"] = tokens / elapsed
+        for count, rate in (("tokens", "trained_tokens_per_s"), ("images", "images_per_s")):
+            if count in host[-1]:
+                row[rate] = float(sum(h[count] for h in host)) / elapsed
         row["steps_per_s"] = steps / elapsed
-        row["lr"] = float(host[-1]["lr"])
+        if "lr" in host[-1]:
+            row["lr"] = float(host[-1]["lr"])
         row.update(extra or {})
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self._tb.add_scalar(k, v, step)
-            if self._bar is not None:
+        self._write(row)
+        return row
+
+    def log_row(self, step: int, row: dict) -> dict:
+        """Writes a row of its own (e.g. a final evaluation, after the last training row)."""
+        row = {"step": int(step), **row}
+        self._write(row)
+        return row
+
+    def _write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        step = row["step"]
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and k != "step":
+                self._tb.add_scalar(k, v, step)
+        if self._bar is not None:
+            if "loss" in row:
                 self._bar.n = step
                 self._bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=True)
-            else:
-                print(f"step {step}: loss {row['loss']:.4f} (text {row['text_loss']:.4f}, image {row['image_loss']:.4f})"
-                      f" grad_norm {row['grad_norm']:.3f} lr {row['lr']:.2e} "
-                      f"{row['trained_tokens_per_s']:.0f} tok/s", flush=True)
-        return row
+        else:
+            print(self._line(row), flush=True)
+
+    @staticmethod
+    def _line(row: dict) -> str:
+        if "text_loss" in row:   # the LLM engine's row
+            return (f"step {row['step']}: loss {row['loss']:.4f} (text {row['text_loss']:.4f}, image "
+                    f"{row['image_loss']:.4f}) grad_norm {row['grad_norm']:.3f} lr {row['lr']:.2e} "
+                    f"{row['trained_tokens_per_s']:.0f} tok/s")
+        skip = {"step", "phase", "steps_per_s", "lr", "images", "tokens"}
+        parts = [f"{k} {v:.4g}" for k, v in row.items() if k not in skip and isinstance(v, (int, float))]
+        return f"{row.get('phase', '')} step {row['step']}: " + ", ".join(parts)
 
     def close(self) -> None:
         if self._tb is not None:

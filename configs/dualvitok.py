@@ -1,0 +1,116 @@
+"""DualViTok, the ILLUME+ vision tokenizer (spec §1), and its trainer.
+
+Launch:   python -m illume_jax train-tokenizer --config=configs/dualvitok.py:size=tiny --workdir=runs/dualvitok_tiny
+Args:     size=tiny|official, steps, batch, pretrain_steps (tiny SigLIP pre-training of the ViT), levels
+Hardware: tiny: 2 CPU cores (ShapeComp level 1, 64² images -> 8x8 semantic + 16x16 pixel codes).
+          official: the released shapes (Qwen2-VL-7B ViT, 32,768 + 98,304 codes, 256-512² images);
+          official weights load through the converter; training follows spec §5.1 (bs 256, Adam 1e-4,
+          betas 0.9/0.95, L2 + LPIPS + PatchGAN hinge from step 20k at 0.5).
+Expected: tiny: see the README's tokenizer table (ceiling, usage, PSNR, time).
+"""
+import ml_collections as mlc
+
+from configs import common
+
+
+def qwen2_vit(size: str) -> dict:
+    if size == "official":  # Qwen2-VL-7B's ViT (Emova-ollm/qwen2vit600m), spec §1.2
+        return dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4.0, patch_size=14, temporal_patch_size=2,
+                    spatial_merge_size=2, in_channels=3, hidden_size=3584)
+    # remat 'none': at this size recomputation costs more than the memory it saves.
+    return dict(depth=3, embed_dim=64, num_heads=4, mlp_ratio=4.0, patch_size=4, temporal_patch_size=2,
+                spatial_merge_size=2, in_channels=3, hidden_size=128, remat="none")
+
+
+def movq(size: str, part: str) -> dict:
+    if size == "official":
+        if part == "encoder":
+            return dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_levels=(4,), z_channels=32)
+        return dict(ch=384, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_levels=(4,), z_channels=64,
+                    zq_channels=64)
+    if part == "encoder":
+        return dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_levels=(2,), z_channels=16, num_groups=8)
+    return dict(ch=48, ch_mult=(1, 2, 2), num_res_blocks=1, attn_levels=(2,), z_channels=32, zq_channels=32,
+                num_groups=8)
+
+
+def model_config(size: str) -> mlc.ConfigDict:
+    if size == "official":
+        return mlc.ConfigDict(dict(
+            kind="dualvitok", vit=qwen2_vit(size), semantic_dim=1280, semantic_blocks=4, semantic_heads=16,
+            semantic_mlp_dim=5120, semantic_decoder_blocks=4, z_channels=32, semantic_codes=32768,
+            pixel_encoder=movq(size, "encoder"), pixel_decoder=movq(size, "decoder"), pixel_codes=98304,
+            quantizer_chunk=32768, commitment_beta=0.25,
+            # The released any-resolution checkpoint trains without noise injection (spec §1.9).
+            pixel_drop_rate=0.0, pixel_drop_batch_rate=0.1, pixel_noise_type="random",
+            freeze_vit=True, dtype="float32"))
+    return mlc.ConfigDict(dict(
+        kind="dualvitok", vit=qwen2_vit(size), semantic_dim=64, semantic_blocks=2, semantic_heads=4,
+        semantic_mlp_dim=256, semantic_decoder_blocks=2, z_channels=16, semantic_codes=256,
+        pixel_encoder=movq(size, "encoder"), pixel_decoder=movq(size, "decoder"), pixel_codes=512,
+        quantizer_chunk=32768, commitment_beta=0.25,
+        pixel_drop_rate=0.0, pixel_drop_batch_rate=0.1, pixel_noise_type="random", freeze_vit=True,
+        dtype="float32"))
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+    a = common.parse_arg(arg, size="tiny", steps=0, batch=0, pretrain_steps=-1, levels="1", workers=0)
+    tiny = a.size == "tiny"
+    if a.size not in ("tiny", "official"):
+        raise ValueError(f"config argument size={a.size!r}: expected 'tiny' or 'official'")
+    c = mlc.ConfigDict()
+    c.seed = 0
+    c.mesh = common.mesh_config() if tiny else common.mesh_config(data=1, fsdp=-1)
+    c.model = model_config(a.size)
+    c.model_init = mlc.ConfigDict(dict(
+        vit_from="",             # folder with a pre-trained ViT ('<workdir>/vit_pretrain/final_vit' layout)
+    ))
+    c.data = tokenizer_data(a.levels, resolution=64 if tiny else 256, workers=a.workers)
+    c.vit_pretrain = vit_pretrain_config(steps=(400 if tiny else 0) if a.pretrain_steps < 0 else a.pretrain_steps)
+    c.train = tokenizer_train_config(
+        steps=a.steps or (1500 if tiny else 200_000), batch_size=a.batch or (32 if tiny else 256), lr=1e-4 * (
+            10 if tiny else 1),
+        # Trainable: everything but the ViT (which is frozen, spec §5.1).
+        trainable=("semantic_encoder/(proj_in|blocks|proj_out)/.*", "semantic_quantizer/.*", "semantic_decoder/.*",
+                   "pixel_.*"),
+        loss_weights=dict(l2=1.0, perceptual=1.0 if not tiny else 0.1, gan=0.5, pixel_commit=1.0,
+                          semantic_commit=1.0, semantic_cosine=1.0),
+        perceptual="vit" if tiny else "lpips_vgg",
+        disc_start=1000 if tiny else 20_000, disc_ndf=16 if tiny else 64, disc_layers=2 if tiny else 3)
+    c.checkpoint = common.checkpoint_config(every_steps=250 if tiny else 2000)
+    c.log_every = 25 if tiny else 100
+    return c
+
+
+def tokenizer_data(levels: str, resolution: int, workers: int = 0) -> mlc.ConfigDict:
+    return mlc.ConfigDict(dict(
+        source="shapecomp",     # 'shapecomp' (rendered on the fly) | 'dataset' (a built TFDS dataset)
+        levels=tuple(int(ch) for ch in levels),
+        num_examples=20_000,     # training scenes per level (rendered on access, never stored)
+        num_eval=512,            # validation scenes per level
+        resolution=resolution,   # training images are resized / centre-cropped to this square size
+        dataset="",              # source='dataset': name in dataset_config.data.datasets
+        dataset_config="",       # source='dataset': path of the experiment config that defines it
+        data_dir="",
+        num_workers=workers,
+    ))
+
+
+def vit_pretrain_config(steps: int) -> mlc.ConfigDict:
+    return mlc.ConfigDict(dict(
+        steps=steps, batch_size=64, lr=1e-3, b1=0.9, b2=0.95, clip_norm=1.0, warmup_steps=20, weight_decay=0.0,
+        text_len=24, text_dim=64, text_layers=2, text_heads=4, embed_dim=64))
+
+
+def tokenizer_train_config(*, steps: int, batch_size: int, lr: float, trainable, loss_weights, perceptual: str,
+                           disc_start: int, disc_ndf: int, disc_layers: int) -> mlc.ConfigDict:
+    return mlc.ConfigDict(dict(
+        steps=steps, batch_size=batch_size, lr=lr, b1=0.9, b2=0.95, clip_norm=1.0, warmup_steps=20,
+        weight_decay=0.0, trainable=tuple(trainable), loss_weights=loss_weights,
+        perceptual=perceptual,   # 'vit' (phase-1 ViT features; offline default) | 'lpips_vgg' | 'none'
+        lpips_path="",           # 'lpips_vgg': converted LPIPS-VGG16 weights (.npz / .safetensors)
+        disc_start=disc_start,   # step at which the PatchGAN loss switches on; -1 = no discriminator
+        disc_weight=0.5, disc_ndf=disc_ndf, disc_layers=disc_layers,
+        eval_every=0,            # validation during training (0: only at the end)
+        eval_images=512,
+    ))

@@ -1,0 +1,62 @@
+"""The ILLUME (v1) semantic VQ tokenizer: quantised ViT features with a feature-reconstruction loss.
+
+Launch:   python -m illume_jax train-tokenizer --config=configs/semantic_vq_illume.py:size=tiny --workdir=runs/svq_tiny
+Args:     size=tiny|official, steps, batch, pretrain_steps, levels
+Hardware: tiny: 2 CPU cores (ShapeComp level 1, 64² images, patch 4 -> 16x16 = 256 tokens, as the paper's
+          256 tokens per image). official: a CLIP-L/14-sized ViT at 224² would give 256 tokens; the
+          paper's UNIT encoder is not public, so the width/depth/patch below are a stated choice
+          (CLIP ViT-L/14 shapes, 16,384 codes) and the ViT weights come from the user.
+Expected: tiny: see the README's tokenizer table.
+"""
+import ml_collections as mlc
+
+from configs import common
+from configs.dualvitok import tokenizer_data, tokenizer_train_config, vit_pretrain_config
+
+
+def clip_vit(size: str) -> dict:
+    if size == "official":  # CLIP ViT-L/14 shapes
+        return dict(image_size=224, patch_size=14, hidden_size=1024, num_layers=24, num_heads=16, mlp_dim=4096,
+                    norm_eps=1e-5)
+    return dict(image_size=64, patch_size=4, hidden_size=64, num_layers=3, num_heads=4, mlp_dim=256,
+                norm_eps=1e-5, remat="none")
+
+
+def model_config(size: str) -> mlc.ConfigDict:
+    if size == "official":
+        return mlc.ConfigDict(dict(
+            kind="semantic_vq", vit=clip_vit(size), image_size=224, z_channels=32, num_codes=16384,
+            l2_normalize=True, ema_decay=0.0, commitment_beta=0.25, decoder_dim=1024, decoder_blocks=4,
+            decoder_heads=16, decoder_mlp_dim=4096, feature_loss="cosine", pixel_head=None, pixel_head_grad=False,
+            freeze_vit=True, dtype="float32"))
+    return mlc.ConfigDict(dict(
+        kind="semantic_vq", vit=clip_vit(size), image_size=64, z_channels=16, num_codes=1024, l2_normalize=True,
+        ema_decay=0.0, commitment_beta=0.25, decoder_dim=64, decoder_blocks=2, decoder_heads=4, decoder_mlp_dim=256,
+        feature_loss="cosine",
+        # A small MoVQ-style decoder from the 16x16 code map to 64² pixels (viewing + the ceiling).
+        pixel_head=dict(ch=48, ch_mult=(1, 2, 2), num_res_blocks=1, attn_levels=(2,), z_channels=32,
+                        zq_channels=16, num_groups=8),
+        pixel_head_grad=False, freeze_vit=True, dtype="float32"))
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+    a = common.parse_arg(arg, size="tiny", steps=0, batch=0, pretrain_steps=-1, levels="1", workers=0)
+    if a.size not in ("tiny", "official"):
+        raise ValueError(f"config argument size={a.size!r}: expected 'tiny' or 'official'")
+    tiny = a.size == "tiny"
+    c = mlc.ConfigDict()
+    c.seed = 0
+    c.mesh = common.mesh_config() if tiny else common.mesh_config(data=1, fsdp=-1)
+    c.model = model_config(a.size)
+    c.model_init = mlc.ConfigDict(dict(vit_from=""))
+    c.data = tokenizer_data(a.levels, resolution=64 if tiny else 224, workers=a.workers)
+    c.vit_pretrain = vit_pretrain_config(steps=(400 if tiny else 0) if a.pretrain_steps < 0 else a.pretrain_steps)
+    c.train = tokenizer_train_config(
+        steps=a.steps or (1500 if tiny else 100_000), batch_size=a.batch or (32 if tiny else 256),
+        lr=1e-3 if tiny else 1e-4,
+        trainable=("down/.*", "quantizer/.*", "decoder/.*") + (("pixel_in/.*", "pixel_head/.*") if tiny else ()),
+        loss_weights=dict(l2=1.0, perceptual=0.1, gan=0.5, commit=1.0, feature=1.0),
+        perceptual="vit" if tiny else "none", disc_start=-1, disc_ndf=16, disc_layers=2)
+    c.checkpoint = common.checkpoint_config(every_steps=250 if tiny else 2000)
+    c.log_every = 25 if tiny else 100
+    return c

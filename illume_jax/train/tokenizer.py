@@ -1,0 +1,446 @@
+"""Vision-tokenizer training: `python -m illume_jax train-tokenizer --config=configs/dualvitok.py:size=tiny`.
+
+Two phases, each resumable in its own folder of the workdir:
+  1. vit_pretrain  (tiny scale, `config.vit_pretrain.steps > 0`): the tokenizer's semantic ViT
+     is trained contrastively (SigLIP sigmoid loss) against a small text tower on ShapeComp
+     captions, so its features are text-aligned the way Qwen2-VL's or CLIP's are. Official
+     shapes skip it and load the released ViT.
+  2. tokenizer     DualViTok (ILLUME+) or the semantic VQ tokenizer (ILLUME), spec §1.10 / §5.1:
+     generator loss = l2 + perceptual + d_w * hinge-GAN + commitment + semantic cosine /
+     feature reconstruction (weights in `train.loss_weights`); a PatchGAN discriminator with
+     its own Adam, switched on at `train.disc_start`; the semantic ViT frozen.
+Frozen SimVQ codebooks and EMA statistics are NNX `Buffer` variables: outside the optimizer,
+carried in the state and checkpointed with it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx, struct
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from illume_jax import sharding
+from illume_jax.data import images as images_lib
+from illume_jax.eval import recon as recon_lib
+from illume_jax.modules import quantizers
+from illume_jax.train import optim
+from illume_jax.train.phase import run_phase
+
+
+@struct.dataclass
+class TokenizerState:
+    step: jax.Array
+    params: Any          # nnx.Param state (frozen parts included; they get no update and no Adam state)
+    buffers: Any         # every other variable: frozen codebooks, EMA statistics (None if none)
+    opt_state: Any
+    disc_params: Any     # PatchGAN parameters (None without a discriminator)
+    disc_opt_state: Any
+    rng: jax.Array       # raw PRNG key data
+
+
+# -- construction -------------------------------------------------------------------------------
+
+def make_model(model_cfg: Any, rngs: nnx.Rngs):
+    """The tokenizer a config's `model` block describes (`kind`: dualvitok | semantic_vq)."""
+    if model_cfg.kind == "dualvitok":
+        from illume_jax.models.dualvitok import DualViTok, DualViTokConfig
+        return DualViTok(DualViTokConfig.from_config(model_cfg), rngs=rngs)
+    if model_cfg.kind == "semantic_vq":
+        from illume_jax.models.semantic_vq import SemanticVQ, SemanticVQConfig
+        return SemanticVQ(SemanticVQConfig.from_config(model_cfg), rngs=rngs)
+    raise ValueError(f"config.model.kind={model_cfg.kind!r}: expected 'dualvitok' or 'semantic_vq'")
+
+
+def _adam(t: Any) -> optax.GradientTransformation:
+    # The official trainer configures weight decay but never hands it to torch Adam (spec §5.1);
+    # we apply what the config says (0 by default = what the official run did). Constant LR after warm-up.
+    warm = max(int(t.warmup_steps), 1)
+    sched = optax.join_schedules([optax.linear_schedule(0.0, t.lr, warm), optax.constant_schedule(t.lr)], [warm])
+    chain = [optax.clip_by_global_norm(t.clip_norm)] if t.clip_norm > 0 else []
+    chain.append(optax.adamw(sched, b1=t.b1, b2=t.b2, eps=1e-8, weight_decay=t.weight_decay))
+    return optax.chain(*chain)
+
+
+class _Stage:
+    """The fields `optim.param_labels` reads from a stage config."""
+
+    def __init__(self, name: str, trainable: tuple[str, ...]):
+        self.name, self.trainable, self.lr_multipliers = name, tuple(trainable), ()
+
+
+def _masked(tx: optax.GradientTransformation, params, trainable, name: str) -> optax.GradientTransformation:
+    """`tx` on parameters matching a `trainable` regex; frozen ones get no update and no state."""
+    labels = optim.param_labels(params, _Stage(name, trainable))
+    return optax.chain(optim.zero_frozen(labels, {"frozen", "lr0"}),
+                       optax.multi_transform({"frozen": optax.set_to_zero(), "lr0": tx}, labels))
+
+
+def _shardings(abs_state, mesh, *param_trees):
+    """Shardings for every leaf of a state: parameter-like leaves (optimizer moments included,
+    matched by path suffix and rank) follow their parameter, the rest is replicated."""
+    by_path = {}
+    with sharding.use_mesh(mesh):
+        for tree in param_trees:
+            if tree is not None:
+                sh = nnx.get_named_sharding(tree, mesh)
+                by_path.update({optim.path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(sh)[0]})
+    replicated = NamedSharding(mesh, P())
+
+    def find(path, leaf):
+        s = optim.path_str(path)
+        for ppath, psh in by_path.items():
+            if (s == ppath or s.endswith("/" + ppath)) and len(leaf.shape) == len(psh.spec):
+                return psh
+        return replicated
+
+    out = jax.tree_util.tree_map_with_path(find, abs_state)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, out)
+    return abstract, out
+
+
+def _mesh_jit(fn, mesh, **kw):
+    jitted = jax.jit(fn, **kw)
+
+    def call(*args):
+        with sharding.use_mesh(mesh):
+            return jitted(*args)
+    call.lower = lambda *args: _lower(jitted, mesh, *args)
+    return call
+
+
+def _lower(jitted, mesh, *args):
+    with sharding.use_mesh(mesh):
+        return jitted.lower(*args)
+
+
+# -- phase 1: contrastive pre-training of the semantic ViT ------------------------------------------
+
+def pretrain_dir(workdir: str) -> str:
+    return os.path.join(workdir, "vit_pretrain")
+
+
+def pretrained_vit_path(workdir: str) -> str:
+    return os.path.join(pretrain_dir(workdir), "final_vit")
+
+
+def _check_batch(key: str, batch_size: int, mesh) -> None:
+    """The batch is split over the data-parallel devices; say so before XLA does, less clearly."""
+    n = sharding.data_parallel_size(mesh)
+    if batch_size % n:
+        raise ValueError(f"config.{key}={batch_size} must be a multiple of the {n} data-parallel devices "
+                         f"(mesh {dict(mesh.shape)})")
+
+
+def pretrain_vit(config: Any, workdir: str, mesh, *, stop_after_steps: int | None = None) -> dict:
+    """SigLIP pre-training of the semantic ViT on ShapeComp captions; saves the final ViT
+    parameters to `<workdir>/vit_pretrain/final_vit` for the tokenizer phase."""
+    from illume_jax.models import siglip
+    p = config.vit_pretrain
+    _check_batch("vit_pretrain.batch_size", p.batch_size, mesh)
+    if config.data.source != "shapecomp":
+        raise ValueError("config.vit_pretrain.steps > 0 needs captions: config.data.source must be 'shapecomp'")
+    vocab = images_lib.CaptionVocab(config.data.levels)
+    make = lambda: siglip.SigLIP(config, len(vocab), rngs=nnx.Rngs(config.seed))  # noqa: E731
+    with sharding.use_mesh(mesh):
+        graphdef, abs_params = nnx.split(nnx.eval_shape(make), nnx.Param)
+    tx = _adam(p)
+
+    def fresh(params):
+        return TokenizerState(step=jnp.zeros((), jnp.int32), params=params, buffers=None, opt_state=tx.init(params),
+                              disc_params=None, disc_opt_state=None,
+                              rng=jax.random.key_data(jax.random.key(config.seed)))
+
+    abs_state, out_sh = _shardings(jax.eval_shape(fresh, abs_params), mesh, abs_params)
+    init = _mesh_jit(lambda: fresh(nnx.state(make(), nnx.Param)), mesh, out_shardings=out_sh)
+
+    def step(state: TokenizerState, batch):
+        def loss_fn(params):
+            return nnx.merge(graphdef, params).loss(batch["image"], batch["text"])
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return (state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state),
+                dict(metrics, loss=loss, images=jnp.asarray(batch["image"].shape[0], jnp.float32)))
+
+    jitted = _mesh_jit(step, mesh, out_shardings=(out_sh, None), donate_argnums=(0,))
+    src = images_lib.ShapeCompImages(config.data.levels, "train", config.data.num_examples)
+    it = images_lib.make_image_iterator(src, batch_size=p.batch_size, resolution=config.data.resolution,
+                                        seed=config.seed + 1, process_index=jax.process_index(),
+                                        process_count=jax.process_count(), vocab=vocab, text_len=p.text_len,
+                                        num_workers=config.data.num_workers)
+
+    def evaluate(state, _):
+        return siglip.retrieval_accuracy(nnx.merge(graphdef, state.params), config, vocab)
+
+    out = run_phase("vit_pretrain", pretrain_dir(workdir), mesh=mesh, steps=p.steps, abstract_state=abs_state,
+                    init_state=init, step_fn=lambda s, b, _: jitted(s, b), iterator=it,
+                    checkpoint=config.checkpoint, log_every=config.log_every, config_json=config.to_json(),
+                    eval_fn=evaluate, stop_after_steps=stop_after_steps)
+    if not out["preempted"] and not os.path.exists(pretrained_vit_path(workdir)):
+        vit_params = nnx.state(nnx.merge(graphdef, out["state"].params).vit, nnx.Param)
+        with ocp.StandardCheckpointer() as saver:
+            saver.save(pretrained_vit_path(workdir), vit_params)
+    return out
+
+
+def load_pretrained_vit(vit_module, workdir: str) -> None:
+    """Loads phase 1's ViT into `vit_module` (same architecture)."""
+    path = pretrained_vit_path(workdir)
+    if not os.path.exists(path):
+        raise ValueError(f"no pre-trained ViT at {path}: run train-tokenizer (it pre-trains the ViT first) or set "
+                         "config.vit_pretrain.steps=0")
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
+                            nnx.state(vit_module, nnx.Param))
+    with ocp.StandardCheckpointer() as loader:
+        nnx.update(vit_module, loader.restore(path, abstract))
+
+
+# -- perceptual losses ---------------------------------------------------------------------------------
+
+def make_perceptual(config: Any, workdir: str, mesh):
+    """(fn(pparams, x, y) -> scalar, pparams), or (None, None) for `train.perceptual='none'`.
+
+    'lpips_vgg': LPIPS with VGG16 weights from `train.lpips_path` (the official loss; the file is
+      converted from the public PyTorch weights, see `illume_jax/models/lpips.py`).
+    'vit': the frozen, contrastively pre-trained semantic ViT of phase 1 (the offline default at
+      tiny scale): LPIPS-style distance of its channel-normalised token features. It was trained
+      on this world's images and captions, so it measures the differences the scorer and the
+      MLLM care about (colour, shape, place), which an ImageNet VGG could not do better here.
+    """
+    kind = config.train.perceptual
+    if kind == "none":
+        return None, None
+    with sharding.use_mesh(mesh):
+        if kind == "lpips_vgg":
+            from illume_jax.models import lpips
+            net = lpips.LPIPS(rngs=nnx.Rngs(0))
+            lpips.load_weights(net, config.train.lpips_path)
+            graphdef, pparams = nnx.split(net, nnx.Param)
+            return (lambda p, x, y: nnx.merge(graphdef, p)(x, y).mean()), pparams
+        if kind == "vit":
+            from illume_jax.models import siglip
+            vit_module = siglip._vit_for(config, nnx.Rngs(config.seed))
+            load_pretrained_vit(vit_module, workdir)
+            graphdef, pparams = nnx.split(vit_module, nnx.Param)
+            return (lambda p, x, y: siglip.feature_distance(nnx.merge(graphdef, p), x, y, config)), pparams
+    raise ValueError(f"config.train.perceptual={kind!r}: expected 'none', 'vit' or 'lpips_vgg'")
+
+
+# -- phase 2: the tokenizer ---------------------------------------------------------------------------
+
+def tokenizer_dir(workdir: str) -> str:
+    return os.path.join(workdir, "tokenizer")
+
+
+class TokenizerTrainer:
+    """Builds the model, optimizers and jitted steps of the tokenizer phase for a config."""
+
+    def __init__(self, config: Any, workdir: str, mesh):
+        self.config, self.workdir, self.mesh = config, workdir, mesh
+        t = config.train
+        make = lambda: make_model(config.model, nnx.Rngs(config.seed))  # noqa: E731
+        with sharding.use_mesh(mesh):
+            abstract_model = nnx.eval_shape(make)
+        self.graphdef, abs_params, abs_buffers = nnx.split(abstract_model, nnx.Param, ...)
+        self.codebook_sizes = abstract_model.codebook_sizes
+        self.tx = _masked(_adam(t), abs_params, t.trainable, "tokenizer")
+        self.use_disc = t.disc_start >= 0
+        if self.use_disc:
+            from illume_jax.models.patchgan import PatchGAN
+            make_disc = lambda: PatchGAN(3, t.disc_ndf, t.disc_layers, rngs=nnx.Rngs(config.seed + 7))  # noqa: E731
+            with sharding.use_mesh(mesh):
+                self.disc_graphdef, abs_disc = nnx.split(nnx.eval_shape(make_disc), nnx.Param)
+            self.disc_tx = _adam(t)
+        else:
+            make_disc, abs_disc = None, None
+        self.perceptual, self.pparams = make_perceptual(config, workdir, mesh)
+        weights = dict(t.loss_weights)
+        self.weights = weights
+
+        def fresh(params, buffers, disc):
+            return TokenizerState(
+                step=jnp.zeros((), jnp.int32), params=params, buffers=buffers, opt_state=self.tx.init(params),
+                disc_params=disc, disc_opt_state=self.disc_tx.init(disc) if disc is not None else None,
+                rng=jax.random.key_data(jax.random.key(config.seed)))
+
+        self.abstract, out_sh = _shardings(jax.eval_shape(fresh, abs_params, abs_buffers, abs_disc), mesh,
+                                           abs_params, abs_buffers, abs_disc)
+        self.out_shardings = out_sh
+
+        def init():
+            model = make()
+            _, params, buffers = nnx.split(model, nnx.Param, ...)
+            disc = nnx.state(make_disc(), nnx.Param) if make_disc is not None else None
+            return fresh(params, buffers, disc)
+
+        self._init = _mesh_jit(init, mesh, out_shardings=out_sh)
+        self._steps = {d: _mesh_jit(self._make_step(d), mesh, out_shardings=(out_sh, None), donate_argnums=(0,))
+                       for d in ((False, True) if self.use_disc else (False,))}
+        self._forward = _mesh_jit(self._eval_forward, mesh)
+
+    # -- state -------------------------------------------------------------------------------------
+    def init_state(self) -> TokenizerState:
+        state = self._init()
+        vit_path = self._vit_source()
+        if vit_path is not None:  # the frozen semantic ViT comes from phase 1 (or a given folder)
+            model = nnx.merge(self.graphdef, state.params, state.buffers)
+            load_pretrained_vit(model.semantic_vit(), vit_path)
+            state = state.replace(params=nnx.state(model, nnx.Param))
+        return state
+
+    def _vit_source(self) -> str | None:
+        if self.config.model_init.vit_from:
+            return self.config.model_init.vit_from
+        return self.workdir if self.config.vit_pretrain.steps > 0 else None
+
+    # -- steps ---------------------------------------------------------------------------------------
+    def _generator_terms(self, params, buffers, disc_params, pparams, images, rng, disc_on: bool):
+        model = nnx.merge(self.graphdef, params, buffers)
+        out = model(images, train=True, rng=rng)
+        terms = dict(out.losses)
+        if out.recon is not None:
+            rec = out.recon.astype(jnp.float32)
+            terms["l2"] = jnp.mean((images - rec) ** 2)
+            if self.perceptual is not None:
+                terms["perceptual"] = self.perceptual(pparams, images, rec)
+            if disc_on:
+                from illume_jax.models.patchgan import hinge_g_loss
+                terms["gan"] = hinge_g_loss(nnx.merge(self.disc_graphdef, disc_params)(rec))
+        missing = sorted(set(terms) - set(self.weights))
+        if missing:
+            raise ValueError(f"config.train.loss_weights has no weight for the losses {missing} "
+                             f"(it has {sorted(self.weights)})")
+        total = sum(self.weights[k] * v for k, v in terms.items())
+        _, _, new_buffers = nnx.split(model, nnx.Param, ...)  # EMA statistics may have moved
+        return total, (terms, new_buffers, out)
+
+    def _make_step(self, disc_on: bool):
+        t = self.config.train
+
+        def step(state: TokenizerState, batch, pparams):
+            images = batch["image"]
+            rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+            (loss, (terms, buffers, out)), grads = jax.value_and_grad(self._generator_terms, has_aux=True)(
+                state.params, state.buffers, state.disc_params, pparams, images, rng, disc_on)
+            updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            metrics = dict(terms, loss=loss, grad_norm=optax.tree.norm(grads),
+                           images=jnp.asarray(images.shape[0], jnp.float32))
+            for name, size in self.codebook_sizes.items():
+                counts = quantizers.code_counts(out.codes[name], size)
+                metrics[f"{name}_usage_batch"] = quantizers.usage(counts)
+                metrics[f"{name}_perplexity"] = quantizers.perplexity(counts)
+            new = state.replace(step=state.step + 1, params=params, buffers=buffers, opt_state=opt_state)
+            if disc_on:
+                from illume_jax.models.patchgan import hinge_d_loss
+                fake = jax.lax.stop_gradient(out.recon.astype(jnp.float32))
+
+                def d_loss_fn(dp):
+                    d = nnx.merge(self.disc_graphdef, dp)
+                    return t.disc_weight * hinge_d_loss(d(images), d(fake))
+                d_loss, d_grads = jax.value_and_grad(d_loss_fn)(state.disc_params)
+                d_updates, d_opt = self.disc_tx.update(d_grads, state.disc_opt_state, state.disc_params)
+                new = new.replace(disc_params=optax.apply_updates(state.disc_params, d_updates), disc_opt_state=d_opt)
+                metrics["disc_loss"] = d_loss
+            if out.recon is not None:
+                rec = jnp.clip(out.recon.astype(jnp.float32), -1, 1)
+                mse = jnp.mean(((images - rec) / 2.0) ** 2)
+                metrics["psnr"] = -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
+            return new, metrics
+
+        return step
+
+    def step(self, state: TokenizerState, batch: dict, host_step: int):
+        disc_on = self.use_disc and host_step >= self.config.train.disc_start
+        return self._steps[disc_on](state, batch, self.pparams)
+
+    # -- evaluation ------------------------------------------------------------------------------------
+    def _eval_forward(self, params, buffers, images):
+        model = nnx.merge(self.graphdef, params, buffers)
+        out = model(images, train=False)
+        return out.recon, out.codes
+
+    def reconstruct(self, state: TokenizerState, images: np.ndarray):
+        return self._forward(state.params, state.buffers, jnp.asarray(images))
+
+    def evaluate(self, state: TokenizerState, num: int | None = None, batch: int = 64) -> dict:
+        """Validation: PSNR, SSIM, codebook usage / perplexity over all codes produced, and on
+        ShapeComp the scorer agreement between originals and reconstructions (tokenizer ceiling)."""
+        c = self.config
+        num = num or c.train.eval_images
+        src = images_lib.image_source(c.data, "validation", c.data.get("data_dir", ""))
+        n = min(num, len(src))
+        originals, recons = [], []
+        counts = {k: np.zeros(v, np.int64) for k, v in self.codebook_sizes.items()}
+        for start in range(0, n, batch):
+            recs = [src[i] for i in range(start, min(start + batch, n))]
+            imgs = [images_lib.fit_resolution(r["image"], c.data.resolution) for r in recs if r["image"] is not None]
+            x = np.stack([images_lib.to_model_range(i) for i in imgs])
+            pad = batch - len(x) if len(x) < batch and start > 0 else 0
+            if pad:  # keep one compiled shape
+                x = np.concatenate([x, np.repeat(x[-1:], pad, 0)])
+            rec, codes = self.reconstruct(state, x)
+            for k in counts:
+                counts[k] += np.bincount(np.asarray(codes[k])[:len(imgs)].ravel(), minlength=counts[k].size)
+            if rec is not None:
+                recons += list(images_lib.to_uint8(np.asarray(rec)[:len(imgs)]))
+            originals += imgs
+        out = {}
+        for k, cnt in counts.items():
+            out[f"{k}_usage"] = float((cnt > 0).mean())
+            p = cnt / max(cnt.sum(), 1)
+            out[f"{k}_perplexity"] = float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
+        if recons:
+            out["val_psnr"] = recon_lib.psnr(np.stack(originals), np.stack(recons))
+            out["val_ssim"] = recon_lib.ssim(np.stack(originals), np.stack(recons))
+            if c.data.source == "shapecomp":
+                out["tokenizer_ceiling"] = recon_lib.scorer_agreement(originals, recons)
+        return out
+
+
+def train_tokenizer(config: Any, workdir: str, *, mesh=None, stop_after_steps: int | None = None) -> dict:
+    """Runs (or resumes) ViT pre-training (if configured) and tokenizer training; returns the
+    final evaluation row (plus `preempted`)."""
+    workdir = os.path.abspath(workdir)
+    mesh = mesh or sharding.make_mesh(dict(config.mesh))
+    summary = {}
+    if config.vit_pretrain.steps > 0:
+        pre = pretrain_vit(config, workdir, mesh, stop_after_steps=stop_after_steps)
+        summary["vit_pretrain"] = {k: v for k, v in pre.items() if k != "state"}
+        if pre["preempted"]:
+            return dict(summary, preempted=True)
+    _check_batch("train.batch_size", config.train.batch_size, mesh)
+    trainer = TokenizerTrainer(config, workdir, mesh)
+    src = images_lib.image_source(config.data, "train", config.data.get("data_dir", ""))
+    it = images_lib.make_image_iterator(src, batch_size=config.train.batch_size, resolution=config.data.resolution,
+                                        seed=config.seed, process_index=jax.process_index(),
+                                        process_count=jax.process_count(), num_workers=config.data.num_workers)
+    out = run_phase("tokenizer", tokenizer_dir(workdir), mesh=mesh, steps=config.train.steps,
+                    abstract_state=trainer.abstract, init_state=trainer.init_state, step_fn=trainer.step,
+                    iterator=it, checkpoint=config.checkpoint, log_every=config.log_every,
+                    config_json=config.to_json(), eval_fn=lambda s, _: trainer.evaluate(s),
+                    eval_every=config.train.eval_every, stop_after_steps=stop_after_steps)
+    summary["tokenizer"] = {k: v for k, v in out.items() if k != "state"}
+    return dict(summary, preempted=out["preempted"], state=out["state"], trainer=trainer)
+
+
+def load_tokenizer(config: Any, workdir: str, mesh=None):
+    """(model, trainer) from the latest tokenizer checkpoint in `workdir` (for encode-dataset,
+    the MLLM and the demo)."""
+    from illume_jax.train import checkpoint as ckpt_lib
+    mesh = mesh or sharding.make_mesh(dict(config.mesh))
+    trainer = TokenizerTrainer(config, workdir, mesh)
+    ckpt = ckpt_lib.Checkpointer(os.path.join(tokenizer_dir(workdir), "checkpoints"), async_save=False)
+    step = ckpt.latest_step()
+    if step is None:
+        ckpt.close()
+        raise ValueError(f"no tokenizer checkpoint in {tokenizer_dir(workdir)}: run train-tokenizer first")
+    state = ckpt.restore(step, trainer.abstract, None)
+    ckpt.close()
+    return nnx.merge(trainer.graphdef, state.params, state.buffers), trainer, state

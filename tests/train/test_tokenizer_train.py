@@ -1,0 +1,127 @@
+"""The tokenizer trainer: SigLIP pre-training, then DualViTok / semantic VQ with the GAN switching on,
+exact resume after an interruption, evaluation metrics, encode-dataset."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import dualvitok as dualvitok_config
+from configs import semantic_vq_illume
+from illume_jax import config_check
+from illume_jax.train import tokenizer as tok
+
+
+def micro_dualvitok(**train):
+    train = dict(dict(disc_start=2, disc_ndf=4, eval_images=8), **train)
+    c = dualvitok_config.get_config("size=tiny,steps=4,batch=8,pretrain_steps=2")
+    c.model.vit.update(depth=1, embed_dim=16, num_heads=2, hidden_size=32)
+    c.model.update(semantic_dim=16, semantic_blocks=1, semantic_heads=2, semantic_mlp_dim=32,
+                   semantic_decoder_blocks=1, z_channels=8, semantic_codes=64, pixel_codes=96, quantizer_chunk=64)
+    c.model.pixel_encoder.update(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=8, num_groups=4)
+    c.model.pixel_decoder.update(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16, zq_channels=16,
+                                 num_groups=4)
+    c.vit_pretrain.update(batch_size=8, text_dim=16, text_layers=1, text_heads=2, embed_dim=16)
+    c.data.update(num_examples=64, num_eval=8)
+    c.train.update(**train)
+    c.checkpoint.update(every_steps=2, async_save=False)
+    c.log_every = 1
+    return c
+
+
+def test_configs_validate():
+    for arg in ("size=tiny", "size=official"):
+        config_check.validate_tokenizer(dualvitok_config.get_config(arg), training=False)
+    config_check.validate_tokenizer(dualvitok_config.get_config("size=tiny"))
+    # The official recipe trains with LPIPS-VGG, whose weights the user must supply.
+    with pytest.raises(ValueError, match="train.lpips_path"):
+        config_check.validate_tokenizer(dualvitok_config.get_config("size=official"))
+    config_check.validate_tokenizer(semantic_vq_illume.get_config("size=tiny"))
+    bad = dualvitok_config.get_config("size=tiny")
+    bad.train.perceptual = "vgg"
+    with pytest.raises(ValueError, match="train.perceptual"):
+        config_check.validate_tokenizer(bad)
+
+
+def _params(state):
+    return [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+
+def test_dualvitok_training_resumes_exactly(tmp_path):
+    config = micro_dualvitok(perceptual="none")
+    config.vit_pretrain.steps = 0  # the pre-training hand-off is covered by the semantic VQ test
+    full = tok.train_tokenizer(config, str(tmp_path / "full"))
+    assert not full["preempted"]
+    row = full["tokenizer"]
+    # Evaluation ran at the end: usage, PSNR/SSIM, and the ShapeComp ceiling are reported.
+    for key in ("semantic_usage", "pixel_usage", "val_psnr", "val_ssim", "tokenizer_ceiling"):
+        assert key in row, row.keys()
+    assert 0 <= row["tokenizer_ceiling"] <= 1 and 0 < row["pixel_usage"] <= 1
+    # The discriminator switched on at step 2 (its loss is logged from then on).
+    lines = [json.loads(l) for l in open(tmp_path / "full" / "tokenizer" / "metrics.jsonl")]
+    lines = [l for l in lines if "loss" in l]  # training rows (the last row is the final evaluation)
+    assert "disc_loss" not in lines[0] and "disc_loss" in lines[-1]
+
+    part = tok.train_tokenizer(config, str(tmp_path / "resumed"), stop_after_steps=3)
+    assert part["preempted"]
+    done = tok.train_tokenizer(config, str(tmp_path / "resumed"))
+    assert not done["preempted"]
+    for a, b in zip(_params(full["state"]), _params(done["state"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(full["state"].disc_params), jax.tree.leaves(done["state"].disc_params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_vit_and_codebooks_do_not_move(tmp_path):
+    config = micro_dualvitok(steps=2, disc_start=-1)
+    config.vit_pretrain.steps = 0
+    config.train.perceptual = "none"
+    trainer = tok.TokenizerTrainer(config, str(tmp_path), tok.sharding.make_mesh(dict(config.mesh)))
+    state0 = trainer.init_state()
+    snapshot = jax.tree.map(np.asarray, (state0.params, state0.buffers))
+    from illume_jax.data import images as images_lib
+    it = images_lib.make_image_iterator(images_lib.ShapeCompImages((1,), "train", 16), batch_size=8,
+                                        resolution=64, seed=0)
+    state = state0
+    for i in range(2):
+        state, metrics = trainer.step(state, tok.sharding.global_batch(trainer.mesh, next(it)), i)
+    before_p, before_b = snapshot
+    from illume_jax.train.optim import path_str
+    moved = {path_str(p): not np.array_equal(a, np.asarray(b)) for (p, a), b in
+             zip(jax.tree_util.tree_flatten_with_path(before_p)[0], jax.tree.leaves(state.params))}
+    assert not any(v for k, v in moved.items() if k.startswith("semantic_encoder/vit/"))
+    assert moved["pixel_encoder/conv_in/kernel"] and moved["semantic_quantizer/code_transform/kernel"]
+    for a, b in zip(jax.tree.leaves(before_b), jax.tree.leaves(state.buffers)):
+        np.testing.assert_array_equal(a, np.asarray(b))  # frozen SimVQ codebooks are bit-exact
+
+
+def test_semantic_vq_trains_and_encode_dataset_writes_codes(tmp_path):
+    c = semantic_vq_illume.get_config("size=tiny,steps=3,batch=8,pretrain_steps=2")
+    c.model.vit.update(num_layers=1, hidden_size=16, num_heads=2, mlp_dim=32)
+    c.model.update(z_channels=8, num_codes=64, decoder_dim=16, decoder_blocks=1, decoder_heads=2, decoder_mlp_dim=32)
+    c.model.pixel_head.update(ch=8, num_groups=4, z_channels=8, zq_channels=8)
+    c.vit_pretrain.update(batch_size=8, text_dim=16, text_layers=1, text_heads=2, embed_dim=16)
+    c.data.update(num_examples=64, num_eval=8)
+    c.train.update(eval_images=8)
+    c.checkpoint.update(async_save=False)
+    config_check.validate_tokenizer(c)
+    out = tok.train_tokenizer(c, str(tmp_path))
+    assert {"semantic_usage", "tokenizer_ceiling", "val_psnr"} <= set(out["tokenizer"])
+    assert os.path.exists(tok.pretrained_vit_path(str(tmp_path)))
+    # Running again finds both phases finished and reports their logged rows without retraining.
+    again = tok.train_tokenizer(c, str(tmp_path))
+    assert again["tokenizer"]["step"] == 3 and again["tokenizer"]["val_psnr"] == out["tokenizer"]["val_psnr"]
+
+    from illume_jax.data.encode import encode_dataset, read_codes
+    summary = encode_dataset(c, str(tmp_path), split="validation", batch_size=4)
+    assert summary["records"] == 8 and summary["skipped"] == 0
+    src = read_codes(summary["path"])
+    rec = src[3]
+    assert rec["codes"]["semantic"].shape == (16, 16) and rec["id"] == "shapecomp-L1-validation-3"
+    # The stored codes are what the tokenizer produces for that image.
+    from illume_jax.data import images as images_lib
+    model, trainer, state = tok.load_tokenizer(c, str(tmp_path))
+    img = images_lib.ShapeCompImages((1,), "validation", 8)[3]["image"]
+    _, codes = trainer.reconstruct(state, images_lib.to_model_range(img)[None])
+    np.testing.assert_array_equal(np.asarray(codes["semantic"])[0], rec["codes"]["semantic"])
