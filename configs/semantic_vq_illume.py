@@ -30,11 +30,12 @@ def model_config(size: str) -> mlc.ConfigDict:
             decoder_heads=16, decoder_mlp_dim=4096, feature_loss="cosine", pixel_head=None, pixel_head_grad=False,
             freeze_vit=True, dtype="float32"))
     return mlc.ConfigDict(dict(
-        kind="semantic_vq", vit=clip_vit(size), image_size=64, z_channels=16, num_codes=1024, l2_normalize=True,
+        # 256 codes: sized to what level-1 scenes can fill (the official 16,384 at full scale).
+        kind="semantic_vq", vit=clip_vit(size), image_size=64, z_channels=16, num_codes=256, l2_normalize=True,
         ema_decay=0.0, commitment_beta=0.25, decoder_dim=64, decoder_blocks=2, decoder_heads=4, decoder_mlp_dim=256,
         feature_loss="cosine",
         # A small MoVQ-style decoder from the 16x16 code map to 64² pixels (viewing + the ceiling).
-        pixel_head=dict(ch=48, ch_mult=(1, 2, 2), num_res_blocks=1, attn_levels=(2,), z_channels=32,
+        pixel_head=dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_levels=(2,), z_channels=32,
                         zq_channels=16, num_groups=8),
         pixel_head_grad=False, freeze_vit=True, dtype="float32"))
 
@@ -52,11 +53,13 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.data = tokenizer_data(a.levels, resolution=64 if tiny else 224, workers=a.workers)
     c.vit_pretrain = vit_pretrain_config(steps=(400 if tiny else 0) if a.pretrain_steps < 0 else a.pretrain_steps)
     c.train = tokenizer_train_config(
-        steps=a.steps or (1500 if tiny else 100_000), batch_size=a.batch or (32 if tiny else 256),
+        steps=a.steps or (1200 if tiny else 100_000), batch_size=a.batch or (16 if tiny else 256),
         lr=1e-3 if tiny else 1e-4,
         trainable=("down/.*", "quantizer/.*", "decoder/.*") + (("pixel_in/.*", "pixel_head/.*") if tiny else ()),
         loss_weights=dict(l2=1.0, perceptual=0.1, gan=0.5, commit=1.0, feature=1.0),
         perceptual="vit" if tiny else "none", disc_start=-1, disc_ndf=16, disc_layers=2)
     c.checkpoint = common.checkpoint_config(every_steps=250 if tiny else 2000)
-    c.log_every = 25 if tiny else 100
+    c.train.eval_every = 300 if tiny else 10_000
+    c.train.eval_images = 256 if tiny else 512
+    c.log_every = 50 if tiny else 100
     return c

@@ -10,7 +10,7 @@ Commands:
   train-tokenizer  train a vision tokenizer (configs/dualvitok.py, configs/semantic_vq_illume.py),
                  pre-training its tiny semantic ViT first when configured; resumes from the workdir
   encode-dataset pre-tokenize the config's images into codes (ArrayRecord) with the trained
-                 tokenizer in --workdir (--split=train, --num=0 means all)
+                 tokenizer in --workdir (--split=train, --num=0 means all, --min_size=16)
 
 The config is validated before anything is built or compiled.
 """
@@ -32,6 +32,7 @@ _NUM = flags.DEFINE_integer("num", 3, "data inspect: number of examples to show.
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:4x4x4", "aot: TPU topology name, e.g. v5p:4x4x4 or v5e:2x2.")
 _STAGE = flags.DEFINE_integer("stage", -1, "aot: stage index to compile (-1 = the largest sequence).")
 _SPLIT = flags.DEFINE_string("split", "train", "encode-dataset: split to encode.")
+_MIN_SIZE = flags.DEFINE_integer("min_size", 16, "encode-dataset: skip (and count) images with a side below this.")
 _RESOLUTION = flags.DEFINE_integer("resolution", 0, "aot (tokenizer configs): image side (0 = 512 official / "
                                    "data.resolution).")
 
@@ -99,7 +100,8 @@ def main(argv: list[str]) -> None:
             print("tokenizer:", ", ".join(f"{k}={v:.4g}" for k, v in sorted(final.items())), flush=True)
     elif command == "encode-dataset":
         from illume_jax.data.encode import encode_dataset
-        summary = encode_dataset(config, workdir, split=_SPLIT.value, limit=_NUM.value if _NUM.present else 0)
+        summary = encode_dataset(config, workdir, split=_SPLIT.value, limit=_NUM.value if _NUM.present else 0,
+                                 min_size=_MIN_SIZE.value)
         print(f"encoded {summary['records']} images ({summary['skipped']} skipped) -> {summary['path']} "
               f"in {summary['seconds']} s", flush=True)
     elif command == "data":

@@ -3,7 +3,7 @@
 #
 #   bash launch/local.sh demo            # build ShapeComp data, train the tiny LLM (2 stages), report
 #   bash launch/local.sh test [ARGS]     # the whole test suite (ARGS go to pytest)
-#   bash launch/local.sh train|data|aot --config=... [--workdir=...]   # any CLI command
+#   bash launch/local.sh train|data|aot|train-tokenizer|encode-dataset --config=... [--workdir=...]
 #
 # Creates .venv with Python 3.11 if missing and installs the package with the extras the
 # command needs; re-installs only when setup.py changes.
@@ -37,6 +37,12 @@ if [ ! -f "$stamp" ]; then
 fi
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# libtpu (installed for AOT compiles) probes for a TPU at start-up and prints errors when there
+# is none; on a machine with neither TPU nor NVIDIA GPU, go straight to the CPU.
+if [ -z "${JAX_PLATFORMS:-}" ] && ! ls /dev/accel* /dev/vfio/[0-9]* >/dev/null 2>&1 \
+   && ! command -v nvidia-smi >/dev/null 2>&1; then
+  export JAX_PLATFORMS=cpu
+fi
 # A persistent compilation cache makes re-runs start fast.
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.venv/jax_cache}"
 
@@ -47,8 +53,8 @@ case "$cmd" in
     # libtpu is installed for AOT tests; keep the default backend on the CPU.
     export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
     exec .venv/bin/python -m pytest -q "${@:-tests}" ;;
-  train|data|aot)
+  train|data|aot|train-tokenizer|encode-dataset)
     exec .venv/bin/python -m illume_jax "$cmd" "$@" ;;
   *)
-    echo "error: unknown command '$cmd' (expected demo, test, train, data or aot)" >&2; exit 2 ;;
+    echo "error: unknown command '$cmd' (expected demo, test, train, data, aot, train-tokenizer or encode-dataset)" >&2; exit 2 ;;
 esac

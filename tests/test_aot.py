@@ -22,3 +22,14 @@ def test_tiny_config_compiles_for_v5p_2x2x1(attention):
 def test_unknown_topology_is_a_clear_error():
     with pytest.raises(ValueError, match="--topology='v9z:1x1'"):
         aot.topology_devices("v9z:1x1")
+
+
+def test_tiny_dualvitok_encode_compiles_for_v5p_2x2x1():
+    from configs import dualvitok
+    config = dualvitok.get_config("size=tiny,batch=8")
+    config.mesh.update(data=1, fsdp=-1, tensor=1)
+    report = aot.compile_tokenizer_encode(config, "v5p:2x2x1", resolution=64)
+    assert report.num_devices == 4 and report.kind == "dualvitok"
+    # 64x64: 8x8 semantic codes (ViT patch 4, merge 2) and 16x16 pixel codes (MoVQ /4).
+    assert report.code_grids == {"semantic": (8, 8), "pixel": (16, 16)}
+    assert report.peak_gib > 0 and report.xla_flops > 0 and "dualvitok encode" in report.table()

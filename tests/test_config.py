@@ -58,3 +58,10 @@ def test_cli_rejects_bad_values_before_compiling(tmp_path):
     assert r.returncode != 0 and "nope" in r.stderr
     r = run("fly", "--config=configs/tiny.py")
     assert r.returncode == 2 and "expected a command" in r.stderr
+    # Tokenizer configs take the tokenizer commands only, and the reverse.
+    r = run("train", "--config=configs/dualvitok.py:size=tiny", f"--workdir={tmp_path}")
+    assert r.returncode == 2 and "train-tokenizer" in r.stderr
+    r = run("train-tokenizer", "--config=configs/tiny.py", f"--workdir={tmp_path}")
+    assert r.returncode == 2 and "vision-tokenizer config" in r.stderr
+    r = run("train-tokenizer", "--config=configs/dualvitok.py:size=official", f"--workdir={tmp_path}")
+    assert r.returncode != 0 and "train.lpips_path" in r.stderr

@@ -191,7 +191,7 @@ def pretrain_vit(config: Any, workdir: str, mesh, *, stop_after_steps: int | Non
 
 def load_pretrained_vit(vit_module, workdir: str) -> None:
     """Loads phase 1's ViT into `vit_module` (same architecture)."""
-    path = pretrained_vit_path(workdir)
+    path = os.path.abspath(pretrained_vit_path(workdir))
     if not os.path.exists(path):
         raise ValueError(f"no pre-trained ViT at {path}: run train-tokenizer (it pre-trains the ViT first) or set "
                          "config.vit_pretrain.steps=0")
@@ -226,7 +226,7 @@ def make_perceptual(config: Any, workdir: str, mesh):
         if kind == "vit":
             from illume_jax.models import siglip
             vit_module = siglip._vit_for(config, nnx.Rngs(config.seed))
-            load_pretrained_vit(vit_module, workdir)
+            load_pretrained_vit(vit_module, config.model_init.vit_from or workdir)
             graphdef, pparams = nnx.split(vit_module, nnx.Param)
             return (lambda p, x, y: siglip.feature_distance(nnx.merge(graphdef, p), x, y, config)), pparams
     raise ValueError(f"config.train.perceptual={kind!r}: expected 'none', 'vit' or 'lpips_vgg'")
@@ -241,7 +241,8 @@ def tokenizer_dir(workdir: str) -> str:
 class TokenizerTrainer:
     """Builds the model, optimizers and jitted steps of the tokenizer phase for a config."""
 
-    def __init__(self, config: Any, workdir: str, mesh):
+    def __init__(self, config: Any, workdir: str, mesh, *, training: bool = True):
+        """`training=False` (encoding, evaluation, loading) skips the perceptual network."""
         self.config, self.workdir, self.mesh = config, workdir, mesh
         t = config.train
         make = lambda: make_model(config.model, nnx.Rngs(config.seed))  # noqa: E731
@@ -259,7 +260,7 @@ class TokenizerTrainer:
             self.disc_tx = _adam(t)
         else:
             make_disc, abs_disc = None, None
-        self.perceptual, self.pparams = make_perceptual(config, workdir, mesh)
+        self.perceptual, self.pparams = make_perceptual(config, workdir, mesh) if training else (None, None)
         weights = dict(t.loss_weights)
         self.weights = weights
 
@@ -435,7 +436,7 @@ def load_tokenizer(config: Any, workdir: str, mesh=None):
     the MLLM and the demo)."""
     from illume_jax.train import checkpoint as ckpt_lib
     mesh = mesh or sharding.make_mesh(dict(config.mesh))
-    trainer = TokenizerTrainer(config, workdir, mesh)
+    trainer = TokenizerTrainer(config, workdir, mesh, training=False)
     ckpt = ckpt_lib.Checkpointer(os.path.join(tokenizer_dir(workdir), "checkpoints"), async_save=False)
     step = ckpt.latest_step()
     if step is None:
