@@ -41,28 +41,49 @@ def ssim(original: np.ndarray, reconstruction: np.ndarray) -> float:
     return float(s.mean())
 
 
-def same_reading(original: np.ndarray, reconstruction: np.ndarray, *, max_offset: float | None = None,
-                 shapes: Sequence[str] | None = None) -> bool:
-    """True when the scorer finds the same objects (colour, shape) in both images, matched one
-    to one, with centroids at most `max_offset` pixels apart (default: 3 px at 64², scaled)."""
+MISMATCH_REASONS = ("count", "color", "shape", "offset")
+
+
+def reading_mismatch(original: np.ndarray, reconstruction: np.ndarray, *, max_offset: float | None = None,
+                     shapes: Sequence[str] | None = None) -> str | None:
+    """Why the scorer reads a reconstruction differently from its original, or None if it reads
+    them the same: the same objects (colour, shape), matched one to one, with centroids at most
+    `max_offset` pixels apart (default: 3 px at 64², scaled).
+
+    Reasons, checked in this order: 'count' (a different number of objects), 'color' (an object's
+    colour is found nowhere in the reconstruction), 'shape' (its colour is there but not with its
+    shape), 'offset' (colour and shape are there, but too far away)."""
     kw = {} if shapes is None else {"shapes": shapes}
     det_a = scorer.detect(original, **kw)
     det_b = scorer.detect(reconstruction, **kw)
     if len(det_a) != len(det_b):
-        return False
+        return "count"
     max_offset = 3.0 * original.shape[0] / 64 if max_offset is None else max_offset
     unused = list(det_b)
     for d in det_a:
-        match = None
-        for e in unused:
-            if e.color == d.color and e.shape == d.shape and np.hypot(e.centroid[0] - d.centroid[0],
-                                                                      e.centroid[1] - d.centroid[1]) <= max_offset:
-                match = e
-                break
-        if match is None:
-            return False
-        unused.remove(match)
-    return True
+        same_color = [e for e in unused if e.color == d.color]
+        if not same_color:
+            return "color"
+        same_shape = [e for e in same_color if e.shape == d.shape]
+        if not same_shape:
+            return "shape"
+        close = [e for e in same_shape
+                 if np.hypot(e.centroid[0] - d.centroid[0], e.centroid[1] - d.centroid[1]) <= max_offset]
+        if not close:
+            return "offset"
+        unused.remove(close[0])
+    return None
+
+
+def same_reading(original: np.ndarray, reconstruction: np.ndarray, **kw) -> bool:
+    """True when the scorer reads both images the same way (see `reading_mismatch`)."""
+    return reading_mismatch(original, reconstruction, **kw) is None
+
+
+def mismatch_breakdown(originals: Sequence[np.ndarray], reconstructions: Sequence[np.ndarray], **kw) -> dict:
+    """Fraction of pairs failing for each reason of `reading_mismatch` (they sum to 1 - agreement)."""
+    reasons = [reading_mismatch(a, b, **kw) for a, b in zip(originals, reconstructions)]
+    return {r: float(np.mean([x == r for x in reasons])) for r in MISMATCH_REASONS}
 
 
 def scorer_agreement(originals: Sequence[np.ndarray], reconstructions: Sequence[np.ndarray], **kw) -> float:

@@ -401,7 +401,11 @@ class TokenizerTrainer:
             out["val_psnr"] = recon_lib.psnr(np.stack(originals), np.stack(recons))
             out["val_ssim"] = recon_lib.ssim(np.stack(originals), np.stack(recons))
             if c.data.source == "shapecomp":
-                out["tokenizer_ceiling"] = recon_lib.scorer_agreement(originals, recons)
+                reasons = [recon_lib.reading_mismatch(a, b) for a, b in zip(originals, recons)]
+                out["tokenizer_ceiling"] = float(np.mean([r is None for r in reasons]))
+                # Why the rest fail (count / color / shape / offset): where a tokenizer needs work.
+                out.update({f"ceiling_miss_{r}": float(np.mean([x == r for x in reasons]))
+                            for r in recon_lib.MISMATCH_REASONS})
         return out
 
 

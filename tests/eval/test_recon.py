@@ -35,10 +35,16 @@ def test_agreement_catches_a_moved_or_recoloured_object():
     img = shapecomp.render(scene)
     shifted = np.roll(img, 6, axis=1)
     assert not recon.same_reading(img, shifted)
+    assert recon.reading_mismatch(img, shifted) == "offset"
     recoloured = img.copy()
     mask = shapecomp.object_mask(scene.objects[0], img.shape[0])
     recoloured[mask] = (30, 60, 220) if scene.objects[0].color != "blue" else (220, 30, 30)
     assert not recon.same_reading(img, recoloured)
+    assert recon.reading_mismatch(img, recoloured) == "color"
+    assert recon.reading_mismatch(img, np.full_like(img, 128)) == "count"
+    assert recon.reading_mismatch(img, img) is None
+    breakdown = recon.mismatch_breakdown([img, img, img, img], [img, shifted, recoloured, np.full_like(img, 128)])
+    assert breakdown == {"count": 0.25, "color": 0.25, "shape": 0.0, "offset": 0.25}
 
 
 def test_agreement_tolerates_small_noise():
