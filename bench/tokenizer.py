@@ -85,7 +85,7 @@ def bench_qwen2_vit(size: str, resolution: int, batch: int, iters: int, device: 
     from illume_jax.models.dualvitok import semantic_input_size
     c = _config(size).vit
     hf_cfg = Qwen2VLVisionConfig(depth=c.depth, embed_dim=c.embed_dim, num_heads=c.num_heads, hidden_size=c.hidden_size,
-                                 mlp_ratio=c.mlp_ratio, patch_size=c.patch_size, in_channels=c.in_channels,
+                                 mlp_ratio=int(c.mlp_ratio), patch_size=c.patch_size, in_channels=c.in_channels,
                                  temporal_patch_size=c.temporal_patch_size, spatial_merge_size=c.spatial_merge_size)
     torch.manual_seed(0)
     hf = Qwen2VisionTransformerPretrainedModel(hf_cfg).float().eval().to(device)
@@ -100,7 +100,7 @@ def bench_qwen2_vit(size: str, resolution: int, batch: int, iters: int, device: 
     graphdef, state = nnx.split(ours)
     fwd = jax.jit(lambda st, p, pos: nnx.merge(graphdef, st)(p, pos)[0])
     t_jax = _median_s(lambda: jax.block_until_ready(fwd(state, patches, positions)), iters)
-    flat = torch.as_tensor(np.asarray(patches).reshape(-1, patches.shape[-1])).to(device)
+    flat = torch.from_numpy(np.array(patches).reshape(-1, patches.shape[-1])).to(device)
     grid_thw = torch.as_tensor([[1, *grid]] * batch).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
@@ -185,9 +185,9 @@ def main() -> None:
                 print(json.dumps(r), flush=True)
     print(f"\n{'size':8} {'part':17} {'res':>5} {'batch':>5} {'jax img/s':>10} {'torch img/s':>12} {'jax/torch':>9}")
     for r in rows:
-        t = r.get("torch_images_per_s")
-        print(f"{r['size']:8} {r['part']:17} {r['resolution']:>5} {r['batch']:>5} {r['jax_images_per_s']:>10.2f} "
-              f"{(f'{t:.2f}' if t else '-'):>12} {(f'{r['jax_images_per_s'] / t:.2f}x' if t else '-'):>9}")
+        j, t = r["jax_images_per_s"], r.get("torch_images_per_s")
+        torch_col, ratio = (f"{t:.2f}", f"{j / t:.2f}x") if t else ("-", "-")
+        print(f"{r['size']:8} {r['part']:17} {r['resolution']:>5} {r['batch']:>5} {j:>10.2f} {torch_col:>12} {ratio:>9}")
     out = args.out or os.path.join(ROOT, "bench", "results", f"tokenizer_{backend}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     meta = dict(backend=backend, devices=[str(d) for d in jax.devices()], torch_device=device,
