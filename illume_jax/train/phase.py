@@ -95,8 +95,3 @@ def _last_logged(workdir: str) -> dict:
     for row in rows[-2:]:
         out.update(row)
     return out
-
-
-def shard_like(abstract: Any) -> Any:
-    """The output shardings of an abstract state (for `jax.jit(..., out_shardings=...)`)."""
-    return jax.tree.map(lambda a: a.sharding, abstract)

@@ -31,6 +31,7 @@ from illume_jax.eval import recon as recon_lib
 from illume_jax.modules import quantizers
 from illume_jax.train import optim
 from illume_jax.train.phase import run_phase
+from illume_jax.train.step import MeshJit
 
 
 @struct.dataclass
@@ -104,19 +105,8 @@ def _shardings(abs_state, mesh, *param_trees):
     return abstract, out
 
 
-def _mesh_jit(fn, mesh, **kw):
-    jitted = jax.jit(fn, **kw)
-
-    def call(*args):
-        with sharding.use_mesh(mesh):
-            return jitted(*args)
-    call.lower = lambda *args: _lower(jitted, mesh, *args)
-    return call
-
-
-def _lower(jitted, mesh, *args):
-    with sharding.use_mesh(mesh):
-        return jitted.lower(*args)
+def _mesh_jit(fn, mesh, **kw) -> MeshJit:
+    return MeshJit(jax.jit(fn, **kw), mesh)
 
 
 # -- phase 1: contrastive pre-training of the semantic ViT ------------------------------------------
