@@ -189,16 +189,17 @@ class SemanticEncoder(nnx.Module):
         return z.reshape(z.shape[0], h1, w1, -1), target
 
 
-class SemanticDecoder(nnx.Module):
-    def __init__(self, cfg: DualViTokConfig, *, rngs: nnx.Rngs):
-        dt = jnp.dtype(cfg.dtype)
-        self.proj_in = Dense((cfg.z_channels,), (cfg.semantic_dim,), axes=(None, "embed"), use_bias=True,
-                             dtype=dt, rngs=rngs)
-        self.blocks = vit.VisionBlockStack(cfg.semantic_decoder_blocks, cfg.semantic_dim, cfg.semantic_heads,
-                                           cfg.semantic_mlp_dim, dtype=cfg.dtype, remat=cfg.vit.remat, rngs=rngs)
-        self.proj_out = Dense((cfg.semantic_dim,), (cfg.vit.hidden_size,), axes=("embed", "mlp"), use_bias=True,
-                              dtype=dt, rngs=rngs)
-        self.norm_out = nnx.LayerNorm(cfg.vit.hidden_size, epsilon=1e-5, rngs=rngs,
+class FeatureDecoder(nnx.Module):
+    """Codes -> encoder features: Linear -> ViT blocks (raster 2D RoPE) -> Linear -> LayerNorm.
+    DualViTok's semantic decoder and the ILLUME semantic VQ's feature decoder."""
+
+    def __init__(self, code_dim: int, width: int, num_blocks: int, heads: int, mlp_dim: int, out_dim: int, *,
+                 dtype: str, remat: str, rngs: nnx.Rngs):
+        dt = jnp.dtype(dtype)
+        self.proj_in = Dense((code_dim,), (width,), axes=(None, "embed"), use_bias=True, dtype=dt, rngs=rngs)
+        self.blocks = vit.VisionBlockStack(num_blocks, width, heads, mlp_dim, dtype=dtype, remat=remat, rngs=rngs)
+        self.proj_out = Dense((width,), (out_dim,), axes=("embed", "mlp"), use_bias=True, dtype=dt, rngs=rngs)
+        self.norm_out = nnx.LayerNorm(out_dim, epsilon=1e-5, rngs=rngs,
                                       scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
                                       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)))
 
@@ -216,7 +217,9 @@ class DualViTok(nnx.Module):
         self.semantic_encoder = SemanticEncoder(cfg, rngs=rngs)
         self.semantic_quantizer = quantizers.SimVQ(cfg.semantic_codes, cfg.z_channels, chunk_size=cfg.quantizer_chunk,
                                                    beta=cfg.commitment_beta, rngs=rngs)
-        self.semantic_decoder = SemanticDecoder(cfg, rngs=rngs)
+        self.semantic_decoder = FeatureDecoder(cfg.z_channels, cfg.semantic_dim, cfg.semantic_decoder_blocks,
+                                               cfg.semantic_heads, cfg.semantic_mlp_dim, cfg.vit.hidden_size,
+                                               dtype=cfg.dtype, remat=cfg.vit.remat, rngs=rngs)
         self.pixel_encoder = movq.MoVQEncoder(cfg.pixel_encoder, rngs=rngs)
         self.pixel_quant_conv = Dense((cfg.pixel_encoder.z_channels,), (cfg.z_channels,), axes=(None, None),
                                       use_bias=True, dtype=dt, rngs=rngs)

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from illume_jax.models import movq, vit
-from illume_jax.models.dualvitok import (CLIP_MEAN, CLIP_STD, TokenizerOutput, cosine_loss, layer_norm_no_affine,
-                                         raster_positions)
+from illume_jax.models.dualvitok import (CLIP_MEAN, CLIP_STD, FeatureDecoder, TokenizerOutput, cosine_loss,
+                                         layer_norm_no_affine)
 from illume_jax.modules import quantizers, resample
 from illume_jax.modules.linear import Dense
 
@@ -92,26 +92,6 @@ def clip_vit_tokens(model: vit.ClipVisionTransformer, images: jax.Array, image_s
     return hidden[:, 1:]
 
 
-class FeatureDecoder(nnx.Module):
-    def __init__(self, cfg: SemanticVQConfig, *, rngs: nnx.Rngs):
-        dt = jnp.dtype(cfg.dtype)
-        self.proj_in = Dense((cfg.code_dim,), (cfg.decoder_dim,), axes=(None, "embed"), use_bias=True, dtype=dt,
-                             rngs=rngs)
-        self.blocks = vit.VisionBlockStack(cfg.decoder_blocks, cfg.decoder_dim, cfg.decoder_heads,
-                                           cfg.decoder_mlp_dim, dtype=cfg.dtype, remat=cfg.vit.remat, rngs=rngs)
-        self.proj_out = Dense((cfg.decoder_dim,), (cfg.vit.hidden_size,), axes=("embed", "mlp"), use_bias=True,
-                              dtype=dt, rngs=rngs)
-        self.norm_out = nnx.LayerNorm(cfg.vit.hidden_size, epsilon=1e-5, rngs=rngs,
-                                      scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
-                                      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)))
-
-    def __call__(self, zq: jax.Array) -> jax.Array:
-        B, h, w, _ = zq.shape
-        x = self.proj_in(zq.reshape(B, h * w, -1))
-        x = self.blocks(x, raster_positions(B, h, w))
-        return self.norm_out(self.proj_out(x))
-
-
 class SemanticVQ(nnx.Module):
     def __init__(self, cfg: SemanticVQConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -122,7 +102,9 @@ class SemanticVQ(nnx.Module):
         self.quantizer = quantizers.VectorQuantizer(cfg.num_codes, cfg.code_dim, l2_normalize=cfg.l2_normalize,
                                                     ema_decay=cfg.ema_decay or None, beta=cfg.commitment_beta,
                                                     rngs=rngs)
-        self.decoder = FeatureDecoder(cfg, rngs=rngs)
+        self.decoder = FeatureDecoder(cfg.code_dim, cfg.decoder_dim, cfg.decoder_blocks, cfg.decoder_heads,
+                                      cfg.decoder_mlp_dim, cfg.vit.hidden_size, dtype=cfg.dtype, remat=cfg.vit.remat,
+                                      rngs=rngs)
         if cfg.pixel_head is not None:
             self.pixel_in = Dense((cfg.code_dim,), (cfg.pixel_head.z_channels,), axes=(None, None), use_bias=True,
                                   dtype=dt, rngs=rngs)

@@ -38,10 +38,13 @@ def abstract_model(cfg: LLMConfig, mesh: Mesh, seed: int = 0):
     return graphdef, params
 
 
-def _opt_state_shardings(abs_opt, param_shardings, mesh: Mesh):
-    """Optimizer leaves mirror their parameter's sharding (matched by key-path suffix and
-    rank); counters and hyperparameters are replicated."""
-    by_path = {optim.path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+def shardings_like_params(abstract, param_shardings, mesh: Mesh):
+    """Shardings for `abstract` (optimizer state, or a whole train state): leaves mirror their
+    parameter's sharding (matched by key-path suffix and rank; `param_shardings` is one tree or
+    a sequence of trees); counters, hyperparameters and the rest are replicated."""
+    trees = param_shardings if isinstance(param_shardings, (list, tuple)) else [param_shardings]
+    by_path = {optim.path_str(p): s for tree in trees if tree is not None
+               for p, s in jax.tree_util.tree_flatten_with_path(tree)[0]}
     replicated = NamedSharding(mesh, P())
 
     def find(path, leaf):
@@ -51,7 +54,7 @@ def _opt_state_shardings(abs_opt, param_shardings, mesh: Mesh):
                 return psh
         return replicated
 
-    return jax.tree_util.tree_map_with_path(find, abs_opt)
+    return jax.tree_util.tree_map_with_path(find, abstract)
 
 
 def state_shardings(abs_state: TrainState, mesh: Mesh) -> TrainState:
@@ -59,7 +62,7 @@ def state_shardings(abs_state: TrainState, mesh: Mesh) -> TrainState:
         psh = nnx.get_named_sharding(abs_state.params, mesh)
     replicated = NamedSharding(mesh, P())
     return TrainState(step=replicated, stage_step=replicated, params=psh,
-                      opt_state=_opt_state_shardings(abs_state.opt_state, psh, mesh), rng=replicated,
+                      opt_state=shardings_like_params(abs_state.opt_state, psh, mesh), rng=replicated,
                       nan_skips=replicated)
 
 

@@ -23,7 +23,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx, struct
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from illume_jax import sharding
 from illume_jax.data import images as images_lib
@@ -31,6 +30,7 @@ from illume_jax.eval import recon as recon_lib
 from illume_jax.modules import quantizers
 from illume_jax.train import optim
 from illume_jax.train.phase import run_phase
+from illume_jax.train.state import shardings_like_params
 from illume_jax.train.step import MeshJit
 
 
@@ -83,24 +83,11 @@ def _masked(tx: optax.GradientTransformation, params, trainable, name: str) -> o
 
 
 def _shardings(abs_state, mesh, *param_trees):
-    """Shardings for every leaf of a state: parameter-like leaves (optimizer moments included,
-    matched by path suffix and rank) follow their parameter, the rest is replicated."""
-    by_path = {}
+    """Shardings for every leaf of a state: parameter-like leaves (optimizer moments included)
+    follow their parameter, the rest is replicated. Returns (abstract state with them, shardings)."""
     with sharding.use_mesh(mesh):
-        for tree in param_trees:
-            if tree is not None:
-                sh = nnx.get_named_sharding(tree, mesh)
-                by_path.update({optim.path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(sh)[0]})
-    replicated = NamedSharding(mesh, P())
-
-    def find(path, leaf):
-        s = optim.path_str(path)
-        for ppath, psh in by_path.items():
-            if (s == ppath or s.endswith("/" + ppath)) and len(leaf.shape) == len(psh.spec):
-                return psh
-        return replicated
-
-    out = jax.tree_util.tree_map_with_path(find, abs_state)
+        param_sh = [nnx.get_named_sharding(t, mesh) for t in param_trees if t is not None]
+    out = shardings_like_params(abs_state, param_sh, mesh)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, out)
     return abstract, out
 
