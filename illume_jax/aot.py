@@ -95,9 +95,7 @@ def compile_train_step(config: Any, topology: str, stage_index: int = -1) -> Aot
     lowered = step_lib.lower_train_step(config, stage_index, mesh)
     compiled = lowered.compile()
     compile_s = time.time() - t0
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    mem, cost = _analyses(compiled)
     gib = 1024 ** 3
     arg, temp, out = mem.argument_size_in_bytes / gib, mem.temp_size_in_bytes / gib, mem.output_size_in_bytes / gib
     alias = mem.alias_size_in_bytes / gib
@@ -115,6 +113,12 @@ def main(config: Any, topology: str, stage_index: int = -1) -> AotReport:
     report = compile_train_step(config, topology, stage_index)
     print(report.table())
     return report
+
+
+def _analyses(compiled):
+    """(memory analysis, cost-analysis dict) of a compiled program (cost comes as a list on some versions)."""
+    cost = compiled.cost_analysis()
+    return compiled.memory_analysis(), cost[0] if isinstance(cost, (list, tuple)) else cost
 
 
 @dataclasses.dataclass
@@ -174,9 +178,7 @@ def compile_tokenizer_encode(config: Any, topology: str, resolution: int = 0, ba
         lowered = jax.jit(encode).lower(abs_state, images)
     compiled = lowered.compile()
     compile_s = time.time() - t0
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    mem, cost = _analyses(compiled)
     gib = 1024 ** 3
     arg, temp, out = mem.argument_size_in_bytes / gib, mem.temp_size_in_bytes / gib, mem.output_size_in_bytes / gib
     grids = [tuple(o.shape[1:]) for o in jax.tree.leaves(lowered.out_info)]
