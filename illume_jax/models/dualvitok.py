@@ -77,11 +77,8 @@ class DualViTokConfig:
     @classmethod
     def from_config(cls, c: Any) -> "DualViTokConfig":
         d = dict(c)
+        vit.check_known_keys(cls, d, "config.model", extra=("kind",))
         d.pop("kind", None)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"config.model has unknown keys {unknown}; allowed: {sorted(known | {'kind'})}")
         d["vit"] = vit.Qwen2ViTConfig(**dict(d["vit"]))
         d["pixel_encoder"] = movq.MoVQConfig(**dict(d["pixel_encoder"]))
         d["pixel_decoder"] = movq.MoVQConfig(**dict(d["pixel_decoder"]))

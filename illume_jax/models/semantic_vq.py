@@ -60,11 +60,8 @@ class SemanticVQConfig:
     @classmethod
     def from_config(cls, c: Any) -> "SemanticVQConfig":
         d = dict(c)
+        vit.check_known_keys(cls, d, "config.model", extra=("kind",))
         d.pop("kind", None)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"config.model has unknown keys {unknown}; allowed: {sorted(known | {'kind'})}")
         d["vit"] = vit.ClipViTConfig(**dict(d["vit"]))
         if d.get("pixel_head"):
             d["pixel_head"] = movq.MoVQConfig(**dict(d["pixel_head"]))

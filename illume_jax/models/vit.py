@@ -72,12 +72,17 @@ def _check_common(cfg, prefix: str = "config.vit") -> None:
             bad(key, getattr(cfg, key), f"one of {tuple(DTYPES)}")
 
 
-def _from_mapping(cls, config: Any):
-    items = dict(config.items() if hasattr(config, "items") else config)
-    known = {f.name for f in dataclasses.fields(cls)}
+def check_known_keys(cls, items: dict, where: str, extra: tuple[str, ...] = ()) -> None:
+    """A config mapping for dataclass `cls` may only hold its fields (plus `extra`): name the rest."""
+    known = {f.name for f in dataclasses.fields(cls)} | set(extra)
     unknown = sorted(set(items) - known)
     if unknown:
-        raise ValueError(f"{cls.__name__} has no keys {unknown}; allowed: {sorted(known)}")
+        raise ValueError(f"{where} has unknown keys {unknown}; allowed: {sorted(known)}")
+
+
+def _from_mapping(cls, config: Any):
+    items = dict(config.items() if hasattr(config, "items") else config)
+    check_known_keys(cls, items, cls.__name__)
     return cls(**items)
 
 

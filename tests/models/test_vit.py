@@ -173,7 +173,7 @@ def test_config_checks_and_param_count(model):
         vit.Qwen2ViTConfig(act="relu6")
     with pytest.raises(ValueError, match="num_heads"):
         vit.Qwen2ViTConfig(embed_dim=36, num_heads=4)
-    with pytest.raises(ValueError, match="no keys"):
+    with pytest.raises(ValueError, match="unknown keys"):
         vit.Qwen2ViTConfig.from_config({"depth": 2, "width": 3})
     with pytest.raises(ValueError, match="image_size"):
         vit.ClipViTConfig(image_size=30, patch_size=14)
