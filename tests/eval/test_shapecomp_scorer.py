@@ -72,14 +72,33 @@ def test_ground_truth_scores_near_100_and_contradictions_near_0(level):
 
 
 @pytest.mark.parametrize("level,kind,minimum", [
-    (1, "noise", 0.97), (3, "noise", 0.95), (3, "blur", 0.85), (3, "jpeg", 0.85),
-    # 64x64 shapes are a few pixels across: blur and JPEG change their geometry a lot.
-    (1, "blur", 0.4), (1, "jpeg", 0.35)])
+    (1, "noise", 0.97), (3, "noise", 0.95), (3, "blur", 0.85), (3, "jpeg", 0.95), (0, "jpeg", 0.8),
+    # Small 64x64 shapes are ~10 px across: a 3x3 box blur or JPEG-75 changes their geometry a lot.
+    (1, "blur", 0.4), (1, "jpeg", 0.5)])
 def test_graceful_under_degradation(level, kind, minimum):
     shapes = world.get_level(level).shapes
     oks = [S.grade(_degrade(sc.render(s), kind), m, S.detect(_degrade(sc.render(s), kind), shapes=shapes))[0]
            for s, m in _cases(level, 40)]
     assert np.mean(oks) >= minimum
+
+
+def test_soft_edges_keep_the_object_outline():
+    """Edge pixels mix object and background colour; the half-coverage rule keeps the outline
+    (the old nearest-palette rule within a tolerance lost a pixel ring and read shapes wrong)."""
+    from scipy import ndimage
+    from illume_jax.data.shapecomp.render import object_mask
+    for i in range(10):
+        scene = sc.make_scene(3, "test", i)
+        img = sc.render(scene).astype(np.float32)
+        soft = np.clip(ndimage.gaussian_filter(img, (0.7, 0.7, 0)), 0, 255).round().astype(np.uint8)
+        dets = S.detect(soft, shapes=world.get_level(3).shapes)
+        assert len(dets) == len(scene.objects)
+        for obj in scene.objects:
+            true = object_mask(obj, scene.resolution)
+            best = max((d for d in dets if d.color == obj.color), key=lambda d: (d.mask & true).sum())
+            iou = (best.mask & true).sum() / (best.mask | true).sum()
+            assert iou >= 0.9, (i, obj, iou)
+            assert best.shape == obj.shape, (i, obj, best.shape)
 
 
 def test_pope_metrics_exact():
