@@ -193,3 +193,86 @@ def main_tokenizer(config: Any, topology: str, resolution: int = 0) -> Tokenizer
     report = compile_tokenizer_encode(config, topology, resolution)
     print(report.table())
     return report
+
+
+@dataclasses.dataclass
+class DecoderAotReport:
+    topology: str
+    num_devices: int
+    mesh: dict
+    conditioning: str
+    batch: int
+    resolution: int        # output image side
+    latent: tuple
+    unet_params: int
+    argument_gib: float
+    temp_gib: float
+    output_gib: float
+    alias_gib: float
+    peak_gib: float
+    hbm_gib: float | None
+    xla_flops: float
+    compile_s: float
+
+    def table(self) -> str:
+        fits = "unknown HBM size" if self.hbm_gib is None else (
+            "fits" if self.peak_gib <= self.hbm_gib else "DOES NOT FIT")
+        return "\n".join([
+            f"topology {self.topology}: {self.num_devices} chips, mesh {self.mesh}",
+            f"{self.conditioning} decoder UNet train step: batch {self.batch} x {self.resolution}^2 outputs "
+            f"(latents {self.latent}), UNet {self.unet_params / 1e9:.3f} B parameters",
+            f"per-chip memory: arguments {self.argument_gib:.2f} GiB, temporaries {self.temp_gib:.2f} GiB, "
+            f"outputs {self.output_gib:.2f} GiB (donated/aliased {self.alias_gib:.2f} GiB)",
+            f"peak per chip ~{self.peak_gib:.2f} GiB of {self.hbm_gib or '?'} GiB HBM: {fits}",
+            f"XLA FLOPs per chip {self.xla_flops:.3e}; compile time {self.compile_s:.1f} s",
+        ])
+
+
+def compile_decoder_step(config: Any, topology: str, resolution: int = 0, batch: int = 0) -> DecoderAotReport:
+    """Lowers and compiles the diffusion decoder's real UNet training step (the function, shardings
+    and donation `train-decoder` uses; the frozen tokenizer's features come in as an input) for a
+    TPU topology. `resolution`: token-image side (0 = config.data.resolution; outputs are 2x)."""
+    import math
+
+    import jax.numpy as jnp
+
+    from illume_jax.train.decoder import DecoderTrainer
+    devices = topology_devices(topology)
+    mesh = sharding.make_mesh(dict(config.mesh), devices=devices)
+    res = resolution or int(config.data.resolution)
+    batch = batch or int(config.train.batch_size)
+    trainer = DecoderTrainer(config, "/nonexistent-aot-workdir", mesh, "unet")
+    cfg = trainer.cfg
+    out_res = res * cfg.scale
+    latent = cfg.latent_shape(batch, (out_res, out_res))
+    bsh = lambda nd: sharding.batch_sharding(mesh, nd)  # noqa: E731
+    batch_abs = {"target": jax.ShapeDtypeStruct((batch, out_res, out_res, 3), jnp.float32, sharding=bsh(4))}
+    if cfg.kind == "illume_plus":
+        from illume_jax.models.dualvitok import DualViTokConfig, token_grids
+        _, (h, w) = token_grids(res, res, DualViTokConfig.from_config(config.tokenizer.model))
+        feats = jax.ShapeDtypeStruct((batch, h, w, cfg.code_channels), jnp.float32, sharding=bsh(4))
+    else:
+        from illume_jax.models.semantic_vq import SemanticVQConfig
+        tcfg = SemanticVQConfig.from_config(config.tokenizer.model)
+        feats = jax.ShapeDtypeStruct((batch, tcfg.grid ** 2, cfg.unet.cross_attention_dim), jnp.float32,
+                                     sharding=bsh(3))
+    t0 = time.time()
+    lowered = trainer._step.lower(trainer.abstract, batch_abs, feats)
+    compiled = lowered.compile()
+    compile_s = time.time() - t0
+    mem, cost = _analyses(compiled)
+    gib = 1024 ** 3
+    arg, temp, out = mem.argument_size_in_bytes / gib, mem.temp_size_in_bytes / gib, mem.output_size_in_bytes / gib
+    alias = mem.alias_size_in_bytes / gib
+    unet_params = sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract.params["unet"]))
+    return DecoderAotReport(
+        topology=topology, num_devices=len(devices), mesh=dict(mesh.shape), conditioning=cfg.kind, batch=batch,
+        resolution=out_res, latent=latent, unet_params=unet_params, argument_gib=arg, temp_gib=temp, output_gib=out,
+        alias_gib=alias, peak_gib=arg + temp + out - alias, hbm_gib=HBM_GIB.get(topology.split(":")[0]),
+        xla_flops=float(cost.get("flops", 0.0)), compile_s=compile_s)
+
+
+def main_decoder(config: Any, topology: str, resolution: int = 0) -> DecoderAotReport:
+    report = compile_decoder_step(config, topology, resolution)
+    print(report.table())
+    return report

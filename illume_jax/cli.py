@@ -11,6 +11,8 @@ Commands:
                  pre-training its tiny semantic ViT first when configured; resumes from the workdir
   encode-dataset pre-tokenize the config's images into codes (ArrayRecord) with the trained
                  tokenizer in --workdir (--split=train, --num=0 means all, --min_size=16)
+  train-decoder  train a diffusion decoder (configs/diffusion_decoder.py) on the codes of the trained
+                 tokenizer in config.tokenizer_workdir (tiny: its VAE first); resumes from the workdir
 
 The config is validated before anything is built or compiled.
 """
@@ -22,7 +24,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("demo", "train", "data", "aot", "train-tokenizer", "encode-dataset")
+COMMANDS = ("demo", "train", "data", "aot", "train-tokenizer", "encode-dataset", "train-decoder")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: configs/NAME.py[:key=value,...]",
                                           lock_config=True)
@@ -54,17 +56,28 @@ def main(argv: list[str]) -> None:
     # TFDS / Orbax log every file they write at INFO; keep the console to what matters.
     logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
-    tokenizer_config = config_check.is_tokenizer_config(config)
-    if tokenizer_config:
+    decoder_config = config_check.is_decoder_config(config)
+    tokenizer_config = not decoder_config and config_check.is_tokenizer_config(config)
+    if decoder_config:
+        config_check.validate_decoder(config)
+        if command not in ("train-decoder", "aot"):
+            _usage(f"{command!r} does not take a diffusion-decoder config; those take train-decoder or aot")
+    elif tokenizer_config:
         config_check.validate_tokenizer(config, training=command == "train-tokenizer")
         if command not in ("train-tokenizer", "encode-dataset", "aot"):
             _usage(f"{command!r} needs an MLLM/LLM config; {_CONFIG.value.model.kind} configs take "
                    "train-tokenizer, encode-dataset or aot")
     else:
         config_check.validate(config)
+        if command == "train-decoder":
+            _usage("'train-decoder' needs a diffusion-decoder config (configs/diffusion_decoder.py)")
         if command in ("train-tokenizer", "encode-dataset"):
             _usage(f"{command!r} needs a vision-tokenizer config (configs/dualvitok.py, configs/semantic_vq_illume.py)")
 
+    if command == "aot" and decoder_config:
+        from illume_jax import aot
+        aot.main_decoder(config, topology=_TOPOLOGY.value, resolution=_RESOLUTION.value)
+        return
     if command == "aot" and tokenizer_config:
         from illume_jax import aot
         aot.main_tokenizer(config, topology=_TOPOLOGY.value, resolution=_RESOLUTION.value)
@@ -98,6 +111,16 @@ def main(argv: list[str]) -> None:
         if not out["preempted"]:
             final = {k: v for k, v in out["tokenizer"].items() if isinstance(v, (int, float))}
             print("tokenizer:", ", ".join(f"{k}={v:.4g}" for k, v in sorted(final.items())), flush=True)
+    elif command == "train-decoder":
+        from illume_jax.sharding import maybe_initialize_distributed
+        from illume_jax.train import decoder
+        maybe_initialize_distributed()
+        out = decoder.train_decoder(config, workdir)
+        if not out["preempted"]:
+            for phase in ("vae", "unet"):
+                final = {k: v for k, v in out.get(phase, {}).items() if isinstance(v, (int, float))}
+                if final:
+                    print(f"{phase}:", ", ".join(f"{k}={v:.4g}" for k, v in sorted(final.items())), flush=True)
     elif command == "encode-dataset":
         from illume_jax.data.encode import encode_dataset
         summary = encode_dataset(config, workdir, split=_SPLIT.value, limit=_NUM.value if _NUM.present else 0,

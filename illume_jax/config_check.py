@@ -172,3 +172,44 @@ def validate_tokenizer(config: Any, *, training: bool = True):
         if not isinstance(w, (int, float)) or w < 0:
             _fail(f"train.loss_weights.{k}", w, "a number >= 0")
     return model
+
+
+def is_decoder_config(config: Any) -> bool:
+    """Diffusion-decoder experiment configs (configs/diffusion_decoder.py)."""
+    return "model" in config and config.model.get("kind") == "diffusion_decoder"
+
+
+def validate_decoder(config: Any):
+    """Validates a diffusion-decoder config; returns the parsed DecoderConfig. The nested
+    tokenizer config is validated as a tokenizer config (not for training)."""
+    import importlib
+    from illume_jax.models.diffusion_decoder import DecoderConfig
+    reference = importlib.import_module("configs.diffusion_decoder").get_config(
+        f"conditioning={config.model.get('conditioning', 'illume_plus')}")
+    for section in ("model", "model_init", "mesh", "tokenizer", "scheduler", "data", "vae_train", "train", "eval",
+                    "checkpoint"):
+        if section not in config:
+            raise ValueError(f"config.{section} is missing")
+        if section not in ("model", "tokenizer", "scheduler") and hasattr(config[section], "keys"):
+            _check_keys(section, config[section], set(reference[section].keys()))
+    _check_keys("model", config.model, set(reference.model.keys()))
+    model = DecoderConfig.from_config(config.model)
+    validate_tokenizer(config.tokenizer, training=False)
+    from illume_jax.infer import diffusion
+    diffusion.SchedulerConfig.from_diffusers(dict(config.scheduler))
+    if config.eval.sampler:
+        diffusion.SchedulerConfig.from_diffusers(dict(config.scheduler), sampler=config.eval.sampler)
+    for k in ("steps", "batch_size"):
+        if not isinstance(config.train[k], int) or config.train[k] < 1:
+            _fail(f"train.{k}", config.train[k], "a positive int")
+    if not 0.0 <= config.train.cond_drop < 1.0:
+        _fail("train.cond_drop", config.train.cond_drop, "a probability in [0, 1)")
+    if not 0.0 <= config.train.ema_decay < 1.0:
+        _fail("train.ema_decay", config.train.ema_decay, "a decay in [0, 1) (0 = no EMA)")
+    if config.vae_train.steps <= 0 and not config.model_init.vae_from:
+        _fail("model_init.vae_from", config.model_init.vae_from,
+              "a converted VAE folder when vae_train.steps is 0 (nothing would train the VAE)")
+    if config.data.resolution * model.scale % model.latent_factor:
+        _fail("data.resolution", config.data.resolution,
+              f"a size whose {model.scale}x output is a multiple of the VAE factor {model.latent_factor}")
+    return model

@@ -29,8 +29,11 @@ def _seed(*parts) -> int:
 class ShapeCompImages:
     """Scenes `index` of each level in `levels`, rendered on access (a pure function of the index)."""
 
-    def __init__(self, levels: Sequence[int], split: str, num_per_level: int):
+    def __init__(self, levels: Sequence[int], split: str, num_per_level: int, target_scale: int = 1):
+        """target_scale > 1 adds 'target': the same scene rendered exactly at that many times the
+        resolution (the super-resolution target of the diffusion decoder)."""
         self.levels = tuple(int(l) for l in levels)
+        self.target_scale = int(target_scale)
         for level in self.levels:
             shapecomp.get_level(level)
         shapecomp.world.check_split(split)
@@ -45,7 +48,10 @@ class ShapeCompImages:
         level, index = self.levels[i // self.num], i % self.num
         scene = shapecomp.make_scene(level, self.split, index)
         caption = shapecomp.dense_caption(scene) if index % 2 == 0 else shapecomp.short_caption(scene)
-        return {"image": shapecomp.render(scene), "caption": caption, "id": f"shapecomp-L{level}-{self.split}-{index}"}
+        rec = {"image": shapecomp.render(scene), "caption": caption, "id": f"shapecomp-L{level}-{self.split}-{index}"}
+        if self.target_scale > 1:
+            rec["target"] = shapecomp.render(shapecomp.scaled(scene, self.target_scale))
+        return rec
 
     def scene(self, i: int):
         return shapecomp.make_scene(self.levels[i // self.num], self.split, i % self.num)
@@ -134,22 +140,29 @@ class _Prepare:
     """Record -> {'image': float32 [S,S,3] in [-1,1] (+ 'text' ids)}; a picklable class so
     Grain worker processes can run it."""
 
-    def __init__(self, resolution: int, vocab: CaptionVocab | None, text_len: int):
+    def __init__(self, resolution: int, vocab: CaptionVocab | None, text_len: int, target_scale: int = 1):
         self.resolution, self.vocab, self.text_len = resolution, vocab, text_len
+        self.target_scale = target_scale
 
     def __call__(self, rec: dict) -> dict | None:
         if rec["image"] is None or min(rec["image"].shape[:2]) < 16:
             return None
         out = {"image": to_model_range(fit_resolution(rec["image"], self.resolution))}
+        if self.target_scale > 1:  # 'target': the image at target_scale x the resolution
+            big = self.resolution * self.target_scale
+            target = rec.get("target")
+            out["target"] = to_model_range(target if target is not None and target.shape[:2] == (big, big)
+                                           else fit_resolution(rec["image"], big))
         if self.vocab is not None:
             out["text"] = self.vocab.encode(rec["caption"], self.text_len)
         return out
 
 
-def image_source(data: Any, split: str = "train", data_dir: str = ""):
-    """The random-access image source a tokenizer config's `data` block names."""
+def image_source(data: Any, split: str = "train", data_dir: str = "", target_scale: int = 1):
+    """The random-access image source a tokenizer or decoder config's `data` block names."""
     if data.source == "shapecomp":
-        return ShapeCompImages(data.levels, split, int(data.num_examples if split == "train" else data.num_eval))
+        return ShapeCompImages(data.levels, split, int(data.num_examples if split == "train" else data.num_eval),
+                               target_scale=target_scale)
     if data.source == "dataset":
         from illume_jax.data import build
         return DatasetImages(build.data_source(data.dataset_config, data.dataset, data_dir, split))
@@ -158,8 +171,9 @@ def image_source(data: Any, split: str = "train", data_dir: str = ""):
 
 def make_image_iterator(source, *, batch_size: int, resolution: int, seed: int, process_index: int = 0,
                         process_count: int = 1, vocab: CaptionVocab | None = None, text_len: int = 24,
-                        num_workers: int = 0):
-    """Endless shuffled batches {'image': [b,S,S,3] (+ 'text': [b,L])}, b = batch_size / processes.
+                        num_workers: int = 0, target_scale: int = 1):
+    """Endless shuffled batches {'image': [b,S,S,3] (+ 'text': [b,L]; + 'target': [b,kS,kS,3]
+    for target_scale k > 1)}, b = batch_size / processes.
 
     A checkpointable Grain iterator: its state goes into the training checkpoint, so a resumed
     run sees exactly the batches it would have seen.
@@ -170,7 +184,7 @@ def make_image_iterator(source, *, batch_size: int, resolution: int, seed: int, 
         raise ValueError("the image source is empty")
     ds = grain.MapDataset.source(source).shuffle(seed=_seed("images", seed)).repeat()
     ds = ds[process_index::process_count]
-    ds = ds.map(_Prepare(resolution, vocab, text_len)).filter(lambda x: x is not None)
+    ds = ds.map(_Prepare(resolution, vocab, text_len, target_scale)).filter(lambda x: x is not None)
     it = ds.to_iter_dataset().batch(batch_size // process_count, drop_remainder=True)
     if num_workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))

@@ -244,11 +244,23 @@ class DualViTok(nnx.Module):
         pix = self.pixel_quantizer(z_pix)
         return sem, pix, target
 
+    @staticmethod
+    def merge_quants(sem_q: jax.Array, pix_q: jax.Array) -> jax.Array:
+        """Semantic vectors [B,h1,w1,z] bicubic-upsampled (torch a=-0.75, no antialias) to the pixel
+        grid and concatenated before the pixel vectors [B,h2,w2,z] -> the [B,h2,w2,2z] code map."""
+        up = resample.resize_bicubic(sem_q.astype(jnp.float32), pix_q.shape[1:3], antialias=False)
+        return jnp.concatenate([up.astype(pix_q.dtype), pix_q], axis=-1)
+
     def decode_vectors(self, sem_q: jax.Array, pix_q: jax.Array) -> jax.Array:
         """Quantised vectors (semantic [B,h1,w1,z], pixel [B,h2,w2,z]) -> images [B,H,W,3]."""
-        up = resample.resize_bicubic(sem_q.astype(jnp.float32), pix_q.shape[1:3], antialias=False)
-        quant = jnp.concatenate([up.astype(pix_q.dtype), pix_q], axis=-1)
+        quant = self.merge_quants(sem_q, pix_q)
         return self.pixel_decoder(self.pixel_post_quant_conv(quant), quant)
+
+    def code_map(self, semantic_codes: jax.Array, pixel_codes: jax.Array) -> jax.Array:
+        """Codes -> the merged code map [B,h2,w2,2z] that both the pixel decoder and the ILLUME+
+        SDXL diffusion decoder condition on (spec §2: 64 channels at official size)."""
+        return self.merge_quants(self.semantic_quantizer.lookup(semantic_codes),
+                                 self.pixel_quantizer.lookup(pixel_codes))
 
     def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """images [B,H,W,3] in [-1,1] -> (semantic codes [B,h1,w1], pixel codes [B,h2,w2]) int32."""

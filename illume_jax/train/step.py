@@ -116,6 +116,12 @@ def make_train_step(config: Any, stage_index: int, mesh: Mesh, graphdef=None, tx
     return MeshJit(jitted, mesh)
 
 
+# Random-init programs run once per training run but are thousands of tiny RNG kernels; XLA's
+# backend optimisation roughly halves their CPU compile time when switched off (14 s -> 7 s for
+# the tiny decoder UNet) and costs nothing that matters for a program that runs once.
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
 class MeshJit:
     """A jitted function always traced and called under its mesh and the logical-axis rules
     (`jax.set_mesh` cannot be entered inside jit; the layers' sharding constraints need it)."""

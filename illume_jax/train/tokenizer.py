@@ -31,7 +31,7 @@ from illume_jax.modules import quantizers
 from illume_jax.train import optim
 from illume_jax.train.phase import run_phase
 from illume_jax.train.state import shardings_like_params
-from illume_jax.train.step import MeshJit
+from illume_jax.train.step import INIT_COMPILER_OPTIONS, MeshJit
 
 
 @struct.dataclass
@@ -134,7 +134,8 @@ def pretrain_vit(config: Any, workdir: str, mesh, *, stop_after_steps: int | Non
                               rng=jax.random.key_data(jax.random.key(config.seed)))
 
     abs_state, out_sh = _shardings(jax.eval_shape(fresh, abs_params), mesh, abs_params)
-    init = _mesh_jit(lambda: fresh(nnx.state(make(), nnx.Param)), mesh, out_shardings=out_sh)
+    init = _mesh_jit(lambda: fresh(nnx.state(make(), nnx.Param)), mesh, out_shardings=out_sh,
+                     compiler_options=INIT_COMPILER_OPTIONS)
 
     def step(state: TokenizerState, batch):
         def loss_fn(params):
@@ -257,7 +258,7 @@ class TokenizerTrainer:
             disc = nnx.state(make_disc(), nnx.Param) if make_disc is not None else None
             return fresh(params, buffers, disc)
 
-        self._init = _mesh_jit(init, mesh, out_shardings=out_sh)
+        self._init = _mesh_jit(init, mesh, out_shardings=out_sh, compiler_options=INIT_COMPILER_OPTIONS)
         self._steps = {d: _mesh_jit(self._make_step(d), mesh, out_shardings=(out_sh, None), donate_argnums=(0,))
                        for d in ((False, True) if self.use_disc else (False,))}
         self._forward = _mesh_jit(self._eval_forward, mesh)
@@ -410,6 +411,26 @@ def train_tokenizer(config: Any, workdir: str, *, mesh=None, stop_after_steps: i
                     eval_every=config.train.eval_every, stop_after_steps=stop_after_steps)
     summary["tokenizer"] = {k: v for k, v in out.items() if k != "state"}
     return dict(summary, preempted=out["preempted"], state=out["state"], trainer=trainer)
+
+
+def saved_config(workdir: str):
+    """The config a tokenizer in `workdir` was trained with (from its latest checkpoint), or None."""
+    import json
+
+    import ml_collections as mlc
+    from illume_jax.train import checkpoint as ckpt_lib
+    directory = os.path.join(tokenizer_dir(os.path.abspath(workdir)), "checkpoints")
+    if not os.path.isdir(directory):
+        return None
+    ckpt = ckpt_lib.Checkpointer(directory, async_save=False)
+    step = ckpt.latest_step()
+    ckpt.close()
+    meta = os.path.join(directory, str(step), "meta", "metadata") if step is not None else ""
+    if not meta or not os.path.exists(meta):
+        return None
+    with open(meta) as f:
+        text = json.load(f).get("config")
+    return mlc.ConfigDict(json.loads(text)) if text else None
 
 
 def load_tokenizer(config: Any, workdir: str, mesh=None):

@@ -98,6 +98,15 @@ def make_scene(level: int, split: str, index: int) -> Scene:
     raise RuntimeError(f"could not place objects for level {level} {split} {index}")  # never seen in practice
 
 
+def scaled(scene: Scene, factor: int) -> Scene:
+    """The same scene at `factor` times the resolution (centres and radii scaled; rendering
+    stays exact), e.g. the 2x targets of a super-resolving diffusion decoder."""
+    if not isinstance(factor, (int, np.integer)) or factor < 1:
+        raise ValueError(f"factor={factor!r}: expected a positive int")
+    objs = tuple(dataclasses.replace(o, cx=o.cx * factor, cy=o.cy * factor, r=o.r * factor) for o in scene.objects)
+    return dataclasses.replace(scene, resolution=scene.resolution * factor, objects=objs)
+
+
 POSITION_THRESHOLD = 0.1   # GenEval's shrink factor on the summed box extents
 
 

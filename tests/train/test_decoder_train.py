@@ -1,0 +1,127 @@
+"""The diffusion-decoder trainer on micro configs: VAE phase then UNet phase on a micro DualViTok's
+codes, exact resume after an interruption, frozen parts, EMA, evaluation by sampling; config checks."""
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from configs import diffusion_decoder as decoder_config
+from illume_jax import config_check
+from illume_jax.train import decoder as dec
+from illume_jax.train import tokenizer as tok
+from train.test_tokenizer_train import micro_dualvitok
+
+
+@pytest.fixture(scope="module")
+def tokenizer_workdir(tmp_path_factory):
+    """A micro DualViTok with a checkpoint (2 steps: the decoder only needs its codes)."""
+    config = micro_dualvitok(perceptual="none", steps=2, disc_start=-1)
+    config.vit_pretrain.steps = 0
+    workdir = str(tmp_path_factory.mktemp("tokenizer"))
+    tok.train_tokenizer(config, workdir)
+    return workdir
+
+
+def micro_decoder(tokenizer_workdir: str, **train):
+    c = decoder_config.get_config(f"size=tiny,steps=4,vae_steps=2,batch=8,tokenizer_workdir={tokenizer_workdir}")
+    code_channels = 16  # micro DualViTok: 2 x z_channels 8
+    c.model.code_channels = code_channels
+    # Two levels (the SDXL block kinds, fewer parameters: init compiles dominate this test's time).
+    c.model.unet.update(in_channels=4 + code_channels, block_out_channels=(8, 16), norm_num_groups=4,
+                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 1),
+                        attention_head_dim=(1, 2), addition_time_embed_dim=4,
+                        projection_class_embeddings_input_dim=6 * 4 + 16)
+    c.model.vae.update(block_out_channels=(8, 16, 16), norm_num_groups=4)
+    c.vae_train.batch_size = 8
+    c.data.update(num_examples=64, num_eval=8)
+    c.train.update(eval_every=0, **train)
+    c.eval.update(num_images=8, batch_size=8, steps=2)
+    # Saves only at a stop and at phase ends: each Orbax save costs seconds on 8 fake devices.
+    c.checkpoint.update(every_steps=1000, async_save=False)
+    c.log_every = 1
+    return c
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_configs_validate():
+    for arg in ("size=tiny", "size=official", "size=tiny,conditioning=illume", "size=official,conditioning=illume"):
+        c = decoder_config.get_config(arg)
+        if "official" in arg:
+            c.model_init.vae_from = "/converted/sdxl-vae"  # official sizes load the released VAE
+        config_check.validate_decoder(c)
+    bad = decoder_config.get_config("size=tiny")
+    bad.model.unet.in_channels = 5
+    with pytest.raises(ValueError, match="in_channels"):
+        config_check.validate_decoder(bad)
+    bad = decoder_config.get_config("size=official")
+    with pytest.raises(ValueError, match="vae_from"):
+        config_check.validate_decoder(bad)
+    bad = decoder_config.get_config("size=tiny")
+    bad.train.cond_drop = 1.5
+    with pytest.raises(ValueError, match="cond_drop"):
+        config_check.validate_decoder(bad)
+
+
+def test_decoder_training_end_to_end_and_exact_resume(tokenizer_workdir, tmp_path):
+    config = micro_decoder(tokenizer_workdir)
+    config_check.validate_decoder(config)
+    full = dec.train_decoder(config, str(tmp_path / "full"))
+    assert not full["preempted"]
+    # Phase 1 measured the latent scale and saved the VAE beside it.
+    scaling = json.load(open(tmp_path / "full" / "vae" / "latent_scaling.json"))["scaling_factor"]
+    assert np.isfinite(scaling) and scaling > 0
+    assert full["trainer"].cfg.vae.scaling_factor == scaling
+    for key in ("val_psnr", "decoder_agreement", "decoder_miss_shape"):
+        assert key in full["unet"], full["unet"].keys()
+    assert 0 <= full["unet"]["decoder_agreement"] <= 1
+    rows = [json.loads(l) for l in open(tmp_path / "full" / "unet" / "metrics.jsonl")]
+    assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+    # The VAE is frozen in the UNet phase: it still equals phase 1's saved weights.
+    from flax import nnx
+    state, trainer = full["state"], full["trainer"]
+    vae_now = _leaves(state.params["vae"])
+    model = nnx.merge(trainer.graphdef, state.params)
+    dec.load_vae(model.vae, dec.final_vae_path(str(tmp_path / "full")))
+    for a, b in zip(vae_now, _leaves(nnx.state(model.vae, nnx.Param))):
+        np.testing.assert_array_equal(a, b)
+    # The EMA trails the weights.
+    assert any(not np.allclose(a, b) for a, b in zip(_leaves(state.ema), _leaves(state.params["unet"])))
+
+    # Stopped inside the UNet phase and resumed: the same weights, EMA included (no sampling
+    # evaluation here: it does not touch the state, and its compile is the slow part).
+    config.eval.num_images = 0
+    shutil.copytree(tmp_path / "full" / "vae", tmp_path / "resumed" / "vae")  # a finished phase is reused
+    part = dec.train_decoder(config, str(tmp_path / "resumed"), stop_after_steps=3)
+    assert part["preempted"]
+    done = dec.train_decoder(config, str(tmp_path / "resumed"))
+    assert not done["preempted"]
+    for a, b in zip(_leaves(full["state"].params), _leaves(done["state"].params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(_leaves(full["state"].ema), _leaves(done["state"].ema)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_decoder_needs_a_trained_tokenizer(tmp_path):
+    config = micro_decoder(str(tmp_path / "nothing-here"))
+    config.vae_train.steps = 0
+    config.model_init.vae_from = str(tmp_path / "vae")
+    with pytest.raises(ValueError, match="no tokenizer checkpoint"):
+        dec.train_decoder(config, str(tmp_path / "run"))
+
+
+def test_decoder_step_compiles_aot_for_a_tpu_topology(tokenizer_workdir):
+    pytest.importorskip("libtpu")
+    from illume_jax import aot
+    config = micro_decoder(tokenizer_workdir)
+    config.tokenizer = tok.saved_config(tokenizer_workdir)
+    report = aot.compile_decoder_step(config, "v5p:2x2x1", batch=8)
+    assert report.num_devices == 4 and report.latent == (8, 32, 32, 4)
+    assert report.peak_gib > 0 and report.unet_params > 0
+    assert "UNet" in report.table()
