@@ -42,10 +42,11 @@ def _median_s(fn, iters: int) -> tuple[float, float]:
 
 
 def _model_config(size: str):
+    """(our DecoderConfig, the config's diffusers-style unet and vae dicts)."""
     from configs import diffusion_decoder as decoder_config
     from illume_jax.models.diffusion_decoder import DecoderConfig
     c = decoder_config.get_config("size=tiny" if size == "tiny" else "size=official")
-    return DecoderConfig.from_config(c.model)
+    return DecoderConfig.from_config(c.model), c.model.unet.to_dict(), c.model.vae.to_dict()
 
 
 def main() -> None:
@@ -73,11 +74,11 @@ def main() -> None:
     from illume_jax.models import diffusion_decoder as dd
 
     torch.manual_seed(0)
-    cfg = _model_config(args.size)
+    cfg, unet_dict, vae_dict = _model_config(args.size)
     out_res = 128 if args.size == "tiny" else 1024
     code_res = out_res // 2 // (4 if args.size == "tiny" else 16)  # tiny: 64^2 tokens /4; official /16
-    t_unet = UNet2DConditionModel(**_diffusers_kwargs(UNet2DConditionModel, cfg.unet)).eval()
-    t_vae = TorchVAE(**_diffusers_kwargs(TorchVAE, cfg.vae)).eval()
+    t_unet = UNet2DConditionModel(**_diffusers_kwargs(UNet2DConditionModel, unet_dict)).eval()
+    t_vae = TorchVAE(**_diffusers_kwargs(TorchVAE, vae_dict)).eval()
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     with sharding.use_mesh(mesh):
         model = nnx.eval_shape(lambda: dd.DiffusionDecoder(cfg, rngs=nnx.Rngs(0)))
@@ -121,16 +122,11 @@ def main() -> None:
     print("wrote", path)
 
 
-def _diffusers_kwargs(cls, our_cfg) -> dict:
-    """Our (diffusers-named) config dataclass -> the constructor arguments `cls` accepts."""
-    import dataclasses
+def _diffusers_kwargs(cls, config: dict) -> dict:
+    """A diffusers-style config dict -> the constructor arguments `cls` accepts."""
     import inspect
     accepted = set(inspect.signature(cls.__init__).parameters)
-    out = {}
-    for k, v in dataclasses.asdict(our_cfg).items():
-        if k in accepted and v is not None:
-            out[k] = list(v) if isinstance(v, tuple) else v
-    return out
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if k in accepted}
 
 
 def _torch_decode(unet, vae, cfg, code: np.ndarray, noise: np.ndarray, steps: int, guidance: float):

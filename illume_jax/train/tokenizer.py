@@ -379,7 +379,10 @@ class TokenizerTrainer:
             out["val_psnr"] = recon_lib.psnr(np.stack(originals), np.stack(recons))
             out["val_ssim"] = recon_lib.ssim(np.stack(originals), np.stack(recons))
             if c.data.source == "shapecomp":
-                reasons = [recon_lib.reading_mismatch(a, b) for a, b in zip(originals, recons)]
+                from illume_jax.data import shapecomp
+                # The shapes the levels can hold (as the decoder's evaluation and GenEval-style grading do).
+                shapes = sorted({s for lv in c.data.levels for s in shapecomp.get_level(lv).shapes})
+                reasons = [recon_lib.reading_mismatch(a, b, shapes=shapes) for a, b in zip(originals, recons)]
                 out["tokenizer_ceiling"] = float(np.mean([r is None for r in reasons]))
                 # Why the rest fail (count / color / shape / offset): where a tokenizer needs work.
                 out.update({f"ceiling_miss_{r}": float(np.mean([x == r for x in reasons]))
