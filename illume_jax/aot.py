@@ -73,7 +73,10 @@ def topology_devices(topology: str) -> list:
     from jax.experimental import topologies
     try:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
-    except Exception as e:  # libtpu missing or an unknown name
+    except Exception as e:  # libtpu missing, busy, or an unknown name
+        if "lockfile" in str(e):  # libtpu serves one process per host, AOT compiles included
+            raise RuntimeError(f"--topology={topology!r}: libtpu is in use by another process on this host "
+                               "(one at a time, even for ahead-of-time compiles); wait for it to finish") from e
         raise ValueError(f"--topology={topology!r}: cannot describe it ({e}). Install the `tpu` extra "
                          f"(pip install -e '.[tpu]') and use names like v5p:2x2x1, v5p:4x4x4, v6e:2x2") from e
     return list(desc.devices)
