@@ -20,9 +20,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+# Key/path helpers shared by every torch converter live in convert/movq.py (the first of them).
+from illume_jax.convert.movq import Path, _fmt, _one_device_mesh, _path, _to_numpy, nest
 from illume_jax.models import unet
-
-Path = tuple[Any, ...]
 
 # (torch key regex, our leaf path (re.sub template, '.'-separated), layout); first match wins.
 _TABLE: tuple[tuple[re.Pattern, str, str], ...] = tuple((re.compile(p), t, k) for p, t, k in (
@@ -30,23 +30,6 @@ _TABLE: tuple[tuple[re.Pattern, str, str], ...] = tuple((re.compile(p), t, k) fo
     (r"^(.*)\.weight$", r"\1.kernel", "weight"),                             # Conv2d / Linear
     (r"^(.*)\.bias$", r"\1.bias", "bias"),
 ))
-
-
-def _to_numpy(v: Any) -> np.ndarray:
-    if hasattr(v, "detach"):  # torch.Tensor (bf16/fp16 -> fp32 on the way: numpy has no bf16)
-        v = v.detach().cpu()
-        if v.is_floating_point():
-            v = v.float()
-        v = v.numpy()
-    return np.asarray(v)
-
-
-def _path(dotted: str) -> Path:
-    return tuple(int(p) if p.isdigit() else p for p in dotted.split("."))
-
-
-def _fmt(path: Path) -> str:
-    return "/".join(str(p) for p in path)
 
 
 def map_key(key: str) -> tuple[Path, str]:
@@ -145,25 +128,9 @@ def params_from_torch(state_dict: Mapping[str, Any], expected: Mapping[Path, tup
     return out
 
 
-def nest(flat: Mapping[Path, np.ndarray]) -> dict:
-    """{(a, 0, b): x} -> {'a': {0: {'b': x}}} (the nested layout of nnx.State)."""
-    out: dict = {}
-    for path, v in flat.items():
-        d = out
-        for p in path[:-1]:
-            d = d.setdefault(p, {})
-        d[path[-1]] = v
-    return out
-
-
 def params_from_diffusers(state_dict: Mapping[str, Any], cfg: unet.UNetConfig, prefix: str = "") -> dict:
     """Nested {name: {...: array}} parameters of `UNet(cfg)` from a diffusers state dict."""
     return nest(params_from_torch(state_dict, expected_shapes(unet.abstract(cfg)), prefix))
-
-
-def _one_device_mesh() -> jax.sharding.Mesh:
-    from illume_jax.sharding import make_mesh
-    return make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
 
 
 def load_diffusers_state(module: nnx.Module, state_dict: Mapping[str, Any], prefix: str = "",

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from illume_jax.convert.movq import Path, _fmt, _path, _to_numpy, expected_shapes, nest, unwrap_state_dict
+from illume_jax.convert.movq import (Path, _fmt, _one_device_mesh, _path, _to_numpy, expected_shapes, nest,
+                                     unwrap_state_dict)
 from illume_jax.models import vae
 
 
@@ -156,11 +157,6 @@ def params_from_torch(state_dict: Mapping[str, Any], expected: Mapping[Path, tup
 def params_from_diffusers(state_dict: Mapping[str, Any], cfg: vae.VAEConfig, prefix: str = "") -> dict:
     """Nested {name: {...: array}} params of `AutoencoderKL(cfg)` (the nnx.State layout)."""
     return nest(params_from_torch(state_dict, expected_shapes(vae.abstract(cfg)), prefix))
-
-
-def _one_device_mesh() -> jax.sharding.Mesh:
-    from illume_jax.sharding import make_mesh
-    return make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
 
 
 def load_diffusers_state(module: nnx.Module, state_dict: Mapping[str, Any], prefix: str = "",
