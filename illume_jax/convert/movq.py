@@ -74,6 +74,19 @@ def map_key(key: str) -> tuple[Path, str]:
     raise ValueError(f"no conversion rule for torch key {key!r}")
 
 
+def check_fit(what: str, prefix: str, missing: list, unexpected: list, mismatched: list) -> None:
+    """One error naming every missing, unexpected and wrong-shape tensor (shared by the torch converters)."""
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing}")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected}")
+    if mismatched:
+        problems.append(f"shape mismatches {mismatched}")
+    if problems:
+        raise ValueError(f"{what} state dict (prefix {prefix!r}) does not fit the model: " + "; ".join(problems))
+
+
 def params_from_torch(state_dict: Mapping[str, Any], prefix: str,
                       expected: Mapping[Path, tuple[int, ...]]) -> dict[Path, np.ndarray]:
     """Torch tensors under `prefix` -> {our path: array}, checked against `expected` shapes.
@@ -107,15 +120,7 @@ def params_from_torch(state_dict: Mapping[str, Any], prefix: str,
             continue
         out[path] = new
     missing = [f"{prefix}{_torch_key(p)} (for {_fmt(p)})" for p in expected if p not in seen]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors {missing}")
-    if unexpected:
-        problems.append(f"unexpected tensors {unexpected}")
-    if mismatched:
-        problems.append(f"shape mismatches {mismatched}")
-    if problems:
-        raise ValueError(f"MoVQ state dict (prefix {prefix!r}) does not fit the model: " + "; ".join(problems))
+    check_fit("MoVQ", prefix, missing, unexpected, mismatched)
     return out
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 # Key/path helpers shared by every torch converter live in convert/movq.py (the first of them).
-from illume_jax.convert.movq import Path, _fmt, _one_device_mesh, _path, _to_numpy, nest
+from illume_jax.convert.movq import Path, _fmt, _one_device_mesh, _path, _to_numpy, check_fit, nest
 from illume_jax.models import unet
 
 # (torch key regex, our leaf path (re.sub template, '.'-separated), layout); first match wins.
@@ -115,16 +115,7 @@ def params_from_torch(state_dict: Mapping[str, Any], expected: Mapping[Path, tup
             continue
         out[path] = _from_torch(w, path, tuple(expected[path]))
     missing = [f"{prefix}{_torch_key(p)} (for {_fmt(p)})" for p in expected if p not in seen]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors {missing}")
-    if unexpected:
-        problems.append(f"unexpected tensors {unexpected}")
-    if mismatched:
-        problems.append(f"shape mismatches {mismatched}")
-    if problems:
-        raise ValueError(f"diffusers UNet state dict (prefix {prefix!r}) does not fit the model: "
-                         + "; ".join(problems))
+    check_fit("diffusers UNet", prefix, missing, unexpected, mismatched)
     return out
 
 

@@ -20,8 +20,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from illume_jax.convert.movq import (Path, _fmt, _one_device_mesh, _path, _to_numpy, expected_shapes, nest,
-                                     unwrap_state_dict)
+from illume_jax.convert.movq import (Path, _fmt, _one_device_mesh, _path, _to_numpy, check_fit, expected_shapes,
+                                     nest, unwrap_state_dict)
 from illume_jax.models import vae
 
 
@@ -141,16 +141,7 @@ def params_from_torch(state_dict: Mapping[str, Any], expected: Mapping[Path, tup
             continue
         out[path] = new
     missing = [f"{prefix}{torch_key(p)[0]} (for {_fmt(p)})" for p in expected if p not in seen]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors {missing}")
-    if unexpected:
-        problems.append(f"unexpected tensors {unexpected}")
-    if mismatched:
-        problems.append(f"shape mismatches {mismatched}")
-    if problems:
-        raise ValueError(f"diffusers AutoencoderKL state dict (prefix {prefix!r}) does not fit the model: "
-                         + "; ".join(problems))
+    check_fit("diffusers AutoencoderKL", prefix, missing, unexpected, mismatched)
     return out
 
 
