@@ -1,0 +1,262 @@
+"""Interleaved text/image decoding for the MLLM: one jitted loop, per-row state, CFG as rows.
+
+The official InterleavedLogitsProcessor (spec §4.1) tracks one state for the whole batch (it reads
+`input_ids[0, -1]`), so rows that start an image at different steps become malformed. Here the
+state is an array per row, updated from that row's own last token, and every rule is array
+arithmetic over the vocabulary iota (no host round-trip, no per-row Python):
+
+  phase  TEXT -> (SOI) -> EXPECT_SOL0 -> LEVEL0 -> (EOL0) -> EXPECT_SOL1 -> LEVEL1 -> (EOL1)
+         -> EXPECT_EOI -> (EOI) -> TEXT (or DONE when the row stops at the image's end)
+  col, row  cells emitted in the current row / rows completed in the current level.
+
+Masks (allowed ids): in a level, `EOL` once `col == w`, the level's end once `row == h`, else
+that level's codes; between levels the one structure token that must come next; in text, all
+but codes and structure tokens (SOI and resolution tags only where the row may start an image). Each row has its
+own grids (h1, w1, h2, w2), so one batch can mix anchors.
+
+CFG (spec §4.1 step 2): the batch holds 2B rows: B conditional, then B unconditional prompts,
+each with its own KV-cache rows. Both rows of a pair are fed the conditional row's sampled token,
+so the unconditional branch sees the same image prefix; in image mode the scores are
+`g * (logp_cond - logp_uncond) + logp_uncond` in log-prob space, in text mode `logp_cond`.
+(Difference from the official code, which appends the generated tags + SOI to the unconditional
+prompt only when the image starts: here the unconditional rows also see any text the row
+generated before its image. For the official prompts — the image starts at the first generated
+token — the two are the same.)
+
+Sampling (spec §4.1 step 4): per-row (temperature, top-k, top-p) chosen by the row's level
+(text / level 0 / level 1), applied once each (the official script's double temperature and
+nested HF warpers are a transformers-4.44 side effect; spec §4.1 "Important"); temperature 0 is
+greedy. The step's random key is `fold_in(rng, step)`, so a run is reproducible from its seed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from illume_jax.models.mllm import EOL, EOL0, EOL1, EOI, SOI, SOL0, SOL1, ImageVocab
+
+TEXT, EXPECT_SOL0, LEVEL0, EXPECT_SOL1, LEVEL1, EXPECT_EOI, DONE = range(7)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """(text, level-0, level-1) sampling parameters. top_k 0 = off; temperature 0 = greedy.
+
+    Official defaults (spec §4.1/§4.2): level 0 takes the text values, level 1 the level-0
+    temperature / top-p and 3x its top-k."""
+    temperature: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    top_k: tuple[int, int, int] = (0, 0, 0)
+    top_p: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    guidance_scale: float = 1.0
+
+    @classmethod
+    def official(cls, temperature: float, top_k: int, top_p: float, guidance_scale: float) -> "Sampling":
+        return cls(temperature=(temperature,) * 3, top_k=(top_k, top_k, 3 * top_k), top_p=(top_p,) * 3,
+                   guidance_scale=guidance_scale)
+
+    @classmethod
+    def for_task(cls, task: str) -> "Sampling":
+        """The recommended settings of spec §4.2."""
+        if task == "t2i":
+            return cls.official(1.0, 2048, 1.0, 2.0)
+        if task == "edit":
+            return cls.official(0.7, 512, 0.8, 1.5)
+        if task == "understand":
+            return cls(temperature=(0.0, 0.0, 0.0))
+        raise ValueError(f"task {task!r}: expected 't2i', 'edit' or 'understand'")
+
+    def __post_init__(self):
+        for name in ("temperature", "top_k", "top_p"):
+            v = getattr(self, name)
+            if len(v) != 3:
+                raise ValueError(f"Sampling.{name}={v!r}: expected (text, level0, level1)")
+        if any(t < 0 for t in self.temperature) or any(k < 0 for k in self.top_k):
+            raise ValueError(f"Sampling: temperatures and top-k must be >= 0, got {self.temperature}, {self.top_k}")
+        if any(not 0 < p <= 1 for p in self.top_p):
+            raise ValueError(f"Sampling.top_p={self.top_p}: expected values in (0, 1]")
+
+
+@struct.dataclass
+class RowState:
+    """Per-row decoding state ([B] int32 / bool arrays)."""
+    phase: jax.Array
+    col: jax.Array
+    row: jax.Array
+    grids: jax.Array          # [B,4]: h1, w1, h2, w2
+    may_image: jax.Array      # bool: the row may open an image (False for understanding)
+    stop_at_eoi: jax.Array    # bool: the row is finished once its image is closed
+
+    @classmethod
+    def start(cls, grids, may_image, stop_at_eoi, phase=TEXT) -> "RowState":
+        """grids [B,4]; phase EXPECT_SOL0 when the prompt already ends with `<start_of_image>`
+        (forcing the image to start rather than waiting for the model to open it)."""
+        grids = jnp.asarray(grids, jnp.int32)
+        B = grids.shape[0]
+        zeros = jnp.zeros((B,), jnp.int32)
+        return cls(phase=jnp.broadcast_to(jnp.asarray(phase, jnp.int32), (B,)), col=zeros, row=zeros, grids=grids,
+                   may_image=jnp.broadcast_to(jnp.asarray(may_image, bool), (B,)),
+                   stop_at_eoi=jnp.broadcast_to(jnp.asarray(stop_at_eoi, bool), (B,)))
+
+    @property
+    def in_image(self):
+        return (self.phase >= EXPECT_SOL0) & (self.phase <= EXPECT_EOI)
+
+    @property
+    def level(self):
+        """0 text, 1 semantic level, 2 pixel level (selects the sampling parameters)."""
+        return jnp.where(self.phase == LEVEL0, 1, jnp.where(self.phase == LEVEL1, 2, 0))
+
+
+def allowed_mask(state: RowState, vocab: ImageVocab, vocab_size: int, eos_id: int) -> jax.Array:
+    """[B,V] bool: the ids each row may emit next."""
+    v = jnp.arange(vocab_size, dtype=jnp.int32)[None, :]
+    s = lambda which: vocab.first_id + which
+    in_l0 = (v >= vocab.level0_start) & (v < vocab.level1_start)
+    in_l1 = (v >= vocab.level1_start) & (v < vocab.end)
+    structure = (v >= vocab.first_id) & (v <= vocab.first_id + EOL1)
+    ph = state.phase[:, None]
+    col, row = state.col[:, None], state.row[:, None]
+    h1, w1, h2, w2 = (state.grids[:, i:i + 1] for i in range(4))
+
+    def level_mask(in_level, h, w, end):
+        return jnp.where(row >= h, v == s(end), jnp.where(col >= w, v == s(EOL), in_level))
+
+    # Text mode: text ids, and resolution tags where the row may make an image (rows past
+    # `vocab.end` are padding); understanding rows see no added id at all.
+    may = state.may_image[:, None]
+    text = (~(in_l0 | in_l1 | structure) & (v < vocab.end) & (may | (v < vocab.first_id))) | ((v == s(SOI)) & may)
+    mask = jnp.select(
+        [ph == TEXT, ph == EXPECT_SOL0, ph == LEVEL0, ph == EXPECT_SOL1, ph == LEVEL1, ph == EXPECT_EOI],
+        [text, v == s(SOL0), level_mask(in_l0, h1, w1, EOL0), v == s(SOL1), level_mask(in_l1, h2, w2, EOL1),
+         v == s(EOI)],
+        default=v == eos_id)  # DONE rows: anything fixed (their tokens are replaced by padding)
+    if eos_id >= 0:
+        mask = mask | ((ph == TEXT) & (v == eos_id))
+    # Never leave a row with nothing to emit (official: fall back to <|im_end|>).
+    return jnp.where(jnp.any(mask, axis=-1, keepdims=True), mask, v == max(eos_id, 0))
+
+
+def advance(state: RowState, tok: jax.Array, vocab: ImageVocab, eos_id: int) -> RowState:
+    """The state after each row emitted `tok` [B]."""
+    s = lambda which: vocab.first_id + which
+    ph, col, row = state.phase, state.col, state.row
+    in_level = (ph == LEVEL0) | (ph == LEVEL1)
+    is_eol = tok == s(EOL)
+    new_phase = jnp.select(
+        [ph == DONE,
+         (ph == TEXT) & (tok == eos_id),
+         (ph == TEXT) & (tok == s(SOI)),
+         (ph == EXPECT_SOL0) & (tok == s(SOL0)),
+         (ph == LEVEL0) & (tok == s(EOL0)),
+         (ph == EXPECT_SOL1) & (tok == s(SOL1)),
+         (ph == LEVEL1) & (tok == s(EOL1)),
+         (ph == EXPECT_EOI) & (tok == s(EOI))],
+        [DONE, DONE, EXPECT_SOL0, LEVEL0, EXPECT_SOL1, LEVEL1, EXPECT_EOI,
+         jnp.where(state.stop_at_eoi, DONE, TEXT)],
+        default=ph)
+    entered = new_phase != ph
+    new_col = jnp.where(entered, 0, jnp.where(in_level & is_eol, 0, jnp.where(in_level, col + 1, col)))
+    new_row = jnp.where(entered, 0, jnp.where(in_level & is_eol, row + 1, row))
+    return state.replace(phase=new_phase, col=new_col, row=new_row)
+
+
+def guided_scores(logits: jax.Array, state: RowState, guidance_scale: jax.Array) -> jax.Array:
+    """logits [2B,V] (cond rows, then uncond rows) or [B,V] (no CFG) -> scores [B,V] (log-probs)."""
+    B = state.phase.shape[0]
+    cond = jax.nn.log_softmax(logits[:B].astype(jnp.float32), axis=-1)
+    if logits.shape[0] == B:
+        return cond
+    uncond = jax.nn.log_softmax(logits[B:].astype(jnp.float32), axis=-1)
+    g = jnp.asarray(guidance_scale, jnp.float32)
+    # = g * (cond - uncond) + uncond, written so that g = 1 gives `cond` bit for bit.
+    guided = cond + (g - 1.0) * (cond - uncond)
+    return jnp.where(state.in_image[:, None], guided, cond)
+
+
+def warp_and_sample(scores: jax.Array, level: jax.Array, sampling: Sampling, rng: jax.Array) -> jax.Array:
+    """Masked scores [B,V] -> sampled ids [B]: per-row temperature / top-k / top-p by level."""
+    V = scores.shape[-1]
+    temp = jnp.asarray(sampling.temperature, jnp.float32)[level]
+    top_p = jnp.asarray(sampling.top_p, jnp.float32)[level]
+    ks = [k if 0 < k < V else V for k in sampling.top_k]
+    k_row = jnp.asarray(ks, jnp.int32)[level]
+    greedy = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    x = scores / jnp.maximum(temp, 1e-6)[:, None]
+    k_max = max(ks)
+    if k_max < V or any(p < 1.0 for p in sampling.top_p):
+        vals, _ = jax.lax.top_k(x, k_max)                      # sorted, descending
+        in_k = jnp.arange(k_max)[None, :] < k_row[:, None]
+        kth = jnp.take_along_axis(vals, (k_row - 1)[:, None], axis=-1)
+        # top-p over the top-k survivors: keep the smallest prefix whose mass reaches p
+        # (the first token always stays).
+        probs = jax.nn.softmax(jnp.where(in_k, vals, -jnp.inf), axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        keep = in_k & (before < top_p[:, None])
+        n_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)
+        pth = jnp.take_along_axis(vals, (n_keep - 1)[:, None], axis=-1)
+        x = jnp.where(x < jnp.maximum(kth, pth), -jnp.inf, x)
+    sampled = jax.random.categorical(rng, x, axis=-1).astype(jnp.int32)
+    return jnp.where(temp > 0, sampled, greedy)
+
+
+def next_tokens(logits: jax.Array, state: RowState, sampling: Sampling, rng: jax.Array, vocab: ImageVocab,
+                eos_id: int, pad_id: int) -> jax.Array:
+    """One processor step: CFG, hard masks, warps, sampling; DONE rows emit `pad_id`."""
+    scores = guided_scores(logits, state, sampling.guidance_scale)
+    mask = allowed_mask(state, vocab, scores.shape[-1], eos_id)
+    scores = jnp.where(mask, scores, -jnp.inf)
+    tok = warp_and_sample(scores, state.level, sampling, rng)
+    return jnp.where(state.phase == DONE, pad_id, tok)
+
+
+@struct.dataclass
+class Prompts:
+    """A batch of left-padded prompts. With CFG, rows [0,B) are conditional and [B,2B) their
+    unconditional counterparts. tokens/slots/cells/mask [R,P]; images [R,M,H,W,3] or None."""
+    tokens: jax.Array
+    mask: jax.Array
+    slots: jax.Array
+    cells: jax.Array
+    images: jax.Array | None = None
+
+
+@functools.partial(nnx.jit, static_argnames=("vocab", "sampling", "max_new_tokens", "eos_id", "pad_id"))
+def generate(model, prompts: Prompts, state: RowState, rng: jax.Array, *, vocab: ImageVocab, sampling: Sampling,
+             max_new_tokens: int, eos_id: int, pad_id: int = 0) -> tuple[jax.Array, RowState]:
+    """Prefill + `lax.while_loop` decode. Returns (tokens [B, max_new_tokens], final state).
+
+    `model` is an `MLLM`. The loop ends when every conditional row is DONE or after
+    max_new_tokens; finished rows emit `pad_id`."""
+    R, P = prompts.tokens.shape
+    B = state.phase.shape[0]
+    if R not in (B, 2 * B):
+        raise ValueError(f"prompts: {R} rows for {B} outputs; expected {B} (no CFG) or {2 * B} (CFG)")
+    seg = prompts.mask.astype(jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
+    embeds = model.embed(prompts.tokens, prompts.slots, prompts.cells, prompts.images)
+    cache = model.llm.init_cache(R, P + max_new_tokens)
+    logits, cache = model.llm.decode(None, cache, positions=positions, segment_ids=seg, inputs_embeds=embeds)
+    next_pos = positions[:, -1] + 1
+
+    def cond(carry):
+        i, _, _, _, _, st = carry
+        return (i < max_new_tokens) & ~jnp.all(st.phase == DONE)
+
+    def body(carry):
+        i, last, pos, out, cache, st = carry
+        tok = next_tokens(last, st, sampling, jax.random.fold_in(rng, i), vocab, eos_id, pad_id)
+        out = out.at[:, i].set(tok)
+        st = advance(st, tok, vocab, eos_id)
+        feed = jnp.tile(tok, R // B)
+        step_logits, cache = model.llm.decode(feed[:, None], cache, positions=pos[:, None],
+                                              segment_ids=jnp.ones((R, 1), jnp.int32))
+        return i + 1, step_logits[:, 0], pos + 1, out, cache, st
+
+    init = (jnp.zeros((), jnp.int32), logits[:, -1], next_pos,
+            jnp.full((B, max_new_tokens), pad_id, jnp.int32), cache, state)
+    _, _, _, out, _, state = jax.lax.while_loop(cond, body, init)
+    return out, state

@@ -1,0 +1,353 @@
+"""The unified MLLM of ILLUME+ (spec §3): continuous image input, discrete image output.
+
+Three pieces, one file because they only make sense together:
+
+* `ImageVocab` — the token-id layout of the added vocabulary (spec §3.2): 7 structure tokens,
+  height/width resolution tags, then the level-0 (semantic) and level-1 (pixel) codes, all after
+  the text vocabulary. With the official sizes it reproduces the official ids exactly
+  (`<start_of_image>` = 151665, level-0 codes from 151704, level-1 codes from 184472, 282776 ids).
+* The image-block builder — one skeleton for both directions (spec §3.3 / §3.4):
+  SOI, SOL0, h1 rows of w1 cells each followed by EOL, EOL0, SOL1, h2 rows of w2 cells + EOL,
+  EOL1, EOI. Every position is a fixed structure id or a *slot*; a slot is either a continuous
+  feature (understanding input: projected ViT / pixel-encoder features) or a discrete code
+  (generation output: the code id is the token). `block_template` describes a block once;
+  data assembly, the generation-time state machine and output parsing all use it.
+* `MLLM` — the LLM (models/llm.py) + `DualVisionTower` (the tokenizer's Qwen2-VL ViT and MoVQ
+  pixel encoder, features before quantisation) + `MixedProjector` (two 2-layer GELU MLPs).
+  `embed(...)` splices projected features into the token embeddings at their slots; the rest is
+  the plain LLM, so cached decoding (`LLM.decode`) works unchanged on the spliced embeddings.
+
+Token arrays carry two companions of the same shape: `slots` (what each position is, SLOT_*)
+and `cells` (for a slot: image index within the row x cells per image + raster cell index).
+Discrete code slots hold placeholder ids until `fill_codes` writes the codes the frozen
+tokenizer produced, so the data pipeline never has to run the tokenizer.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from illume_jax.models import dualvitok as dvt
+from illume_jax.models import movq, vit
+from illume_jax.models.llm import LLM, LLMConfig
+from illume_jax.modules.linear import Dense
+from illume_jax.sharding import constrain
+
+# What a sequence position holds.
+SLOT_TEXT = 0        # an ordinary token id (text, structure token, resolution tag)
+SLOT_SEM_IN = 1      # a projected semantic (ViT merger) feature: continuous input
+SLOT_PIX_IN = 2      # a projected pixel-encoder feature: continuous input
+SLOT_SEM_OUT = 3     # a level-0 (semantic) code token: discrete output
+SLOT_PIX_OUT = 4     # a level-1 (pixel) code token: discrete output
+
+# Ids of the 7 structure tokens, as offsets from `ImageVocab.first_id` (spec §3.2 order).
+SOI, EOI, EOL, SOL0, EOL0, SOL1, EOL1 = range(7)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageVocab:
+    """Ids of ILLUME+'s added tokens, appended after `first_id` text ids (spec §3.2)."""
+    first_id: int = 151665          # = the text tokenizer's length (Qwen2.5: 151,665)
+    semantic_codes: int = 32768
+    pixel_codes: int = 98304
+    tag_step: int = 64              # resolution tags <height_64> .. <height_1024>
+    max_side: int = 1024
+
+    @property
+    def num_tags(self) -> int:
+        return self.max_side // self.tag_step
+
+    def structure(self, which: int) -> int:
+        return self.first_id + which
+
+    @property
+    def soi(self) -> int:
+        return self.first_id + SOI
+
+    @property
+    def eoi(self) -> int:
+        return self.first_id + EOI
+
+    @property
+    def eol(self) -> int:
+        return self.first_id + EOL
+
+    def height_tag(self, h: int) -> int:
+        return self.first_id + 6 + self._tag_index("height", h)
+
+    def width_tag(self, w: int) -> int:
+        return self.first_id + 6 + self.num_tags + self._tag_index("width", w)
+
+    def _tag_index(self, what: str, v: int) -> int:
+        if v % self.tag_step or not self.tag_step <= v <= self.max_side:
+            raise ValueError(f"image {what} {v}: resolution tags exist for multiples of {self.tag_step} "
+                             f"in [{self.tag_step}, {self.max_side}]")
+        return v // self.tag_step
+
+    def tag_value(self, token: int) -> tuple[str, int] | None:
+        """('height' | 'width', pixels) for a resolution-tag id, else None."""
+        k = token - self.first_id - 6
+        if 1 <= k <= self.num_tags:
+            return "height", k * self.tag_step
+        if self.num_tags + 1 <= k <= 2 * self.num_tags:
+            return "width", (k - self.num_tags) * self.tag_step
+        return None
+
+    @property
+    def level0_start(self) -> int:
+        return self.first_id + 7 + 2 * self.num_tags
+
+    @property
+    def level1_start(self) -> int:
+        return self.level0_start + self.semantic_codes
+
+    @property
+    def end(self) -> int:
+        """One past the last added id (the tokenizer length: 282,776 official)."""
+        return self.level1_start + self.pixel_codes
+
+    def is_image_token(self, ids):
+        """Any id of the added vocabulary (structure, tag or code); numpy or jnp arrays."""
+        return (ids >= self.first_id) & (ids < self.end)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockTemplate:
+    """One image block: `ids` (structure ids; slots hold -1), `slots` (SLOT_TEXT for structure
+    tokens, SLOT_SEM_* / SLOT_PIX_* for cells) and `cells` (raster cell index within its level)."""
+    grids: tuple[tuple[int, int], tuple[int, int]]
+    ids: np.ndarray
+    slots: np.ndarray
+    cells: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def block_template(grids: Sequence[Sequence[int]], vocab: ImageVocab, *, continuous: bool) -> BlockTemplate:
+    """The block for semantic grid (h1, w1) and pixel grid (h2, w2) (spec §3.3/§3.4)."""
+    (h1, w1), (h2, w2) = (tuple(int(v) for v in g) for g in grids)
+    ids, slots, cells = [], [], []
+
+    def fixed(which):
+        ids.append(vocab.structure(which))
+        slots.append(SLOT_TEXT)
+        cells.append(0)
+
+    def level(h, w, start, end, slot):
+        fixed(start)
+        for r in range(h):
+            for c in range(w):
+                ids.append(-1)
+                slots.append(slot)
+                cells.append(r * w + c)
+            fixed(EOL)
+        fixed(end)
+
+    fixed(SOI)
+    level(h1, w1, SOL0, EOL0, SLOT_SEM_IN if continuous else SLOT_SEM_OUT)
+    level(h2, w2, SOL1, EOL1, SLOT_PIX_IN if continuous else SLOT_PIX_OUT)
+    fixed(EOI)
+    return BlockTemplate(((h1, w1), (h2, w2)), np.asarray(ids, np.int32), np.asarray(slots, np.int32),
+                         np.asarray(cells, np.int32))
+
+
+def block_length(grids: Sequence[Sequence[int]]) -> int:
+    (h1, w1), (h2, w2) = grids
+    return 6 + h1 * (w1 + 1) + h2 * (w2 + 1)
+
+
+def block_ids(template: BlockTemplate, semantic_codes: np.ndarray, pixel_codes: np.ndarray,
+              vocab: ImageVocab) -> np.ndarray:
+    """A discrete block as plain token ids (the text form of spec §3.4)."""
+    (h1, w1), (h2, w2) = template.grids
+    if np.shape(semantic_codes) != (h1, w1) or np.shape(pixel_codes) != (h2, w2):
+        raise ValueError(f"codes: expected semantic {h1}x{w1} and pixel {h2}x{w2} grids, got "
+                         f"{np.shape(semantic_codes)} and {np.shape(pixel_codes)}")
+    out = template.ids.copy()
+    sem = template.slots == SLOT_SEM_OUT
+    pix = template.slots == SLOT_PIX_OUT
+    out[sem] = np.asarray(semantic_codes).reshape(-1)[template.cells[sem]] + vocab.level0_start
+    out[pix] = np.asarray(pixel_codes).reshape(-1)[template.cells[pix]] + vocab.level1_start
+    return out
+
+
+def parse_block(ids: Sequence[int], grids, vocab: ImageVocab) -> tuple[np.ndarray, np.ndarray]:
+    """Generated ids starting at `<start_of_image>` -> (semantic [h1,w1], pixel [h2,w2]) codes.
+
+    Raises ValueError naming the first position that breaks the layout (the jitted sampler's
+    masks make this impossible; it guards against ids from elsewhere)."""
+    t = block_template(grids, vocab, continuous=False)
+    ids = np.asarray(ids, np.int64)
+    if len(ids) < len(t):
+        raise ValueError(f"image block: {len(ids)} tokens, expected {len(t)} for grids {t.grids}")
+    ids = ids[:len(t)]
+    fixed = t.slots == SLOT_TEXT
+    bad = np.nonzero(fixed & (ids != t.ids))[0]
+    sem = t.slots == SLOT_SEM_OUT
+    pix = t.slots == SLOT_PIX_OUT
+    bad_sem = np.nonzero(sem & ((ids < vocab.level0_start) | (ids >= vocab.level1_start)))[0]
+    bad_pix = np.nonzero(pix & ((ids < vocab.level1_start) | (ids >= vocab.end)))[0]
+    for where in (bad, bad_sem, bad_pix):
+        if len(where):
+            i = int(where[0])
+            raise ValueError(f"image block: position {i} holds id {int(ids[i])}, which breaks the layout "
+                             f"(expected {'structure id ' + str(int(t.ids[i])) if fixed[i] else 'a code id'})")
+    (h1, w1), (h2, w2) = t.grids
+    return ((ids[sem] - vocab.level0_start).reshape(h1, w1).astype(np.int32),
+            (ids[pix] - vocab.level1_start).reshape(h2, w2).astype(np.int32))
+
+
+def fill_codes(tokens: jax.Array, slots: jax.Array, cells: jax.Array, semantic_codes: jax.Array,
+               pixel_codes: jax.Array, vocab: ImageVocab) -> jax.Array:
+    """Writes code ids into the discrete slots. tokens/slots/cells [B,T]; codes [B, M*n] (the
+    row's M images flattened in order, so `cells` = image * n + cell)."""
+    def take(codes, slot):
+        idx = jnp.where(slots == slot, cells, 0)
+        return jnp.take_along_axis(codes, jnp.clip(idx, 0, codes.shape[1] - 1), axis=1)
+    sem = take(semantic_codes, SLOT_SEM_OUT) + vocab.level0_start
+    pix = take(pixel_codes, SLOT_PIX_OUT) + vocab.level1_start
+    return jnp.where(slots == SLOT_SEM_OUT, sem, jnp.where(slots == SLOT_PIX_OUT, pix, tokens)).astype(tokens.dtype)
+
+
+# -- model ------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class MLLMConfig:
+    llm: LLMConfig
+    tokenizer: dvt.DualViTokConfig  # the tower reuses its ViT and pixel encoder; grids come from it
+    vocab: ImageVocab
+    # ViT blocks below this index get no gradient (official stage 3: tune_vit_from_layer=16).
+    vit_trainable_from: int = 0
+
+    def __post_init__(self):
+        if self.vocab.first_id != self.llm.text_vocab_size:
+            raise ValueError(f"the image vocabulary starts at {self.vocab.first_id} but config.model.text_vocab_size "
+                             f"is {self.llm.text_vocab_size}; they must be equal")
+        if self.vocab.end > self.llm.vocab_size:
+            raise ValueError(f"config.model.vocab_size={self.llm.vocab_size} is too small for the image vocabulary "
+                             f"(needs >= {self.vocab.end} = {self.llm.text_vocab_size} text + "
+                             f"{self.vocab.end - self.vocab.first_id} added ids)")
+        if (self.vocab.semantic_codes, self.vocab.pixel_codes) != (self.tokenizer.semantic_codes,
+                                                                   self.tokenizer.pixel_codes):
+            raise ValueError(f"image vocabulary codes ({self.vocab.semantic_codes}, {self.vocab.pixel_codes}) differ "
+                             f"from the tokenizer's codebooks ({self.tokenizer.semantic_codes}, "
+                             f"{self.tokenizer.pixel_codes})")
+
+    @classmethod
+    def create(cls, llm_config: Any, tokenizer_config: Any, *, vit_trainable_from: int = 0,
+               tag_step: int = 64, max_side: int = 1024) -> "MLLMConfig":
+        llm = llm_config if isinstance(llm_config, LLMConfig) else LLMConfig.from_config(llm_config)
+        tok = tokenizer_config if isinstance(tokenizer_config, dvt.DualViTokConfig) \
+            else dvt.DualViTokConfig.from_config(tokenizer_config)
+        vocab = ImageVocab(first_id=llm.text_vocab_size, semantic_codes=tok.semantic_codes,
+                           pixel_codes=tok.pixel_codes, tag_step=tag_step, max_side=max_side)
+        return cls(llm=llm, tokenizer=tok, vocab=vocab, vit_trainable_from=vit_trainable_from)
+
+    def grids(self, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        return dvt.token_grids(h, w, self.tokenizer)
+
+    def cells_per_image(self, h: int, w: int) -> tuple[int, int]:
+        (h1, w1), (h2, w2) = self.grids(h, w)
+        return h1 * w1, h2 * w2
+
+
+class MLP2(nnx.Module):
+    """Linear -> GELU (erf, torch's default) -> Linear: one branch of the official MixedProjector."""
+
+    def __init__(self, d_in: int, d_out: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.fc1 = Dense((d_in,), (d_out,), axes=(None, "mlp"), use_bias=True, dtype=dtype,
+                         param_dtype=param_dtype, rngs=rngs)
+        self.fc2 = Dense((d_out,), (d_out,), axes=("mlp", "embed"), use_bias=True, dtype=dtype,
+                         param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class DualVisionTower(nnx.Module):
+    """The tokenizer's encoders before quantisation (spec §3.3): Qwen2-VL ViT merger features
+    (hidden_size wide) and MoVQ encoder z (z_channels wide, before `pixel_quant_conv`)."""
+
+    def __init__(self, cfg: dvt.DualViTokConfig, *, trainable_from: int = 0, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.trainable_from = trainable_from
+        self.vit = vit.Qwen2VisionTransformer(cfg.vit, rngs=rngs)
+        self.pixel_encoder = movq.MoVQEncoder(cfg.pixel_encoder, rngs=rngs)
+
+    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """images [N,H,W,3] in [-1,1] -> (semantic [N,h1*w1,hidden], pixel [N,h2*w2,z])."""
+        c = self.cfg.vit
+        size = dvt.semantic_input_size(images.shape[1], images.shape[2], c.patch_size * c.spatial_merge_size)
+        x = dvt.scale_for_vit(images, size)
+        patches, positions, _ = vit.patchify_qwen2(x, c.patch_size, c.temporal_patch_size, c.spatial_merge_size)
+        sem = self.vit(patches.astype(jnp.dtype(c.dtype)), positions, trainable_from=self.trainable_from)
+        pix = self.pixel_encoder(images)
+        return sem, pix.reshape(pix.shape[0], -1, pix.shape[-1])
+
+
+class MixedProjector(nnx.Module):
+    def __init__(self, semantic_dim: int, pixel_dim: int, d_model: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.semantic = MLP2(semantic_dim, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.pixel = MLP2(pixel_dim, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+class MLLM(nnx.Module):
+    """LLM + vision tower + projector. Parameter paths: `llm/...` (as models/llm.py),
+    `vision/vit/...`, `vision/pixel_encoder/...`, `projector/{semantic,pixel}/fc{1,2}/...`."""
+
+    def __init__(self, cfg: MLLMConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.llm = LLM(cfg.llm, rngs=rngs)
+        self.vision = DualVisionTower(cfg.tokenizer, trainable_from=cfg.vit_trainable_from, rngs=rngs)
+        self.projector = MixedProjector(cfg.tokenizer.vit.hidden_size, cfg.tokenizer.pixel_encoder.z_channels,
+                                        cfg.llm.d_model, dtype=cfg.llm.compute_dtype,
+                                        param_dtype=cfg.llm.weight_dtype, rngs=rngs)
+
+    def image_features(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """images [B,M,H,W,3] -> projected (semantic [B, M*n0, D], pixel [B, M*n1, D])."""
+        B, M = images.shape[:2]
+        sem, pix = self.vision(images.reshape(B * M, *images.shape[2:]))
+        sem = self.projector.semantic(sem.astype(self.cfg.llm.compute_dtype))
+        pix = self.projector.pixel(pix.astype(self.cfg.llm.compute_dtype))
+        return sem.reshape(B, -1, sem.shape[-1]), pix.reshape(B, -1, pix.shape[-1])
+
+    def embed(self, tokens: jax.Array, slots: jax.Array | None = None, cells: jax.Array | None = None,
+              images: jax.Array | None = None) -> jax.Array:
+        """Token embeddings with projected image features spliced in at the continuous slots.
+        tokens/slots/cells [B,T]; images [B,M,H,W,3] (M images per row, in slot order) or None."""
+        x = self.llm.embed_tokens(jnp.where(tokens < 0, 0, tokens))
+        if images is None or images.shape[1] == 0:
+            return x
+        sem, pix = self.image_features(images)
+
+        def take(feats, slot):
+            idx = jnp.clip(jnp.where(slots == slot, cells, 0), 0, feats.shape[1] - 1)
+            return jnp.take_along_axis(feats, idx[..., None], axis=1)
+        x = jnp.where((slots == SLOT_SEM_IN)[..., None], take(sem, SLOT_SEM_IN).astype(x.dtype), x)
+        x = jnp.where((slots == SLOT_PIX_IN)[..., None], take(pix, SLOT_PIX_IN).astype(x.dtype), x)
+        return constrain(x, "batch", "act_seq", "act_embed")
+
+    def __call__(self, tokens: jax.Array, *, slots: jax.Array | None = None, cells: jax.Array | None = None,
+                 images: jax.Array | None = None, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """-> logits [B,T,V] fp32 (discrete slots must already hold code ids: `fill_codes`)."""
+        return self.llm(inputs_embeds=self.embed(tokens, slots, cells, images), positions=positions,
+                        segment_ids=segment_ids)
+
+
+def load_tower_from_tokenizer(model: MLLM, tokenizer: dvt.DualViTok) -> None:
+    """Copies the tokenizer's ViT and pixel encoder into the MLLM's tower (the official
+    DualVisionTower takes these submodules from a DualViTok instance)."""
+    nnx.update(model.vision.vit, nnx.state(tokenizer.semantic_encoder.vit, nnx.Param))
+    nnx.update(model.vision.pixel_encoder, nnx.state(tokenizer.pixel_encoder, nnx.Param))
+
+
+def create_mllm(cfg: MLLMConfig, mesh: jax.sharding.Mesh | None = None, seed: int = 0) -> MLLM:
+    """The model with every parameter created sharded (init inside jit under the mesh)."""
+    return vit.create_sharded(lambda: MLLM(cfg, rngs=nnx.Rngs(seed)), mesh)

@@ -1,0 +1,144 @@
+"""The MLLM's token layout (spec §3.2), the shared image-block skeleton (§3.3/§3.4) for every
+anchor, code filling and feature splicing."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import common
+from configs import dualvitok as dualvitok_config
+from illume_jax.models import dualvitok, mllm
+from tests.models.test_dualvitok import SPEC_TABLE, official_cfg
+
+OFFICIAL = mllm.ImageVocab()  # Qwen2.5 text vocabulary + DualViTok codebooks
+
+
+def test_official_token_ids():
+    v = OFFICIAL
+    assert (v.soi, v.eoi, v.eol) == (151665, 151666, 151667)
+    assert [v.structure(k) for k in (mllm.SOL0, mllm.EOL0, mllm.SOL1, mllm.EOL1)] == [151668, 151669, 151670, 151671]
+    assert v.height_tag(64) == 151672 and v.height_tag(1024) == 151687
+    assert v.width_tag(64) == 151688 and v.width_tag(1024) == 151703
+    assert v.height_tag(256) == 151671 + 256 // 64 and v.width_tag(256) == 151687 + 256 // 64
+    assert (v.level0_start, v.level1_start, v.end) == (151704, 184472, 282776)
+    assert v.end - v.first_id == 131111
+    assert v.tag_value(151675) == ("height", 256) and v.tag_value(151691) == ("width", 256)
+    assert v.tag_value(v.soi) is None and v.tag_value(v.level0_start) is None
+
+
+def test_bad_resolution_tag_is_named():
+    with pytest.raises(ValueError, match="height 250"):
+        OFFICIAL.height_tag(250)
+    with pytest.raises(ValueError, match="width 2048"):
+        OFFICIAL.width_tag(2048)
+
+
+@pytest.mark.parametrize("hw", sorted(SPEC_TABLE))
+def test_block_template_matches_spec_table_for_every_anchor(hw):
+    grids = dualvitok.token_grids(*hw, official_cfg())
+    length = SPEC_TABLE[hw][2]
+    for continuous in (False, True):
+        t = mllm.block_template(grids, OFFICIAL, continuous=continuous)
+        assert len(t) == length == mllm.block_length(grids)
+    (h1, w1), (h2, w2) = grids
+    out = mllm.block_template(grids, OFFICIAL, continuous=False)
+    inp = mllm.block_template(grids, OFFICIAL, continuous=True)
+    # One skeleton: structure ids at the same places, slots differ only in direction.
+    np.testing.assert_array_equal(out.ids, inp.ids)
+    assert (out.slots == mllm.SLOT_SEM_OUT).sum() == (inp.slots == mllm.SLOT_SEM_IN).sum() == h1 * w1
+    assert (out.slots == mllm.SLOT_PIX_OUT).sum() == (inp.slots == mllm.SLOT_PIX_IN).sum() == h2 * w2
+    structure = out.ids[out.slots == mllm.SLOT_TEXT]
+    eol = OFFICIAL.eol
+    assert (structure == eol).sum() == h1 + h2  # every row carries an EOL
+    assert list(structure[:2]) == [OFFICIAL.soi, OFFICIAL.structure(mllm.SOL0)]
+    assert list(structure[-3:]) == [eol, OFFICIAL.structure(mllm.EOL1), OFFICIAL.eoi]
+
+
+def test_worked_example_256():
+    """Spec §4.6: 9 rows of 9 level-0 ids + EOL, EOL0, SOL1, 16 rows of 16 level-1 ids + EOL, EOL1, EOI."""
+    grids = ((9, 9), (16, 16))
+    rng = np.random.default_rng(0)
+    sem, pix = rng.integers(0, 32768, (9, 9)), rng.integers(0, 98304, (16, 16))
+    ids = mllm.block_ids(mllm.block_template(grids, OFFICIAL, continuous=False), sem, pix, OFFICIAL)
+    assert len(ids) == 368
+    assert list(ids[:2]) == [151665, 151668]
+    assert list(ids[2:11]) == list(sem[0] + 151704) and ids[11] == 151667
+    assert ids[2 + 9 * 10] == 151669 and ids[2 + 9 * 10 + 1] == 151670
+    assert list(ids[94:110]) == list(pix[0] + 184472) and ids[110] == 151667
+    assert list(ids[-2:]) == [151671, 151666]
+    back_sem, back_pix = mllm.parse_block(ids, grids, OFFICIAL)
+    np.testing.assert_array_equal(back_sem, sem)
+    np.testing.assert_array_equal(back_pix, pix)
+
+
+def test_parse_block_names_the_broken_position():
+    grids = ((2, 2), (2, 3))
+    t = mllm.block_template(grids, OFFICIAL, continuous=False)
+    ids = mllm.block_ids(t, np.zeros((2, 2), int), np.ones((2, 3), int), OFFICIAL)
+    bad = ids.copy()
+    bad[4] = OFFICIAL.eol + 5
+    with pytest.raises(ValueError, match="position 4"):
+        mllm.parse_block(bad, grids, OFFICIAL)
+    swapped = ids.copy()
+    swapped[2] = OFFICIAL.level1_start  # a pixel code where a semantic code belongs
+    with pytest.raises(ValueError, match="position 2"):
+        mllm.parse_block(swapped, grids, OFFICIAL)
+    with pytest.raises(ValueError, match="expected 3x2|semantic 2x2"):
+        mllm.block_ids(t, np.zeros((3, 2), int), np.ones((2, 3), int), OFFICIAL)
+
+
+def test_fill_codes_writes_each_image_cells():
+    v = mllm.ImageVocab(first_id=10, semantic_codes=5, pixel_codes=7)
+    grids = ((1, 2), (2, 2))
+    t = mllm.block_template(grids, v, continuous=False)
+    # One row with two images: cells = image * cells_per_image + cell.
+    tokens = np.concatenate([t.ids, t.ids]).clip(0)[None]
+    slots = np.concatenate([t.slots, t.slots])[None]
+    cells = np.concatenate([t.cells, t.cells + np.where(t.slots == mllm.SLOT_SEM_OUT, 2, 4)])[None]
+    sem = np.array([[1, 2, 3, 4]])            # image 0: [1,2], image 1: [3,4]
+    pix = np.array([[0, 1, 2, 3, 6, 5, 4, 3]])
+    out = np.asarray(mllm.fill_codes(jnp.asarray(tokens), jnp.asarray(slots), jnp.asarray(cells),
+                                     jnp.asarray(sem), jnp.asarray(pix), v))[0]
+    first = mllm.block_ids(t, sem[0, :2].reshape(1, 2), pix[0, :4].reshape(2, 2), v)
+    second = mllm.block_ids(t, sem[0, 2:].reshape(1, 2), pix[0, 4:].reshape(2, 2), v)
+    np.testing.assert_array_equal(out, np.concatenate([first, second]))
+
+
+def test_config_checks_vocabulary_rows():
+    tok = dualvitok_config.model_config("tiny")
+    with pytest.raises(ValueError, match="vocab_size=120 is too small"):
+        mllm.MLLMConfig.create(common.llm_config(text_vocab_size=100, vocab_size=120), tok)
+    cfg = mllm.MLLMConfig.create(common.llm_config(text_vocab_size=100, vocab_size=336), tok)
+    assert cfg.vocab.end == 100 + 7 + 32 + 64 + 128
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    tok = dualvitok_config.model_config("tiny")
+    cfg = mllm.MLLMConfig.create(common.llm_config(text_vocab_size=100, vocab_size=336, d_model=32, num_heads=2,
+                                                   num_kv_heads=1, mlp_dim=64), tok)
+    return cfg, mllm.create_mllm(cfg)
+
+
+def test_embed_splices_projected_features_at_the_slots(tiny_model):
+    cfg, model = tiny_model
+    grids = cfg.grids(32, 32)
+    t = mllm.block_template(grids, cfg.vocab, continuous=True)
+    n0, n1 = cfg.cells_per_image(32, 32)
+    tokens = np.concatenate([[1, 2, 3], t.ids.clip(0)])[None]
+    slots = np.concatenate([[0, 0, 0], t.slots])[None]
+    cells = np.concatenate([[0, 0, 0], t.cells])[None]
+    images = jax.random.uniform(jax.random.key(0), (1, 1, 32, 32, 3), minval=-1, maxval=1)
+    x = np.asarray(model.embed(jnp.asarray(tokens), jnp.asarray(slots), jnp.asarray(cells), images))
+    sem, pix = (np.asarray(a) for a in model.image_features(images))
+    assert sem.shape == (1, n0, cfg.llm.d_model) and pix.shape == (1, n1, cfg.llm.d_model)
+    at = lambda slot: np.nonzero(slots[0] == slot)[0]
+    np.testing.assert_allclose(x[0, at(mllm.SLOT_SEM_IN)], sem[0], rtol=1e-6)
+    np.testing.assert_allclose(x[0, at(mllm.SLOT_PIX_IN)], pix[0], rtol=1e-6)
+    plain = np.asarray(model.llm.embed_tokens(jnp.asarray(tokens.clip(0))))
+    text = slots[0] == mllm.SLOT_TEXT
+    np.testing.assert_array_equal(x[0, text], plain[0, text])
+    # The logits are the LLM's on the spliced embeddings.
+    logits = model(jnp.asarray(tokens), slots=jnp.asarray(slots), cells=jnp.asarray(cells), images=images)
+    ref = model.llm(inputs_embeds=jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), rtol=1e-5, atol=1e-5)
