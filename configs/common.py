@@ -99,6 +99,9 @@ def stage_config(name: str, **overrides) -> mlc.ConfigDict:
         # Only the embedding/head rows >= model.text_vocab_size change (ILLUME stage 1).
         new_vocab_only=False,
         mixture={},              # dataset name (in config.data.datasets) -> sampling weight
+        # Multimodal stages: probability that a text-to-image / edit record becomes its
+        # unconditional form (CFG training; the official value is 0.1).
+        cfg_dropout=0.0,
     ))
     c.update(overrides)
     return c
@@ -106,5 +109,22 @@ def stage_config(name: str, **overrides) -> mlc.ConfigDict:
 
 def checkpoint_config(**overrides) -> mlc.ConfigDict:
     c = mlc.ConfigDict(dict(every_steps=50, max_to_keep=3, async_save=True))
+    c.update(overrides)
+    return c
+
+
+def vision_config(**overrides) -> mlc.ConfigDict:
+    """`config.vision` of an MLLM config (models/mllm.py): the frozen vision tokenizer and images."""
+    c = mlc.ConfigDict(dict(
+        tokenizer_workdir="",     # a train-tokenizer workdir (DualViTok); its codes are the image tokens
+        # The tokenizer's model config, used only when the workdir has no checkpoint yet
+        # (shape-only tools: AOT, config checks). A trained checkpoint's own config wins.
+        tokenizer_model=None,
+        resolution=64,            # square image side fed to the tower and the tokenizer
+        max_images=2,             # images per training row (an edit has two)
+        vit_trainable_from=0,     # ViT blocks below this get no gradient (official stage 3: 16)
+        tag_step=64,              # resolution tags <height_64> ... <height_1024> (spec §3.2)
+        max_side=1024,
+    ))
     c.update(overrides)
     return c

@@ -14,6 +14,12 @@ Commands:
   train-decoder  train a diffusion decoder (configs/diffusion_decoder.py) on the codes of the trained
                  tokenizer in config.tokenizer_workdir (tiny: its VAE first); resumes from the workdir
 
+MLLM inference (no --config: the model's own config is read from its checkpoint in --workdir):
+  generate       text-to-image: --prompt=TEXT (repeatable) -> PNGs + results.json in --out
+  understand     --image=PNG --question=TEXT (repeat both, paired) -> answers.json in --out
+  edit           --image=PNG --instruction=TEXT (repeat both, paired) -> PNGs at the input size in --out
+  eval-mllm      held-out ShapeComp GenEval-, POPE- and editing-style scores -> <workdir>/eval/mllm.json
+
 The config is validated before anything is built or compiled.
 """
 from __future__ import annotations
@@ -24,7 +30,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("demo", "train", "data", "aot", "train-tokenizer", "encode-dataset", "train-decoder")
+COMMANDS = ("demo", "train", "data", "aot", "train-tokenizer", "encode-dataset", "train-decoder", "generate",
+            "understand", "edit", "eval-mllm")
+INFERENCE = ("generate", "understand", "edit", "eval-mllm")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: configs/NAME.py[:key=value,...]",
                                           lock_config=True)
@@ -35,6 +43,14 @@ _TOPOLOGY = flags.DEFINE_string("topology", "v5p:4x4x4", "aot: TPU topology name
 _STAGE = flags.DEFINE_integer("stage", -1, "aot: stage index to compile (-1 = the largest sequence).")
 _SPLIT = flags.DEFINE_string("split", "train", "encode-dataset: split to encode.")
 _MIN_SIZE = flags.DEFINE_integer("min_size", 16, "encode-dataset: skip (and count) images with a side below this.")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "generate: a text prompt (repeatable).")
+_IMAGE = flags.DEFINE_multi_string("image", [], "understand / edit: an image file (repeatable).")
+_QUESTION = flags.DEFINE_multi_string("question", [], "understand: a question, paired with --image.")
+_INSTRUCTION = flags.DEFINE_multi_string("instruction", [], "edit: an instruction, paired with --image.")
+_OUT = flags.DEFINE_string("out", None, "generate / understand / edit: output folder (default <workdir>/outputs).")
+_SEED = flags.DEFINE_integer("seed", 0, "generate / edit / eval-mllm: sampling seed.")
+_GUIDANCE = flags.DEFINE_float("guidance", None, "generate / edit: CFG scale (default: the official 2.0 / 1.5).")
+_LEVEL = flags.DEFINE_integer("level", 1, "eval-mllm: ShapeComp level of the held-out set.")
 _RESOLUTION = flags.DEFINE_integer("resolution", 0, "aot (tokenizer configs): image side (0 = 512 official / "
                                    "data.resolution).")
 
@@ -49,6 +65,10 @@ def main(argv: list[str]) -> None:
     if not args or args[0] not in COMMANDS:
         _usage(f"expected a command, one of {COMMANDS}; got {args[:1] or 'nothing'}")
     command, rest = args[0], args[1:]
+    if command in INFERENCE:
+        logging.set_verbosity(logging.WARNING)
+        _inference(command)
+        return
     if _CONFIG.value is None:
         _usage("--config is required")
 
@@ -145,6 +165,73 @@ def main(argv: list[str]) -> None:
             print(build.inspect_dataset(config, data_dir, _DATASET.value, _NUM.value))
         else:
             _usage(f"data: expected 'build' or 'inspect', got {sub!r}")
+
+
+def _read_image(path: str):
+    import numpy as np
+    from PIL import Image
+    if not os.path.exists(path):
+        _usage(f"--image={path!r} does not exist")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except OSError as e:
+        _usage(f"--image={path!r} is not a readable image ({e})")
+
+
+def _inference(command: str) -> None:
+    import json
+    import dataclasses
+
+    from illume_jax.infer.illume import Illume
+    from illume_jax.infer import interleaved
+    if not _WORKDIR.value:
+        _usage(f"{command} needs --workdir (a `train` workdir of an MLLM config)")
+    workdir = os.path.abspath(_WORKDIR.value)
+    out = os.path.abspath(_OUT.value or os.path.join(workdir, "outputs"))
+    if command == "generate" and not _PROMPT.value:
+        _usage("generate needs at least one --prompt")
+    if command in ("understand", "edit"):
+        paired = _QUESTION.value if command == "understand" else _INSTRUCTION.value
+        what = "--question" if command == "understand" else "--instruction"
+        if not _IMAGE.value or len(_IMAGE.value) != len(paired):
+            _usage(f"{command} needs --image and {what} in pairs (got {len(_IMAGE.value)} and {len(paired)})")
+    model = Illume.load(workdir)
+    if command == "eval-mllm":
+        from illume_jax.eval import mllm as mllm_eval
+        results = mllm_eval.evaluate(model, level=_LEVEL.value, seed=_SEED.value,
+                                     out_dir=os.path.join(workdir, "eval"), progress=True)
+        print(json.dumps(results, indent=1))
+        return
+    from PIL import Image
+    os.makedirs(out, exist_ok=True)
+    task = "t2i" if command == "generate" else command
+    sampling = interleaved.Sampling.for_task(task) if command != "understand" else None
+    if sampling is not None and _GUIDANCE.value is not None:
+        sampling = dataclasses.replace(sampling, guidance_scale=_GUIDANCE.value)
+    records = []
+    if command == "generate":
+        images = model.generate(_PROMPT.value, seed=_SEED.value, sampling=sampling, progress=True)
+        for k, (prompt, img) in enumerate(zip(_PROMPT.value, images)):
+            path = os.path.join(out, f"generate_{k:03d}.png")
+            Image.fromarray(img).save(path)
+            records.append({"prompt": prompt, "image": path})
+    elif command == "edit":
+        sources = [_read_image(p) for p in _IMAGE.value]
+        images = model.edit(sources, _INSTRUCTION.value, seed=_SEED.value, sampling=sampling, progress=True)
+        for k, (src, instr, img) in enumerate(zip(_IMAGE.value, _INSTRUCTION.value, images)):
+            path = os.path.join(out, f"edit_{k:03d}.png")
+            Image.fromarray(img).save(path)
+            records.append({"image": src, "instruction": instr, "result": path})
+    else:
+        answers = model.understand([_read_image(p) for p in _IMAGE.value], _QUESTION.value, progress=True)
+        records = [{"image": p, "question": q, "answer": a} for p, q, a in zip(_IMAGE.value, _QUESTION.value, answers)]
+    path = os.path.join(out, f"{command}.json")
+    with open(path, "w") as f:
+        json.dump(records, f, indent=1)
+    for r in records:
+        print(json.dumps(r))
+    print(f"wrote {path}")
 
 
 def run() -> None:

@@ -102,7 +102,27 @@ def validate(config: Any) -> LLMConfig:
                 _fail(f"{key}.mixture.{ds}", w, "a weight >= 0")
         if sum(st.mixture.values()) <= 0:
             _fail(f"{key}.mixture", dict(st.mixture), "weights with a positive sum")
+        if not 0.0 <= st.cfg_dropout < 1.0:
+            _fail(f"{key}.cfg_dropout", st.cfg_dropout, "a probability in [0, 1)")
+    if "vision" in config:
+        _validate_vision(config)
     return llm
+
+
+def _validate_vision(config: Any) -> None:
+    v = config.vision
+    _check_keys("vision", v, set(common.vision_config().keys()))
+    if config.data.text_only:
+        _fail("data.text_only", config.data.text_only, "False for a multimodal config (config.vision is set)")
+    if not v.tokenizer_workdir and v.tokenizer_model is None:
+        _fail("vision.tokenizer_workdir", v.tokenizer_workdir, "a train-tokenizer workdir (DualViTok)")
+    if v.max_images < 1:
+        _fail("vision.max_images", v.max_images, "an int >= 1")
+    if v.resolution % v.tag_step or not v.tag_step <= v.resolution <= v.max_side:
+        _fail("vision.resolution", v.resolution, f"a multiple of vision.tag_step ({v.tag_step}) up to "
+                                                 f"vision.max_side ({v.max_side}): it must have resolution tags")
+    from illume_jax.train.state import model_config
+    model_config(config)  # vocabulary rows, codebooks and grids are checked by MLLMConfig
 
 
 TOKENIZER_KINDS_MODEL = ("dualvitok", "semantic_vq")

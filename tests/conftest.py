@@ -14,3 +14,18 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="illume-jax-test-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def micro_tokenizer_workdir(tmp_path_factory):
+    """A micro DualViTok with a checkpoint (2 steps: consumers only need its codes and encoders).
+    Session-wide: the diffusion-decoder and MLLM tests share it."""
+    from illume_jax.train import tokenizer as tok
+    from train.test_tokenizer_train import micro_dualvitok
+    config = micro_dualvitok(perceptual="none", steps=2, disc_start=-1)
+    config.vit_pretrain.steps = 0
+    workdir = str(tmp_path_factory.mktemp("tokenizer"))
+    tok.train_tokenizer(config, workdir)
+    return workdir

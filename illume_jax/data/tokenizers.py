@@ -115,13 +115,17 @@ def load_or_train_tokenizer(config: Any, workdir: str) -> TextTokenizer:
         # The cached model is reused only if it was trained on the same corpus and size.
         corpus_spec = dict(levels=levels, scenes_per_level=SCENES_PER_LEVEL, vocab_size=tc.vocab_size) \
             if levels else None
+        # Multimodal configs add the generation / editing wordings to the corpus.
+        corpus_tasks = tuple(tc.get("corpus_tasks", ("caption", "qa", "edit")))
+        if corpus_spec is not None and corpus_tasks != ("caption", "qa", "edit"):
+            corpus_spec["tasks"] = list(corpus_tasks)
         meta = json.load(open(meta_path)) if os.path.exists(meta_path) else None
         if os.path.exists(model_path) and (corpus_spec is None or meta == corpus_spec):
             with open(model_path, "rb") as f:
                 tok = SentencePieceTokenizer(f.read())
         else:
             from illume_jax.data.shapecomp import text_corpus
-            proto = train_sentencepiece(text_corpus(levels, "train", SCENES_PER_LEVEL), tc.vocab_size)
+            proto = train_sentencepiece(text_corpus(levels, "train", SCENES_PER_LEVEL, corpus_tasks), tc.vocab_size)
             os.makedirs(folder, exist_ok=True)
             tmp = model_path + ".tmp"
             with open(tmp, "wb") as f:

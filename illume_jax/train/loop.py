@@ -62,6 +62,16 @@ def default_iterator_factory(config: Any, workdir: str, tokenizer=None) -> Calla
     data_dir = config.data.data_dir or os.path.join(workdir, "data")
     build.build_datasets(config, data_dir)
     tokenizer = tokenizer or load_or_train_tokenizer(config, workdir)
+    if "vision" in config:
+        from illume_jax.data import multimodal
+
+        def make(stage_index):
+            names = [n for n, w in config.stages[stage_index].mixture.items() if w > 0]
+            sources = {n: build.data_source(config, n, data_dir) for n in names}
+            return multimodal.make_multimodal_iterator(config, stage_index, tokenizer, sources, seed=config.seed,
+                                                       process_index=jax.process_index(),
+                                                       process_count=jax.process_count())
+        return make
     return lambda stage_index: pipeline.make_train_iterator(
         config, stage_index, tokenizer, data_dir, process_index=jax.process_index(),
         process_count=jax.process_count(), seed=config.seed)
@@ -86,6 +96,10 @@ def train(config: Any, workdir: str, *, make_iterator: Callable[[int], Any] | No
         logging.info("resuming from checkpoint step %d (stage %s)", resume_step, meta["stage_name"])
         print(f"resuming from step {resume_step} (stage {meta['stage_name']!r})", flush=True)
 
+    vision = None
+    if "vision" in config:  # MLLM: the frozen tokenizer makes the codes and seeds the tower
+        from illume_jax.train.multimodal import VisionTokenizer
+        vision = VisionTokenizer(config, mesh)
     params, last_row, run_steps = None, {}, 0
     with _Preemption() as preempt:
         for si in range(start_stage, len(config.stages)):
@@ -98,7 +112,9 @@ def train(config: Any, workdir: str, *, make_iterator: Callable[[int], Any] | No
             else:
                 _, _, state = state_lib.create_state(config, si, mesh, params=params, step=offsets[si],
                                                      abstract=abstract)
-            step_fn = step_lib.make_train_step(config, si, mesh, graphdef, tx, abs_state)
+                if params is None and vision is not None:
+                    state = state.replace(params=vision.with_tower(state.params))
+            step_fn = step_lib.make_train_step(config, si, mesh, graphdef, tx, abs_state, vision=vision)
             stage_step, step = int(state.stage_step), int(state.step)
             if stage_step < stage.steps:
                 print(f"stage {si} {stage.name!r}: steps {stage_step}..{stage.steps} "

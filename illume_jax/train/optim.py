@@ -91,6 +91,7 @@ def _zero_old_vocab_rows(text_vocab_size: int) -> optax.GradientTransformation:
 
         def mask(path, u):
             s = path_str(path)
+            s = s[4:] if s.startswith("llm/") else s  # the MLLM's LLM lives under llm/
             if s == EMBED_PATH:
                 keep = jnp.arange(u.shape[0]) >= text_vocab_size
                 return jnp.where(keep[:, None], u, 0)

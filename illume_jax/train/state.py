@@ -30,10 +30,42 @@ class TrainState:
     nan_skips: jax.Array     # updates skipped because the loss or gradient was not finite
 
 
-def abstract_model(cfg: LLMConfig, mesh: Mesh, seed: int = 0):
+def model_config(config: Any):
+    """`LLMConfig` for text-only configs; `MLLMConfig` when the config has a `vision` block.
+
+    The MLLM's tower and codebooks follow the vision tokenizer: the config its checkpoint in
+    `vision.tokenizer_workdir` was trained with, else `vision.tokenizer_model` (shape-only
+    tools such as AOT, and runs whose tokenizer does not exist yet)."""
+    if "vision" not in config:
+        return LLMConfig.from_config(config.model)
+    from illume_jax.models.mllm import MLLMConfig
+    v = config.vision
+    tok_model = v.tokenizer_model
+    if v.get("tokenizer_workdir"):
+        from illume_jax.train.tokenizer import saved_config
+        saved = saved_config(v.tokenizer_workdir)
+        if saved is not None:
+            tok_model = saved.model
+    if tok_model is None:
+        raise ValueError("config.vision: no tokenizer checkpoint in vision.tokenizer_workdir="
+                         f"{v.get('tokenizer_workdir')!r} and no vision.tokenizer_model to fall back on")
+    tok_model = {k: val for k, val in dict(tok_model).items()}
+    return MLLMConfig.create(config.model, tok_model, vit_trainable_from=int(v.get("vit_trainable_from", 0)),
+                             tag_step=int(v.get("tag_step", 64)), max_side=int(v.get("max_side", 1024)))
+
+
+def build_model(cfg, rngs: nnx.Rngs):
+    """LLM or MLLM for a config from `model_config`."""
+    if isinstance(cfg, LLMConfig):
+        return LLM(cfg, rngs=rngs)
+    from illume_jax.models.mllm import MLLM
+    return MLLM(cfg, rngs=rngs)
+
+
+def abstract_model(cfg, mesh: Mesh, seed: int = 0):
     """(graphdef, abstract params) without allocating anything."""
     with sharding.use_mesh(mesh):
-        model = nnx.eval_shape(lambda: LLM(cfg, rngs=nnx.Rngs(seed)))
+        model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(seed)))
     graphdef, params = nnx.split(model, nnx.Param)
     return graphdef, params
 
@@ -68,7 +100,7 @@ def state_shardings(abs_state: TrainState, mesh: Mesh) -> TrainState:
 
 def abstract_state(config: Any, stage_index: int, mesh: Mesh):
     """(graphdef, optimizer, abstract TrainState with shardings attached)."""
-    cfg = LLMConfig.from_config(config.model)
+    cfg = model_config(config)
     graphdef, abs_params = abstract_model(cfg, mesh, config.seed)
     tx = optim.make_optimizer(config, stage_index, abs_params)
     abs_state = jax.eval_shape(lambda p: _fresh(p, tx, config.seed), abs_params)
@@ -91,13 +123,13 @@ def create_state(config: Any, stage_index: int, mesh: Mesh, params=None, step: i
     `abstract`: the stage's `abstract_state(...)` result when the caller already has it.
     Returns (graphdef, tx, state).
     """
-    cfg = LLMConfig.from_config(config.model)
+    cfg = model_config(config)
     graphdef, tx, abs_state = abstract or abstract_state(config, stage_index, mesh)
     out_sh = jax.tree.map(lambda a: a.sharding, abs_state)
     with sharding.use_mesh(mesh):
         if params is None:
             def init():
-                model = LLM(cfg, rngs=nnx.Rngs(config.seed))
+                model = build_model(cfg, nnx.Rngs(config.seed))
                 return _fresh(nnx.state(model, nnx.Param), tx, config.seed, step)
             state = jax.jit(init, out_shardings=out_sh)()
         else:

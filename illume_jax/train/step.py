@@ -24,9 +24,16 @@ BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
 def token_losses(params, graphdef, batch: dict, text_vocab_size: int) -> tuple[jax.Array, dict]:
-    """Summed NLL over trained tokens (the differentiated quantity) and per-modality sums."""
+    """Summed NLL over trained tokens (the differentiated quantity) and per-modality sums.
+
+    Multimodal batches (with 'images') run the MLLM: projected image features at the
+    continuous slots; their discrete slots already hold code ids (`VisionTokenizer.prepare`)."""
     model = nnx.merge(graphdef, params)
-    logits = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    if "images" in batch:
+        logits = model(batch["tokens"], slots=batch["token_slots"], cells=batch["token_cells"],
+                       images=batch["images"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    else:
+        logits = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
     logz = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
     nll = logz - target_logit
@@ -89,14 +96,24 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTr
 
 def batch_shapes(config: Any, stage_index: int, mesh: Mesh) -> dict:
     stage = config.stages[stage_index]
+    B, T = stage.global_batch_size, stage.seq_len
     sh = sharding.batch_sharding(mesh, 2)
-    shape = (stage.global_batch_size, stage.seq_len)
-    return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32, sharding=sh)
-            for k in BATCH_KEYS}
+    out = {k: jax.ShapeDtypeStruct((B, T), jnp.float32 if k == "loss_mask" else jnp.int32, sharding=sh)
+           for k in BATCH_KEYS}
+    if "vision" in config:
+        for k in ("token_slots", "token_cells", "target_slots", "target_cells"):
+            out[k] = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=sh)
+        S, M = int(config.vision.resolution), int(config.vision.max_images)
+        out["images"] = jax.ShapeDtypeStruct((B, M, S, S, 3), jnp.float32, sharding=sharding.batch_sharding(mesh, 5))
+    return out
 
 
-def make_train_step(config: Any, stage_index: int, mesh: Mesh, graphdef=None, tx=None, abs_state=None):
-    """The jitted, donated step for one stage: `step(state, batch) -> (state, metrics)`."""
+def make_train_step(config: Any, stage_index: int, mesh: Mesh, graphdef=None, tx=None, abs_state=None,
+                    vision=None):
+    """The jitted, donated step for one stage: `step(state, batch) -> (state, metrics)`.
+
+    `vision` (a train.multimodal.VisionTokenizer) is required for multimodal configs: its
+    parameters ride along as a non-donated argument and its codes fill the batch in the step."""
     if abs_state is None:
         graphdef, tx, abs_state = abstract_state(config, stage_index, mesh)
     stage = config.stages[stage_index]
@@ -106,14 +123,24 @@ def make_train_step(config: Any, stage_index: int, mesh: Mesh, graphdef=None, tx
                          f"{sharding.data_parallel_size(mesh)}")
     state_sh = jax.tree.map(lambda a: a.sharding, abs_state)
     batch_sh = {k: v.sharding for k, v in batch_shapes(config, stage_index, mesh).items()}
+    kw = dict(graphdef=graphdef, tx=tx, text_vocab_size=config.model.text_vocab_size,
+              grad_accum=config.optim.grad_accum, lr_fn=lambda s: optim.learning_rate(config, stage_index, s))
+    if "vision" not in config:
+        jitted = jax.jit(lambda state, batch: train_step(state, batch, **kw), in_shardings=(state_sh, batch_sh),
+                         out_shardings=(state_sh, None), donate_argnums=(0,))
+        return MeshJit(jitted, mesh)
+    if vision is None:
+        raise ValueError("a multimodal config (config.vision) needs its vision tokenizer to build the train step")
+    from illume_jax.train.state import model_config
+    vocab = model_config(config).vocab
 
-    def step(state, batch):
-        return train_step(state, batch, graphdef=graphdef, tx=tx, text_vocab_size=config.model.text_vocab_size,
-                          grad_accum=config.optim.grad_accum,
-                          lr_fn=lambda s: optim.learning_rate(config, stage_index, s))
+    def step(state, batch, tok_params):
+        return train_step(state, vision.prepare(tok_params, batch, vocab), **kw)
 
-    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
-    return MeshJit(jitted, mesh)
+    tok_sh = jax.tree.map(lambda a: a.sharding, vision.params)
+    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh, tok_sh), out_shardings=(state_sh, None),
+                     donate_argnums=(0,))
+    return _BoundMeshJit(jitted, mesh, vision.params)
 
 
 # Random-init programs run once per training run but are thousands of tiny RNG kernels; XLA's
@@ -139,6 +166,20 @@ class MeshJit:
 
     def cache_size(self) -> int:
         return self.jitted._cache_size()
+
+
+class _BoundMeshJit(MeshJit):
+    """A MeshJit whose last argument (frozen parameters) is bound."""
+
+    def __init__(self, jitted, mesh: Mesh, bound):
+        super().__init__(jitted, mesh)
+        self.bound = bound
+
+    def __call__(self, *args):
+        return super().__call__(*args, self.bound)
+
+    def lower(self, *args):
+        return super().lower(*args, self.bound)
 
 
 def lower_train_step(config: Any, stage_index: int, mesh: Mesh):

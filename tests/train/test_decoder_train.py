@@ -11,17 +11,11 @@ from configs import diffusion_decoder as decoder_config
 from illume_jax import config_check
 from illume_jax.train import decoder as dec
 from illume_jax.train import tokenizer as tok
-from train.test_tokenizer_train import micro_dualvitok
 
 
 @pytest.fixture(scope="module")
-def tokenizer_workdir(tmp_path_factory):
-    """A micro DualViTok with a checkpoint (2 steps: the decoder only needs its codes)."""
-    config = micro_dualvitok(perceptual="none", steps=2, disc_start=-1)
-    config.vit_pretrain.steps = 0
-    workdir = str(tmp_path_factory.mktemp("tokenizer"))
-    tok.train_tokenizer(config, workdir)
-    return workdir
+def tokenizer_workdir(micro_tokenizer_workdir):
+    return micro_tokenizer_workdir
 
 
 def micro_decoder(tokenizer_workdir: str, **train):

@@ -15,7 +15,10 @@ from illume_jax.data.shapecomp.edit import edit_pair
 from illume_jax.data.shapecomp.render import png_bytes, render
 from illume_jax.data.shapecomp.scene import make_scene, scene_rng
 
-TASKS = ("caption", "qa", "t2i", "edit")
+TASKS = ("caption", "qa", "t2i", "edit", "recon")
+# ILLUME's stage-1 image reconstruction: the model regenerates the tokens of the image it is shown,
+# in the official unconditional-editing wording (spec §3.5).
+RECONSTRUCT = "{resolution_tag}<image>\nReconstruct the image according to the given image\n"
 DESCRIBE = ("Describe the image.", "What is in the picture?", "Give a short description of the image.")
 
 
@@ -59,17 +62,23 @@ def conversation_records(level: int, split: str, index: int, tasks: Iterable[str
                         images=[image, png_bytes(render(pair.after))],
                         conversations=_turns((f"<image>\nPlease edit the image according to the instruction: "
                                               f"{pair.instruction}\n", "<image>")), context=dense))
+    if "recon" in tasks:
+        out.append(dict(id=f"{base}-recon-0", task="recon", level=level, images=[image, image],
+                        conversations=_turns((RECONSTRUCT, "<image>")), context=dense))
     return out
 
 
-def text_corpus(levels: Iterable[int], split: str, n: int) -> Iterator[str]:
+def text_corpus(levels: Iterable[int], split: str, n: int,
+                tasks: Iterable[str] = ("caption", "qa", "edit")) -> Iterator[str]:
     """Every piece of text of n scenes per level (for training a tokenizer)."""
     for level in levels:
         for i in range(n):
-            for rec in conversation_records(level, split, i, tasks=("caption", "qa", "edit")):
+            for rec in conversation_records(level, split, i, tasks=tasks):
                 yield f"Scene: {rec['context']}"  # how text-only stages present the image
                 for turn in rec["conversations"]:
-                    yield turn["value"].replace("<image>\n", "")
+                    yield turn["value"].replace("<image>\n", "").replace("<image>", "").replace("{resolution_tag}", "")
+        if "t2i" in tasks:  # the unconditional (CFG) prompt
+            yield "Generate a random image of\n"
 
 
 WORDS = tuple(sorted(set(world.SHAPES) | set(world.COLORS) | set(world.SIZES) | set(world.COUNT_WORDS.values())

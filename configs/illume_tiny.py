@@ -1,0 +1,67 @@
+"""Tiny ILLUME+ MLLM on ShapeComp level 1: ILLUME's three stages on CPU.
+
+Launch:   python -m illume_jax train-tokenizer --config=configs/dualvitok.py:size=tiny --workdir=runs/dualvitok_tiny
+          python -m illume_jax train --config=configs/illume_tiny.py --workdir=runs/illume_tiny
+Args:     --config=configs/illume_tiny.py:steps=400,batch=16,tokenizer=runs/dualvitok_tiny,levels=1,workers=0
+          (steps = stage-3 steps; the other stages scale from it)
+Hardware: 2 CPU cores. 64x64 images -> 8x8 semantic + 16x16 pixel codes: 350-token image blocks,
+          sequences of 512 (understanding, text-to-image) and 768 (editing, reconstruction) tokens.
+Stages (spec §5.2, paper's stage names):
+  0 base        stands in for the pretrained LLM the official model starts from: the LLM and the
+                projector learn ShapeComp captions and answers (tower frozen).
+  1 embed_init  ILLUME stage 1: only the projector and the new vocabulary rows train (the LLM is
+                frozen); image reconstruction (the model regenerates the tokens of the image it is
+                shown) + captioning.
+  2 align       LLM + projector on mixed understanding / text-to-image data.
+  3 sft         everything, vision tower included; understanding, text-to-image and editing, with
+                10% CFG condition dropout (the official stage-3 value).
+Expected: see the README's MLLM section (held-out GenEval-style, POPE-style and editing scores).
+"""
+import ml_collections as mlc
+
+from configs import common
+from configs import dualvitok
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+    a = common.parse_arg(arg, steps=400, batch=16, tokenizer="runs/dualvitok_tiny", levels="1", workers=0,
+                         vocab=512)
+    c = mlc.ConfigDict()
+    c.seed = 0
+    c.mesh = common.mesh_config()
+    tok = dualvitok.model_config("tiny")
+    # Added ids: 7 structure + 32 resolution tags + both codebooks; padded to a multiple of 64.
+    added = 7 + 32 + tok.semantic_codes + tok.pixel_codes
+    rows = -(-(a.vocab + added) // 64) * 64
+    c.model = common.llm_config(text_vocab_size=a.vocab, vocab_size=rows, d_model=128, num_layers=4, num_heads=4,
+                                num_kv_heads=2, head_dim=32, mlp_dim=384, remat="none")
+    c.vision = common.vision_config(tokenizer_workdir=a.tokenizer, tokenizer_model=tok, resolution=64,
+                                    max_images=2)
+    c.tokenizer = mlc.ConfigDict(dict(kind="sentencepiece", path="", vocab_size=a.vocab, chat_template="plain",
+                                      corpus_tasks=("caption", "qa", "edit", "t2i", "recon")))
+    levels = tuple(int(ch) for ch in a.levels)
+    n = 2000
+    c.data = mlc.ConfigDict(dict(
+        datasets={f"shapecomp_{t}": dict(kind="shapecomp", levels=levels, tasks=(t,), num_examples=n)
+                  for t in ("caption", "qa", "t2i", "edit", "recon")},
+        text_only=False, num_workers=a.workers, shuffle_seed=0, data_dir=""))
+    s3 = a.steps
+    stage = lambda name, steps, seq, **kw: common.stage_config(  # noqa: E731
+        name, steps=max(int(steps), 1), seq_len=seq, global_batch_size=a.batch, **kw)
+    c.stages = [
+        stage("base", s3 // 2, 512, lr=3e-3, warmup_steps=20, trainable=("llm/.*", "projector/.*"),
+              mixture={"shapecomp_caption": 0.5, "shapecomp_qa": 0.5}),
+        stage("embed_init", s3 // 4, 768, lr=3e-3, warmup_steps=10,
+              trainable=("projector/.*", "llm/embed/embedding"), new_vocab_only=True,
+              mixture={"shapecomp_recon": 0.5, "shapecomp_caption": 0.5}),
+        stage("align", s3, 512, lr=2e-3, warmup_steps=20, trainable=("llm/.*", "projector/.*"),
+              mixture={"shapecomp_caption": 0.2, "shapecomp_qa": 0.3, "shapecomp_t2i": 0.5}),
+        stage("sft", s3, 768, lr=1e-3, warmup_steps=20, trainable=(".*",),
+              lr_multipliers=(("vision/.*", 0.1),), cfg_dropout=0.1,
+              mixture={"shapecomp_caption": 0.1, "shapecomp_qa": 0.3, "shapecomp_t2i": 0.35,
+                       "shapecomp_edit": 0.25}),
+    ]
+    c.optim = common.optim_config()
+    c.checkpoint = common.checkpoint_config(every_steps=50)
+    c.log_every = 10
+    return c

@@ -1,0 +1,215 @@
+"""Multimodal sequences for the MLLM: a LLaVA-style record -> tokens + image slots (spec §3.3-§3.5, §5.3).
+
+Rules, as the official dataset applies them:
+* An `<image>` in a human turn is a *continuous* image block (projected features); an `<image>`
+  in an assistant turn is `<height_H><width_W>` + a *discrete* block (the image's codes are the
+  targets). In generation records (any assistant image) human images also get the tag in front.
+* `{resolution_tag}` in the text becomes `<height_H><width_W>` of the image resolution; written
+  tags (`<height_64>`) are turned into their ids, whatever the text tokenizer.
+* Loss on assistant turns only (text, tags, every structure and code token, the end token).
+* CFG condition dropout (probability `cfg_dropout`, official 0.1): a text-to-image prompt becomes
+  "Generate a random image of <tags>\\n"; an edit becomes the reconstruction prompt with the
+  source image as its own target.
+
+Images are numbered in order of appearance; slot cells are `image * cells_per_image + cell`
+(see models/mllm.py), and the discrete cells are filled with codes inside the train step by the
+frozen vision tokenizer, so the pipeline only decodes and resizes pixels. Rows are not packed
+(one conversation per row, right-padded): image counts per row stay fixed and small. Records
+longer than the sequence length are skipped and counted (a truncated image block teaches
+nothing but malformed layouts).
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Sequence
+
+import numpy as np
+
+from illume_jax.data import chat
+from illume_jax.data import images as images_lib
+from illume_jax.data.tfds_builders import decode_image
+from illume_jax.models import mllm
+
+IMAGE = "<image>"
+T2I_UNCOND = "Generate a random image of {resolution_tag}\n"
+EDIT_UNCOND = "{resolution_tag}<image>\nReconstruct the image according to the given image\n"
+RECONSTRUCT = EDIT_UNCOND  # ILLUME's stage-1 reconstruction task uses the same wording
+_SPLIT = re.compile(r"(<image>|<height_\d+>|<width_\d+>)")
+TAG = "{resolution_tag}"
+
+
+def t2i_prompt(prompt: str) -> str:
+    """The official text-to-image user turn (spec §3.5)."""
+    return f"Generate an image of {TAG}, the content of image is {prompt}\n"
+
+
+def edit_prompt(instruction: str) -> str:
+    return f"{TAG}<image>\nPlease edit the image according to the instruction: {instruction}\n"
+
+
+class Assembler:
+    """Turns conversations into (ids, slots, cells, loss mask) with image blocks in place."""
+
+    def __init__(self, tokenizer, template: str, cfg: mllm.MLLMConfig, resolution: int):
+        self.tokenizer, self.template, self.cfg = tokenizer, template, cfg
+        self.resolution = resolution
+        self.grids = cfg.grids(resolution, resolution)
+        self.cells = cfg.cells_per_image(resolution, resolution)
+        self.blocks = {c: mllm.block_template(self.grids, cfg.vocab, continuous=c) for c in (False, True)}
+        self.tag = f"<height_{resolution}><width_{resolution}>"
+
+    def _encode(self, text: str, discrete: bool, counter: list[int], tag_images: bool):
+        ids, slots, cells = [], [], []
+        v = self.cfg.vocab
+        for part in _SPLIT.split(text.replace(TAG, self.tag)):
+            if not part:
+                continue
+            if part == IMAGE:
+                if tag_images or discrete:
+                    ids += [v.height_tag(self.resolution), v.width_tag(self.resolution)]
+                    slots += [mllm.SLOT_TEXT] * 2
+                    cells += [0, 0]
+                t = self.blocks[not discrete]
+                k = counter[0]
+                counter[0] += 1
+                per = np.where((t.slots == mllm.SLOT_SEM_IN) | (t.slots == mllm.SLOT_SEM_OUT), self.cells[0],
+                               self.cells[1])
+                ids += t.ids.clip(0).tolist()
+                slots += t.slots.tolist()
+                cells += np.where(t.slots == mllm.SLOT_TEXT, 0, t.cells + k * per).tolist()
+            elif m := re.fullmatch(r"<(height|width)_(\d+)>", part):
+                ids.append(v.height_tag(int(m[2])) if m[1] == "height" else v.width_tag(int(m[2])))
+                slots.append(mllm.SLOT_TEXT)
+                cells.append(0)
+            else:
+                piece = self.tokenizer.encode(part)
+                ids += piece
+                slots += [mllm.SLOT_TEXT] * len(piece)
+                cells += [0] * len(piece)
+        return ids, slots, cells
+
+    def render(self, turns: Sequence[dict], *, add_generation_prompt: bool = False
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """-> (ids, slots, cells, loss mask), all [L]. With `add_generation_prompt` the turns end
+        with a human turn and the assistant's opening is appended (an inference prompt)."""
+        tag_images = any(t["from"] == "gpt" and IMAGE in t["value"] for t in turns)
+        eos = "</s>"
+        pieces = chat._pieces(self.template, list(turns), eos)
+        if add_generation_prompt and pieces and pieces[-1][1]:
+            raise ValueError("add_generation_prompt: the conversation must end with a human turn")
+        ids = [] if self.tokenizer.bos_id is None or self.tokenizer.bos_id < 0 else [self.tokenizer.bos_id]
+        slots, cells, mask = [0] * len(ids), [0] * len(ids), [0.0] * len(ids)
+        counter = [0]
+        for text, trained in pieces:
+            if text == eos:
+                i, s, c = [self.tokenizer.eos_id], [0], [0]
+            else:
+                i, s, c = self._encode(text, trained, counter, tag_images)
+            ids += i
+            slots += s
+            cells += c
+            mask += [1.0 if trained else 0.0] * len(i)
+        return (np.asarray(ids, np.int32), np.asarray(slots, np.int32), np.asarray(cells, np.int32),
+                np.asarray(mask, np.float32))
+
+    def num_images(self, turns: Sequence[dict]) -> int:
+        return sum(t["value"].count(IMAGE) for t in turns)
+
+
+def cfg_dropout_turns(task: str, turns: list[dict]) -> tuple[list[dict], bool]:
+    """The unconditional version of a generation record (spec §5.3); (turns, images_to_source)."""
+    if task == "t2i":
+        return [{"from": "human", "value": T2I_UNCOND}, turns[1]], False
+    if task == "edit":
+        return [{"from": "human", "value": EDIT_UNCOND}, turns[1]], True
+    return turns, False
+
+
+class MultimodalExample:
+    """A Grain random-map: record -> one padded training row (or None when it does not fit).
+
+    Output (T = seq_len, M = max_images):
+      tokens, targets [T] int32; loss_mask [T] f32; segment_ids (1 real, 0 padding), positions [T];
+      token_slots, token_cells, target_slots, target_cells [T] int32; images [M,S,S,3] f32 in [-1,1].
+    """
+
+    def __init__(self, tokenizer, template: str, cfg: mllm.MLLMConfig, resolution: int, seq_len: int,
+                 max_images: int, cfg_dropout: float = 0.0):
+        self.assembler = Assembler(tokenizer, template, cfg, resolution)
+        self.seq_len, self.max_images, self.cfg_dropout = seq_len, max_images, cfg_dropout
+        self.resolution = resolution
+        self.skipped = {"too_long": 0, "too_many_images": 0, "bad_image": 0, "bad_record": 0}
+
+    def __call__(self, record: dict, rng: np.random.Generator) -> dict | None:
+        try:
+            turns = json.loads(record["conversations"])
+            task = record["task"].decode() if isinstance(record["task"], bytes) else str(record["task"])
+            images = list(record["images"])
+        except (KeyError, ValueError, TypeError):
+            self.skipped["bad_record"] += 1
+            return None
+        if self.cfg_dropout > 0 and task in ("t2i", "edit") and rng.random() < self.cfg_dropout:
+            turns, to_source = cfg_dropout_turns(task, turns)
+            if to_source:
+                images = [images[0], images[0]]
+        n = self.assembler.num_images(turns)
+        if n > self.max_images or n > len(images):
+            self.skipped["too_many_images"] += 1
+            return None
+        try:
+            ids, slots, cells, mask = self.assembler.render(turns)
+        except (chat.SkipRecord, ValueError):
+            self.skipped["bad_record"] += 1
+            return None
+        if len(ids) > self.seq_len + 1:
+            self.skipped["too_long"] += 1
+            return None
+        S = self.resolution
+        pix = np.zeros((self.max_images, S, S, 3), np.float32)
+        for k in range(n):
+            try:
+                img = decode_image(images[k]) if isinstance(images[k], (bytes, np.bytes_)) else np.asarray(images[k])
+            except Exception:  # noqa: BLE001 - any undecodable image skips the record, counted
+                self.skipped["bad_image"] += 1
+                return None
+            pix[k] = images_lib.to_model_range(images_lib.fit_resolution(img, S))
+        T = self.seq_len
+        L = len(ids) - 1
+        pad = lambda a, dtype: np.pad(a, (0, T - len(a))).astype(dtype)
+        return dict(tokens=pad(ids[:-1], np.int32), targets=pad(ids[1:], np.int32),
+                    loss_mask=pad(mask[1:], np.float32), segment_ids=pad(np.ones(L), np.int32),
+                    positions=pad(np.arange(L), np.int32),
+                    token_slots=pad(slots[:-1], np.int32), token_cells=pad(cells[:-1], np.int32),
+                    target_slots=pad(slots[1:], np.int32), target_cells=pad(cells[1:], np.int32),
+                    images=pix)
+
+
+MULTIMODAL_KEYS = ("token_slots", "token_cells", "target_slots", "target_cells", "images")
+
+
+def make_multimodal_iterator(config: Any, stage_index: int, tokenizer, sources: dict, *, seed: int,
+                             process_index: int = 0, process_count: int = 1):
+    """Stage batches of `MultimodalExample` rows from a weighted mixture of `sources`
+    (name -> random-access record source). A checkpointable Grain iterator."""
+    import grain
+
+    from illume_jax.data.pipeline import _seed
+    from illume_jax.train.state import model_config
+    stage = config.stages[stage_index]
+    names = [n for n, w in stage.mixture.items() if w > 0]
+    datasets = [grain.MapDataset.source(sources[n]).shuffle(seed=_seed(config.data.shuffle_seed, seed, n)).repeat()
+                for n in names]
+    weights = [float(stage.mixture[n]) for n in names]
+    ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
+    ds = ds[process_index::process_count]
+    v = config.vision
+    example = MultimodalExample(tokenizer, config.tokenizer.chat_template, model_config(config),
+                                int(v.resolution), int(stage.seq_len), int(v.max_images),
+                                float(stage.get("cfg_dropout", 0.0)))
+    ds = ds.random_map(example, seed=_seed("cfg-dropout", seed)).filter(lambda x: x is not None)
+    it = ds.to_iter_dataset().batch(stage.global_batch_size // process_count, drop_remainder=True)
+    workers = int(config.data.num_workers)
+    if workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(it)

@@ -1,0 +1,223 @@
+"""The user-facing API: `Illume.load(workdir)` -> `.understand()`, `.generate()`, `.edit()`.
+
+    from illume_jax import Illume
+    model = Illume.load("runs/illume_tiny")
+    images = model.generate(["a red circle left of a blue square"], seed=0)   # PIL images
+    answers = model.understand([image], ["Is there a red circle in the image?"])
+    edited = model.edit([image], ["make the red circle green"])
+
+Prompts follow the official wordings (spec §3.5, data/multimodal.py). Generation and editing
+sample with the per-row interleaved processor and CFG rows (infer/interleaved.py) — the prompt
+ends with the resolution tags and `<start_of_image>`, so every row makes exactly one image block
+and stops. Images are decoded with the vision tokenizer's own pixel decoder. Editing pads the
+source to its nearest aspect anchor with white (official inference), generates at that anchor
+and crops + resizes the result back to the source's size.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+from flax import nnx
+
+from illume_jax.data import images as images_lib
+from illume_jax.data import multimodal
+from illume_jax.infer import interleaved as il
+from illume_jax.models import mllm
+
+
+def pad_to_anchor(image: np.ndarray, anchors: Sequence[tuple[int, int]]) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Official inference-time AspectRatioCrop: the anchor (h, w) with the closest aspect ratio
+    (ties: closest area), LANCZOS resize to fit inside it, white padding. Returns (padded uint8
+    [h,w,3], box (top, left, height, width) of the image inside the padding)."""
+    from PIL import Image
+    h, w = image.shape[:2]
+    ratio = w / h
+    ah, aw = min(anchors, key=lambda a: (abs(a[1] / a[0] - ratio), (a[0] * a[1] - h * w) ** 2))
+    scale = min(ah / h, aw / w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.LANCZOS))
+    out = np.full((ah, aw, 3), 255, np.uint8)
+    top, left = (ah - nh) // 2, (aw - nw) // 2
+    out[top:top + nh, left:left + nw] = resized
+    return out, (top, left, nh, nw)
+
+
+def unpad_and_resize(image: np.ndarray, box: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
+    """Inverse of `pad_to_anchor`: crop the box, resize to (h, w) = size."""
+    from PIL import Image
+    top, left, nh, nw = box
+    crop = image[top:top + nh, left:left + nw]
+    if crop.shape[:2] == tuple(size):
+        return crop
+    return np.asarray(Image.fromarray(crop).resize((size[1], size[0]), Image.LANCZOS))
+
+
+class Illume:
+    """A trained MLLM (any stage's checkpoint) with its text and vision tokenizers."""
+
+    def __init__(self, config, model: mllm.MLLM, text_tokenizer, vision_tokenizer, mesh):
+        self.config, self.model, self.text_tokenizer = config, model, text_tokenizer
+        self.vision_tokenizer, self.mesh = vision_tokenizer, mesh
+        self.cfg: mllm.MLLMConfig = model.cfg
+        self.resolution = int(config.vision.resolution)
+        self.assembler = multimodal.Assembler(text_tokenizer, config.tokenizer.chat_template, self.cfg,
+                                              self.resolution)
+        self.anchors = [(self.resolution, self.resolution)]
+        self.eos_id = int(text_tokenizer.eos_id)
+        self._decode = nnx.jit(lambda m, s, p: m.decode(s, p))
+
+    # -- loading -------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, workdir: str, *, step: int | None = None) -> "Illume":
+        """From a `train` workdir (latest checkpoint unless `step`)."""
+        from illume_jax import sharding
+        from illume_jax.data.tokenizers import load_or_train_tokenizer
+        from illume_jax.train import checkpoint as ckpt_lib
+        from illume_jax.train import state as state_lib
+        from illume_jax.train.tokenizer import load_tokenizer, saved_config
+        workdir = os.path.abspath(workdir)
+        ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            ckpt.close()
+            raise ValueError(f"no checkpoint in {workdir}/checkpoints: train the model first")
+        meta = ckpt.restore_meta(step)
+        raw = json.loads(meta["config"])
+        raw["stages"] = [mlc.ConfigDict(st) for st in raw.get("stages", [])]  # lists stay plain in JSON
+        config = mlc.ConfigDict(raw)
+        if "vision" not in config:
+            ckpt.close()
+            raise ValueError(f"{workdir} holds a text-only model (its config has no vision block)")
+        mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+        graphdef, _, abs_state = state_lib.abstract_state(config, meta["stage_index"], mesh)
+        state = ckpt.restore(step, abs_state, None)
+        ckpt.close()
+        model = nnx.merge(graphdef, state.params)
+        text_tok = load_or_train_tokenizer(config, workdir)
+        tok_dir = config.vision.tokenizer_workdir
+        vision, _, _ = load_tokenizer(saved_config(tok_dir), tok_dir, mesh)
+        return cls(config, model, text_tok, vision, mesh)
+
+    # -- prompt building -----------------------------------------------------------------------
+    def _prompt(self, user: str, *, suffix: Sequence[int] = ()):
+        ids, slots, cells, _ = self.assembler.render([{"from": "human", "value": user}])
+        if suffix:
+            ids = np.concatenate([ids, np.asarray(suffix, np.int32)])
+            slots = np.concatenate([slots, np.zeros(len(suffix), np.int32)])
+            cells = np.concatenate([cells, np.zeros(len(suffix), np.int32)])
+        return ids, slots, cells
+
+    @staticmethod
+    def _batch(rows, images: np.ndarray | None) -> il.Prompts:
+        P = max(len(r[0]) for r in rows)
+        pad = lambda a: np.concatenate([np.zeros(P - len(a), np.int32), a.astype(np.int32)])  # noqa: E731
+        return il.Prompts(tokens=jnp.asarray(np.stack([pad(r[0]) for r in rows])),
+                          mask=jnp.asarray(np.stack([pad(np.ones(len(r[0]), np.int32)) for r in rows])),
+                          slots=jnp.asarray(np.stack([pad(r[1]) for r in rows])),
+                          cells=jnp.asarray(np.stack([pad(r[2]) for r in rows])),
+                          images=None if images is None else jnp.asarray(images))
+
+    def _image_prefix(self) -> list[int]:
+        v = self.cfg.vocab
+        return [v.height_tag(self.resolution), v.width_tag(self.resolution), v.soi]
+
+    def _row_state(self, n: int) -> il.RowState:
+        (h1, w1), (h2, w2) = self.cfg.grids(self.resolution, self.resolution)
+        return il.RowState.start(np.tile([h1, w1, h2, w2], (n, 1)), True, True, phase=il.EXPECT_SOL0)
+
+    def _to_images(self, tokens: np.ndarray) -> list[np.ndarray]:
+        grids = self.cfg.grids(self.resolution, self.resolution)
+        sem, pix = zip(*[mllm.parse_block(np.concatenate([[self.cfg.vocab.soi], row]), grids, self.cfg.vocab)
+                         for row in tokens])
+        out = self._decode(self.vision_tokenizer, jnp.asarray(np.stack(sem)), jnp.asarray(np.stack(pix)))
+        return [images_lib.to_uint8(x) for x in np.asarray(out)]
+
+    def _sample_images(self, cond_rows, uncond_rows, images, sampling: il.Sampling, seed: int) -> list[np.ndarray]:
+        n = len(cond_rows)
+        use_cfg = sampling.guidance_scale != 1.0
+        rows = cond_rows + (uncond_rows if use_cfg else [])
+        if images is not None and use_cfg:
+            images = np.concatenate([images, images])
+        block = mllm.block_length(self.cfg.grids(self.resolution, self.resolution))
+        tokens, _ = il.generate(self.model, self._batch(rows, images), self._row_state(n), jax.random.key(seed),
+                                vocab=self.cfg.vocab, sampling=sampling, max_new_tokens=block - 1,
+                                eos_id=self.eos_id, pad_id=0)
+        return self._to_images(np.asarray(tokens))
+
+    # -- tasks -----------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[str], *, seed: int = 0, sampling: il.Sampling | None = None,
+                 batch_size: int = 8, progress: bool = False) -> list[np.ndarray]:
+        """Text-to-image at the model's resolution -> uint8 [S,S,3] images, one per prompt."""
+        sampling = sampling or il.Sampling.for_task("t2i")
+        uncond = self._prompt(multimodal.T2I_UNCOND, suffix=self._image_prefix())
+        out = []
+        for start in _progress(range(0, len(prompts), batch_size), progress, len(prompts), batch_size, "generate"):
+            chunk = prompts[start:start + batch_size]
+            cond = [self._prompt(multimodal.t2i_prompt(p), suffix=self._image_prefix()) for p in chunk]
+            out += self._sample_images(cond, [uncond] * len(chunk), None, sampling, seed + start)
+        return out
+
+    def edit(self, images: Sequence[np.ndarray], instructions: Sequence[str], *, seed: int = 0,
+             sampling: il.Sampling | None = None, batch_size: int = 8, progress: bool = False) -> list[np.ndarray]:
+        """Edits each image by its instruction; results have the input's size (uint8 [H,W,3])."""
+        if len(images) != len(instructions):
+            raise ValueError(f"edit: {len(images)} images but {len(instructions)} instructions")
+        sampling = sampling or il.Sampling.for_task("edit")
+        out = []
+        for start in _progress(range(0, len(images), batch_size), progress, len(images), batch_size, "edit"):
+            chunk = [_check_image(im, f"images[{start + i}]") for i, im in enumerate(images[start:start + batch_size])]
+            padded, boxes = zip(*[pad_to_anchor(im, self.anchors) for im in chunk])
+            pix = np.stack([images_lib.to_model_range(p) for p in padded])[:, None]
+            cond = [self._prompt(multimodal.edit_prompt(t), suffix=self._image_prefix())
+                    for t in instructions[start:start + batch_size]]
+            uncond = [self._prompt(multimodal.EDIT_UNCOND, suffix=self._image_prefix())] * len(chunk)
+            results = self._sample_images(cond, uncond, pix, sampling, seed + start)
+            out += [unpad_and_resize(r, box, im.shape[:2]) for r, box, im in zip(results, boxes, chunk)]
+        return out
+
+    def understand(self, images: Sequence[np.ndarray], questions: Sequence[str], *, max_new_tokens: int = 32,
+                   sampling: il.Sampling | None = None, seed: int = 0, batch_size: int = 16,
+                   progress: bool = False) -> list[str]:
+        """Answers one question per image (greedy by default); image tokens are masked out."""
+        if len(images) != len(questions):
+            raise ValueError(f"understand: {len(images)} images but {len(questions)} questions")
+        sampling = sampling or il.Sampling.for_task("understand")
+        S = self.resolution
+        grids = self.cfg.grids(S, S)
+        answers = []
+        for start in _progress(range(0, len(images), batch_size), progress, len(images), batch_size, "understand"):
+            chunk = [_check_image(im, f"images[{start + i}]") for i, im in enumerate(images[start:start + batch_size])]
+            pix = np.stack([images_lib.to_model_range(images_lib.fit_resolution(im, S)) for im in chunk])[:, None]
+            rows = [self._prompt(f"<image>\n{q}") for q in questions[start:start + batch_size]]
+            state = il.RowState.start(np.tile([*grids[0], *grids[1]], (len(rows), 1)), False, True)
+            tokens, _ = il.generate(self.model, self._batch(rows, pix), state, jax.random.key(seed + start),
+                                    vocab=self.cfg.vocab, sampling=sampling, max_new_tokens=max_new_tokens,
+                                    eos_id=self.eos_id, pad_id=0)
+            for row in np.asarray(tokens):
+                ids = row.tolist()
+                if self.eos_id in ids:
+                    ids = ids[:ids.index(self.eos_id)]
+                known = getattr(self.text_tokenizer, "vocab_size", self.cfg.vocab.first_id)
+                answers.append(self.text_tokenizer.decode([i for i in ids if 0 < i < known]).strip())
+        return answers
+
+
+def _check_image(image, name: str) -> np.ndarray:
+    a = np.asarray(image)
+    if a.ndim != 3 or a.shape[-1] != 3 or a.dtype != np.uint8:
+        raise ValueError(f"{name}: expected a uint8 RGB image [H, W, 3] (np.asarray(pil_image.convert('RGB'))), "
+                         f"got {a.dtype} {a.shape}")
+    return a
+
+
+def _progress(it, enabled: bool, total: int, step: int, desc: str):
+    if not enabled:
+        return it
+    from tqdm import tqdm
+    return tqdm(it, total=-(-total // step), desc=desc, unit="batch")

@@ -1,0 +1,248 @@
+"""The MLLM's data assembly (spec §3.3-§3.5, §5.3), codes filled in the step by the frozen
+tokenizer, the staged training of configs/illume_tiny.py on micro sizes with an exact resume,
+and the inference API / evaluation on the trained micro model."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import dualvitok as dualvitok_config
+from configs import illume_tiny
+from illume_jax import config_check
+from illume_jax.data import multimodal, shapecomp
+from illume_jax.models import mllm
+from illume_jax.train import loop
+
+RES = 64
+
+
+class CharTokenizer:
+    """A stand-in text tokenizer: one id per character (3..), BOS 1, EOS 2."""
+    bos_id, eos_id, vocab_size = 1, 2, 100
+
+    def encode(self, text):
+        return [3 + (ord(c) % 90) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i - 3) for i in ids)
+
+
+def _cfg(text_vocab=100):
+    tok = dualvitok_config.model_config("tiny")
+    added = 7 + 32 + tok.semantic_codes + tok.pixel_codes
+    from configs import common
+    return mllm.MLLMConfig.create(common.llm_config(text_vocab_size=text_vocab, vocab_size=text_vocab + added), tok)
+
+
+def _record(task, turns, n_images):
+    img = shapecomp.png_bytes(shapecomp.render(shapecomp.make_scene(1, "train", 0)))
+    return {"task": task, "conversations": json.dumps(turns), "images": [img] * n_images}
+
+
+def test_t2i_record_is_tags_plus_a_discrete_block_in_the_assistant_turn():
+    cfg = _cfg()
+    ex = multimodal.MultimodalExample(CharTokenizer(), "plain", cfg, RES, seq_len=512, max_images=2)
+    turns = [{"from": "human", "value": multimodal.t2i_prompt("a red circle")}, {"from": "gpt", "value": "<image>"}]
+    row = ex(_record("t2i", turns, 1), np.random.default_rng(0))
+    ids = np.concatenate([row["tokens"][:1], row["targets"]])
+    v = cfg.vocab
+    tags = [v.height_tag(64), v.width_tag(64)]
+    # The user turn's {resolution_tag} is the tag pair too (spec §3.5 wording).
+    starts = [i for i in range(len(ids) - 1) if list(ids[i:i + 2]) == tags]
+    assert len(starts) == 2
+    gpt = starts[1]
+    block = mllm.block_template(cfg.grids(RES, RES), v, continuous=False)
+    seg = slice(gpt + 2, gpt + 2 + len(block))
+    target_slots = np.concatenate([[0], row["target_slots"]])
+    np.testing.assert_array_equal(target_slots[seg], block.slots)
+    fixed = block.slots == mllm.SLOT_TEXT
+    np.testing.assert_array_equal(ids[seg][fixed], block.ids[fixed])
+    # Loss: exactly the assistant turn (tags, block, EOS), nothing of the prompt.
+    mask = np.concatenate([[0], row["loss_mask"]])
+    assert mask[:gpt].sum() == 0 and mask[gpt:seg.stop].all()
+    assert ids[seg.stop] == CharTokenizer.eos_id and mask[seg.stop] == 1
+    assert mask.sum() == 2 + len(block) + 1
+    assert not (row["token_slots"] == mllm.SLOT_SEM_IN).any()  # no continuous input in T2I
+    assert row["images"].shape == (2, RES, RES, 3) and np.abs(row["images"][1]).sum() == 0
+
+
+def test_edit_record_has_a_tagged_continuous_source_and_a_discrete_target():
+    cfg = _cfg()
+    ex = multimodal.MultimodalExample(CharTokenizer(), "plain", cfg, RES, seq_len=1024, max_images=2)
+    turns = [{"from": "human", "value": "<image>\nPlease edit the image according to the instruction: remove it\n"},
+             {"from": "gpt", "value": "<image>"}]
+    row = ex(_record("edit", turns, 2), np.random.default_rng(0))
+    n0, n1 = cfg.cells_per_image(RES, RES)
+    slots, cells = row["token_slots"], row["token_cells"]
+    assert (slots == mllm.SLOT_SEM_IN).sum() == n0 and (slots == mllm.SLOT_PIX_IN).sum() == n1
+    # Image 0 (source) feeds the features; image 1 (target) the codes.
+    assert cells[slots == mllm.SLOT_SEM_IN].max() == n0 - 1
+    tcells, tslots = row["target_cells"], row["target_slots"]
+    assert tcells[tslots == mllm.SLOT_SEM_OUT].min() == n0 and tcells[tslots == mllm.SLOT_PIX_OUT].min() == n1
+    first_in = int(np.argmax(slots == mllm.SLOT_SEM_IN))
+    v = cfg.vocab
+    # The source block sits behind its resolution tags: tags, SOI, SOL0, features.
+    assert list(row["tokens"][first_in - 4:first_in - 2]) == [v.height_tag(64), v.width_tag(64)]
+    assert row["loss_mask"][row["target_slots"] == mllm.SLOT_PIX_IN].sum() == 0  # features are never targets
+
+
+def test_cfg_dropout_forms_are_the_official_unconditional_prompts():
+    turns = [{"from": "human", "value": multimodal.t2i_prompt("a red circle")}, {"from": "gpt", "value": "<image>"}]
+    t, to_source = multimodal.cfg_dropout_turns("t2i", turns)
+    assert t[0]["value"] == "Generate a random image of {resolution_tag}\n" and not to_source
+    t, to_source = multimodal.cfg_dropout_turns("edit", turns)
+    assert t[0]["value"].startswith("{resolution_tag}<image>\nReconstruct the image") and to_source
+    cfg = _cfg()
+    ex = multimodal.MultimodalExample(CharTokenizer(), "plain", cfg, RES, seq_len=1024, max_images=2, cfg_dropout=0.5)
+    rec = _record("t2i", turns, 1)
+    lengths = {int(ex(rec, np.random.default_rng(s))["segment_ids"].sum()) for s in range(20)}
+    assert len(lengths) == 2  # both forms occur
+
+
+def test_records_that_do_not_fit_are_skipped_and_counted():
+    cfg = _cfg()
+    ex = multimodal.MultimodalExample(CharTokenizer(), "plain", cfg, RES, seq_len=64, max_images=1)
+    turns = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "ok"}]
+    assert ex(_record("caption", turns, 1), np.random.default_rng(0)) is None
+    assert ex.skipped["too_long"] == 1
+    two = [{"from": "human", "value": "<image><image>\nDescribe."}, {"from": "gpt", "value": "ok"}]
+    assert ex(_record("caption", two, 2), np.random.default_rng(0)) is None
+    assert ex.skipped["too_many_images"] == 1
+
+
+# -- training on micro sizes ------------------------------------------------------------------
+
+def micro_config(tokenizer_workdir, steps=4):
+    c = illume_tiny.get_config(f"steps={steps},batch=8,tokenizer={tokenizer_workdir},vocab=128")
+    c.model.update(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64)
+    for d in c.data.datasets.values():
+        d.num_examples = 16
+    # Saves only at stage ends and stops (each Orbax save costs seconds on 8 fake devices);
+    # all kept, so tests can load the model as every stage left it.
+    c.checkpoint.update(every_steps=1000, async_save=False, max_to_keep=10)
+    c.log_every = 1
+    return c
+
+
+def test_config_validates_and_names_bad_vision_values(micro_tokenizer_workdir):
+    config_check.validate(illume_tiny.get_config("tokenizer=/no/tokenizer/yet"))  # falls back to the tiny model config
+    c = micro_config(micro_tokenizer_workdir)
+    config_check.validate(c)
+    bad = micro_config(micro_tokenizer_workdir)
+    bad.vision.resolution = 72
+    with pytest.raises(ValueError, match="vision.resolution"):
+        config_check.validate(bad)
+    bad = micro_config(micro_tokenizer_workdir)
+    bad.model.vocab_size = 200
+    with pytest.raises(ValueError, match="vocab_size=200 is too small"):
+        config_check.validate(bad)
+    bad = micro_config(micro_tokenizer_workdir)
+    bad.stages[3].cfg_dropout = 1.0
+    with pytest.raises(ValueError, match="cfg_dropout"):
+        config_check.validate(bad)
+
+
+def test_step_fills_discrete_slots_with_the_tokenizers_codes(micro_tokenizer_workdir):
+    from illume_jax import sharding
+    from illume_jax.train.multimodal import VisionTokenizer
+    from illume_jax.train.state import model_config
+    from illume_jax.train.tokenizer import load_tokenizer, saved_config
+    config = micro_config(micro_tokenizer_workdir)
+    mesh = sharding.make_mesh(dict(config.mesh))
+    vision = VisionTokenizer(config, mesh)
+    cfg = model_config(config)
+    ex = multimodal.MultimodalExample(CharTokenizer(), "plain", cfg, RES, seq_len=1024, max_images=2)
+    turns = [{"from": "human", "value": "<image>\nPlease edit the image according to the instruction: x\n"},
+             {"from": "gpt", "value": "<image>"}]
+    scenes = [shapecomp.make_scene(1, "train", i) for i in (0, 1)]
+    rec = {"task": "edit", "conversations": json.dumps(turns),
+           "images": [shapecomp.png_bytes(shapecomp.render(s)) for s in scenes]}
+    row = ex(rec, np.random.default_rng(0))
+    batch = {k: jnp.asarray(v[None]) for k, v in row.items()}
+    out = vision.prepare(vision.params, batch, cfg.vocab)
+    tok_model, _, _ = load_tokenizer(saved_config(micro_tokenizer_workdir), micro_tokenizer_workdir, mesh)
+    sem, pix = tok_model.encode(jnp.asarray(row["images"][1:2]))
+    expected = mllm.block_ids(mllm.block_template(cfg.grids(RES, RES), cfg.vocab, continuous=False),
+                              np.asarray(sem[0]), np.asarray(pix[0]), cfg.vocab)
+    targets = np.asarray(out["targets"][0])
+    start = int(np.argmax(row["target_slots"] == mllm.SLOT_SEM_OUT)) - 2  # SOI, SOL0 before the codes
+    np.testing.assert_array_equal(targets[start:start + len(expected)], expected)
+    # Inputs are the targets shifted by one.
+    n = int(row["segment_ids"].sum())
+    np.testing.assert_array_equal(np.asarray(out["tokens"][0, 1:n]), targets[:n - 1])
+
+
+@pytest.fixture(scope="module")
+def trained(micro_tokenizer_workdir, tmp_path_factory):
+    """The four micro stages (4, 2, 8, 8 steps), interrupted after 5 steps (in stage 1) and resumed,
+    next to an uninterrupted run."""
+    config = micro_config(micro_tokenizer_workdir, steps=8)
+    full_dir = str(tmp_path_factory.mktemp("mllm_full"))
+    full = loop.train(config, full_dir)
+    resumed_dir = str(tmp_path_factory.mktemp("mllm_resumed"))
+    stopped = loop.train(config, resumed_dir, stop_after_steps=5)
+    resumed = loop.train(config, resumed_dir)
+    return config, full_dir, full, resumed_dir, stopped, resumed
+
+
+def test_four_stages_train_and_resume_exactly(trained):
+    config, full_dir, full, resumed_dir, stopped, resumed = trained
+    assert stopped["preempted"] and stopped["stopped_at"] == 5 and not resumed["preempted"]
+    assert full["step"] == resumed["step"] == sum(s.steps for s in config.stages)
+    assert np.isfinite(full["loss"]) and full["image_tokens"] > 0 and full["text_tokens"] > 0
+    from illume_jax.infer.illume import Illume
+    a, b = Illume.load(full_dir), Illume.load(resumed_dir)
+    for x, y in zip(jax.tree.leaves(nnx.state(a.model, nnx.Param)), jax.tree.leaves(nnx.state(b.model, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_stage_one_moves_only_new_vocabulary_rows_and_the_projector(trained):
+    """ILLUME stage 1: the LLM is frozen, text rows of the embedding do not move."""
+    config, full_dir, *_ = trained
+    s0, s1 = config.stages[0].steps, config.stages[1].steps
+    before, after = _params_at(full_dir, s0), _params_at(full_dir, s0 + s1)   # stage 1's first and last state
+    first = config.model.text_vocab_size
+    for path, old in before.items():
+        new = after[path]
+        if path == "llm/embed/embedding":
+            np.testing.assert_array_equal(new[:first], old[:first])
+            assert not np.array_equal(new[first:], old[first:])
+        elif path.startswith("projector/"):
+            assert not np.array_equal(new, old), path
+        else:
+            np.testing.assert_array_equal(new, old, err_msg=path)
+
+
+def _params_at(workdir, step):
+    from illume_jax.infer.illume import Illume
+    from illume_jax.train.optim import path_str
+    m = Illume.load(workdir, step=step)
+    flat = jax.tree_util.tree_flatten_with_path(nnx.state(m.model, nnx.Param))[0]
+    return {path_str(p): np.asarray(v) for p, v in flat}
+
+
+def test_api_generates_edits_and_answers(trained):
+    from illume_jax.eval import mllm as mllm_eval
+    from illume_jax.infer.illume import Illume
+    _, full_dir, *_ = trained
+    model = Illume.load(full_dir)
+    images = model.generate(["a red circle", "a blue square", "a green star"], seed=0, batch_size=2)
+    assert [i.shape for i in images] == [(RES, RES, 3)] * 3 and images[0].dtype == np.uint8
+    again = model.generate(["a red circle"], seed=0)
+    np.testing.assert_array_equal(again[0], images[0])   # seeded
+    src = shapecomp.render(shapecomp.make_scene(1, "test", 0))
+    wide = np.concatenate([src, src], axis=1)
+    edited = model.edit([src, wide], ["make it blue", "remove it"])
+    assert edited[0].shape == src.shape and edited[1].shape == wide.shape  # the input's own size
+    answers = model.understand([src, src], ["Is there a red circle in the image?", "How many objects?"],
+                               max_new_tokens=4)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        model.understand([src.astype(np.float32)], ["?"])
+    results = mllm_eval.evaluate(model, gen_scenes=2, samples_per_prompt=1, pope_scenes=1, edit_pairs=2)
+    assert 0.0 <= results["geneval"]["overall"] <= 1.0 and results["geneval"]["images"] >= 2
+    assert set(results["pope"]) == {"random", "popular", "adversarial", "mean"}
+    assert 0.0 <= results["edit"]["success"] <= 1.0 and results["edit"]["pairs"] == 2
