@@ -229,6 +229,21 @@ class LLM(nnx.Module):
             out = self.lm_head(x).astype(jnp.float32)
         return constrain(out, "batch", "act_seq", "act_vocab")
 
+    def logits_window(self, x: jax.Array, start: jax.Array | int, size: int) -> jax.Array:
+        """Logits of ids [start, start + size) only: x [N, D] (pre-norm) -> [N, size] fp32.
+
+        Decoding uses it when every row can only emit ids of one range (an image level's
+        codes): the head is most of a small model's per-token cost at ILLUME's 283k rows."""
+        x = self.final_norm(x)
+        if self.cfg.tie_embeddings:
+            table = jax.lax.dynamic_slice_in_dim(self.embed.embedding[...], start, size, axis=0).astype(x.dtype)
+            return jnp.matmul(x, table.T, preferred_element_type=jnp.float32)
+        kernel = jax.lax.dynamic_slice_in_dim(self.lm_head.kernel[...], start, size, axis=1).astype(x.dtype)
+        out = jnp.matmul(x, kernel, preferred_element_type=jnp.float32)
+        if self.lm_head.bias is not None:
+            out = out + jax.lax.dynamic_slice_in_dim(self.lm_head.bias[...], start, size).astype(jnp.float32)
+        return out
+
     def _scan(self, fn, carry, xs):
         """Runs `fn(layer, carry, xs_i) -> (carry, ys_i)` over the stacked layers."""
         graphdef, state = nnx.split(self.layers)
@@ -278,12 +293,13 @@ class LLM(nnx.Module):
                        index=jnp.zeros((), jnp.int32))
 
     def decode(self, tokens: jax.Array | None, cache: KVCache, *, positions: jax.Array,
-               segment_ids: jax.Array | None = None, inputs_embeds: jax.Array | None = None
-               ) -> tuple[jax.Array, KVCache]:
+               segment_ids: jax.Array | None = None, inputs_embeds: jax.Array | None = None,
+               return_hidden: bool = False) -> tuple[jax.Array, KVCache]:
         """Feeds T new tokens (prefill: the prompt; then T=1 per step) at slot `cache.index`.
 
         positions [B,T]: RoPE positions (per row, so left-padded rows start at 0);
-        segment_ids [B,T]: 1 for real tokens, 0 for padding. Returns logits [B,T,V] fp32.
+        segment_ids [B,T]: 1 for real tokens, 0 for padding. Returns logits [B,T,V] fp32
+        (or, with return_hidden, the pre-norm hidden states [B,T,D] for `logits_window`).
         """
         x = self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds.astype(self.cfg.compute_dtype)
         B, T = x.shape[:2]
@@ -297,7 +313,7 @@ class LLM(nnx.Module):
 
         x, (k, v) = self._scan(step, x, (cache.k, cache.v))
         new_cache = KVCache(k=k, v=v, segment_ids=cache_seg, index=cache.index + T)
-        return self.logits(x), new_cache
+        return (x if return_hidden else self.logits(x)), new_cache
 
 
 def create_llm(cfg: LLMConfig, mesh: jax.sharding.Mesh | None = None, seed: int = 0) -> LLM:

@@ -138,13 +138,38 @@ def test_warps_at_their_limits_are_greedy():
 
 
 def test_guided_scores_are_log_prob_cfg_in_image_mode_only():
+    """Official CFG: g * (logp_c - logp_u) + logp_u in image mode, logp_c in text mode; ours may
+    differ by a per-row constant only (the same distribution after any mask)."""
     logits = jax.random.normal(jax.random.key(2), (4, V))
     st = il.RowState.start(np.array([[1, 1, 1, 1]] * 2), True, True)
     st = st.replace(phase=jnp.asarray([il.TEXT, il.LEVEL0]))
-    out = np.asarray(il.guided_scores(logits, st, 3.0))
+    out = np.asarray(jax.nn.log_softmax(il.guided_scores(logits, st, 3.0), -1))
     lp = np.asarray(jax.nn.log_softmax(logits, -1))
-    np.testing.assert_allclose(out[0], lp[0], rtol=1e-6)
-    np.testing.assert_allclose(out[1], 3.0 * (lp[1] - lp[3]) + lp[3], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[0], lp[0], rtol=1e-5, atol=1e-5)
+    official = 3.0 * (lp[1] - lp[3]) + lp[3]
+    np.testing.assert_allclose(out[1], official - jax.nn.logsumexp(official), rtol=1e-5, atol=1e-5)
+
+
+def test_windowed_head_samples_what_the_full_vocabulary_samples(tiny):
+    """next_tokens_from_hidden computes logits of one level's range (or none): same ids as the
+    full-vocabulary processor for forced, level-0, level-1 and mixed batches."""
+    cfg, model = tiny
+    v = cfg.vocab
+    hidden = jax.random.normal(jax.random.key(4), (4, cfg.llm.d_model)) * 3
+    grids = np.array([[2, 3, 3, 4]] * 2)
+    full = model.llm.logits(hidden[:, None])[:, 0]
+    for phases, cols, rows in (([il.LEVEL0, il.LEVEL0], [0, 1], [0, 1]), ([il.LEVEL1, il.LEVEL1], [0, 2], [1, 2]),
+                               ([il.LEVEL0, il.LEVEL1], [1, 0], [0, 0]), ([il.EXPECT_SOL1, il.LEVEL0], [0, 3], [0, 1]),
+                               ([il.TEXT, il.LEVEL1], [0, 0], [0, 0])):
+        st = il.RowState.start(grids, True, True).replace(
+            phase=jnp.asarray(phases), col=jnp.asarray(cols), row=jnp.asarray(rows))
+        for sampling in (il.Sampling(temperature=(1.0, 1.0, 1.0), guidance_scale=2.0),
+                         il.Sampling(top_k=(5, 5, 5), top_p=(0.9, 0.9, 0.9), guidance_scale=2.0)):
+            for seed in range(3):
+                key = jax.random.key(seed)
+                a = il.next_tokens(full, st, sampling, key, v, EOS, 0)
+                b = il.next_tokens_from_hidden(model.llm, hidden, st, sampling, key, v, EOS, 0)
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{phases} {sampling}")
 
 
 # -- the jitted loop on a tiny MLLM ---------------------------------------------------------------
@@ -177,7 +202,8 @@ def _edit_like_prompts(cfg, n_rows, rng):
 
 
 def _eager_reference(model, prompts, state, rng, vocab, sampling, n_new):
-    """Recomputes the whole sequence every step (no cache), one token at a time."""
+    """Recomputes the whole sequence every step (no cache), one token at a time. (The sampling
+    step is the loop's own; its windowed head is checked against full logits separately.)"""
     R = prompts.tokens.shape[0]
     B = state.phase.shape[0]
     tokens, mask = np.asarray(prompts.tokens), np.asarray(prompts.mask)
@@ -191,15 +217,15 @@ def _eager_reference(model, prompts, state, rng, vocab, sampling, n_new):
     slot_buf[:, :tokens.shape[1]] = slots
     cell_buf = np.zeros((R, L), np.int32)
     cell_buf[:, :tokens.shape[1]] = cells
-    forward = jax.jit(lambda b, s, c, p, sg: model(b, slots=s, cells=c, images=prompts.images, positions=p,
-                                                   segment_ids=sg))
+    forward = jax.jit(lambda b, s, c, p, sg: model.llm(inputs_embeds=model.embed(b, s, c, prompts.images),
+                                                       positions=p, segment_ids=sg, return_hidden=True))
     out = []
     for i in range(n_new):
         P = tokens.shape[1] + i
         pos = np.maximum(np.cumsum(seg, 1) - 1, 0)
-        logits = np.asarray(forward(buf, slot_buf, cell_buf, pos, seg))[:, P - 1]
-        tok = np.asarray(il.next_tokens(jnp.asarray(logits), state, sampling, jax.random.fold_in(rng, i), vocab,
-                                        EOS, 0))
+        hidden = forward(buf, slot_buf, cell_buf, pos, seg)[:, P - 1]
+        tok = np.asarray(il.next_tokens_from_hidden(model.llm, hidden, state, sampling, jax.random.fold_in(rng, i),
+                                                    vocab, EOS, 0))
         state = il.advance(state, jnp.asarray(tok), vocab, EOS)
         out.append(tok)
         buf[:, P] = np.tile(tok, R // B)
