@@ -112,10 +112,121 @@ def compile_train_step(config: Any, topology: str, stage_index: int = -1) -> Aot
         compile_s=compile_s)
 
 
-def main(config: Any, topology: str, stage_index: int = -1) -> AotReport:
-    report = compile_train_step(config, topology, stage_index)
+def main(config: Any, topology: str, stage_index: int = -1, what: str = "train", batch: int = 8,
+         cache_len: int = 0) -> AotReport | "DecodeAotReport":
+    if what == "decode":
+        report = compile_decode_step(config, topology, batch=batch, cache_len=cache_len)
+    elif what == "train":
+        report = compile_train_step(config, topology, stage_index)
+    else:
+        raise ValueError(f"--what={what!r}: expected 'train' or 'decode'")
     print(report.table())
     return report
+
+
+@dataclasses.dataclass
+class DecodeAotReport:
+    topology: str
+    num_devices: int
+    mesh: dict
+    batch: int
+    rows: int
+    cache_len: int
+    argument_gib: float
+    temp_gib: float
+    output_gib: float
+    alias_gib: float
+    peak_gib: float
+    hbm_gib: float | None
+    cache_gib: float
+    xla_flops: float
+    compile_s: float
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.hbm_gib is None else self.peak_gib <= self.hbm_gib
+
+    def table(self) -> str:
+        fits = "unknown HBM size" if self.fits is None else ("fits" if self.fits else "DOES NOT FIT")
+        return "\n".join([
+            f"topology {self.topology}: {self.num_devices} chips, mesh {self.mesh}",
+            f"decode step (sample + one token, CFG): {self.batch} images = {self.rows} rows, "
+            f"KV cache {self.cache_len} slots ({self.cache_gib:.2f} GiB in all)",
+            f"per-chip memory: arguments {self.argument_gib:.2f} GiB, temporaries {self.temp_gib:.2f} GiB, "
+            f"outputs {self.output_gib:.2f} GiB (donated/aliased {self.alias_gib:.2f} GiB)",
+            f"peak per chip ~{self.peak_gib:.2f} GiB of {self.hbm_gib or '?'} GiB HBM: {fits}",
+            f"XLA FLOPs per chip {self.xla_flops:.3e}; compile time {self.compile_s:.1f} s",
+        ])
+
+
+def compile_decode_step(config: Any, topology: str, *, batch: int = 8, cache_len: int = 0) -> DecodeAotReport:
+    """Lowers and compiles one step of the MLLM's generation loop (`infer.interleaved.decode_step`:
+    windowed head + CFG + masks + sampling, then one token through the model with the KV cache
+    donated) for a TPU topology, at the 512x512 ILLUME+ layout by default (cache = prompt 64 +
+    the 1,404-token block), `batch` images with CFG (2 x batch rows)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from illume_jax.infer import interleaved as il
+    from illume_jax.models.mllm import ImageVocab, block_length
+    cfg = LLMConfig.from_config(config.model)
+    vocab = ImageVocab(first_id=cfg.text_vocab_size)
+    if vocab.end > cfg.vocab_size:
+        raise ValueError(f"config.model.vocab_size={cfg.vocab_size} has no room for the ILLUME+ image vocabulary "
+                         f"(needs {vocab.end}): the decode step is compiled for ILLUME+ configs")
+    grids = ((18, 18), (32, 32))
+    cache_len = cache_len or 64 + block_length(grids)
+    devices = topology_devices(topology)
+    mesh = sharding.make_mesh(dict(config.mesh), devices=devices)
+    from illume_jax.train.state import abstract_model
+    graphdef, abs_params = abstract_model(cfg, mesh)
+    with sharding.use_mesh(mesh):
+        psh = nnx.get_named_sharding(abs_params, mesh)
+    abs_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params, psh)
+    R = 2 * batch
+    cache_shape = (cfg.num_layers, R, cache_len, cfg.num_kv_heads, cfg.head_dim)
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    kv_sh = NamedSharding(mesh, P(None, ("data", "fsdp"), None, "tensor", None))
+    rows_sh = sharding.batch_sharding(mesh, 2)
+    repl = NamedSharding(mesh, P())
+    from illume_jax.models.llm import KVCache
+    abs_cache = KVCache(k=jax.ShapeDtypeStruct(cache_shape, cfg.compute_dtype, sharding=kv_sh),
+                        v=jax.ShapeDtypeStruct(cache_shape, cfg.compute_dtype, sharding=kv_sh),
+                        segment_ids=jax.ShapeDtypeStruct((R, cache_len), jnp.int32, sharding=rows_sh),
+                        index=jax.ShapeDtypeStruct((), jnp.int32, sharding=repl))
+    vec = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=repl)  # noqa: E731
+    abs_state = il.RowState(phase=vec((batch,)), col=vec((batch,)), row=vec((batch,)), grids=vec((batch, 4)),
+                            may_image=vec((batch,), bool), stop_at_eoi=vec((batch,), bool))
+    hidden = jax.ShapeDtypeStruct((R, cfg.d_model), cfg.compute_dtype, sharding=NamedSharding(mesh, P(("data", "fsdp"))))
+    sampling = il.Sampling.for_task("t2i")
+
+    def step(params, hidden, state, positions, cache, key):
+        llm = nnx.merge(graphdef, params)
+        return il.decode_step(llm, hidden, state, positions, cache, jax.random.wrap_key_data(key),
+                              vocab=vocab, sampling=sampling, eos_id=151645)
+
+    t0 = time.time()
+    with sharding.use_mesh(mesh):
+        lowered = jax.jit(step, donate_argnums=(4,)).lower(abs_params, hidden, abs_state, vec((R,)), abs_cache,
+                                                           vec((2,), jnp.uint32))
+    compiled = lowered.compile()
+    compile_s = time.time() - t0
+    mem, cost = _analyses(compiled)
+    gib = 1024 ** 3
+    arg, temp, out = mem.argument_size_in_bytes / gib, mem.temp_size_in_bytes / gib, mem.output_size_in_bytes / gib
+    alias = mem.alias_size_in_bytes / gib
+    cache_gib = 2 * math_prod(cache_shape) * jnp.dtype(cfg.compute_dtype).itemsize / gib
+    return DecodeAotReport(topology=topology, num_devices=len(devices), mesh=dict(mesh.shape), batch=batch, rows=R,
+                           cache_len=cache_len, argument_gib=arg, temp_gib=temp, output_gib=out, alias_gib=alias,
+                           peak_gib=arg + temp + out - alias, hbm_gib=HBM_GIB.get(topology.split(":")[0]),
+                           cache_gib=cache_gib, xla_flops=float(cost.get("flops", 0.0)), compile_s=compile_s)
+
+
+def math_prod(shape) -> int:
+    out = 1
+    for d in shape:
+        out *= int(d)
+    return out
 
 
 def _analyses(compiled):

@@ -5,8 +5,8 @@ Commands:
   train          run the config's training stages (resumes from the workdir's checkpoints)
   data build     build/cache the config's datasets and text tokenizer
   data inspect   print a few decoded examples of a dataset (--dataset=NAME, --num=N)
-  aot            compile the train step (LLM configs) or the tokenizer encode (tokenizer configs)
-                 ahead of time for a TPU topology (--topology=v5p:4x4x4)
+  aot            compile the train step (LLM configs; --what=decode: the generation decode step) or the
+                 tokenizer encode (tokenizer configs) ahead of time for a TPU topology (--topology=v5p:4x4x4)
   train-tokenizer  train a vision tokenizer (configs/dualvitok.py, configs/semantic_vq_illume.py),
                  pre-training its tiny semantic ViT first when configured; resumes from the workdir
   encode-dataset pre-tokenize the config's images into codes (ArrayRecord) with the trained
@@ -41,6 +41,9 @@ _DATASET = flags.DEFINE_string("dataset", None, "data inspect: dataset name from
 _NUM = flags.DEFINE_integer("num", 3, "data inspect: number of examples to show.")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:4x4x4", "aot: TPU topology name, e.g. v5p:4x4x4 or v5e:2x2.")
 _STAGE = flags.DEFINE_integer("stage", -1, "aot: stage index to compile (-1 = the largest sequence).")
+_WHAT = flags.DEFINE_enum("what", "train", ["train", "decode"], "aot (LLM configs): the train step or the "
+                          "generation loop's decode step (ILLUME+ 512x512 layout, CFG).")
+_BATCH = flags.DEFINE_integer("batch", 8, "aot --what=decode: images per batch (2x rows with CFG).")
 _SPLIT = flags.DEFINE_string("split", "train", "encode-dataset: split to encode.")
 _MIN_SIZE = flags.DEFINE_integer("min_size", 16, "encode-dataset: skip (and count) images with a side below this.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "generate: a text prompt (repeatable).")
@@ -104,7 +107,7 @@ def main(argv: list[str]) -> None:
         return
     if command == "aot":
         from illume_jax import aot
-        aot.main(config, topology=_TOPOLOGY.value, stage_index=_STAGE.value)
+        aot.main(config, topology=_TOPOLOGY.value, stage_index=_STAGE.value, what=_WHAT.value, batch=_BATCH.value)
         return
 
     if not _WORKDIR.value:

@@ -33,3 +33,18 @@ def test_tiny_dualvitok_encode_compiles_for_v5p_2x2x1():
     # 64x64: 8x8 semantic codes (ViT patch 4, merge 2) and 16x16 pixel codes (MoVQ /4).
     assert report.code_grids == {"semantic": (8, 8), "pixel": (16, 16)}
     assert report.peak_gib > 0 and report.xla_flops > 0 and "dualvitok encode" in report.table()
+
+
+def test_decode_step_compiles_for_v5p_2x2x1_at_the_official_vocabulary():
+    """The generation loop's body (windowed head, CFG, masks, sampling, one cached token) with
+    ILLUME+'s 283,047-row vocabulary on a small LLM."""
+    config = tiny.get_config()
+    config.mesh.update(data=1, fsdp=-1, tensor=1)
+    config.model.update(text_vocab_size=151665, vocab_size=283047, d_model=64, num_layers=2, dtype="bfloat16")
+    report = aot.compile_decode_step(config, "v5p:2x2x1", batch=2, cache_len=128)
+    assert report.num_devices == 4 and report.rows == 4 and report.cache_len == 128
+    assert report.peak_gib > 0 and report.fits and report.xla_flops > 0
+    assert "decode step" in report.table()
+    bad = tiny.get_config()
+    with pytest.raises(ValueError, match="no room for the ILLUME\\+ image vocabulary"):
+        aot.compile_decode_step(bad, "v5p:2x2x1", batch=2, cache_len=128)

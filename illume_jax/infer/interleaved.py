@@ -276,6 +276,20 @@ def next_tokens_from_hidden(llm, hidden: jax.Array, state: RowState, sampling: S
     return jnp.where(forced, token, sampled)
 
 
+def decode_step(llm, hidden: jax.Array, state: RowState, positions: jax.Array, cache, rng: jax.Array, *,
+                vocab: ImageVocab, sampling: Sampling, eos_id: int, pad_id: int = 0):
+    """One token for every row: sample from the last hidden states [R,D] (R = B or 2B with CFG),
+    advance the row states, feed the token to all R rows (each CFG pair gets the conditional
+    row's token) and run the model one step. -> (tokens [B], state, hidden [R,D], cache).
+    The body of `generate`'s loop; `aot` compiles it for TPU topologies."""
+    R, B = hidden.shape[0], state.phase.shape[0]
+    tok = next_tokens_from_hidden(llm, hidden, state, sampling, rng, vocab, eos_id, pad_id)
+    state = advance(state, tok, vocab, eos_id)
+    out, cache = llm.decode(jnp.tile(tok, R // B)[:, None], cache, positions=positions[:, None],
+                            segment_ids=jnp.ones((R, 1), jnp.int32), return_hidden=True)
+    return tok, state, out[:, 0], cache
+
+
 @struct.dataclass
 class Prompts:
     """A batch of left-padded prompts. With CFG, rows [0,B) are conditional and [B,2B) their
@@ -312,14 +326,10 @@ def generate(model, prompts: Prompts, state: RowState, rng: jax.Array, *, vocab:
 
     def body(carry):
         i, last, pos, out, cache, st = carry
-        tok = next_tokens_from_hidden(model.llm, last, st, sampling, jax.random.fold_in(rng, i), vocab, eos_id,
-                                      pad_id)
+        tok, st, step_hidden, cache = decode_step(model.llm, last, st, pos, cache, jax.random.fold_in(rng, i),
+                                                  vocab=vocab, sampling=sampling, eos_id=eos_id, pad_id=pad_id)
         out = out.at[:, i].set(tok)
-        st = advance(st, tok, vocab, eos_id)
-        feed = jnp.tile(tok, R // B)
-        step_hidden, cache = model.llm.decode(feed[:, None], cache, positions=pos[:, None],
-                                              segment_ids=jnp.ones((R, 1), jnp.int32), return_hidden=True)
-        return i + 1, step_hidden[:, 0], pos + 1, out, cache, st
+        return i + 1, step_hidden, pos + 1, out, cache, st
 
     init = (jnp.zeros((), jnp.int32), hidden[:, -1], next_pos,
             jnp.full((B, max_new_tokens), pad_id, jnp.int32), cache, state)
