@@ -53,6 +53,8 @@ _INSTRUCTION = flags.DEFINE_multi_string("instruction", [], "edit: an instructio
 _OUT = flags.DEFINE_string("out", None, "generate / understand / edit: output folder (default <workdir>/outputs).")
 _SEED = flags.DEFINE_integer("seed", 0, "generate / edit / eval-mllm: sampling seed.")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "generate / edit: CFG scale (default: the official 2.0 / 1.5).")
+_DECODER = flags.DEFINE_string("diffusion_decoder", None, "generate / edit: a train-decoder workdir; images are "
+                               "decoded by that diffusion decoder (2x) instead of the tokenizer's pixel decoder.")
 _LEVEL = flags.DEFINE_integer("level", 1, "eval-mllm: ShapeComp level of the held-out set.")
 _RESOLUTION = flags.DEFINE_integer("resolution", 0, "aot (tokenizer configs): image side (0 = 512 official / "
                                    "data.resolution).")
@@ -199,7 +201,7 @@ def _inference(command: str) -> None:
         what = "--question" if command == "understand" else "--instruction"
         if not _IMAGE.value or len(_IMAGE.value) != len(paired):
             _usage(f"{command} needs --image and {what} in pairs (got {len(_IMAGE.value)} and {len(paired)})")
-    model = Illume.load(workdir)
+    model = Illume.load(workdir, diffusion_decoder=_DECODER.value)
     if command == "eval-mllm":
         from illume_jax.eval import mllm as mllm_eval
         results = mllm_eval.evaluate(model, level=_LEVEL.value, seed=_SEED.value,

@@ -9,7 +9,8 @@
 Prompts follow the official wordings (spec §3.5, data/multimodal.py). Generation and editing
 sample with the per-row interleaved processor and CFG rows (infer/interleaved.py) — the prompt
 ends with the resolution tags and `<start_of_image>`, so every row makes exactly one image block
-and stops. Images are decoded with the vision tokenizer's own pixel decoder. Editing pads the
+and stops. Images are decoded with the vision tokenizer's own pixel decoder, or by a trained
+diffusion decoder (`Illume.load(..., diffusion_decoder=DIR)`, 2x resolution). Editing pads the
 source to its nearest aspect anchor with white (official inference), generates at that anchor
 and crops + resizes the result back to the source's size.
 """
@@ -61,7 +62,7 @@ def unpad_and_resize(image: np.ndarray, box: tuple[int, int, int, int], size: tu
 class Illume:
     """A trained MLLM (any stage's checkpoint) with its text and vision tokenizers."""
 
-    def __init__(self, config, model: mllm.MLLM, text_tokenizer, vision_tokenizer, mesh):
+    def __init__(self, config, model: mllm.MLLM, text_tokenizer, vision_tokenizer, mesh, decoder=None):
         self.config, self.model, self.text_tokenizer = config, model, text_tokenizer
         self.vision_tokenizer, self.mesh = vision_tokenizer, mesh
         self.cfg: mllm.MLLMConfig = model.cfg
@@ -71,11 +72,15 @@ class Illume:
         self.anchors = [(self.resolution, self.resolution)]
         self.eos_id = int(text_tokenizer.eos_id)
         self._decode = nnx.jit(lambda m, s, p: m.decode(s, p))
+        self._code_map = nnx.jit(lambda m, s, p: m.code_map(s, p))
+        self.decoder = decoder  # (DecoderTrainer, DecoderState) of a trained diffusion decoder, or None
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
-    def load(cls, workdir: str, *, step: int | None = None) -> "Illume":
-        """From a `train` workdir (latest checkpoint unless `step`)."""
+    def load(cls, workdir: str, *, step: int | None = None, diffusion_decoder: str | None = None) -> "Illume":
+        """From a `train` workdir (latest checkpoint unless `step`). `diffusion_decoder`: a
+        `train-decoder` workdir; generated and edited images are then decoded by it (2x the
+        token resolution, spec §2) instead of the tokenizer's pixel decoder."""
         from illume_jax import sharding
         from illume_jax.data.tokenizers import load_or_train_tokenizer
         from illume_jax.train import checkpoint as ckpt_lib
@@ -102,7 +107,11 @@ class Illume:
         text_tok = load_or_train_tokenizer(config, workdir)
         tok_dir = config.vision.tokenizer_workdir
         vision, _, _ = load_tokenizer(saved_config(tok_dir), tok_dir, mesh)
-        return cls(config, model, text_tok, vision, mesh)
+        decoder = None
+        if diffusion_decoder:
+            from illume_jax.train.decoder import load_decoder
+            decoder = load_decoder(diffusion_decoder, mesh)
+        return cls(config, model, text_tok, vision, mesh, decoder)
 
     # -- prompt building -----------------------------------------------------------------------
     def _prompt(self, user: str, *, suffix: Sequence[int] = ()):
@@ -135,7 +144,12 @@ class Illume:
         grids = self.cfg.grids(self.resolution, self.resolution)
         sem, pix = zip(*[mllm.parse_block(np.concatenate([[self.cfg.vocab.soi], row]), grids, self.cfg.vocab)
                          for row in tokens])
-        out = self._decode(self.vision_tokenizer, jnp.asarray(np.stack(sem)), jnp.asarray(np.stack(pix)))
+        sem, pix = jnp.asarray(np.stack(sem)), jnp.asarray(np.stack(pix))
+        if self.decoder is not None:
+            trainer, state = self.decoder
+            feats = self._code_map(self.vision_tokenizer, sem, pix)
+            return list(trainer.decode_features(state, feats, (self.resolution, self.resolution)))
+        out = self._decode(self.vision_tokenizer, sem, pix)
         return [images_lib.to_uint8(x) for x in np.asarray(out)]
 
     def _sample_images(self, cond_rows, uncond_rows, images, sampling: il.Sampling, seed: int) -> list[np.ndarray]:
@@ -178,7 +192,9 @@ class Illume:
                     for t in instructions[start:start + batch_size]]
             uncond = [self._prompt(multimodal.EDIT_UNCOND, suffix=self._image_prefix())] * len(chunk)
             results = self._sample_images(cond, uncond, pix, sampling, seed + start)
-            out += [unpad_and_resize(r, box, im.shape[:2]) for r, box, im in zip(results, boxes, chunk)]
+            for r, box, im in zip(results, boxes, chunk):
+                f = r.shape[0] // padded[0].shape[0]   # 2 when a diffusion decoder super-resolves
+                out.append(unpad_and_resize(r, tuple(v * f for v in box), im.shape[:2]))
         return out
 
     def understand(self, images: Sequence[np.ndarray], questions: Sequence[str], *, max_new_tokens: int = 32,

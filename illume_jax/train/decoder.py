@@ -259,6 +259,16 @@ class DecoderTrainer:
         out = self.sampler()(self.eval_params(state), feats, noise)
         return images_lib.to_uint8(np.asarray(out))
 
+    def decode_features(self, state: DecoderState, feats: jax.Array, image_hw: tuple[int, int],
+                        seed: int = 0) -> np.ndarray:
+        """Condition features (the DualViTok code map [B,h2,w2,C] of (h, w) = image_hw token
+        images) -> images at `scale` x image_hw (uint8). The MLLM decodes its generated codes this
+        way when a diffusion decoder is given."""
+        h, w = image_hw
+        shape = self.cfg.latent_shape(feats.shape[0], (h * self.cfg.scale, w * self.cfg.scale))
+        noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+        return images_lib.to_uint8(np.asarray(self.sampler()(self.eval_params(state), feats, noise)))
+
     def evaluate(self, state: DecoderState, num: int | None = None) -> dict:
         c = self.config
         if not (num or c.eval.num_images):  # evaluation switched off (eval.num_images=0)
@@ -345,6 +355,24 @@ def _iterator(config: Any, batch_size: int, scale: int, seed: int):
     return images_lib.make_image_iterator(src, batch_size=batch_size, resolution=config.data.resolution, seed=seed,
                                           process_index=jax.process_index(), process_count=jax.process_count(),
                                           num_workers=config.data.num_workers, target_scale=scale)
+
+
+def load_decoder(workdir: str, mesh) -> tuple[DecoderTrainer, DecoderState]:
+    """A trained diffusion decoder (its UNet phase's latest checkpoint and config) for sampling."""
+    import ml_collections as mlc
+
+    from illume_jax.train import checkpoint as ckpt_lib
+    workdir = os.path.abspath(workdir)
+    ckpt = ckpt_lib.Checkpointer(os.path.join(unet_dir(workdir), "checkpoints"), async_save=False)
+    step = ckpt.latest_step()
+    if step is None:
+        ckpt.close()
+        raise ValueError(f"no trained diffusion decoder in {workdir} (no UNet checkpoint): run train-decoder first")
+    config = mlc.ConfigDict(json.loads(ckpt.restore_meta(step)["config"]))
+    trainer = DecoderTrainer(config, workdir, mesh, "unet")
+    state = ckpt.restore(step, trainer.abstract, None)
+    ckpt.close()
+    return trainer, state
 
 
 def train_decoder(config: Any, workdir: str, *, mesh=None, stop_after_steps: int | None = None) -> dict:

@@ -88,6 +88,15 @@ def test_decoder_training_end_to_end_and_exact_resume(tokenizer_workdir, tmp_pat
     # The EMA trails the weights.
     assert any(not np.allclose(a, b) for a, b in zip(_leaves(state.ema), _leaves(state.params["unet"])))
 
+    # Reloaded for sampling (what the MLLM's Illume.load(diffusion_decoder=...) does): the code
+    # map of 1x codes decodes to 2x images, the same as the trainer's own path from images.
+    loaded, loaded_state = dec.load_decoder(str(tmp_path / "full"), trainer.mesh)
+    images = np.stack([np.zeros((64, 64, 3), np.float32)] * 8)
+    feats = trainer.features(images)
+    out = loaded.decode_features(loaded_state, feats, (64, 64), seed=0)
+    assert out.shape == (8, 128, 128, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, trainer.decode_images(state, images, seed=0))
+
     # Stopped inside the UNet phase and resumed: the same weights, EMA included (no sampling
     # evaluation here: it does not touch the state, and its compile is the slow part).
     config.eval.num_images = 0
