@@ -4,6 +4,7 @@
 #   bash launch/local.sh demo            # build ShapeComp data, train the tiny LLM (2 stages), report
 #   bash launch/local.sh test [ARGS]     # the whole test suite (ARGS go to pytest)
 #   bash launch/local.sh train|data|aot|train-tokenizer|encode-dataset|train-decoder --config=... [--workdir=...]
+#   bash launch/local.sh generate|understand|edit|eval-mllm --workdir=... [...]  (a trained MLLM)
 #
 # Creates .venv with Python 3.11 if missing and installs the package with the extras the
 # command needs; re-installs only when setup.py changes.
@@ -11,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cmd="${1:-}"
-[ -n "$cmd" ] || { sed -n '2,10p' "$0"; exit 2; }
+[ -n "$cmd" ] || { sed -n '2,11p' "$0"; exit 2; }
 shift
 
 PYTHON="${PYTHON:-python3.11}"
@@ -53,8 +54,9 @@ case "$cmd" in
     # libtpu is installed for AOT tests; keep the default backend on the CPU.
     export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
     exec .venv/bin/python -m pytest -q "${@:-tests}" ;;
-  train|data|aot|train-tokenizer|encode-dataset|train-decoder)
+  train|data|aot|train-tokenizer|encode-dataset|train-decoder|generate|understand|edit|eval-mllm)
     exec .venv/bin/python -m illume_jax "$cmd" "$@" ;;
   *)
-    echo "error: unknown command '$cmd' (expected demo, test, train, data, aot, train-tokenizer, encode-dataset or train-decoder)" >&2; exit 2 ;;
+    echo "error: unknown command '$cmd' (expected demo, test, train, data, aot, train-tokenizer, encode-dataset," \
+         "train-decoder, generate, understand, edit or eval-mllm)" >&2; exit 2 ;;
 esac
