@@ -41,16 +41,19 @@ GRIDS = ((9, 9), (16, 16))   # 256x256 (spec §1.8)
 TEXT_VOCAB, ROWS = 151665, 283047
 
 
-def _median_s(fn, iters: int) -> tuple[float, float]:
-    t = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t
+def _median_s(fn, iters: int, warmup: bool = True):
+    """(median seconds over `iters` calls, seconds of the warm-up call or 0, last result)."""
+    first = 0.0
+    if warmup:
+        t = time.perf_counter()
+        fn()
+        first = time.perf_counter() - t
     times = []
     for _ in range(iters):
         t = time.perf_counter()
-        fn()
+        out = fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times), first
+    return statistics.median(times), first, out
 
 
 def build(size: str):
@@ -178,8 +181,7 @@ def main() -> None:
                                      max_new_tokens=n_new, eos_id=151645)
                 return np.asarray(out)
 
-            t_jax, first = _median_s(run_jax, args.iters)
-            out = run_jax()
+            t_jax, first, out = _median_s(run_jax, args.iters)
             for r in out:  # every row is a well-formed block
                 mllm.parse_block(np.concatenate([[v.soi], r]), GRIDS, v)
             row = dict(size=size, batch=batch, new_tokens=n_new, guidance=args.guidance,
@@ -200,8 +202,9 @@ def main() -> None:
                                            temperature=1.0, top_p=1.0, max_new_tokens=n_new, min_new_tokens=n_new,
                                            pad_token_id=0, eos_token_id=None)
 
-                t_torch, _ = _median_s(run_torch, max(1, args.iters - 1))
-                gen = run_torch()[:, P:].numpy()
+                # No compile to exclude: every call is timed (eager PyTorch).
+                t_torch, _, gen = _median_s(run_torch, max(1, args.iters - 1), warmup=False)
+                gen = gen[:, P:].numpy()
                 for r in gen:
                     mllm.parse_block(np.concatenate([[v.soi], r]), GRIDS, v)
                 row.update(torch_tokens_per_s=batch * n_new / t_torch, torch_images_per_s=batch / t_torch,

@@ -85,6 +85,10 @@ def topology_devices(topology: str) -> list:
 def compile_train_step(config: Any, topology: str, stage_index: int = -1) -> AotReport:
     from illume_jax.train import step as step_lib
 
+    if "vision" in config:
+        raise ValueError("aot: the multimodal (config.vision) train step runs the trained vision tokenizer inside "
+                         "it and is not compiled ahead of time yet; compile the LLM configs "
+                         "(configs/illume_plus_3b.py, configs/illume_plus_7b.py), or --what=decode")
     cfg = LLMConfig.from_config(config.model)
     stages = list(config.stages)
     if stage_index < 0:
