@@ -18,6 +18,20 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _compilation_cache_per_module(tmp_path_factory):
+    """A fresh persistent compilation cache for each test module. Stop-and-resume tests still
+    reuse what their first run compiled; executables are never deserialized into another
+    module's tests: a full-suite run segfaulted once in XLA:CPU's executable deserialization
+    (test_tokenizer_train reading a program the MLLM / decoder modules had cached), a known
+    fragility of CPU executable loading, while each module alone passed."""
+    import jax
+    from jax._src import compilation_cache
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax-cache")))
+    compilation_cache.reset_cache()
+    yield
+
+
 @pytest.fixture(scope="session")
 def micro_tokenizer_workdir(tmp_path_factory):
     """A micro DualViTok with a checkpoint (2 steps: consumers only need its codes and encoders).

@@ -253,8 +253,15 @@ def next_tokens(logits: jax.Array, state: RowState, sampling: Sampling, rng: jax
     return jnp.where(forced, token, _sample_from(logits, state, sampling, rng, vocab, eos_id))
 
 
+def code_heads(llm, vocab: ImageVocab) -> tuple[jax.Array, jax.Array]:
+    """The head rows of the level-0 and level-1 code ranges, sliced once per generation call
+    (slicing inside each step copies the table: more than the whole head's matmul on CPU)."""
+    return (llm.head_rows(vocab.level0_start, vocab.semantic_codes),
+            llm.head_rows(vocab.level1_start, vocab.pixel_codes))
+
+
 def next_tokens_from_hidden(llm, hidden: jax.Array, state: RowState, sampling: Sampling, rng: jax.Array,
-                            vocab: ImageVocab, eos_id: int, pad_id: int) -> jax.Array:
+                            vocab: ImageVocab, eos_id: int, pad_id: int, heads=None) -> jax.Array:
     """`next_tokens` from the last hidden states [R,D], computing only the logits it needs:
     none when every row is forced, the level's code range when every free row is inside one
     level, the whole vocabulary otherwise (text, mixed phases)."""
@@ -264,26 +271,31 @@ def next_tokens_from_hidden(llm, hidden: jax.Array, state: RowState, sampling: S
     in1 = ~free | (state.phase == LEVEL1)
     branch = jnp.where(~jnp.any(free), 0, jnp.where(jnp.all(in0), 1, jnp.where(jnp.all(in1), 2, 3)))
 
-    def window(start, size):
-        return lambda: _sample_from(llm.logits_window(hidden, start, size), state, sampling, rng, vocab, eos_id, start)
+    heads = heads if heads is not None else code_heads(llm, vocab)
+
+    def window(start, rows):
+        return lambda: _sample_from(llm.logits_from_rows(hidden, rows), state, sampling, rng, vocab, eos_id, start)
+
+    def full():
+        return _sample_from(llm.logits(hidden[:, None])[:, 0], state, sampling, rng, vocab, eos_id)
 
     sampled = jax.lax.switch(branch, [
         lambda: token,
-        window(vocab.level0_start, vocab.semantic_codes),
-        window(vocab.level1_start, vocab.pixel_codes),
-        window(0, llm.cfg.vocab_size),
+        window(vocab.level0_start, heads[0]),
+        window(vocab.level1_start, heads[1]),
+        full,
     ])
     return jnp.where(forced, token, sampled)
 
 
 def decode_step(llm, hidden: jax.Array, state: RowState, positions: jax.Array, cache, rng: jax.Array, *,
-                vocab: ImageVocab, sampling: Sampling, eos_id: int, pad_id: int = 0):
+                vocab: ImageVocab, sampling: Sampling, eos_id: int, pad_id: int = 0, heads=None):
     """One token for every row: sample from the last hidden states [R,D] (R = B or 2B with CFG),
     advance the row states, feed the token to all R rows (each CFG pair gets the conditional
     row's token) and run the model one step. -> (tokens [B], state, hidden [R,D], cache).
     The body of `generate`'s loop; `aot` compiles it for TPU topologies."""
     R, B = hidden.shape[0], state.phase.shape[0]
-    tok = next_tokens_from_hidden(llm, hidden, state, sampling, rng, vocab, eos_id, pad_id)
+    tok = next_tokens_from_hidden(llm, hidden, state, sampling, rng, vocab, eos_id, pad_id, heads)
     state = advance(state, tok, vocab, eos_id)
     out, cache = llm.decode(jnp.tile(tok, R // B)[:, None], cache, positions=positions[:, None],
                             segment_ids=jnp.ones((R, 1), jnp.int32), return_hidden=True)
@@ -319,6 +331,7 @@ def generate(model, prompts: Prompts, state: RowState, rng: jax.Array, *, vocab:
     hidden, cache = model.llm.decode(None, cache, positions=positions, segment_ids=seg, inputs_embeds=embeds,
                                      return_hidden=True)
     next_pos = positions[:, -1] + 1
+    heads = code_heads(model.llm, vocab)
 
     def cond(carry):
         i, _, _, _, _, st = carry
@@ -327,7 +340,8 @@ def generate(model, prompts: Prompts, state: RowState, rng: jax.Array, *, vocab:
     def body(carry):
         i, last, pos, out, cache, st = carry
         tok, st, step_hidden, cache = decode_step(model.llm, last, st, pos, cache, jax.random.fold_in(rng, i),
-                                                  vocab=vocab, sampling=sampling, eos_id=eos_id, pad_id=pad_id)
+                                                  vocab=vocab, sampling=sampling, eos_id=eos_id, pad_id=pad_id,
+                                                  heads=heads)
         out = out.at[:, i].set(tok)
         return i + 1, step_hidden, pos + 1, out, cache, st
 

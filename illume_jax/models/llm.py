@@ -229,20 +229,24 @@ class LLM(nnx.Module):
             out = self.lm_head(x).astype(jnp.float32)
         return constrain(out, "batch", "act_seq", "act_vocab")
 
+    def head_rows(self, start: jax.Array | int, size: int) -> jax.Array:
+        """The head's weights for ids [start, start + size) as [size, D] (a copy: make it once)."""
+        if self.cfg.tie_embeddings:
+            return jax.lax.dynamic_slice_in_dim(self.embed.embedding[...], start, size, axis=0)
+        return jax.lax.dynamic_slice_in_dim(self.lm_head.kernel[...], start, size, axis=1).T
+
+    def logits_from_rows(self, x: jax.Array, rows: jax.Array) -> jax.Array:
+        """x [N, D] (pre-norm) -> logits [N, size] fp32 of the ids whose head rows are `rows`."""
+        x = self.final_norm(x)
+        return jnp.matmul(x, rows.astype(x.dtype).T, preferred_element_type=jnp.float32)
+
     def logits_window(self, x: jax.Array, start: jax.Array | int, size: int) -> jax.Array:
         """Logits of ids [start, start + size) only: x [N, D] (pre-norm) -> [N, size] fp32.
 
         Decoding uses it when every row can only emit ids of one range (an image level's
-        codes): the head is most of a small model's per-token cost at ILLUME's 283k rows."""
-        x = self.final_norm(x)
-        if self.cfg.tie_embeddings:
-            table = jax.lax.dynamic_slice_in_dim(self.embed.embedding[...], start, size, axis=0).astype(x.dtype)
-            return jnp.matmul(x, table.T, preferred_element_type=jnp.float32)
-        kernel = jax.lax.dynamic_slice_in_dim(self.lm_head.kernel[...], start, size, axis=1).astype(x.dtype)
-        out = jnp.matmul(x, kernel, preferred_element_type=jnp.float32)
-        if self.lm_head.bias is not None:
-            out = out + jax.lax.dynamic_slice_in_dim(self.lm_head.bias[...], start, size).astype(jnp.float32)
-        return out
+        codes): the head is most of a small model's per-token cost at ILLUME's 283k rows.
+        The slice is a copy; loops should take `head_rows` once and use `logits_from_rows`."""
+        return self.logits_from_rows(x, self.head_rows(start, size))
 
     def _scan(self, fn, carry, xs):
         """Runs `fn(layer, carry, xs_i) -> (carry, ys_i)` over the stacked layers."""
