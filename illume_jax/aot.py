@@ -25,6 +25,20 @@ from illume_jax.models.llm import LLMConfig
 HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
 
 
+def _fits(report) -> bool | None:
+    return None if report.hbm_gib is None else report.peak_gib <= report.hbm_gib
+
+
+def _memory_lines(report) -> list[str]:
+    """The per-chip memory lines of a compiled program's report (arguments, temporaries,
+    outputs, donated, peak against the chip's HBM)."""
+    fits = _fits(report)
+    verdict = "unknown HBM size" if fits is None else ("fits" if fits else "DOES NOT FIT")
+    return [f"per-chip memory: arguments {report.argument_gib:.2f} GiB, temporaries {report.temp_gib:.2f} GiB, "
+            f"outputs {report.output_gib:.2f} GiB (donated/aliased {report.alias_gib:.2f} GiB)",
+            f"peak per chip ~{report.peak_gib:.2f} GiB of {report.hbm_gib or '?'} GiB HBM: {verdict}"]
+
+
 @dataclasses.dataclass
 class AotReport:
     topology: str
@@ -45,16 +59,13 @@ class AotReport:
 
     @property
     def fits(self) -> bool | None:
-        return None if self.hbm_gib is None else self.peak_gib <= self.hbm_gib
+        return _fits(self)
 
     def table(self) -> str:
-        fits = "unknown HBM size" if self.fits is None else ("fits" if self.fits else "DOES NOT FIT")
         return "\n".join([
             f"topology {self.topology}: {self.num_devices} chips, mesh {self.mesh}",
             f"stage {self.stage!r}: global batch {self.global_batch_size} x seq {self.seq_len}",
-            f"per-chip memory: arguments {self.argument_gib:.2f} GiB, temporaries {self.temp_gib:.2f} GiB, "
-            f"outputs {self.output_gib:.2f} GiB (donated/aliased {self.alias_gib:.2f} GiB)",
-            f"peak per chip ~{self.peak_gib:.2f} GiB of {self.hbm_gib or '?'} GiB HBM: {fits}",
+            *_memory_lines(self),
             f"FLOPs per step: model {self.model_flops_per_step:.3e} (all chips; "
             f"{self.model_flops_per_step / self.num_devices:.3e} per chip), "
             f"XLA cost analysis {self.xla_flops:.3e} per chip (scan body counted once)",
@@ -148,17 +159,14 @@ class DecodeAotReport:
 
     @property
     def fits(self) -> bool | None:
-        return None if self.hbm_gib is None else self.peak_gib <= self.hbm_gib
+        return _fits(self)
 
     def table(self) -> str:
-        fits = "unknown HBM size" if self.fits is None else ("fits" if self.fits else "DOES NOT FIT")
         return "\n".join([
             f"topology {self.topology}: {self.num_devices} chips, mesh {self.mesh}",
             f"decode step (sample + one token, CFG): {self.batch} images = {self.rows} rows, "
             f"KV cache {self.cache_len} slots ({self.cache_gib:.2f} GiB in all)",
-            f"per-chip memory: arguments {self.argument_gib:.2f} GiB, temporaries {self.temp_gib:.2f} GiB, "
-            f"outputs {self.output_gib:.2f} GiB (donated/aliased {self.alias_gib:.2f} GiB)",
-            f"peak per chip ~{self.peak_gib:.2f} GiB of {self.hbm_gib or '?'} GiB HBM: {fits}",
+            *_memory_lines(self),
             f"XLA FLOPs per chip {self.xla_flops:.3e}; compile time {self.compile_s:.1f} s",
         ])
 
@@ -333,15 +341,11 @@ class DecoderAotReport:
     compile_s: float
 
     def table(self) -> str:
-        fits = "unknown HBM size" if self.hbm_gib is None else (
-            "fits" if self.peak_gib <= self.hbm_gib else "DOES NOT FIT")
         return "\n".join([
             f"topology {self.topology}: {self.num_devices} chips, mesh {self.mesh}",
             f"{self.conditioning} decoder UNet train step: batch {self.batch} x {self.resolution}^2 outputs "
             f"(latents {self.latent}), UNet {self.unet_params / 1e9:.3f} B parameters",
-            f"per-chip memory: arguments {self.argument_gib:.2f} GiB, temporaries {self.temp_gib:.2f} GiB, "
-            f"outputs {self.output_gib:.2f} GiB (donated/aliased {self.alias_gib:.2f} GiB)",
-            f"peak per chip ~{self.peak_gib:.2f} GiB of {self.hbm_gib or '?'} GiB HBM: {fits}",
+            *_memory_lines(self),
             f"XLA FLOPs per chip {self.xla_flops:.3e}; compile time {self.compile_s:.1f} s",
         ])
 
