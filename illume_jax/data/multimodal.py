@@ -188,21 +188,17 @@ class MultimodalExample:
 MULTIMODAL_KEYS = ("token_slots", "token_cells", "target_slots", "target_cells", "images")
 
 
-def make_multimodal_iterator(config: Any, stage_index: int, tokenizer, sources: dict, *, seed: int,
-                             process_index: int = 0, process_count: int = 1):
-    """Stage batches of `MultimodalExample` rows from a weighted mixture of `sources`
-    (name -> random-access record source). A checkpointable Grain iterator."""
+def make_multimodal_iterator(config: Any, stage_index: int, tokenizer, data_dir: str, *, seed: int,
+                             process_index: int = 0, process_count: int = 1, sources: dict | None = None):
+    """Stage batches of `MultimodalExample` rows from the stage's mixture (data/pipeline.py).
+    A checkpointable Grain iterator."""
     import grain
 
-    from illume_jax.data.pipeline import _seed
+    from illume_jax.data.pipeline import _seed, mixture_dataset
     from illume_jax.train.state import model_config
     stage = config.stages[stage_index]
-    names = [n for n, w in stage.mixture.items() if w > 0]
-    datasets = [grain.MapDataset.source(sources[n]).shuffle(seed=_seed(config.data.shuffle_seed, seed, n)).repeat()
-                for n in names]
-    weights = [float(stage.mixture[n]) for n in names]
-    ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
-    ds = ds[process_index::process_count]
+    ds, _ = mixture_dataset(config, stage_index, data_dir, seed=seed, process_index=process_index,
+                            process_count=process_count, sources=sources)
     v = config.vision
     example = MultimodalExample(tokenizer, config.tokenizer.chat_template, model_config(config),
                                 int(v.resolution), int(stage.seq_len), int(v.max_images),

@@ -62,12 +62,11 @@ def _seed(*parts) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode())
 
 
-def make_train_iterator(config: Any, stage_index: int, tokenizer, data_dir: str, *, process_index: int = 0,
-                        process_count: int = 1, seed: int | None = None, sources: dict | None = None):
-    """The stage's batch iterator (a grain DatasetIterator). `sources` (name -> random-access
-    source) overrides reading the TFDS datasets (tests)."""
+def mixture_dataset(config: Any, stage_index: int, data_dir: str, *, seed: int, process_index: int = 0,
+                    process_count: int = 1, sources: dict | None = None):
+    """The stage's weighted, per-epoch-shuffled, endless mixture of records, this process's
+    share of it (a grain MapDataset). Shared by the text and the multimodal pipelines."""
     stage = config.stages[stage_index]
-    seed = config.seed if seed is None else seed
     if stage.global_batch_size % process_count:
         raise ValueError(f"stage {stage.name!r}: global_batch_size={stage.global_batch_size} is not divisible by "
                          f"{process_count} processes")
@@ -87,7 +86,17 @@ def make_train_iterator(config: Any, stage_index: int, tokenizer, data_dir: str,
                         .repeat())
     weights = [float(stage.mixture[n]) for n in names]
     ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
-    ds = ds[process_index::process_count]          # disjoint per JAX process
+    return ds[process_index::process_count], dict(zip(names, weights))   # disjoint per JAX process
+
+
+def make_train_iterator(config: Any, stage_index: int, tokenizer, data_dir: str, *, process_index: int = 0,
+                        process_count: int = 1, seed: int | None = None, sources: dict | None = None):
+    """The stage's batch iterator (a grain DatasetIterator). `sources` (name -> random-access
+    source) overrides reading the TFDS datasets (tests)."""
+    stage = config.stages[stage_index]
+    seed = config.seed if seed is None else seed
+    ds, mixture = mixture_dataset(config, stage_index, data_dir, seed=seed, process_index=process_index,
+                                  process_count=process_count, sources=sources)
     tok = Tokenize(tokenizer, config.tokenizer.chat_template, config.data.text_only, stage.seq_len)
     ds = ds.map(tok).filter(lambda x: x is not None)
     local_batch = stage.global_batch_size // process_count
@@ -100,6 +109,6 @@ def make_train_iterator(config: Any, stage_index: int, tokenizer, data_dir: str,
     workers = int(config.data.num_workers)
     if workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    logging.info("stage %s: mixture %s, %d rows/batch of %d tokens, %d workers", stage.name, dict(zip(names, weights)),
+    logging.info("stage %s: mixture %s, %d rows/batch of %d tokens, %d workers", stage.name, mixture,
                  local_batch, T, workers)
     return iter(it)

@@ -65,13 +65,9 @@ def default_iterator_factory(config: Any, workdir: str, tokenizer=None) -> Calla
     if "vision" in config:
         from illume_jax.data import multimodal
 
-        def make(stage_index):
-            names = [n for n, w in config.stages[stage_index].mixture.items() if w > 0]
-            sources = {n: build.data_source(config, n, data_dir) for n in names}
-            return multimodal.make_multimodal_iterator(config, stage_index, tokenizer, sources, seed=config.seed,
-                                                       process_index=jax.process_index(),
-                                                       process_count=jax.process_count())
-        return make
+        return lambda stage_index: multimodal.make_multimodal_iterator(
+            config, stage_index, tokenizer, data_dir, seed=config.seed, process_index=jax.process_index(),
+            process_count=jax.process_count())
     return lambda stage_index: pipeline.make_train_iterator(
         config, stage_index, tokenizer, data_dir, process_index=jax.process_index(),
         process_count=jax.process_count(), seed=config.seed)
