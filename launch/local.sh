@@ -53,7 +53,12 @@ case "$cmd" in
   test)
     # libtpu is installed for AOT tests; keep the default backend on the CPU.
     export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
-    exec .venv/bin/python -m pytest -q "${@:-tests}" ;;
+    # Two workers (the CI has 2 cores; one process leaves one idle while XLA compiles), a test
+    # module per worker at a time (tests/conftest.py orders them); TEST_WORKERS=0 runs in-process.
+    workers="${TEST_WORKERS:-2}"
+    xdist=()
+    [ "$workers" != "0" ] && xdist=(-n "$workers" --dist loadfile --no-loadscope-reorder)
+    exec .venv/bin/python -m pytest -q "${xdist[@]}" "${@:-tests}" ;;
   train|data|aot|train-tokenizer|encode-dataset|train-decoder|generate|understand|edit|eval-mllm)
     exec .venv/bin/python -m illume_jax "$cmd" "$@" ;;
   *)

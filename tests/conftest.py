@@ -6,40 +6,44 @@ import sys
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 # libtpu (the `tpu` extra, for AOT compiles) must not grab the default backend in tests.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Two test workers may compile for TPU topologies at once; libtpu's one-process-per-host lock
+# guards a real TPU, and there is none here (it only compiles).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# A persistent compilation cache fresh for each session: tests that train, stop and resume
-# build the same programs again in new trainer objects, and those recompiles dominated their
-# time on 2 cores. Fresh per session, so every test still compiles its programs once.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    import tempfile
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="illume-jax-test-cache-")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# No persistent compilation cache in tests. Reading XLA:CPU executables back from it segfaulted
+# twice in full-suite CI runs (in `compilation_cache.get_executable_and_time`, while a resumed
+# tokenizer trainer loaded the program its first run had cached) although every module passed
+# alone, even with a fresh cache per module; a crash that depends on what else the process has
+# loaded is not something a test suite can carry. Tests keep their compile counts small instead.
+os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 
 import pytest  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _compilation_cache_per_module(tmp_path_factory):
-    """A fresh persistent compilation cache for each test module. Stop-and-resume tests still
-    reuse what their first run compiled; executables are never deserialized into another
-    module's tests: a full-suite run segfaulted once in XLA:CPU's executable deserialization
-    (test_tokenizer_train reading a program the MLLM / decoder modules had cached), a known
-    fragility of CPU executable loading, while each module alone passed."""
-    import jax
-    from jax._src import compilation_cache
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax-cache")))
-    compilation_cache.reset_cache()
-    yield
-
-
 @pytest.fixture(scope="session")
 def micro_tokenizer_workdir(tmp_path_factory):
-    """A micro DualViTok with a checkpoint (2 steps: consumers only need its codes and encoders).
-    Session-wide: the diffusion-decoder and MLLM tests share it."""
+    """A micro DualViTok with a checkpoint (4 steps: consumers only need its codes and encoders).
+    Session-wide: the diffusion-decoder and MLLM tests share it. Its config is the tokenizer
+    tests' (`micro_tokenizer_config`), so those reuse the programs it compiled."""
     from illume_jax.train import tokenizer as tok
-    from train.test_tokenizer_train import micro_dualvitok
-    config = micro_dualvitok(perceptual="none", steps=2, disc_start=-1)
-    config.vit_pretrain.steps = 0
+    from train.test_tokenizer_train import micro_tokenizer_config
+    config = micro_tokenizer_config()
     workdir = str(tmp_path_factory.mktemp("tokenizer"))
     tok.train_tokenizer(config, workdir)
     return workdir
+
+
+# The longest modules (~2-5 CPU minutes each), started first so the two workers end together.
+_SLOW_MODULES = ("tests/train/test_mllm_train.py", "tests/train/test_decoder_train.py",
+                 "tests/train/test_tokenizer_train.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """launch/local.sh runs the suite on 2 pytest-xdist workers with `--dist loadfile` (a module's
+    tests on one worker: module fixtures are built once). xdist hands out modules in collection
+    order, so the slow ones go first. (Each worker builds the session's micro tokenizer once.)"""
+    def rank(item):
+        path = item.nodeid.split("::")[0]
+        return _SLOW_MODULES.index(path) if path in _SLOW_MODULES else len(_SLOW_MODULES)
+    items.sort(key=rank)  # stable: the order within a module is kept

@@ -36,7 +36,7 @@ from illume_jax.eval import recon as recon_lib
 from illume_jax.infer import diffusion
 from illume_jax.models import diffusion_decoder as dd
 from illume_jax.train.phase import run_phase
-from illume_jax.train.step import INIT_COMPILER_OPTIONS
+from illume_jax.train.step import INIT_COMPILER_OPTIONS, mesh_key, reuse_programs
 from illume_jax.train.tokenizer import _adam, _check_batch, _masked, _mesh_jit, _shardings
 
 
@@ -125,16 +125,25 @@ class DecoderTrainer:
                                 rng=jax.random.key_data(jax.random.key(config.seed + (1 if phase == "unet" else 0))))
 
         self.abstract, out_sh = _shardings(jax.eval_shape(fresh, abs_params), mesh, abs_params)
-        self._init = _mesh_jit(lambda: fresh(nnx.state(make(), nnx.Param)), mesh, out_shardings=out_sh,
-                               compiler_options=INIT_COMPILER_OPTIONS)
         step_fn = self._vae_step if phase == "vae" else self._unet_step
-        self._step = _mesh_jit(step_fn, mesh, out_shardings=(out_sh, None), donate_argnums=(0,))
+        # Functions of the config, the derived model config (the workdir's measured VAE scale) and
+        # the mesh; weights are arguments.
+        self._key = ("decoder", phase, config.to_json(), repr(self.cfg), mesh_key(mesh))
+        self._fresh, self._step = reuse_programs(self._key, lambda: (
+            _mesh_jit(fresh, mesh, out_shardings=out_sh, donate_argnums=(0,)),
+            _mesh_jit(step_fn, mesh, out_shardings=(out_sh, None), donate_argnums=(0,))))
+        # The random init is the slow compile (~15 s for the micro decoder on 2 cores) and the same
+        # for both phases: the VAE scale measured between them is not read by the init.
+        init_cfg = dataclasses.replace(self.cfg, vae=dataclasses.replace(self.cfg.vae, scaling_factor=1.0))
+        self._init_params = reuse_programs(("decoder-init", repr(init_cfg), config.seed, mesh_key(mesh)), lambda: _mesh_jit(
+            lambda: nnx.state(dd.DiffusionDecoder(init_cfg, rngs=nnx.Rngs(config.seed)), nnx.Param), mesh,
+            out_shardings=out_sh.params, compiler_options=INIT_COMPILER_OPTIONS))
         self._sample = None
         self._features = None
 
     # -- state --------------------------------------------------------------------------------------
     def init_state(self) -> DecoderState:
-        state = self._init()
+        state = self._fresh(self._init_params())
         if self.phase == "unet":  # the VAE comes from phase 1 or a converted checkpoint
             src = self.config.model_init.vae_from or (final_vae_path(self.workdir)
                                                       if self.config.vae_train.steps > 0 else "")
@@ -218,7 +227,9 @@ class DecoderTrainer:
     def features(self, images) -> jax.Array:
         """The frozen tokenizer's condition features of 1x images (code map or semantic features)."""
         if self._features is None:
-            self._features = _mesh_jit(self.tokenizer.features, self.mesh)
+            self._features = reuse_programs(
+                ("decoder-features", self.tokenizer.kind, self.tokenizer.graphdef, mesh_key(self.mesh)),
+                lambda: _mesh_jit(self.tokenizer.features, self.mesh))
         tok = self.tokenizer
         return self._features(tok.params, tok.buffers, images)
 
@@ -247,7 +258,7 @@ class DecoderTrainer:
                                            uncond=model.null_condition(cond))
                 return model.vae.images_from_latents(latents)
 
-            self._sample = _mesh_jit(run, self.mesh)
+            self._sample = reuse_programs(self._key + ("sampler",), lambda: _mesh_jit(run, self.mesh))
         return self._sample
 
     def decode_images(self, state: DecoderState, images_1x: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -315,7 +326,8 @@ class DecoderTrainer:
             mean, _ = vae.encode(x)
             return vae.decode(mean), mean
 
-        rec, mean = _mesh_jit(rec_fn, self.mesh)(state.params, jnp.asarray(x))
+        rec, mean = reuse_programs(self._key + ("vae-eval",), lambda: _mesh_jit(rec_fn, self.mesh))(
+            state.params, jnp.asarray(x))
         orig_u8, rec_u8 = images_lib.to_uint8(x), images_lib.to_uint8(np.asarray(rec))
         out = {"val_psnr": recon_lib.psnr(orig_u8, rec_u8),
                "latent_std": float(np.std(np.asarray(mean)))}

@@ -126,15 +126,18 @@ def create_state(config: Any, stage_index: int, mesh: Mesh, params=None, step: i
     cfg = model_config(config)
     graphdef, tx, abs_state = abstract or abstract_state(config, stage_index, mesh)
     out_sh = jax.tree.map(lambda a: a.sharding, abs_state)
+    from illume_jax.train.step import INIT_COMPILER_OPTIONS, mesh_key, reuse_programs
+    key = ("create_state", config.to_json(), stage_index, step, params is None, mesh_key(mesh))
     with sharding.use_mesh(mesh):
         if params is None:
             def init():
                 model = build_model(cfg, nnx.Rngs(config.seed))
                 return _fresh(nnx.state(model, nnx.Param), tx, config.seed, step)
-            state = jax.jit(init, out_shardings=out_sh)()
+            state = reuse_programs(key, lambda: jax.jit(init, out_shardings=out_sh,
+                                                        compiler_options=INIT_COMPILER_OPTIONS))()
         else:
-            state = jax.jit(lambda p: _fresh(p, tx, config.seed, step), out_shardings=out_sh,
-                            donate_argnums=(0,))(params)
+            state = reuse_programs(key, lambda: jax.jit(lambda p: _fresh(p, tx, config.seed, step),
+                                                        out_shardings=out_sh, donate_argnums=(0,)))(params)
     return graphdef, tx, state
 
 

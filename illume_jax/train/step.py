@@ -8,7 +8,8 @@ also split into text tokens (targets < text_vocab_size) and image/structure toke
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import collections
+from typing import Any, Callable, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -125,9 +126,11 @@ def make_train_step(config: Any, stage_index: int, mesh: Mesh, graphdef=None, tx
     batch_sh = {k: v.sharding for k, v in batch_shapes(config, stage_index, mesh).items()}
     kw = dict(graphdef=graphdef, tx=tx, text_vocab_size=config.model.text_vocab_size,
               grad_accum=config.optim.grad_accum, lr_fn=lambda s: optim.learning_rate(config, stage_index, s))
+    key = ("train_step", config.to_json(), stage_index, mesh_key(mesh))
     if "vision" not in config:
-        jitted = jax.jit(lambda state, batch: train_step(state, batch, **kw), in_shardings=(state_sh, batch_sh),
-                         out_shardings=(state_sh, None), donate_argnums=(0,))
+        jitted = reuse_programs(key, lambda: jax.jit(
+            lambda state, batch: train_step(state, batch, **kw), in_shardings=(state_sh, batch_sh),
+            out_shardings=(state_sh, None), donate_argnums=(0,)))
         return MeshJit(jitted, mesh)
     if vision is None:
         raise ValueError("a multimodal config (config.vision) needs its vision tokenizer to build the train step")
@@ -138,8 +141,9 @@ def make_train_step(config: Any, stage_index: int, mesh: Mesh, graphdef=None, tx
         return train_step(state, vision.prepare(tok_params, batch, vocab), **kw)
 
     tok_sh = jax.tree.map(lambda a: a.sharding, vision.params)
-    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh, tok_sh), out_shardings=(state_sh, None),
-                     donate_argnums=(0,))
+    # The tokenizer's graph is part of the program (its weights are an argument).
+    jitted = reuse_programs(key + (vision.graphdef,), lambda: jax.jit(
+        step, in_shardings=(state_sh, batch_sh, tok_sh), out_shardings=(state_sh, None), donate_argnums=(0,)))
     return _BoundMeshJit(jitted, mesh, vision.params)
 
 
@@ -147,6 +151,39 @@ def make_train_step(config: Any, stage_index: int, mesh: Mesh, graphdef=None, tx
 # backend optimisation roughly halves their CPU compile time when switched off (14 s -> 7 s for
 # the tiny decoder UNet) and costs nothing that matters for a program that runs once.
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+T = TypeVar("T")
+
+# Programs built by trainers, kept across trainer objects in one process (least recently used
+# dropped first). A trainer is rebuilt whenever a run restarts in the same process — a notebook
+# cell re-run after an interrupt, the demo's preemption, the stop-and-resume tests — and its
+# jitted functions are new Python objects, so jax's in-memory cache misses and every program
+# compiles again (the micro DualViTok: ~50 s of 2-core CPU per restart). The persistent
+# compilation cache would cover it, but reading XLA:CPU executables back from disk has crashed.
+_PROGRAMS: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
+PROGRAM_CACHE_SIZE = 32
+
+
+def mesh_key(mesh: Mesh) -> tuple:
+    """What identifies a mesh for compiled programs: axis names, shape, device order."""
+    return (tuple(mesh.axis_names), tuple(mesh.devices.shape), tuple(int(d.id) for d in mesh.devices.flat))
+
+
+def reuse_programs(key: tuple, build: Callable[[], T]) -> T:
+    """The programs `build()` made earlier in this process for `key`, else a fresh build().
+
+    `key` must hold everything the programs are a function of — in practice the config JSON, the
+    derived model config where a workdir changes it, and `mesh_key(mesh)`; the programs must take
+    every array that differs between runs (parameters, checkpoint-loaded weights) as an argument,
+    never close over it."""
+    if key in _PROGRAMS:
+        _PROGRAMS.move_to_end(key)
+        return _PROGRAMS[key]
+    value = _PROGRAMS[key] = build()
+    while len(_PROGRAMS) > PROGRAM_CACHE_SIZE:
+        _PROGRAMS.popitem(last=False)
+    return value
 
 
 class MeshJit:

@@ -31,7 +31,7 @@ from illume_jax.modules import quantizers
 from illume_jax.train import optim
 from illume_jax.train.phase import run_phase
 from illume_jax.train.state import shardings_like_params
-from illume_jax.train.step import INIT_COMPILER_OPTIONS, MeshJit
+from illume_jax.train.step import INIT_COMPILER_OPTIONS, MeshJit, mesh_key, reuse_programs
 
 
 @struct.dataclass
@@ -258,10 +258,15 @@ class TokenizerTrainer:
             disc = nnx.state(make_disc(), nnx.Param) if make_disc is not None else None
             return fresh(params, buffers, disc)
 
-        self._init = _mesh_jit(init, mesh, out_shardings=out_sh, compiler_options=INIT_COMPILER_OPTIONS)
-        self._steps = {d: _mesh_jit(self._make_step(d), mesh, out_shardings=(out_sh, None), donate_argnums=(0,))
-                       for d in ((False, True) if self.use_disc else (False,))}
-        self._forward = _mesh_jit(self._eval_forward, mesh)
+        # Programs are functions of the config and mesh only (weights are arguments); the steps
+        # also of `training` (the perceptual network).
+        key = ("tokenizer", config.to_json(), mesh_key(mesh))
+        self._init, self._forward = reuse_programs(key, lambda: (
+            _mesh_jit(init, mesh, out_shardings=out_sh, compiler_options=INIT_COMPILER_OPTIONS),
+            _mesh_jit(self._eval_forward, mesh)))
+        self._steps = reuse_programs(key + ("steps", training), lambda: {
+            d: _mesh_jit(self._make_step(d), mesh, out_shardings=(out_sh, None), donate_argnums=(0,))
+            for d in ((False, True) if self.use_disc else (False,))})
 
     # -- state -------------------------------------------------------------------------------------
     def init_state(self) -> TokenizerState:

@@ -158,6 +158,10 @@ def test_windowed_head_samples_what_the_full_vocabulary_samples(tiny):
     hidden = jax.random.normal(jax.random.key(4), (4, cfg.llm.d_model)) * 3
     grids = np.array([[2, 3, 3, 4]] * 2)
     full = model.llm.logits(hidden[:, None])[:, 0]
+    # Jitted once per sampling setting (op by op, every call re-traced the lax.switch branches).
+    from_full = jax.jit(lambda st, key, s: il.next_tokens(full, st, s, key, v, EOS, 0), static_argnums=2)
+    from_hidden = jax.jit(lambda st, key, s: il.next_tokens_from_hidden(model.llm, hidden, st, s, key, v, EOS, 0),
+                          static_argnums=2)
     for phases, cols, rows in (([il.LEVEL0, il.LEVEL0], [0, 1], [0, 1]), ([il.LEVEL1, il.LEVEL1], [0, 2], [1, 2]),
                                ([il.LEVEL0, il.LEVEL1], [1, 0], [0, 0]), ([il.EXPECT_SOL1, il.LEVEL0], [0, 3], [0, 1]),
                                ([il.TEXT, il.LEVEL1], [0, 0], [0, 0])):
@@ -167,8 +171,8 @@ def test_windowed_head_samples_what_the_full_vocabulary_samples(tiny):
                          il.Sampling(top_k=(5, 5, 5), top_p=(0.9, 0.9, 0.9), guidance_scale=2.0)):
             for seed in range(3):
                 key = jax.random.key(seed)
-                a = il.next_tokens(full, st, sampling, key, v, EOS, 0)
-                b = il.next_tokens_from_hidden(model.llm, hidden, st, sampling, key, v, EOS, 0)
+                a = from_full(st, key, sampling)
+                b = from_hidden(st, key, sampling)
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{phases} {sampling}")
 
 
@@ -219,14 +223,17 @@ def _eager_reference(model, prompts, state, rng, vocab, sampling, n_new):
     cell_buf[:, :tokens.shape[1]] = cells
     forward = jax.jit(lambda b, s, c, p, sg: model.llm(inputs_embeds=model.embed(b, s, c, prompts.images),
                                                        positions=p, segment_ids=sg, return_hidden=True))
+    # The per-step sampling is jitted too (once): run op by op it re-traced its lax.switch
+    # branches every step (~2.5 min of the suite on 2 cores).
+    sample = jax.jit(lambda h, st, k: il.next_tokens_from_hidden(model.llm, h, st, sampling, k, vocab, EOS, 0))
+    advance = jax.jit(lambda st, t: il.advance(st, t, vocab, EOS))
     out = []
     for i in range(n_new):
         P = tokens.shape[1] + i
         pos = np.maximum(np.cumsum(seg, 1) - 1, 0)
         hidden = forward(buf, slot_buf, cell_buf, pos, seg)[:, P - 1]
-        tok = np.asarray(il.next_tokens_from_hidden(model.llm, hidden, state, sampling, jax.random.fold_in(rng, i),
-                                                    vocab, EOS, 0))
-        state = il.advance(state, jnp.asarray(tok), vocab, EOS)
+        tok = np.asarray(sample(hidden, state, jax.random.fold_in(rng, i)))
+        state = advance(state, jnp.asarray(tok))
         out.append(tok)
         buf[:, P] = np.tile(tok, R // B)
         seg[:, P] = 1

@@ -97,9 +97,8 @@ def test_decoder_training_end_to_end_and_exact_resume(tokenizer_workdir, tmp_pat
     assert out.shape == (8, 128, 128, 3) and out.dtype == np.uint8
     np.testing.assert_array_equal(out, trainer.decode_images(state, images, seed=0))
 
-    # Stopped inside the UNet phase and resumed: the same weights, EMA included (no sampling
-    # evaluation here: it does not touch the state, and its compile is the slow part).
-    config.eval.num_images = 0
+    # Stopped inside the UNet phase and resumed: the same weights, EMA included. The restarted
+    # runs reuse the first run's programs (the same config in one process): nothing recompiles.
     shutil.copytree(tmp_path / "full" / "vae", tmp_path / "resumed" / "vae")  # a finished phase is reused
     part = dec.train_decoder(config, str(tmp_path / "resumed"), stop_after_steps=3)
     assert part["preempted"]
@@ -109,6 +108,7 @@ def test_decoder_training_end_to_end_and_exact_resume(tokenizer_workdir, tmp_pat
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     for a, b in zip(_leaves(full["state"].ema), _leaves(done["state"].ema)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert done["trainer"]._step is full["trainer"]._step and done["trainer"]._step.cache_size() == 1
 
 
 def test_decoder_needs_a_trained_tokenizer(tmp_path):

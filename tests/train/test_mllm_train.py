@@ -162,9 +162,11 @@ def test_step_fills_discrete_slots_with_the_tokenizers_codes(micro_tokenizer_wor
            "images": [shapecomp.png_bytes(shapecomp.render(s)) for s in scenes]}
     row = ex(rec, np.random.default_rng(0))
     batch = {k: jnp.asarray(v[None]) for k, v in row.items()}
-    out = vision.prepare(vision.params, batch, cfg.vocab)
-    tok_model, _, _ = load_tokenizer(saved_config(micro_tokenizer_workdir), micro_tokenizer_workdir, mesh)
-    sem, pix = tok_model.encode(jnp.asarray(row["images"][1:2]))
+    # Jitted, as in the train step (op by op, the tokenizer's encoder took ~40 s to dispatch).
+    with sharding.use_mesh(mesh):
+        out = jax.jit(lambda p, b: vision.prepare(p, b, cfg.vocab))(vision.params, batch)
+        tok_model, _, _ = load_tokenizer(saved_config(micro_tokenizer_workdir), micro_tokenizer_workdir, mesh)
+        sem, pix = nnx.jit(lambda m, x: m.encode(x))(tok_model, jnp.asarray(row["images"][1:2]))
     expected = mllm.block_ids(mllm.block_template(cfg.grids(RES, RES), cfg.vocab, continuous=False),
                               np.asarray(sem[0]), np.asarray(pix[0]), cfg.vocab)
     targets = np.asarray(out["targets"][0])

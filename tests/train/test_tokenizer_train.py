@@ -30,6 +30,14 @@ def micro_dualvitok(**train):
     return c
 
 
+def micro_tokenizer_config():
+    """The micro DualViTok most tests train (no perceptual loss, no ViT pre-training, the GAN from
+    step 2). One config everywhere: trainers of one config in one process share their programs."""
+    config = micro_dualvitok(perceptual="none")
+    config.vit_pretrain.steps = 0  # the pre-training hand-off is covered by the semantic VQ test
+    return config
+
+
 def test_configs_validate():
     for arg in ("size=tiny", "size=official"):
         config_check.validate_tokenizer(dualvitok_config.get_config(arg), training=False)
@@ -49,8 +57,7 @@ def _params(state):
 
 
 def test_dualvitok_training_resumes_exactly(tmp_path):
-    config = micro_dualvitok(perceptual="none")
-    config.vit_pretrain.steps = 0  # the pre-training hand-off is covered by the semantic VQ test
+    config = micro_tokenizer_config()
     full = tok.train_tokenizer(config, str(tmp_path / "full"))
     assert not full["preempted"]
     row = full["tokenizer"]
@@ -67,6 +74,9 @@ def test_dualvitok_training_resumes_exactly(tmp_path):
     assert part["preempted"]
     done = tok.train_tokenizer(config, str(tmp_path / "resumed"))
     assert not done["preempted"]
+    # The restarted runs reused the first run's programs: each compiled once in this process.
+    assert done["trainer"]._steps is full["trainer"]._steps
+    assert [f.cache_size() for f in done["trainer"]._steps.values()] == [1, 1]
     for a, b in zip(_params(full["state"]), _params(done["state"])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree.leaves(full["state"].disc_params), jax.tree.leaves(done["state"].disc_params)):
@@ -74,9 +84,7 @@ def test_dualvitok_training_resumes_exactly(tmp_path):
 
 
 def test_frozen_vit_and_codebooks_do_not_move(tmp_path):
-    config = micro_dualvitok(steps=2, disc_start=-1)
-    config.vit_pretrain.steps = 0
-    config.train.perceptual = "none"
+    config = micro_tokenizer_config()
     trainer = tok.TokenizerTrainer(config, str(tmp_path), tok.sharding.make_mesh(dict(config.mesh)))
     state0 = trainer.init_state()
     snapshot = jax.tree.map(np.asarray, (state0.params, state0.buffers))
