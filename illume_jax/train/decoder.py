@@ -110,7 +110,6 @@ class DecoderTrainer:
         self.cfg = model_config(config, workdir)
         self.tokenizer = tokenizer
         make = lambda: dd.DiffusionDecoder(self.cfg, rngs=nnx.Rngs(config.seed))  # noqa: E731
-        self._make = make
         with sharding.use_mesh(mesh):
             self.graphdef, abs_params = nnx.split(nnx.eval_shape(make), nnx.Param)
         t = config.vae_train if phase == "vae" else config.train
@@ -135,9 +134,12 @@ class DecoderTrainer:
         # The random init is the slow compile (~15 s for the micro decoder on 2 cores) and the same
         # for both phases: the VAE scale measured between them is not read by the init.
         init_cfg = dataclasses.replace(self.cfg, vae=dataclasses.replace(self.cfg.vae, scaling_factor=1.0))
-        self._init_params = reuse_programs(("decoder-init", repr(init_cfg), config.seed, mesh_key(mesh)), lambda: _mesh_jit(
-            lambda: nnx.state(dd.DiffusionDecoder(init_cfg, rngs=nnx.Rngs(config.seed)), nnx.Param), mesh,
-            out_shardings=out_sh.params, compiler_options=INIT_COMPILER_OPTIONS))
+
+        def init_params():
+            return nnx.state(dd.DiffusionDecoder(init_cfg, rngs=nnx.Rngs(config.seed)), nnx.Param)
+        self._init_params = reuse_programs(
+            ("decoder-init", repr(init_cfg), config.seed, mesh_key(mesh)),
+            lambda: _mesh_jit(init_params, mesh, out_shardings=out_sh.params, compiler_options=INIT_COMPILER_OPTIONS))
         self._sample = None
         self._features = None
 
