@@ -81,38 +81,87 @@ def _convert(kind: str, w: np.ndarray, cfg: LLMConfig) -> np.ndarray:
     raise AssertionError(kind)
 
 
+def _numpy(v: Any) -> np.ndarray:
+    """A torch tensor (bf16 -> fp32: numpy has no torch bf16) or array -> numpy."""
+    if hasattr(v, "detach"):
+        v = v.detach().cpu()
+        return (v.float() if v.is_floating_point() else v).numpy()
+    return np.asarray(v)
+
+
 def hf_to_params(state_dict: Mapping[str, Any], cfg: LLMConfig) -> dict[str, np.ndarray]:
-    """HF state dict -> {'/'-joined path: array} for our LLM (layers stacked)."""
-    sd = {k: np.asarray(v.detach().float().numpy() if hasattr(v, "detach") else v) for k, v in state_dict.items()}
+    """HF state dict -> {'/'-joined path: array} for our LLM (layers stacked).
+
+    Streaming: tensors are read from the mapping one at a time (it may be a lazy reader over a
+    multi-GB checkpoint, `convert.files.open_tensors`) and each layer is written into its
+    preallocated stacked array, which keeps the source dtype (a bf16 checkpoint stays bf16).
+    Peak host memory is one converted copy plus one tensor."""
+    expected = _expected_shapes(cfg)
     out: dict[str, np.ndarray] = {}
-    per_layer: dict[str, list] = {}
-    unused = []
-    for key, w in sd.items():
+    per_layer: dict[str, np.ndarray] = {}
+    filled: dict[str, set] = {}
+    unused, bad = [], []
+
+    def fits(key: str, path: str, w: np.ndarray, shape: tuple) -> bool:
+        if tuple(w.shape) != tuple(shape):
+            bad.append(f"{key}: expected {tuple(shape)} (our layout of {path}), found {tuple(w.shape)}")
+            return False
+        return True
+
+    top = {"model.embed_tokens.weight": ("embed/embedding", lambda w: w),
+           "model.norm.weight": ("final_norm/scale", lambda w: w), "lm_head.weight": ("lm_head/kernel", lambda w: w.T)}
+    for key in state_dict:
         m = _LAYER_KEY.match(key)
         if m:
             layer, suffix = int(m.group(1)), m.group(2)
-            if suffix not in _LAYER_MAP:
+            if suffix not in _LAYER_MAP or layer >= cfg.num_layers:
                 unused.append(key)
                 continue
             path, kind = _LAYER_MAP[suffix]
-            per_layer.setdefault(path, [None] * cfg.num_layers)[layer] = _convert(kind, w, cfg)
-        elif key == "model.embed_tokens.weight":
-            out["embed/embedding"] = w
-        elif key == "model.norm.weight":
-            out["final_norm/scale"] = w
-        elif key == "lm_head.weight":
-            if not cfg.tie_embeddings:
-                out["lm_head/kernel"] = w.T
+            shape = expected[f"layers/{path}"][1:]
+            raw = _numpy(state_dict[key])
+            try:
+                w = _convert(kind, raw, cfg)
+            except ValueError:  # a reshape that cannot work: report the torch shape
+                w = raw
+            if not fits(key, path, w, shape):
+                continue
+            if path not in per_layer:
+                per_layer[path] = np.empty((cfg.num_layers, *shape), w.dtype)
+            per_layer[path][layer] = w
+            filled.setdefault(path, set()).add(layer)
+        elif key in top:
+            path, layout = top[key]
+            if path not in expected:  # lm_head of a tied model: HF drops it, ours has none either
+                continue
+            w = layout(_numpy(state_dict[key]))
+            if fits(key, path, w, expected[path]):
+                out[path] = w
         elif not key.endswith("rotary_emb.inv_freq"):
             unused.append(key)
     if unused:
         raise ValueError(f"HF state dict has keys with no place in the LLM: {unused[:8]}")
+    if bad:
+        raise ValueError(f"HF state dict has tensors of the wrong shape: {bad[:8]}")
     for path, layers in per_layer.items():
-        missing = [i for i, w in enumerate(layers) if w is None]
+        missing = sorted(set(range(cfg.num_layers)) - filled[path])
         if missing:
             raise ValueError(f"HF state dict lacks layers {missing} of {path}")
-        out[f"layers/{path}"] = np.stack(layers)
+        out[f"layers/{path}"] = layers
+    absent = sorted(set(expected) - set(out))
+    if absent:
+        raise ValueError(f"HF state dict lacks tensors for {absent[:8]}")
     return out
+
+
+def _expected_shapes(cfg: LLMConfig) -> dict[str, tuple[int, ...]]:
+    """Our parameter shapes for `cfg`, from the abstract model (nothing allocated)."""
+    from illume_jax import sharding
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    with sharding.use_mesh(mesh):
+        model = nnx.eval_shape(lambda: LLM(cfg, rngs=nnx.Rngs(0)))
+    return {"/".join(str(k) for k in path): tuple(v.get_value().shape)
+            for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def params_to_hf(params: Mapping[str, np.ndarray], cfg: LLMConfig) -> dict[str, np.ndarray]:
