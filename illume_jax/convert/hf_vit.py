@@ -205,6 +205,52 @@ def clip_vit_from_torch(state_dict: Mapping[str, Any], cfg: ClipViTConfig, prefi
     return out
 
 
+# --- ours -> torch (the export direction) ----------------------------------------------------
+
+_TRANSPOSED = ("linear", "qkv", "in_heads", "out_heads")  # kinds whose forward layout is w.T (+ reshape)
+
+
+def _to_torch(w: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of `_CONVERT[kind]`, given the torch shape."""
+    if kind == "conv3d":
+        return w.T.reshape(shape)
+    if kind == "conv2d":
+        return w.transpose(3, 2, 0, 1)
+    if kind in _TRANSPOSED:
+        return w.reshape(shape[::-1]).T
+    return w.reshape(shape)
+
+
+def _rows_to_torch(params: Mapping[str, Any], rows, dims, prefix: str, blocks: int | None,
+                   block_prefix: str = "", path_prefix: str = "") -> dict[str, np.ndarray]:
+    out = {}
+    for name, path, kind, template in rows:
+        w = params[path_prefix + path]  # numpy, or abstract arrays under jax.eval_shape
+        shape = _shape(template, dims)
+        if blocks is None:
+            out[prefix + name] = _to_torch(w, kind, shape)
+        else:
+            for i in range(blocks):
+                out[f"{prefix}{block_prefix}{i}.{name}"] = _to_torch(w[i], kind, shape)
+    return out
+
+
+def qwen2vit_to_torch(params: Mapping[str, Any], cfg: Qwen2ViTConfig, prefix: str = "") -> dict[str, np.ndarray]:
+    """Inverse of `qwen2vit_from_torch`: {our path: array} -> torch keys under `prefix`."""
+    dims = _vision_dims(cfg.embed_dim, cfg.num_heads, cfg.mlp_dim) | {
+        "C": cfg.in_channels, "t": cfg.temporal_patch_size, "p": cfg.patch_size,
+        "M": cfg.embed_dim * cfg.spatial_merge_size ** 2, "O": cfg.hidden_size}
+    return (_rows_to_torch(params, _QWEN2VIT_ROWS, dims, prefix, None)
+            | _rows_to_torch(params, _VISION_BLOCK_ROWS, dims, prefix, cfg.depth, "blocks.", "blocks/"))
+
+
+def vision_blocks_to_torch(params: Mapping[str, Any], prefix: str, num_blocks: int, *, dim: int, num_heads: int,
+                           mlp_dim: int) -> dict[str, np.ndarray]:
+    """Inverse of `vision_blocks_from_torch` (params keyed 'blocks/...')."""
+    return _rows_to_torch(params, _VISION_BLOCK_ROWS, _vision_dims(dim, num_heads, mlp_dim), prefix, num_blocks,
+                          "", "blocks/")
+
+
 # --- configs from transformers ------------------------------------------------------------
 
 def _as_dict(hf_config: Any) -> dict:

@@ -47,8 +47,6 @@ _PROJECTOR = tuple(
     for i, branch in ((1, "semantic"), (2, "pixel")) for j, k in ((0, 1), (2, 2))
     for leaf, ours in (("weight", "kernel"), ("bias", "bias")))
 # Our MoVQ leaf names -> torch leaf names (kernels also change layout).
-_MOVQ_LEAF = {"kernel": "weight", "scale": "weight"}
-_TRANSPOSED = ("linear", "qkv", "in_heads", "out_heads")  # hf_vit kinds whose layout is `w.T` (+ reshape)
 
 
 class _View(Mapping):
@@ -173,27 +171,8 @@ def to_official(flat: Mapping[str, np.ndarray], cfg: MLLMConfig) -> dict[str, np
         return {k[len(prefix):]: np.asarray(v) for k, v in flat.items() if k.startswith(prefix)}
 
     out = hf_llm.params_to_hf(under("llm/"), cfg.llm)
-    v = cfg.tokenizer.vit
-    dims = {"D": v.embed_dim, "N": v.num_heads, "H": v.head_dim, "F": v.mlp_dim, "C": v.in_channels,
-            "t": v.temporal_patch_size, "p": v.patch_size, "M": v.embed_dim * v.spatial_merge_size ** 2,
-            "O": v.hidden_size}
-    vit = under(_VIT[1])
-
-    def vit_tensor(w, kind, template):
-        shape = hf_vit._shape(template, dims)
-        return (w.T.reshape(shape) if kind == "conv3d" else w.reshape(shape[::-1]).T if kind in _TRANSPOSED
-                else w.reshape(shape))
-
-    for name, path, kind, template in hf_vit._QWEN2VIT_ROWS:
-        out[_VIT[0] + name] = vit_tensor(vit[path], kind, template)
-    for name, path, kind, template in hf_vit._VISION_BLOCK_ROWS:
-        for i, w in enumerate(vit[f"blocks/{path}"]):
-            out[f"{_VIT[0]}blocks.{i}.{name}"] = vit_tensor(w, kind, template)
-    for path, w in under(_PIX[1]).items():
-        *mod, leaf = path.split("/")
-        if leaf == "kernel":
-            w = w.transpose(3, 2, 0, 1) if w.ndim == 4 else w.T
-        out[_PIX[0] + ".".join(mod + [_MOVQ_LEAF.get(leaf, leaf)])] = w
+    out |= hf_vit.qwen2vit_to_torch(under(_VIT[1]), cfg.tokenizer.vit, _VIT[0])
+    out |= conv_movq.flat_to_torch(under(_PIX[1]), _PIX[0])
     for key, path in _PROJECTOR:
         w = np.asarray(flat[path])
         out[key] = w.T if w.ndim == 2 else w

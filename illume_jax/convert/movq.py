@@ -205,12 +205,18 @@ def create_from_torch(cls: type[nnx.Module], cfg: movq.MoVQConfig, state_dict: M
     return load_torch_state(movq.abstract(cls, cfg, mesh), state_dict, prefix, mesh)
 
 
+def flat_to_torch(flat: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+    """{'/'-joined path: array} of a MoVQ encoder/decoder -> torch-layout arrays under torch keys."""
+    out = {}
+    for path, w in flat.items():  # numpy, or abstract arrays under jax.eval_shape
+        parts = tuple(int(p) if p.isdigit() else p for p in path.split("/"))
+        if parts[-1] == "kernel":
+            w = w.transpose(3, 2, 0, 1) if w.ndim == 4 else w.T
+        out[prefix + _torch_key(parts)] = w
+    return out
+
+
 def params_to_torch(module: nnx.Module, prefix: str = "") -> dict[str, np.ndarray]:
     """Inverse direction: our parameters -> torch-layout numpy arrays under torch key names."""
-    out = {}
-    for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param)):
-        w = np.asarray(jax.device_get(v.get_value()))
-        if p[-1] == "kernel":
-            w = w.transpose(3, 2, 0, 1) if w.ndim == 4 else w.T
-        out[prefix + _torch_key(tuple(p))] = w
-    return out
+    return flat_to_torch({_fmt(tuple(p)): np.asarray(jax.device_get(v.get_value()))
+                          for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}, prefix)
