@@ -105,6 +105,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
             (768, 1536), (1536, 768), (768, 1152), (1152, 768), (512, 512))))
     c.model_init = mlc.ConfigDict(dict(
         vae_from="",   # Orbax folder of a converted VAE (official sizes); tiny trains its own in phase 1
+        weights_from="",  # a converted SDXL decoder folder (`convert --kind=sdxl-decoder`): fine-tune it
     ))
     c.scheduler = mlc.ConfigDict(dict(SDXL_SCHEDULER))
     c.data = dualvitok_config.tokenizer_data("1", resolution=c.tokenizer.data.resolution, workers=a.workers)

@@ -65,6 +65,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.model = model_config(a.size)
     c.model_init = mlc.ConfigDict(dict(
         vit_from="",             # folder with a pre-trained ViT ('<workdir>/vit_pretrain/final_vit' layout)
+        weights_from="",         # a converted DualViTok folder (`convert --kind=dualvitok`): fine-tune it
     ))
     c.data = tokenizer_data(a.levels, resolution=64 if tiny else 256, workers=a.workers)
     c.vit_pretrain = vit_pretrain_config(steps=(400 if tiny else 0) if a.pretrain_steps < 0 else a.pretrain_steps)

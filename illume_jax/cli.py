@@ -14,6 +14,11 @@ Commands:
   train-decoder  train a diffusion decoder (configs/diffusion_decoder.py) on the codes of the trained
                  tokenizer in config.tokenizer_workdir (tiny: its VAE first); resumes from the workdir
 
+Official weights (no --config needed; see illume_jax/convert/official.py):
+  convert        --from=official --kind=llm|dualvitok|mllm|sdxl-decoder --src=FILE_OR_DIR --dst=DIR
+                 [--tokenizer=CONVERTED_DUALVITOK_DIR (mllm, sdxl-decoder)] [--config=BASE_CONFIG]
+                 [--dtype=bfloat16|float32]; or --to=official --kind=... --src=DIR --dst=DIR
+
 MLLM inference (no --config: the model's own config is read from its checkpoint in --workdir):
   generate       text-to-image: --prompt=TEXT (repeatable) -> PNGs + results.json in --out
   understand     --image=PNG --question=TEXT (repeat both, paired) -> answers.json in --out
@@ -31,7 +36,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 COMMANDS = ("demo", "train", "data", "aot", "train-tokenizer", "encode-dataset", "train-decoder", "generate",
-            "understand", "edit", "eval-mllm")
+            "understand", "edit", "eval-mllm", "convert")
 INFERENCE = ("generate", "understand", "edit", "eval-mllm")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: configs/NAME.py[:key=value,...]",
@@ -56,6 +61,15 @@ _GUIDANCE = flags.DEFINE_float("guidance", None, "generate / edit: CFG scale (de
 _DECODER = flags.DEFINE_string("diffusion_decoder", None, "generate / edit: a train-decoder workdir; images are "
                                "decoded by that diffusion decoder (2x) instead of the tokenizer's pixel decoder.")
 _LEVEL = flags.DEFINE_integer("level", 1, "eval-mllm: ShapeComp level of the held-out set.")
+_FROM = flags.DEFINE_enum("from", None, ["official"], "convert: read official checkpoint files (--src).")
+_TO = flags.DEFINE_enum("to", None, ["official"], "convert: write official checkpoint files (--dst).")
+_KIND = flags.DEFINE_enum("kind", None, ["llm", "dualvitok", "mllm", "sdxl-decoder"], "convert: what is converted.")
+_SRC = flags.DEFINE_string("src", None, "convert: source file or folder.")
+_DST = flags.DEFINE_string("dst", None, "convert: output folder (written under a temporary name, then renamed).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", "", "convert --kind=mllm|sdxl-decoder: the converted DualViTok folder.")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "convert: stored dtype of the parameters "
+                           "(default: as in the source).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "convert: replace a non-empty --dst.")
 _RESOLUTION = flags.DEFINE_integer("resolution", 0, "aot (tokenizer configs): image side (0 = 512 official / "
                                    "data.resolution).")
 
@@ -63,6 +77,32 @@ _RESOLUTION = flags.DEFINE_integer("resolution", 0, "aot (tokenizer configs): im
 def _usage(msg: str) -> None:
     sys.stderr.write(f"error: {msg}\n\n{__doc__}")
     sys.exit(2)
+
+
+def _convert() -> None:
+    import time
+
+    from illume_jax.convert import official
+    if (_FROM.value is None) == (_TO.value is None):
+        _usage("convert: give exactly one of --from=official or --to=official")
+    for name, flag in (("--kind", _KIND), ("--src", _SRC), ("--dst", _DST)):
+        if not flag.value:
+            _usage(f"convert: {name} is required")
+    t0 = time.perf_counter()
+    try:
+        if _FROM.value:
+            meta = official.from_official(_KIND.value, _SRC.value, _DST.value, base=_CONFIG.value,
+                                          tokenizer=_TOKENIZER.value, dtype=_DTYPE.value, overwrite=_OVERWRITE.value)
+            print(f"converted {meta['tensors']} tensors ({meta['numbers'] / 1e6:.1f}M numbers, dtype {meta['dtype']}) "
+                  f"of {_KIND.value} in {time.perf_counter() - t0:.1f} s -> {os.path.abspath(_DST.value)}\n"
+                  f"  load: Illume.load / --config=configs/converted.py:{_DST.value}", flush=True)
+        else:
+            written = official.to_official(_KIND.value, _SRC.value, _DST.value, overwrite=_OVERWRITE.value)
+            print(f"wrote official {_KIND.value} files {written} in {time.perf_counter() - t0:.1f} s -> "
+                  f"{os.path.abspath(_DST.value)}", flush=True)
+    except ValueError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)
 
 
 def main(argv: list[str]) -> None:
@@ -73,6 +113,10 @@ def main(argv: list[str]) -> None:
     if command in INFERENCE:
         logging.set_verbosity(logging.WARNING)
         _inference(command)
+        return
+    if command == "convert":
+        logging.set_verbosity(logging.WARNING)
+        _convert()
         return
     if _CONFIG.value is None:
         _usage("--config is required")

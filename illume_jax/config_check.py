@@ -36,6 +36,9 @@ def validate(config: Any) -> LLMConfig:
     llm = LLMConfig.from_config(config.model)
 
     _check_keys("mesh", config.mesh, {"data", "fsdp", "tensor"})
+    if "model_init" in config:
+        _check_keys("model_init", config.model_init, {"weights_from"})
+        _check_weights_from(config, ("mllm",) if "vision" in config else ("llm",))
     for k, v in config.mesh.items():
         if not isinstance(v, int) or (v < 1 and v != -1):
             _fail(f"mesh.{k}", v, "a positive int or -1 (the remaining devices)")
@@ -135,6 +138,17 @@ def is_tokenizer_config(config: Any) -> bool:
     return "model" in config and "kind" in config.model and "train" in config
 
 
+def _check_weights_from(config: Any, kinds: tuple[str, ...]) -> None:
+    """model_init.weights_from, when set, must be a converted-weights folder of one of `kinds`."""
+    path = config.get("model_init", {}).get("weights_from", "")
+    if not path:
+        return
+    from illume_jax.convert import weights
+    if not weights.is_converted(path):
+        _fail("model_init.weights_from", path, "a folder written by `python -m illume_jax convert --from=official`")
+    weights.check_kind(path, kinds, "config.model_init.weights_from")
+
+
 def validate_tokenizer(config: Any, *, training: bool = True):
     """Validates a vision-tokenizer config (configs/dualvitok.py, configs/semantic_vq_illume.py);
     returns the parsed model config. `training=False` (AOT compiles, encoding with a trained model)
@@ -158,6 +172,8 @@ def validate_tokenizer(config: Any, *, training: bool = True):
                                             perceptual="none", disc_start=-1, disc_ndf=1, disc_layers=1).keys())
     _check_keys("train", config.train, train_keys)
     _check_keys("checkpoint", config.checkpoint, set(common.checkpoint_config().keys()))
+    _check_keys("model_init", config.model_init, {"vit_from", "weights_from"})
+    _check_weights_from(config, ("dualvitok",) if kind == "dualvitok" else ())
     d, t = config.data, config.train
     if d.source not in IMAGE_SOURCES:
         _fail("data.source", d.source, f"one of {IMAGE_SOURCES}")
@@ -226,9 +242,11 @@ def validate_decoder(config: Any):
         _fail("train.cond_drop", config.train.cond_drop, "a probability in [0, 1)")
     if not 0.0 <= config.train.ema_decay < 1.0:
         _fail("train.ema_decay", config.train.ema_decay, "a decay in [0, 1) (0 = no EMA)")
-    if config.vae_train.steps <= 0 and not config.model_init.vae_from:
+    _check_weights_from(config, ("sdxl-decoder",))
+    if config.vae_train.steps <= 0 and not (config.model_init.vae_from or config.model_init.get("weights_from")):
         _fail("model_init.vae_from", config.model_init.vae_from,
-              "a converted VAE folder when vae_train.steps is 0 (nothing would train the VAE)")
+              "a converted VAE folder when vae_train.steps is 0 (nothing would train the VAE), or a converted "
+              "decoder in model_init.weights_from")
     if config.data.resolution * model.scale % model.latent_factor:
         _fail("data.resolution", config.data.resolution,
               f"a size whose {model.scale}x output is a multiple of the VAE factor {model.latent_factor}")

@@ -109,7 +109,9 @@ def hf_to_params(state_dict: Mapping[str, Any], cfg: LLMConfig) -> dict[str, np.
         return True
 
     top = {"model.embed_tokens.weight": ("embed/embedding", lambda w: w),
-           "model.norm.weight": ("final_norm/scale", lambda w: w), "lm_head.weight": ("lm_head/kernel", lambda w: w.T)}
+           "model.norm.weight": ("final_norm/scale", lambda w: w),
+           # Contiguous now, while little else is held: a transposed view would be copied at save time.
+           "lm_head.weight": ("lm_head/kernel", lambda w: np.ascontiguousarray(w.T))}
     for key in state_dict:
         m = _LAYER_KEY.match(key)
         if m:

@@ -78,32 +78,42 @@ class Illume:
     # -- loading -------------------------------------------------------------------------------
     @classmethod
     def load(cls, workdir: str, *, step: int | None = None, diffusion_decoder: str | None = None) -> "Illume":
-        """From a `train` workdir (latest checkpoint unless `step`). `diffusion_decoder`: a
-        `train-decoder` workdir; generated and edited images are then decoded by it (2x the
+        """From a `train` workdir (latest checkpoint unless `step`) or a converted MLLM folder
+        (`python -m illume_jax convert --kind=mllm`). `diffusion_decoder`: a `train-decoder` workdir
+        or a converted SDXL decoder; generated and edited images are then decoded by it (2x the
         token resolution, spec §2) instead of the tokenizer's pixel decoder."""
         from illume_jax import sharding
         from illume_jax.data.tokenizers import load_or_train_tokenizer
         from illume_jax.train import checkpoint as ckpt_lib
         from illume_jax.train import state as state_lib
         from illume_jax.train.tokenizer import load_tokenizer, saved_config
+        from illume_jax.convert import weights
         workdir = os.path.abspath(workdir)
-        ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            ckpt.close()
-            raise ValueError(f"no checkpoint in {workdir}/checkpoints: train the model first")
-        meta = ckpt.restore_meta(step)
-        raw = json.loads(meta["config"])
-        raw["stages"] = [mlc.ConfigDict(st) for st in raw.get("stages", [])]  # lists stay plain in JSON
-        config = mlc.ConfigDict(raw)
-        if "vision" not in config:
-            ckpt.close()
-            raise ValueError(f"{workdir} holds a text-only model (its config has no vision block)")
         mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-        graphdef, _, abs_state = state_lib.abstract_state(config, meta["stage_index"], mesh)
-        state = ckpt.restore(step, abs_state, None)
-        ckpt.close()
-        model = nnx.merge(graphdef, state.params)
+        if weights.is_converted(workdir):  # official weights converted by `python -m illume_jax convert`
+            config = weights.read_config(workdir)
+            if weights.info(workdir)["kind"] != "mllm":
+                raise ValueError(f"{workdir} holds converted {weights.info(workdir)['kind']!r} weights, not an MLLM")
+            graphdef, _, abs_state = state_lib.abstract_state(config, len(config.stages) - 1, mesh)
+            params = state_lib.load_converted_params(workdir, abs_state.params, True)
+            model = nnx.merge(graphdef, params)
+        else:
+            ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+            step = ckpt.latest_step() if step is None else step
+            if step is None:
+                ckpt.close()
+                raise ValueError(f"no checkpoint in {workdir}/checkpoints: train the model first")
+            meta = ckpt.restore_meta(step)
+            raw = json.loads(meta["config"])
+            raw["stages"] = [mlc.ConfigDict(st) for st in raw.get("stages", [])]  # lists stay plain in JSON
+            config = mlc.ConfigDict(raw)
+            if "vision" not in config:
+                ckpt.close()
+                raise ValueError(f"{workdir} holds a text-only model (its config has no vision block)")
+            graphdef, _, abs_state = state_lib.abstract_state(config, meta["stage_index"], mesh)
+            state = ckpt.restore(step, abs_state, None)
+            ckpt.close()
+            model = nnx.merge(graphdef, state.params)
         text_tok = load_or_train_tokenizer(config, workdir)
         tok_dir = config.vision.tokenizer_workdir
         vision, _, _ = load_tokenizer(saved_config(tok_dir), tok_dir, mesh)

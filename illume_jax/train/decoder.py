@@ -145,6 +145,12 @@ class DecoderTrainer:
 
     # -- state --------------------------------------------------------------------------------------
     def init_state(self) -> DecoderState:
+        weights_from = self.config.model_init.get("weights_from", "")
+        if weights_from and self.phase == "unet":  # fine-tuning converted official weights (VAE + UNet)
+            from illume_jax.convert import weights
+            weights.check_kind(weights_from, ("sdxl-decoder",), "config.model_init.weights_from")
+            params, _ = weights.restore(weights_from, self.abstract.params)
+            return self._fresh(params)
         state = self._fresh(self._init_params())
         if self.phase == "unet":  # the VAE comes from phase 1 or a converted checkpoint
             src = self.config.model_init.vae_from or (final_vae_path(self.workdir)
@@ -376,7 +382,15 @@ def load_decoder(workdir: str, mesh) -> tuple[DecoderTrainer, DecoderState]:
     import ml_collections as mlc
 
     from illume_jax.train import checkpoint as ckpt_lib
+    from illume_jax.convert import weights
     workdir = os.path.abspath(workdir)
+    if weights.is_converted(workdir):  # the official SDXL decoder, converted
+        weights.check_kind(workdir, ("sdxl-decoder",), "diffusion decoder folder")
+        config = weights.read_config(workdir)
+        trainer = DecoderTrainer(config, workdir, mesh, "unet")
+        params, _ = weights.restore(workdir, trainer.abstract.params)
+        return trainer, DecoderState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None, ema=None,
+                                     rng=jax.random.key_data(jax.random.key(config.seed)))
     ckpt = ckpt_lib.Checkpointer(os.path.join(unet_dir(workdir), "checkpoints"), async_save=False)
     step = ckpt.latest_step()
     if step is None:

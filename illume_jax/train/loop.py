@@ -106,9 +106,13 @@ def train(config: Any, workdir: str, *, make_iterator: Callable[[int], Any] | No
             if meta and si == start_stage:
                 state = ckpt.restore(resume_step, abs_state, iterator)
             else:
+                fresh = params is None
+                weights_from = config.get("model_init", {}).get("weights_from", "") if fresh else ""
+                if weights_from:  # fine-tuning converted weights (the MLLM's own tower included)
+                    params = state_lib.load_converted_params(weights_from, abs_state.params, "vision" in config)
                 _, _, state = state_lib.create_state(config, si, mesh, params=params, step=offsets[si],
                                                      abstract=abstract)
-                if params is None and vision is not None:
+                if fresh and not weights_from and vision is not None:
                     state = state.replace(params=vision.with_tower(state.params))
             step_fn = step_lib.make_train_step(config, si, mesh, graphdef, tx, abs_state, vision=vision)
             stage_step, step = int(state.stage_step), int(state.step)

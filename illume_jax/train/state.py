@@ -109,6 +109,20 @@ def abstract_state(config: Any, stage_index: int, mesh: Mesh):
     return graphdef, tx, abs_state
 
 
+def load_converted_params(path: str, abstract_params: Any, multimodal: bool):
+    """The parameters of a converted-weights folder (`python -m illume_jax convert`), restored into
+    `abstract_params` (ShapeDtypeStructs with the run's shardings and dtype: bf16 files become fp32
+    master weights). A folder of the wrong kind, or shapes that differ from the config, fail here."""
+    from illume_jax.convert import weights
+    kind = "mllm" if multimodal else "llm"
+    weights.check_kind(path, (kind,), "config.model_init.weights_from")
+    try:
+        params, _ = weights.restore(path, abstract_params)
+    except ValueError as e:
+        raise ValueError(f"config.model_init.weights_from={path!r} does not fit config.model: {e}") from e
+    return params
+
+
 def _fresh(params, tx: optax.GradientTransformation, seed: int, step=0) -> TrainState:
     return TrainState(step=jnp.asarray(step, jnp.int32), stage_step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(seed)),

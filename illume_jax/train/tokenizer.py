@@ -271,6 +271,12 @@ class TokenizerTrainer:
     # -- state -------------------------------------------------------------------------------------
     def init_state(self) -> TokenizerState:
         state = self._init()
+        weights_from = self.config.model_init.get("weights_from", "")
+        if weights_from:  # fine-tuning converted official weights: every variable comes from there
+            from illume_jax.convert import weights
+            weights.check_kind(weights_from, ("dualvitok",), "config.model_init.weights_from")
+            params, buffers = weights.restore(weights_from, self.abstract.params, self.abstract.buffers)
+            return state.replace(params=params, buffers=buffers)
         vit_path = self._vit_source()
         if vit_path is not None:  # the frozen semantic ViT comes from phase 1 (or a given folder)
             model = nnx.merge(self.graphdef, state.params, state.buffers)
@@ -426,7 +432,10 @@ def saved_config(workdir: str):
     import json
 
     import ml_collections as mlc
+    from illume_jax.convert import weights
     from illume_jax.train import checkpoint as ckpt_lib
+    if weights.is_converted(workdir):  # official weights converted by `python -m illume_jax convert`
+        return weights.read_config(workdir)
     directory = os.path.join(tokenizer_dir(os.path.abspath(workdir)), "checkpoints")
     if not os.path.isdir(directory):
         return None
@@ -442,11 +451,19 @@ def saved_config(workdir: str):
 
 
 def load_tokenizer(config: Any, workdir: str, mesh=None):
-    """(model, trainer) from the latest tokenizer checkpoint in `workdir` (for encode-dataset,
-    the MLLM and the demo)."""
+    """(model, trainer, state) from the latest tokenizer checkpoint in `workdir`, or from a
+    converted-weights folder (for encode-dataset, the MLLM, the decoder and the demo)."""
+    from illume_jax.convert import weights
     from illume_jax.train import checkpoint as ckpt_lib
     mesh = mesh or sharding.make_mesh(dict(config.mesh))
     trainer = TokenizerTrainer(config, workdir, mesh, training=False)
+    if weights.is_converted(workdir):
+        weights.check_kind(workdir, ("dualvitok",), "tokenizer folder")
+        params, buffers = weights.restore(workdir, trainer.abstract.params, trainer.abstract.buffers)
+        state = TokenizerState(step=jnp.zeros((), jnp.int32), params=params, buffers=buffers, opt_state=None,
+                               disc_params=None, disc_opt_state=None,
+                               rng=jax.random.key_data(jax.random.key(config.seed)))
+        return nnx.merge(trainer.graphdef, params, buffers), trainer, state
     ckpt = ckpt_lib.Checkpointer(os.path.join(tokenizer_dir(workdir), "checkpoints"), async_save=False)
     step = ckpt.latest_step()
     if step is None:
