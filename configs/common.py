@@ -128,3 +128,22 @@ def vision_config(**overrides) -> mlc.ConfigDict:
     ))
     c.update(overrides)
     return c
+
+
+def self_enhance_config(**overrides) -> mlc.ConfigDict:
+    """`config.self_enhance`: one self-enhancement round (illume_jax/align/round.py)."""
+    c = mlc.ConfigDict(dict(
+        level=1, split="train",   # ShapeComp prompts: every GenEval-style tag of the first num_scenes scenes
+        num_scenes=64,
+        samples_per_prompt=1,
+        judge="exact",            # 'exact' (ShapeComp scorer) | 'model' (the MLLM itself) | 'http'
+        http=dict(url="", model="gpt-4o", api_key_env="OPENAI_API_KEY", timeout_s=60.0, concurrency=4,
+                  max_retries=2),
+        chunk=16,                 # samples per resumable part of the generate / judge steps
+        seed=0,
+        mix_weight=0.2,           # share of the stage-3 batch drawn from the assessment dialogues
+        train_steps=100,          # stage-3 steps of the round (the ablation compares at equal steps)
+        eval=dict(gen_scenes=16, pope_scenes=20, edit_pairs=16),
+    ))
+    c.update(overrides)
+    return c

@@ -61,6 +61,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
               mixture={"shapecomp_caption": 0.1, "shapecomp_qa": 0.3, "shapecomp_t2i": 0.35,
                        "shapecomp_edit": 0.25}),
     ]
+    # One self-enhancement round on top of the trained model (python -m illume_jax self-enhance).
+    c.self_enhance = common.self_enhance_config(level=levels[-1])
     c.optim = common.optim_config()
     c.checkpoint = common.checkpoint_config(every_steps=50)
     c.log_every = 10

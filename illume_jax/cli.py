@@ -25,6 +25,10 @@ MLLM inference (no --config: the model's own config is read from its checkpoint 
   edit           --image=PNG --instruction=TEXT (repeat both, paired) -> PNGs at the input size in --out
   eval-mllm      held-out ShapeComp GenEval-, POPE- and editing-style scores -> <workdir>/eval/mllm.json
 
+Self-enhancement (--config: the MLLM config with its self_enhance block; --workdir: the trained MLLM):
+  self-enhance   one round: generate -> judge -> assessment dialogues -> stage 3 with them -> eval,
+                 in <workdir>/self_enhance/ (resumable at every step)
+
 The config is validated before anything is built or compiled.
 """
 from __future__ import annotations
@@ -36,7 +40,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 COMMANDS = ("demo", "train", "data", "aot", "train-tokenizer", "encode-dataset", "train-decoder", "generate",
-            "understand", "edit", "eval-mllm", "convert")
+            "understand", "edit", "eval-mllm", "convert", "self-enhance")
 INFERENCE = ("generate", "understand", "edit", "eval-mllm")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: configs/NAME.py[:key=value,...]",
@@ -161,6 +165,14 @@ def main(argv: list[str]) -> None:
     workdir = os.path.abspath(_WORKDIR.value)
     os.makedirs(workdir, exist_ok=True)
 
+    if command == "self-enhance":
+        if "vision" not in config or "self_enhance" not in config:
+            _usage("'self-enhance' needs an MLLM config with a self_enhance block (configs/illume_tiny.py)")
+        from illume_jax.align import round as round_lib
+        summary = round_lib.run_round(config, workdir)
+        print(f"self-enhancement round done: {os.path.join(workdir, 'self_enhance', 'summary.json')} "
+              f"(eval: {summary['eval']})", flush=True)
+        return
     if command == "demo":
         from illume_jax import demo
         config_args = [a for a in sys.argv[1:] if a.startswith("--config")]

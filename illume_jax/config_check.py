@@ -109,7 +109,24 @@ def validate(config: Any) -> LLMConfig:
             _fail(f"{key}.cfg_dropout", st.cfg_dropout, "a probability in [0, 1)")
     if "vision" in config:
         _validate_vision(config)
+    if "self_enhance" in config:
+        _validate_self_enhance(config)
     return llm
+
+
+def _validate_self_enhance(config: Any) -> None:
+    from configs import common
+    se = config.self_enhance
+    _check_keys("self_enhance", se, set(common.self_enhance_config().keys()))
+    if se.judge not in ("exact", "model", "http"):
+        _fail("self_enhance.judge", se.judge, "'exact', 'model' or 'http'")
+    if se.judge == "http" and not str(se.http.url).startswith(("http://", "https://")):
+        _fail("self_enhance.http.url", se.http.url, "an http(s):// base URL of an OpenAI-compatible endpoint")
+    for k in ("num_scenes", "samples_per_prompt", "chunk", "train_steps"):
+        if not isinstance(se[k], int) or se[k] < 1:
+            _fail(f"self_enhance.{k}", se[k], "a positive int")
+    if not 0.0 <= se.mix_weight < 1.0:
+        _fail("self_enhance.mix_weight", se.mix_weight, "a share in [0, 1)")
 
 
 def _validate_vision(config: Any) -> None:
