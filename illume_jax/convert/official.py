@@ -105,6 +105,8 @@ def from_official(kind: str, src: str, dst: str, *, base: mlc.ConfigDict | None 
     """Converts and writes the folder; returns convert.json's contents."""
     if not os.path.exists(src):
         raise ValueError(f"--src={src!r}: no such file or folder")
+    if os.path.exists(dst) and os.listdir(dst) and not overwrite:  # before minutes of reading
+        raise ValueError(f"--dst={dst!r} exists and is not empty (pass --overwrite to replace it)")
     if kind == "llm":
         return _llm_from_official(src, dst, base, dtype, overwrite)
     if kind == "dualvitok":
@@ -156,15 +158,20 @@ def _dualvitok_from_official(src, dst, base, dtype, overwrite) -> dict:
                             source=src, overwrite=overwrite)
 
 
+def _converted_tokenizer(path: str, why: str) -> mlc.ConfigDict:
+    """The config of the converted DualViTok folder given as --tokenizer (it supplies `why`)."""
+    if not weights_lib.is_converted(path):
+        raise ValueError(f"--tokenizer={path!r}: give the converted DualViTok folder, for {why} "
+                         "(python -m illume_jax convert --from=official --kind=dualvitok ...)")
+    weights_lib.check_kind(path, ("dualvitok",), "--tokenizer")
+    return weights_lib.read_config(path)
+
+
 def _mllm_from_official(src, dst, base, tokenizer, dtype, overwrite) -> dict:
     from illume_jax.convert import mllm as conv
     from illume_jax.data.tokenizers import HFTokenizer
     from illume_jax.models.mllm import MLLM, MLLMConfig
-    if not weights_lib.is_converted(tokenizer):
-        raise ValueError(f"--tokenizer={tokenizer!r}: the MLLM needs the converted DualViTok folder "
-                         "(python -m illume_jax convert --from=official --kind=dualvitok ...)")
-    weights_lib.check_kind(tokenizer, ("dualvitok",), "--tokenizer")
-    tok_config = weights_lib.read_config(tokenizer)
+    tok_config = _converted_tokenizer(tokenizer, "the MLLM's tower shapes and detokenizer")
     hf = files.read_json(os.path.join(src, "config.json"), "--kind=mllm needs the config.json of the checkpoint")
     reader = files.open_tensors(src)
     llm_cfg = conv.llm_config_from_official(hf, vocab_size=reader.shape("model.embed_tokens.weight")[0],
@@ -195,10 +202,7 @@ def _mllm_from_official(src, dst, base, tokenizer, dtype, overwrite) -> dict:
 def _decoder_from_official(src, dst, base, tokenizer, dtype, overwrite) -> dict:
     from illume_jax.convert import sdxl_decoder as conv
     from illume_jax.models import diffusion_decoder as dd
-    if not weights_lib.is_converted(tokenizer):
-        raise ValueError(f"--tokenizer={tokenizer!r}: the decoder is conditioned on DualViTok codes; give the "
-                         "converted DualViTok folder")
-    weights_lib.check_kind(tokenizer, ("dualvitok",), "--tokenizer")
+    tok_config = _converted_tokenizer(tokenizer, "the code maps that condition the decoder")
     folder = conv.read_folder_configs(src)
     config = _base(base, "diffusion_decoder.py:size=official")
     with config.unlocked():
@@ -207,7 +211,7 @@ def _decoder_from_official(src, dst, base, tokenizer, dtype, overwrite) -> dict:
         config.model.resolution_group = sizes
         config.scheduler = mlc.ConfigDict({k: v for k, v in folder["scheduler"].items() if not k.startswith("_")
                                            or k == "_class_name"})
-        config.tokenizer = weights_lib.read_config(tokenizer)
+        config.tokenizer = tok_config
         config.tokenizer_workdir = os.path.abspath(tokenizer)
         config.vae_train.steps = 0
         if "model_init" in config:
@@ -296,11 +300,7 @@ def hf_config_dict(cfg: hf_llm.LLMConfig) -> dict:
 def to_official(kind: str, src: str, dst: str, *, overwrite: bool = False, max_shard_bytes: int = 5 * 2 ** 30) -> list[str]:
     """Writes the official layout of `src` (a converted folder or trained workdir) into `dst`."""
     config, cfg, flat = load_ours(kind, src)
-    if os.path.exists(dst) and os.listdir(dst) and not overwrite:
-        raise ValueError(f"--dst={dst!r} exists and is not empty (pass --overwrite to replace it)")
-    tmp = f"{os.path.abspath(dst)}.converting-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with weights_lib.writing(dst, overwrite) as tmp:
         if kind == "sdxl-decoder":
             from illume_jax.convert import sdxl_decoder as conv
             unet_cfg, vae_cfg = _diffusers_configs(config)
@@ -321,12 +321,6 @@ def to_official(kind: str, src: str, dst: str, *, overwrite: bool = False, max_s
             tok = config.get("tokenizer", {}).get("path", "") if kind in ("llm", "mllm") else ""
             if tok and os.path.exists(tok):
                 shutil.copy(tok, os.path.join(tmp, "tokenizer.json"))
-        if os.path.exists(dst):
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return sorted(os.listdir(dst))
 
 

@@ -15,6 +15,7 @@ nothing behind.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -26,6 +27,8 @@ import ml_collections as mlc
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+
+from illume_jax.convert.movq import nest
 
 KINDS = ("llm", "mllm", "dualvitok", "sdxl-decoder")
 
@@ -81,14 +84,24 @@ def _split(module: nnx.Module) -> tuple[dict, dict]:
     return out
 
 
-def _nest(flat: Mapping[tuple, Any]) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        d = out
-        for p in path[:-1]:
-            d = d.setdefault(p, {})
-        d[path[-1]] = v
-    return out
+@contextlib.contextmanager
+def writing(dst: str, overwrite: bool):
+    """Yields a fresh temporary folder that replaces `dst` once the block completes; on any failure
+    it is removed and `dst` is untouched. A non-empty `dst` needs overwrite=True."""
+    if os.path.exists(dst) and os.listdir(dst) and not overwrite:
+        raise ValueError(f"--dst={dst!r} exists and is not empty (pass --overwrite to replace it)")
+    dst = os.path.abspath(dst)
+    tmp = f"{dst}.converting-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(dst):
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
 
 
 def save(dst: str, *, kind: str, config: mlc.ConfigDict, module: nnx.Module, tensors: Mapping[str, np.ndarray],
@@ -110,8 +123,6 @@ def save(dst: str, *, kind: str, config: mlc.ConfigDict, module: nnx.Module, ten
         parts = [f"missing {missing[:12]}" if missing else "", f"unexpected {unexpected[:12]}" if unexpected else "",
                  f"shape mismatches {wrong[:12]}" if wrong else ""]
         raise ValueError(f"converted {kind} weights do not fit the model: " + "; ".join(p for p in parts if p))
-    if os.path.exists(dst) and os.listdir(dst) and not overwrite:
-        raise ValueError(f"--dst={dst!r} exists and is not empty (pass --overwrite to replace it)")
 
     def stored(a: np.ndarray) -> np.ndarray:
         a = np.asarray(a)
@@ -119,17 +130,13 @@ def save(dst: str, *, kind: str, config: mlc.ConfigDict, module: nnx.Module, ten
             return a.astype(jax.numpy.dtype(dtype), copy=False)
         return a
 
-    tree = {"params": _nest({p: stored(tensors[k]) for k, (p, _) in params.items()})}
+    tree = {"params": nest({p: stored(tensors[k]) for k, (p, _) in params.items()})}
     if buffers:
-        tree["buffers"] = _nest({p: np.asarray(tensors[k]) for k, (p, _) in buffers.items()})
+        tree["buffers"] = nest({p: np.asarray(tensors[k]) for k, (p, _) in buffers.items()})
     numbers = int(sum(np.size(tensors[k]) for k in expected))
     meta = dict(kind=kind, source=os.path.abspath(source) if os.path.exists(source) else source, dtype=dtype or "as-is",
                 tensors=len(expected), numbers=numbers, created=time.strftime("%Y-%m-%d %H:%M:%S"))
-    dst = os.path.abspath(dst)
-    tmp = f"{dst}.converting-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with writing(dst, overwrite) as tmp:
         from illume_jax.train.checkpoint import _serial_array_saves_on_cpu
         _serial_array_saves_on_cpu()
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=_NO_COPY_REGISTRY)) as ckpt:
@@ -140,12 +147,6 @@ def save(dst: str, *, kind: str, config: mlc.ConfigDict, module: nnx.Module, ten
             shutil.copy(src, os.path.join(tmp, name))
         with open(os.path.join(tmp, "convert.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        if os.path.exists(dst):
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 
