@@ -27,7 +27,8 @@ MLLM inference (no --config: the model's own config is read from its checkpoint 
 
 Self-enhancement (--config: the MLLM config with its self_enhance block; --workdir: the trained MLLM):
   self-enhance   one round: generate -> judge -> assessment dialogues -> stage 3 with them -> eval,
-                 in <workdir>/self_enhance/ (resumable at every step)
+                 in <workdir>/self_enhance/ (resumable at every step); --ablation --seeds=0,1,2: the same
+                 stage-3 budget with and without the dialogues, per seed
 
 The config is validated before anything is built or compiled.
 """
@@ -74,6 +75,9 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", "", "convert --kind=mllm|sdxl-deco
 _DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "convert: stored dtype of the parameters "
                            "(default: as in the source).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "convert: replace a non-empty --dst.")
+_ABLATION = flags.DEFINE_bool("ablation", False, "self-enhance: after the round, the with / without ablation of "
+                               "its assessment data over --seeds (align/ablation.py).")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "self-enhance --ablation: training seeds.")
 _RESOLUTION = flags.DEFINE_integer("resolution", 0, "aot (tokenizer configs): image side (0 = 512 official / "
                                    "data.resolution).")
 
@@ -172,6 +176,12 @@ def main(argv: list[str]) -> None:
         summary = round_lib.run_round(config, workdir)
         print(f"self-enhancement round done: {os.path.join(workdir, 'self_enhance', 'summary.json')} "
               f"(eval: {summary['eval']})", flush=True)
+        if _ABLATION.value:
+            from illume_jax.align import ablation
+            res = ablation.run_ablation(config, workdir, [int(s) for s in _SEEDS.value])
+            for arm, m in res["arms"].items():
+                print(f"ablation {arm}: geneval {m['geneval_overall']['mean']:.3f} +- {m['geneval_overall']['std']:.3f}, "
+                      f"pope {m['pope_accuracy']['mean']:.3f} +- {m['pope_accuracy']['std']:.3f}", flush=True)
         return
     if command == "demo":
         from illume_jax import demo

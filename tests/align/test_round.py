@@ -130,3 +130,19 @@ def test_training_config_mixes_the_dialogues_at_the_configured_share():
     with pytest.raises(ValueError, match="stop_after"):
         round_lib._parse_stop("nope")
     np.testing.assert_allclose(sum(control.stages[0].mixture.values()), sum(config.stages[-1].mixture.values()))
+
+
+def test_ablation_reports_mean_and_spread_per_arm():
+    from illume_jax.align import ablation
+    res = {"geneval": {"overall": 0.5, "tags": {"colors": 0.25}},
+           "pope": {"mean": {"accuracy": 0.6, "f1": 0.5, "yes_ratio": 0.4}, "random": {"accuracy": 0.7}},
+           "edit": {"success": 0.1, "preservation": 0.9}}
+    m = ablation._metrics(res)
+    assert m["geneval_colors"] == 0.25 and m["pope_random_accuracy"] == 0.7 and m["edit_success"] == 0.1
+    runs = [dict(m, arm="with", seed=s, geneval_overall=g, judge=dict(consistent=c, compared=4, parsed=p,
+                                                                       samples=8))
+            for s, g, c, p in ((0, 0.2, 0.5, 4), (1, 0.4, None, 0))]
+    agg = ablation._aggregate(runs)
+    assert agg["geneval_overall"]["mean"] == pytest.approx(0.3) and agg["geneval_overall"]["std"] == pytest.approx(0.1)
+    assert agg["judge_agreement"] == dict(mean=0.5, std=0.0, runs=1)  # a run whose judge never parsed is left out
+    assert agg["judge_parsed"]["mean"] == pytest.approx(0.25)
