@@ -27,7 +27,8 @@ MLLM inference (no --config: the model's own config is read from its checkpoint 
 
 Self-enhancement (--config: the MLLM config with its self_enhance block; --workdir: the trained MLLM):
   self-enhance   one round: generate -> judge -> assessment dialogues -> stage 3 with them -> eval,
-                 in <workdir>/self_enhance/ (resumable at every step); --ablation --seeds=0,1,2: the same
+                 in <workdir>/self_enhance/ (resumable at every step; --rerun_from=STEP redoes from there);
+                 --ablation --seeds=0,1,2: the same
                  stage-3 budget with and without the dialogues, per seed
 
 The config is validated before anything is built or compiled.
@@ -78,6 +79,9 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "convert: replace a non-empty
 _ABLATION = flags.DEFINE_bool("ablation", False, "self-enhance: after the round, the with / without ablation of "
                                "its assessment data over --seeds (align/ablation.py).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "self-enhance --ablation: training seeds.")
+_ARMS = flags.DEFINE_list("arms", ["with", "without"], "self-enhance --ablation: which arms to run.")
+_RERUN_FROM = flags.DEFINE_enum("rerun_from", None, ["generate", "judge", "dialogues", "train", "eval"],
+                                "self-enhance: discard this step's output and the later steps', then run them again.")
 _RESOLUTION = flags.DEFINE_integer("resolution", 0, "aot (tokenizer configs): image side (0 = 512 official / "
                                    "data.resolution).")
 
@@ -173,12 +177,12 @@ def main(argv: list[str]) -> None:
         if "vision" not in config or "self_enhance" not in config:
             _usage("'self-enhance' needs an MLLM config with a self_enhance block (configs/illume_tiny.py)")
         from illume_jax.align import round as round_lib
-        summary = round_lib.run_round(config, workdir)
+        summary = round_lib.run_round(config, workdir, rerun_from=_RERUN_FROM.value)
         print(f"self-enhancement round done: {os.path.join(workdir, 'self_enhance', 'summary.json')} "
               f"(eval: {summary['eval']})", flush=True)
         if _ABLATION.value:
             from illume_jax.align import ablation
-            res = ablation.run_ablation(config, workdir, [int(s) for s in _SEEDS.value])
+            res = ablation.run_ablation(config, workdir, [int(s) for s in _SEEDS.value], _ARMS.value)
             for arm, m in res["arms"].items():
                 print(f"ablation {arm}: geneval {m['geneval_overall']['mean']:.3f} +- {m['geneval_overall']['std']:.3f}, "
                       f"pope {m['pope_accuracy']['mean']:.3f} +- {m['pope_accuracy']['std']:.3f}", flush=True)

@@ -5,15 +5,14 @@ After a round in W (its dialogues and its starting weights), stage 3 runs again 
 (`self_enhance.train_steps`) from the same weights, per seed, in two arms:
   with      the round's assessment dialogues mixed in at `self_enhance.mix_weight`
   without   the stage's own mixture only
-Each run is evaluated on the held-out GenEval-, POPE- and editing-style suites, and its model is used
-as a judge of the round's generated images, scored against the exact judge (how far the
-model-as-judge that the scheme relies on at scale can be trusted). Results per run and the mean /
-std per arm go to `W/self_enhance/ablation/results.json`; each run resumes from its own folder. The
-round's own stage-3 run is the 'with' arm of its seed.
+Each run is evaluated on the held-out GenEval-, POPE- and editing-style suites, and its model judges
+its own images for held-out prompts, scored against the exact judge (how far the model-as-judge
+that the scheme relies on at scale can be trusted). Results per run and the mean / std
+per arm go to `W/self_enhance/ablation/steps{N}_mix{w}/results.json`; each run resumes from its own
+folder. The round's own stage-3 run is the 'with' arm of its seed when its budget is the same.
 """
 from __future__ import annotations
 
-import base64
 import json
 import os
 from typing import Any, Sequence
@@ -32,18 +31,27 @@ def _metrics(res: dict) -> dict:
     return out
 
 
-def _judge_agreement(model, root: str) -> dict:
-    """The trained model as the judge of the round's generated images, against the exact judge."""
+def judge_agreement(model, se: Any, num_scenes: int = 16) -> dict:
+    """The model as the judge of its own images for held-out ('test' split) prompts — never the
+    round's training images, whose assessments it was trained on — against the exact judge."""
     from illume_jax.align import judges
-    generated = round_lib.read_records(os.path.join(root, "generate"))
-    exact = [round_lib._verdict(r["exact"]) for r in round_lib.read_records(os.path.join(root, "judge"))]
-    images = [round_lib._unpng(base64.b64decode(r["image_png"])) for r in generated]
-    verdicts = judges.ModelJudge(model).judge_many(images, [r["prompt"] for r in generated],
-                                                   [r["metadata"] for r in generated])
-    return dict(judges.agreement(verdicts, exact), parsed=sum(v.ok for v in verdicts), samples=len(verdicts))
+    held = round_lib.prompts(se, split="test", num_scenes=num_scenes)
+    texts, metas = [p["prompt"] for p in held], [p["metadata"] for p in held]
+    images = model.generate(texts, seed=int(se.seed))
+    exact = judges.ExactJudge().judge_many(images, texts, metas)
+    verdicts = judges.ModelJudge(model).judge_many(images, texts, metas)
+    return dict(judges.agreement(verdicts, exact), split="test", parsed=sum(v.ok for v in verdicts),
+                samples=len(verdicts), exact_consistent=sum(v.assessment.consistent for v in exact),
+                examples=[v.raw for v in verdicts[:3]])
 
 
-def run_ablation(config: Any, workdir: str, seeds: Sequence[int] = (0, 1, 2)) -> dict:
+def ablation_dir(root: str, se: Any) -> str:
+    """One folder per stage-3 budget and mixing share, so settings can be compared side by side."""
+    return os.path.join(root, "ablation", f"steps{int(se.train_steps)}_mix{float(se.mix_weight):g}")
+
+
+def run_ablation(config: Any, workdir: str, seeds: Sequence[int] = (0, 1, 2),
+                 arms: Sequence[str] = ("with", "without")) -> dict:
     from illume_jax.eval import mllm as eval_mllm
     from illume_jax.infer.illume import Illume
     from illume_jax.train import loop
@@ -55,13 +63,20 @@ def run_ablation(config: Any, workdir: str, seeds: Sequence[int] = (0, 1, 2)) ->
     base = round_lib.snapshot_weights(workdir, os.path.join(root, "base"))
     data_dir = config.data.data_dir or os.path.join(workdir, "data")
     runs = {}
+    bad = sorted(set(arms) - {"with", "without"})
+    if bad:
+        raise ValueError(f"ablation arms {bad}: expected 'with' and/or 'without'")
+    out_dir = ablation_dir(root, se)
     for seed in seeds:
-        for arm in ("with", "without"):
+        for arm in arms:
             name = f"{arm}_seed{seed}"
-            folder = os.path.join(root, "ablation", name)
+            folder = os.path.join(out_dir, name)
             done = round_lib._done(folder)
             if done is None:
-                reuse = arm == "with" and seed == int(config.seed) and round_lib._done(os.path.join(root, "eval"))
+                # The round's own stage-3 run is this arm when it had the same seed and budget.
+                trained = round_lib._done(os.path.join(root, "train")) or {}
+                reuse = (arm == "with" and seed == int(config.seed) and trained.get("step") == int(se.train_steps)
+                         and round_lib._done(os.path.join(root, "eval")) is not None)
                 train_dir = os.path.join(root, "train") if reuse else os.path.join(folder, "train")
                 if not reuse:
                     c = round_lib.training_config(config, se, os.path.join(root, "dialogues") if arm == "with"
@@ -82,15 +97,19 @@ def run_ablation(config: Any, workdir: str, seeds: Sequence[int] = (0, 1, 2)) ->
                                              edit_pairs=int(e.edit_pairs), seed=int(se.seed),
                                              out_dir=os.path.join(folder, "eval"))
                 done = round_lib._finish(folder, dict(arm=arm, seed=int(seed), train_dir=train_dir,
-                                                      **_metrics(res), judge=_judge_agreement(model, root)))
+                                                      **_metrics(res), judge=judge_agreement(model, se)))
                 print(f"ablation {name}: geneval {done['geneval_overall']:.3f}, pope {done['pope_accuracy']:.3f}, "
                       f"edit {done['edit_success']:.3f}, model-judge agreement "
                       f"{done['judge']['consistent']} over {done['judge']['compared']} parsed", flush=True)
+            elif done.get("judge", {}).get("split") != "test":  # measured on training images before: redo
+                from illume_jax.infer.illume import Illume
+                train_dir = done["train_dir"] if os.path.isdir(done["train_dir"]) else os.path.join(folder, "train")
+                done = round_lib._finish(folder, dict(done, train_dir=train_dir,
+                                                      judge=judge_agreement(Illume.load(train_dir), se)))
             runs[name] = done
     results = dict(seeds=list(seeds), train_steps=int(se.train_steps), mix_weight=float(se.mix_weight),
-                   runs=runs, arms={arm: _aggregate([r for r in runs.values() if r["arm"] == arm])
-                                    for arm in ("with", "without")})
-    with open(os.path.join(root, "ablation", "results.json"), "w") as f:
+                   runs=runs, arms={arm: _aggregate([r for r in runs.values() if r["arm"] == arm]) for arm in arms})
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     return results
 

@@ -112,17 +112,19 @@ def _parse_stop(stop_after: str | None) -> tuple[str | None, int | None]:
 
 # -- the prompts ------------------------------------------------------------------------------------------
 
-def prompts(se: Any) -> list[dict]:
-    """Every (scene, tag) prompt of the configured ShapeComp scenes, samples_per_prompt times."""
+def prompts(se: Any, *, split: str | None = None, num_scenes: int | None = None) -> list[dict]:
+    """Every (scene, tag) prompt of the configured ShapeComp scenes, samples_per_prompt times
+    (`split` / `num_scenes` override the config's, e.g. held-out 'test' prompts)."""
     from illume_jax.data import shapecomp
+    split = split or se.split
     out = []
-    for i in range(int(se.num_scenes)):
-        scene = shapecomp.make_scene(int(se.level), se.split, i)
+    for i in range(int(num_scenes or se.num_scenes)):
+        scene = shapecomp.make_scene(int(se.level), split, i)
         for tag in shapecomp.available_tags(scene):
             text, meta = shapecomp.prompt_for(scene, tag)
             for s in range(int(se.samples_per_prompt)):
                 out.append(dict(id=len(out), prompt=text, metadata=meta,
-                                scene=dict(level=int(se.level), split=se.split, index=i), sample=s))
+                                scene=dict(level=int(se.level), split=split, index=i), sample=s))
     return out
 
 
@@ -154,10 +156,11 @@ def _verdict_json(v) -> dict:
 
 # -- the round ---------------------------------------------------------------------------------------------
 
-def run_round(config: Any, workdir: str, *, stop_after: str | None = None) -> dict:
+def run_round(config: Any, workdir: str, *, stop_after: str | None = None, rerun_from: str | None = None) -> dict:
     """Runs (or resumes) the round on the MLLM in `workdir`; returns the summary (also in
     `self_enhance/summary.json`). `stop_after='STEP'` or `'STEP:N'` stops after that step or after
-    N parts of it, as a kill would (raises `Stop`)."""
+    N parts of it, as a kill would (raises `Stop`). `rerun_from='STEP'` discards that step's output
+    and every later step's first (e.g. 'judge' to judge the same images with another judge)."""
     if "self_enhance" not in config:
         raise ValueError("config.self_enhance is missing: use an MLLM config with a self_enhance block "
                          "(configs/illume_tiny.py has one)")
@@ -165,6 +168,11 @@ def run_round(config: Any, workdir: str, *, stop_after: str | None = None) -> di
     workdir = os.path.abspath(workdir)
     root = os.path.join(workdir, "self_enhance")
     stop_step, stop_parts = _parse_stop(stop_after)
+    if rerun_from:
+        if rerun_from not in STEPS:
+            raise ValueError(f"rerun_from={rerun_from!r}: expected one of {STEPS}")
+        for step in STEPS[STEPS.index(rerun_from):]:
+            shutil.rmtree(os.path.join(root, step), ignore_errors=True)
     state: dict = {}
 
     def illume():

@@ -232,6 +232,8 @@ def _checkpoint_params(workdir: str) -> tuple[mlc.ConfigDict, Any]:
     """(config, params nnx.State) of an LLM/MLLM training workdir's latest checkpoint."""
     from illume_jax.train import checkpoint as ckpt_lib
     from illume_jax.train import state as state_lib
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # (the Checkpointer would create it)
+        raise ValueError(f"--src={workdir!r}: neither a converted folder nor a workdir with checkpoints")
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     try:
         step = ckpt.latest_step()

@@ -98,6 +98,8 @@ class Illume:
             params = state_lib.load_converted_params(workdir, abs_state.params, True)
             model = nnx.merge(graphdef, params)
         else:
+            if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # (the Checkpointer would create it)
+                raise ValueError(f"no checkpoint in {workdir}/checkpoints: train the model first")
             ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
             step = ckpt.latest_step() if step is None else step
             if step is None:

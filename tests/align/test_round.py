@@ -111,9 +111,14 @@ def test_round_resumes_after_kills_in_and_between_every_step(model_dir):
     assert cfg["model_init"]["weights_from"] == model_dir
     assert set(summary["eval"]) >= {"geneval_overall", "pope_accuracy", "edit_success"}
     assert os.path.exists(os.path.join(root, "eval", "mllm.json"))
-    # A finished round is not redone.
+    # A finished round is not redone; --rerun_from redoes a step and the later ones only.
     again = round_lib.run_round(config, model_dir)
     assert again["eval"] == summary["eval"]
+    with pytest.raises(round_lib.Stop):
+        round_lib.run_round(config, model_dir, rerun_from="judge", stop_after="dialogues")
+    assert round_lib._done(os.path.join(root, "generate")) == summary["generate"]  # kept
+    assert round_lib._done(os.path.join(root, "train")) is None  # discarded, to be redone
+    assert [r["id"] for r in round_lib.read_records(os.path.join(root, "judge"))] == list(range(n))
 
 
 def test_training_config_mixes_the_dialogues_at_the_configured_share():
