@@ -91,9 +91,10 @@ class Illume:
         workdir = os.path.abspath(workdir)
         mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
         if weights.is_converted(workdir):  # official weights converted by `python -m illume_jax convert`
+            kind = weights.info(workdir)["kind"]
+            if kind != "mllm":
+                raise ValueError(f"{workdir} holds converted {kind!r} weights, not an MLLM")
             config = weights.read_config(workdir)
-            if weights.info(workdir)["kind"] != "mllm":
-                raise ValueError(f"{workdir} holds converted {weights.info(workdir)['kind']!r} weights, not an MLLM")
             graphdef, _, abs_state = state_lib.abstract_state(config, len(config.stages) - 1, mesh)
             params = state_lib.load_converted_params(workdir, abs_state.params, True)
             model = nnx.merge(graphdef, params)

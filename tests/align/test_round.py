@@ -151,3 +151,18 @@ def test_ablation_reports_mean_and_spread_per_arm():
     assert agg["geneval_overall"]["mean"] == pytest.approx(0.3) and agg["geneval_overall"]["std"] == pytest.approx(0.1)
     assert agg["judge_agreement"] == dict(mean=0.5, std=0.0, runs=1)  # a run whose judge never parsed is left out
     assert agg["judge_parsed"]["mean"] == pytest.approx(0.25)
+
+
+def test_self_enhance_config_validates_and_names_bad_values():
+    from configs import self_enhance_tiny
+    from illume_jax import config_check
+    config_check.validate(self_enhance_tiny.get_config("tokenizer=/no/tokenizer/yet"))
+    for key, value, match in (("judge", "gpt", "self_enhance.judge"), ("mix_weight", 1.0, "self_enhance.mix_weight"),
+                              ("chunk", 0, "self_enhance.chunk")):
+        bad = self_enhance_tiny.get_config("tokenizer=/no/tokenizer/yet")
+        bad.self_enhance[key] = value
+        with pytest.raises(ValueError, match=match):
+            config_check.validate(bad)
+    bad = self_enhance_tiny.get_config("tokenizer=/no/tokenizer/yet,judge=http")
+    with pytest.raises(ValueError, match="self_enhance.http.url"):  # an HTTP judge needs its endpoint
+        config_check.validate(bad)
