@@ -96,16 +96,11 @@ def run_ablation(config: Any, workdir: str, seeds: Sequence[int] = (0, 1, 2),
                                              samples_per_prompt=1, pope_scenes=int(e.pope_scenes),
                                              edit_pairs=int(e.edit_pairs), seed=int(se.seed),
                                              out_dir=os.path.join(folder, "eval"))
-                done = round_lib._finish(folder, dict(arm=arm, seed=int(seed), train_dir=train_dir,
+                done = round_lib._finish(folder, dict(arm=arm, seed=int(seed), reused_round_run=bool(reuse),
                                                       **_metrics(res), judge=judge_agreement(model, se)))
                 print(f"ablation {name}: geneval {done['geneval_overall']:.3f}, pope {done['pope_accuracy']:.3f}, "
                       f"edit {done['edit_success']:.3f}, model-judge agreement "
                       f"{done['judge']['consistent']} over {done['judge']['compared']} parsed", flush=True)
-            elif done.get("judge", {}).get("split") != "test":  # measured on training images before: redo
-                from illume_jax.infer.illume import Illume
-                train_dir = done["train_dir"] if os.path.isdir(done["train_dir"]) else os.path.join(folder, "train")
-                done = round_lib._finish(folder, dict(done, train_dir=train_dir,
-                                                      judge=judge_agreement(Illume.load(train_dir), se)))
             runs[name] = done
     results = dict(seeds=list(seeds), train_steps=int(se.train_steps), mix_weight=float(se.mix_weight),
                    runs=runs, arms={arm: _aggregate([r for r in runs.values() if r["arm"] == arm]) for arm in arms})

@@ -134,7 +134,7 @@ def _llm_from_official(src, dst, base, dtype, overwrite) -> dict:
             config.tokenizer.vocab_size = cfg.text_vocab_size
             config.tokenizer.chat_template = "qwen2" if cfg.family == "qwen2" else "vicuna"
     _init_block(config, dst)
-    tensors = {f"{k}": v for k, v in hf_llm.hf_to_params(reader, cfg).items()}
+    tensors = hf_llm.hf_to_params(reader, cfg)
     module = _abstract(lambda: LLM(cfg, rngs=nnx.Rngs(0)))
     return weights_lib.save(dst, kind="llm", config=config, module=module, tensors=tensors, dtype=dtype,
                             source=src, extra_files={"tokenizer.json": tok} if tok else {}, overwrite=overwrite)
