@@ -108,7 +108,11 @@ def stage_config(name: str, **overrides) -> mlc.ConfigDict:
 
 
 def checkpoint_config(**overrides) -> mlc.ConfigDict:
-    c = mlc.ConfigDict(dict(every_steps=50, max_to_keep=3, async_save=True))
+    # keep_stage_ends: each stage's last checkpoint survives max_to_keep pruning (a later stage can be
+    # re-run or forked from it; the self-enhancement round starts from the stage-2 model).
+    # directory: '' = <workdir>/checkpoints; on a multi-host pod a bucket URL (gs://...) that every
+    # host writes its shards to (launch/tpu_pod.sh sets it). The staged `train` loop reads it.
+    c = mlc.ConfigDict(dict(every_steps=50, max_to_keep=3, async_save=True, keep_stage_ends=True, directory=""))
     c.update(overrides)
     return c
 
@@ -136,6 +140,10 @@ def self_enhance_config(**overrides) -> mlc.ConfigDict:
         level=1, split="train",   # ShapeComp prompts: every GenEval-style tag of the first num_scenes scenes
         num_scenes=64,
         samples_per_prompt=1,
+        # The round starts from the checkpoint at the end of this stage: '' = the stage before the
+        # last (ILLUME: the stage-2 model draws and is judged; stage 3 is trained again with the
+        # assessments mixed in), a stage name, or 'latest' (the newest checkpoint).
+        from_stage="",
         judge="exact",            # 'exact' (ShapeComp scorer) | 'model' (the MLLM itself) | 'http'
         http=dict(url="", model="gpt-4o", api_key_env="OPENAI_API_KEY", timeout_s=60.0, concurrency=4,
                   max_retries=2),

@@ -82,6 +82,8 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "self-enhance --ablation: t
 _ARMS = flags.DEFINE_list("arms", ["with", "without"], "self-enhance --ablation: which arms to run.")
 _RERUN_FROM = flags.DEFINE_enum("rerun_from", None, ["generate", "judge", "dialogues", "train", "eval"],
                                 "self-enhance: discard this step's output and the later steps', then run them again.")
+_STOP_AFTER_STAGE = flags.DEFINE_string("stop_after_stage", None, "train: stop when the stage of this name ends "
+                                        "(the same command without it continues).")
 _RESOLUTION = flags.DEFINE_integer("resolution", 0, "aot (tokenizer configs): image side (0 = 512 official / "
                                    "data.resolution).")
 
@@ -197,7 +199,9 @@ def main(argv: list[str]) -> None:
         from illume_jax.sharding import maybe_initialize_distributed
         from illume_jax.train import loop
         maybe_initialize_distributed()
-        loop.train(config, workdir)
+        if _STOP_AFTER_STAGE.value:
+            loop.stage_end_step(config, _STOP_AFTER_STAGE.value)  # a wrong name fails before anything is built
+        loop.train(config, workdir, stop_after_stage=_STOP_AFTER_STAGE.value)
     elif command == "train-tokenizer":
         from illume_jax.sharding import maybe_initialize_distributed
         from illume_jax.train import tokenizer

@@ -127,6 +127,11 @@ def _validate_self_enhance(config: Any) -> None:
             _fail(f"self_enhance.{k}", se[k], "a positive int")
     if not 0.0 <= se.mix_weight < 1.0:
         _fail("self_enhance.mix_weight", se.mix_weight, "a share in [0, 1)")
+    names = [st.name for st in config.stages]
+    if se.from_stage not in ("", "latest", *names):
+        _fail("self_enhance.from_stage", se.from_stage, f"'' (the stage before the last), 'latest' or a stage name {names}")
+    if se.from_stage == "" and len(names) < 2:
+        _fail("self_enhance.from_stage", se.from_stage, "a stage name or 'latest' (the config has one stage)")
 
 
 def _validate_vision(config: Any) -> None:
@@ -189,6 +194,9 @@ def validate_tokenizer(config: Any, *, training: bool = True):
                                             perceptual="none", disc_start=-1, disc_ndf=1, disc_layers=1).keys())
     _check_keys("train", config.train, train_keys)
     _check_keys("checkpoint", config.checkpoint, set(common.checkpoint_config().keys()))
+    if config.checkpoint.get("directory"):
+        _fail("checkpoint.directory", config.checkpoint.directory, "'' (the tokenizer trainer keeps its phases' "
+              "checkpoints in the workdir; only the staged `train` loop reads checkpoint.directory)")
     _check_keys("model_init", config.model_init, {"vit_from", "weights_from"})
     _check_weights_from(config, ("dualvitok",) if kind == "dualvitok" else ())
     d, t = config.data, config.train
@@ -246,6 +254,9 @@ def validate_decoder(config: Any):
         if section not in ("model", "tokenizer", "scheduler") and hasattr(config[section], "keys"):
             _check_keys(section, config[section], set(reference[section].keys()))
     _check_keys("model", config.model, set(reference.model.keys()))
+    if config.checkpoint.get("directory"):
+        _fail("checkpoint.directory", config.checkpoint.directory, "'' (the decoder trainer keeps its phases' "
+              "checkpoints in the workdir; only the staged `train` loop reads checkpoint.directory)")
     model = DecoderConfig.from_config(config.model)
     validate_tokenizer(config.tokenizer, training=False)
     from illume_jax.infer import diffusion

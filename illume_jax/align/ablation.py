@@ -60,7 +60,7 @@ def run_ablation(config: Any, workdir: str, seeds: Sequence[int] = (0, 1, 2),
     root = os.path.join(workdir, "self_enhance")
     if round_lib._done(os.path.join(root, "dialogues")) is None:
         raise ValueError(f"no finished self-enhancement round in {root}: run `self-enhance` first")
-    base = round_lib.snapshot_weights(workdir, os.path.join(root, "base"))
+    base = round_lib.snapshot_weights(workdir, os.path.join(root, "base"), round_lib.start_step(config, workdir))
     data_dir = config.data.data_dir or os.path.join(workdir, "data")
     runs = {}
     bad = sorted(set(arms) - {"with", "without"})

@@ -175,10 +175,12 @@ def run_round(config: Any, workdir: str, *, stop_after: str | None = None, rerun
             shutil.rmtree(os.path.join(root, step), ignore_errors=True)
     state: dict = {}
 
+    start = start_step(config, workdir)
+
     def illume():
         if "model" not in state:
             from illume_jax.infer.illume import Illume
-            state["model"] = Illume.load(workdir)
+            state["model"] = Illume.load(workdir, step=start)
         return state["model"]
 
     summary = {}
@@ -199,6 +201,44 @@ def run_round(config: Any, workdir: str, *, stop_after: str | None = None, rerun
     with open(os.path.join(root, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
+
+
+def start_step(config: Any, workdir: str) -> int | None:
+    """The checkpoint step of `workdir` the round starts from: the end of `self_enhance.from_stage`
+    ('' = the stage before the config's last: as in ILLUME, the stage-2 model draws and is judged,
+    and stage 3 is trained again with the assessments; 'latest' = the newest checkpoint). None for
+    a converted folder, whose weights are the start."""
+    from illume_jax.convert import weights
+    from illume_jax.train import checkpoint as ckpt_lib
+    from illume_jax.train import loop
+    if weights.is_converted(workdir):
+        return None
+    name = str(config.self_enhance.get("from_stage", ""))
+    if name == "latest":
+        return None
+    if not name:
+        if len(config.stages) < 2:
+            raise ValueError("self_enhance.from_stage='': the config needs at least two stages (the round starts "
+                             "from the one before the last); name a stage or use 'latest'")
+        name = config.stages[-2].name
+    step = loop.stage_end_step(config, name)
+    folder = os.path.join(workdir, "checkpoints")
+    steps = []
+    if os.path.isdir(folder):
+        ckpt = ckpt_lib.Checkpointer(folder, async_save=False)
+        steps = ckpt.all_steps()
+        ckpt.close()
+    if step not in steps:
+        raise ValueError(f"self_enhance.from_stage={name!r}: the round starts from the checkpoint at the end of that "
+                         f"stage (step {step}), which is not in {folder} (steps there: {steps}). Train with "
+                         f"`train --stop_after_stage={name}` (checkpoint.keep_stage_ends keeps it afterwards)")
+    ckpt = ckpt_lib.Checkpointer(folder, async_save=False)
+    meta = ckpt.restore_meta(step)
+    ckpt.close()
+    if meta.get("stage_name") != name:  # the workdir was trained with another stage list
+        raise ValueError(f"self_enhance.from_stage={name!r}: checkpoint step {step} of {folder} is in stage "
+                         f"{meta.get('stage_name')!r}; pass the config the workdir was trained with")
+    return step
 
 
 def _generate(config, se, root, folder, illume, stop_parts) -> dict:
@@ -301,27 +341,32 @@ def training_config(config: Any, se: Any, dialogues_dir: str | None, base_weight
     return c
 
 
-def snapshot_weights(workdir: str, dst: str) -> str:
-    """The MLLM in `workdir` (latest checkpoint, or a converted folder) as a converted-weights folder,
-    so stage 3 can start again from it (`model_init.weights_from`)."""
+def snapshot_weights(workdir: str, dst: str, step: int | None = None) -> str:
+    """The MLLM in `workdir` (checkpoint `step`, default the latest; or a converted folder) as a
+    converted-weights folder, so stage 3 can start again from it (`model_init.weights_from`)."""
     from illume_jax.convert import official, weights
     if weights.is_converted(workdir):
         return workdir
-    if not weights.is_converted(dst):
-        config, cfg, flat = official.load_ours("mllm", workdir)
+    if weights.is_converted(dst):
+        made_from = weights.info(dst).get("step")
+        if step is not None and made_from is not None and int(made_from) != int(step):
+            raise ValueError(f"{dst} holds the weights of checkpoint step {made_from}, not {step}: the round's "
+                             f"starting point changed; start the round in a fresh workdir or delete {dst}")
+    else:
+        config, cfg, flat = official.load_ours("mllm", workdir, step=step)
         from flax import nnx
 
         from illume_jax.models.mllm import MLLM
         module = official._abstract(lambda: MLLM(cfg, rngs=nnx.Rngs(0)))
         weights.save(dst, kind="mllm", config=config, module=module, tensors=flat, dtype=None, source=workdir,
-                     overwrite=True)
+                     overwrite=True, extra_meta={} if step is None else dict(step=int(step)))
     return dst
 
 
 def _train(config, se, root, folder, illume, stop_parts) -> dict:
     from illume_jax.train import loop
     workdir = os.path.dirname(root)
-    base = snapshot_weights(workdir, os.path.join(root, "base"))
+    base = snapshot_weights(workdir, os.path.join(root, "base"), start_step(config, workdir))
     c = training_config(config, se, os.path.join(root, "dialogues"), base, config.data.data_dir or
                         os.path.join(workdir, "data"))
     _share_text_tokenizer(workdir, folder)

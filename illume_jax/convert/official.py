@@ -228,17 +228,20 @@ def _decoder_from_official(src, dst, base, tokenizer, dtype, overwrite) -> dict:
 
 # -- ours -> official ------------------------------------------------------------------------------------
 
-def _checkpoint_params(workdir: str) -> tuple[mlc.ConfigDict, Any]:
-    """(config, params nnx.State) of an LLM/MLLM training workdir's latest checkpoint."""
+def _checkpoint_params(workdir: str, step: int | None = None) -> tuple[mlc.ConfigDict, Any]:
+    """(config, params nnx.State) of an LLM/MLLM training workdir's checkpoint `step` (default: latest)."""
     from illume_jax.train import checkpoint as ckpt_lib
     from illume_jax.train import state as state_lib
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # (the Checkpointer would create it)
         raise ValueError(f"--src={workdir!r}: neither a converted folder nor a workdir with checkpoints")
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     try:
-        step = ckpt.latest_step()
         if step is None:
-            raise ValueError(f"--src={workdir!r}: neither a converted folder nor a workdir with checkpoints")
+            step = ckpt.latest_step()
+            if step is None:
+                raise ValueError(f"--src={workdir!r}: neither a converted folder nor a workdir with checkpoints")
+        elif step not in ckpt.all_steps():
+            raise ValueError(f"--src={workdir!r}: no checkpoint at step {step} (steps there: {ckpt.all_steps()})")
         meta = ckpt.restore_meta(step)
         raw = json.loads(meta["config"])
         raw["stages"] = [mlc.ConfigDict(s) for s in raw.get("stages", [])]
@@ -249,8 +252,9 @@ def _checkpoint_params(workdir: str) -> tuple[mlc.ConfigDict, Any]:
         ckpt.close()
 
 
-def load_ours(kind: str, src: str) -> tuple[mlc.ConfigDict, Any, dict[str, np.ndarray]]:
-    """(config, model config, {path: numpy}) of a converted folder or a trained workdir of `kind`."""
+def load_ours(kind: str, src: str, step: int | None = None) -> tuple[mlc.ConfigDict, Any, dict[str, np.ndarray]]:
+    """(config, model config, {path: numpy}) of a converted folder or a trained workdir of `kind`
+    (LLM / MLLM workdirs: checkpoint `step`, default the latest)."""
     from illume_jax.train import state as state_lib
     src = os.path.abspath(src)
     if kind in ("llm", "mllm"):
@@ -261,7 +265,7 @@ def load_ours(kind: str, src: str) -> tuple[mlc.ConfigDict, Any, dict[str, np.nd
             _, abs_params = state_lib.abstract_model(cfg, _mesh())
             params, _ = weights_lib.restore(src, _with_shardings(abs_params))
         else:
-            config, params = _checkpoint_params(src)
+            config, params = _checkpoint_params(src, step)
             cfg = state_lib.model_config(config)
         if ("vision" in config) != (kind == "mllm"):
             raise ValueError(f"--src={src!r} holds {'an MLLM' if 'vision' in config else 'a text LLM'}, not --kind={kind}")

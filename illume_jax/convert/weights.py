@@ -105,7 +105,8 @@ def writing(dst: str, overwrite: bool):
 
 
 def save(dst: str, *, kind: str, config: mlc.ConfigDict, module: nnx.Module, tensors: Mapping[str, np.ndarray],
-         dtype: str | None, source: str, extra_files: Mapping[str, str] = (), overwrite: bool = False) -> dict:
+         dtype: str | None, source: str, extra_files: Mapping[str, str] = (), overwrite: bool = False,
+         extra_meta: Mapping[str, Any] = ()) -> dict:
     """Checks `tensors` ({path string: array}) against `module` (abstract is fine), then writes the folder.
 
     dtype: the stored dtype of floating Params ('bfloat16', 'float32'; None keeps each array's own).
@@ -135,7 +136,7 @@ def save(dst: str, *, kind: str, config: mlc.ConfigDict, module: nnx.Module, ten
         tree["buffers"] = nest({p: np.asarray(tensors[k]) for k, (p, _) in buffers.items()})
     numbers = int(sum(np.size(tensors[k]) for k in expected))
     meta = dict(kind=kind, source=os.path.abspath(source) if os.path.exists(source) else source, dtype=dtype or "as-is",
-                tensors=len(expected), numbers=numbers, created=time.strftime("%Y-%m-%d %H:%M:%S"))
+                tensors=len(expected), numbers=numbers, created=time.strftime("%Y-%m-%d %H:%M:%S"), **dict(extra_meta))
     with writing(dst, overwrite) as tmp:
         from illume_jax.train.checkpoint import _serial_array_saves_on_cpu
         _serial_array_saves_on_cpu()

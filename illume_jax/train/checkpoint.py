@@ -5,7 +5,9 @@ Each checkpoint (one step directory) holds three items:
   data   the Grain iterator position, one JSON file per JAX process (grain's handler);
   meta   stage index, step, config and mesh shape (JSON).
 Orbax writes into a temporary directory and renames it when complete, so an interrupted
-save never replaces the last good checkpoint; `max_to_keep` prunes old ones. Saves are
+save never replaces the last good checkpoint; `max_to_keep` prunes old ones, except the steps in
+`keep_steps` (the staged loop keeps each stage's last step, so a later stage can be re-run or
+forked from where the stage before it ended — the self-enhancement ablation does). Saves are
 asynchronous (training continues while arrays are written) when config.checkpoint.async_save.
 Restoring takes the target shardings of the *current* mesh, so a run can move to another
 device count or mesh shape.
@@ -52,11 +54,18 @@ def _serial_array_saves_on_cpu() -> None:
 
 
 class Checkpointer:
-    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
+                 keep_steps: tuple[int, ...] = ()):
         _serial_array_saves_on_cpu()
-        self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                               enable_async_checkpointing=async_save)
+        # A URL (gs://bucket/...: pods write every host's shards to one bucket) goes to Orbax as is.
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
+        if keep_steps:
+            from orbax.checkpoint import checkpoint_managers as policies
+            keep = dict(preservation_policy=policies.AnyPreservationPolicy(
+                [policies.LatestN(max_to_keep), policies.CustomSteps(sorted(set(int(s) for s in keep_steps)))]))
+        else:
+            keep = dict(max_to_keep=max_to_keep)
+        options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=async_save, **keep)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
@@ -64,6 +73,9 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_iterator: Any, meta: dict, *, force: bool = False) -> bool:
         data_state = data_iterator.get_state() if data_iterator is not None else {}

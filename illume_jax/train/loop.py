@@ -54,6 +54,19 @@ def stage_offsets(config: Any) -> list[int]:
     return out
 
 
+def stage_end_steps(config: Any) -> tuple[int, ...]:
+    """Global step of each stage's last checkpoint (kept when `checkpoint.keep_stage_ends`)."""
+    return tuple(o + st.steps for o, st in zip(stage_offsets(config), config.stages))
+
+
+def stage_end_step(config: Any, name: str) -> int:
+    """Global step at which the stage called `name` ends; the error lists the config's stages."""
+    names = [st.name for st in config.stages]
+    if name not in names:
+        raise ValueError(f"stage {name!r}: the config's stages are {names}")
+    return stage_end_steps(config)[names.index(name)]
+
+
 def default_iterator_factory(config: Any, workdir: str, tokenizer=None) -> Callable[[int], Any]:
     """Builds the datasets and tokenizer once; returns stage_index -> Grain iterator."""
     from illume_jax.data import build, pipeline
@@ -74,15 +87,20 @@ def default_iterator_factory(config: Any, workdir: str, tokenizer=None) -> Calla
 
 
 def train(config: Any, workdir: str, *, make_iterator: Callable[[int], Any] | None = None, tokenizer=None,
-          stop_after_steps: int | None = None, mesh=None) -> dict:
+          stop_after_steps: int | None = None, stop_after_stage: str | None = None, mesh=None) -> dict:
     """Runs (or resumes) all stages. `stop_after_steps` stops this run after that many
-    steps as if preempted (checkpoint, then return) — for tests and demos."""
+    steps as if preempted (checkpoint, then return) — for tests and demos. `stop_after_stage`
+    stops at the end of the stage of that name (the same command without it continues), e.g. to
+    fork stage 3 from the stage-2 model."""
     workdir = os.path.abspath(workdir)
+    stop_at = stage_end_step(config, stop_after_stage) if stop_after_stage else None
     mesh = mesh or sharding.make_mesh(dict(config.mesh))
     make_iterator = make_iterator or default_iterator_factory(config, workdir, tokenizer)
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
-                                 async_save=config.checkpoint.async_save)
     offsets = stage_offsets(config)
+    keep = stage_end_steps(config) if config.checkpoint.get("keep_stage_ends", True) else ()
+    ckpt = ckpt_lib.Checkpointer(config.checkpoint.get("directory") or os.path.join(workdir, "checkpoints"),
+                                 max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save,
+                                 keep_steps=keep)
     total = offsets[-1] + config.stages[-1].steps
     meta = ckpt.restore_meta()
     resume_step = ckpt.latest_step()
@@ -92,6 +110,11 @@ def train(config: Any, workdir: str, *, make_iterator: Callable[[int], Any] | No
         logging.info("resuming from checkpoint step %d (stage %s)", resume_step, meta["stage_name"])
         print(f"resuming from step {resume_step} (stage {meta['stage_name']!r})", flush=True)
 
+    if stop_at is not None and (resume_step or 0) >= stop_at:
+        print(f"stage {stop_after_stage!r} already ended (checkpoint step {resume_step}); nothing to do", flush=True)
+        ckpt.close()
+        logger.close()
+        return dict(stopped_at=resume_step, preempted=False)
     vision = None
     if "vision" in config:  # MLLM: the frozen tokenizer makes the codes and seeds the tower
         from illume_jax.train.multimodal import VisionTokenizer
@@ -134,13 +157,18 @@ def train(config: Any, workdir: str, *, make_iterator: Callable[[int], Any] | No
                 logger.accumulate(metrics)
                 if stage_step % config.log_every == 0 or stage_step == stage.steps:
                     last_row = logger.log(step, {"stage": stage.name}) or last_row
-                stopping = preempt.requested or (stop_after_steps is not None and run_steps >= stop_after_steps)
+                stopping = (preempt.requested or (stop_after_steps is not None and run_steps >= stop_after_steps)
+                            or step == stop_at)
                 if stopping or step % config.checkpoint.every_steps == 0 or stage_step == stage.steps:
                     logger.log(step, {"stage": stage.name})
                     save(force=True)
                 if stopping:
                     ckpt.close()
                     logger.close()
+                    if step == stop_at and not preempt.requested:
+                        print(f"stage {stop_after_stage!r} done at step {step}; stopped as asked (checkpoint in "
+                              f"{ckpt.directory}; run without --stop_after_stage to continue)", flush=True)
+                        return dict(last_row, stopped_at=step, preempted=False)
                     print(f"stopped at step {step} (checkpoint saved in {ckpt.directory})", flush=True)
                     return dict(last_row, stopped_at=step, preempted=True)
             params = state.params

@@ -96,3 +96,40 @@ def test_restore_onto_a_different_mesh(tmp_path):
     for a, b in zip(saved["8"], saved["1"]):
         np.testing.assert_array_equal(a, b)
     ck.close()
+
+
+def test_stage_ends_survive_pruning_and_stop_after_stage(tmp_path):
+    """A run stopped at the end of stage 'a' continues with the same command without the flag;
+    each stage's last checkpoint outlives max_to_keep, so the self-enhancement round (or any fork
+    of a later stage) can start from the stage before the last."""
+    import pytest
+
+    from illume_jax.align import round as round_lib
+    config = _config()
+    config.checkpoint.update(every_steps=1, max_to_keep=2, async_save=False)
+    make = synthetic_iterator_factory(config, 64)
+    with pytest.raises(ValueError, match=r"stage 'c': the config's stages are \['a', 'b'\]"):
+        loop.stage_end_step(config, "c")
+    r = loop.train(config, str(tmp_path), make_iterator=make, stop_after_stage="a")
+    assert r == dict(r, stopped_at=5, preempted=False)
+    again = loop.train(config, str(tmp_path), make_iterator=make, stop_after_stage="a")
+    assert again["stopped_at"] == 5  # nothing to do: no step is run twice
+    loop.train(config, str(tmp_path), make_iterator=make)
+    ck = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"))
+    assert ck.all_steps() == [5, 9, 10]  # the last two, and the end of stage 'a'
+    assert ck.restore_meta(5)["stage_name"] == "a"
+    ck.close()
+    assert [s for s, _ in _losses(tmp_path)][-1] == 10
+
+    with config.unlocked():
+        config.self_enhance = common.self_enhance_config()
+    assert round_lib.start_step(config, str(tmp_path)) == 5  # '' = the stage before the last
+    config.self_enhance.from_stage = "latest"
+    assert round_lib.start_step(config, str(tmp_path)) is None
+    config.self_enhance.from_stage = "b"
+    assert round_lib.start_step(config, str(tmp_path)) == 10
+    config.checkpoint.keep_stage_ends = False
+    config.self_enhance.from_stage = ""
+    loop.train(config, str(tmp_path / "pruned"), make_iterator=synthetic_iterator_factory(config, 64))
+    with pytest.raises(ValueError, match=r"from_stage='a'.*step 5.*--stop_after_stage=a"):
+        round_lib.start_step(config, str(tmp_path / "pruned"))
