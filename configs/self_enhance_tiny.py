@@ -12,7 +12,7 @@ What:     ILLUME's protocol: the stage-2 ('align') model draws 72 images (every 
           level-1 training scenes) -> judged -> assessment dialogues; stage 3 ('sft') is trained from
           the stage-2 weights for se_steps steps with `mix` of each batch from the dialogues ('with')
           or none ('without'), per seed; held-out evaluation on 32 GenEval-style scenes, 50 POPE scenes
-          per split and 48 edit pairs (eval-mllm's sizes), and the model judging its own images.
+          per split and 48 edit pairs (eval's sizes), and the model judging its own images.
 Hardware: 2 CPU cores: train ~30 min, round ~12 min, ablation ~10 min per extra run.
 """
 from configs import common, illume_tiny

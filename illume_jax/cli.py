@@ -23,7 +23,8 @@ MLLM inference (no --config: the model's own config is read from its checkpoint 
   generate       text-to-image: --prompt=TEXT (repeatable) -> PNGs + results.json in --out
   understand     --image=PNG --question=TEXT (repeat both, paired) -> answers.json in --out
   edit           --image=PNG --instruction=TEXT (repeat both, paired) -> PNGs at the input size in --out
-  eval-mllm      held-out ShapeComp GenEval-, POPE- and editing-style scores -> <workdir>/eval/mllm.json
+  eval           held-out ShapeComp GenEval-, POPE- and editing-style scores (--level, --split=test|compositional)
+                 -> <workdir>/eval/level<L>_<split>/: metrics.json, report.html, GenEval / POPE-format files
 
 Self-enhancement (--config: the MLLM config with its self_enhance block; --workdir: the trained MLLM):
   self-enhance   one round: generate -> judge -> assessment dialogues -> stage 3 with them -> eval,
@@ -42,8 +43,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 COMMANDS = ("demo", "train", "data", "aot", "train-tokenizer", "encode-dataset", "train-decoder", "generate",
-            "understand", "edit", "eval-mllm", "convert", "self-enhance")
-INFERENCE = ("generate", "understand", "edit", "eval-mllm")
+            "understand", "edit", "eval", "convert", "self-enhance")
+INFERENCE = ("generate", "understand", "edit", "eval")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: configs/NAME.py[:key=value,...]",
                                           lock_config=True)
@@ -62,11 +63,17 @@ _IMAGE = flags.DEFINE_multi_string("image", [], "understand / edit: an image fil
 _QUESTION = flags.DEFINE_multi_string("question", [], "understand: a question, paired with --image.")
 _INSTRUCTION = flags.DEFINE_multi_string("instruction", [], "edit: an instruction, paired with --image.")
 _OUT = flags.DEFINE_string("out", None, "generate / understand / edit: output folder (default <workdir>/outputs).")
-_SEED = flags.DEFINE_integer("seed", 0, "generate / edit / eval-mllm: sampling seed.")
+_SEED = flags.DEFINE_integer("seed", 0, "generate / edit / eval: sampling seed.")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "generate / edit: CFG scale (default: the official 2.0 / 1.5).")
 _DECODER = flags.DEFINE_string("diffusion_decoder", None, "generate / edit: a train-decoder workdir; images are "
                                "decoded by that diffusion decoder (2x) instead of the tokenizer's pixel decoder.")
-_LEVEL = flags.DEFINE_integer("level", 1, "eval-mllm: ShapeComp level of the held-out set.")
+_LEVEL = flags.DEFINE_integer("level", 1, "eval: ShapeComp level of the held-out set.")
+_EVAL_SPLIT = flags.DEFINE_enum("eval_split", "test", ["test", "compositional"], "eval: 'test' (held out) or "
+                                "'compositional' (levels >= 3: colour-shape pairs never seen in training).")
+_GEN_SCENES = flags.DEFINE_integer("gen_scenes", 32, "eval: scenes whose GenEval-style prompts are generated.")
+_SAMPLES = flags.DEFINE_integer("samples_per_prompt", 2, "eval: images per GenEval-style prompt.")
+_POPE_SCENES = flags.DEFINE_integer("pope_scenes", 50, "eval: scenes per POPE-style split (6 questions each).")
+_EDIT_PAIRS = flags.DEFINE_integer("edit_pairs", 48, "eval: editing pairs.")
 _FROM = flags.DEFINE_enum("from", None, ["official"], "convert: read official checkpoint files (--src).")
 _TO = flags.DEFINE_enum("to", None, ["official"], "convert: write official checkpoint files (--dst).")
 _KIND = flags.DEFINE_enum("kind", None, ["llm", "dualvitok", "mllm", "sdxl-decoder"], "convert: what is converted.")
@@ -276,10 +283,12 @@ def _inference(command: str) -> None:
         if not _IMAGE.value or len(_IMAGE.value) != len(paired):
             _usage(f"{command} needs --image and {what} in pairs (got {len(_IMAGE.value)} and {len(paired)})")
     model = Illume.load(workdir, diffusion_decoder=_DECODER.value)
-    if command == "eval-mllm":
+    if command == "eval":
         from illume_jax.eval import mllm as mllm_eval
-        results = mllm_eval.evaluate(model, level=_LEVEL.value, seed=_SEED.value,
-                                     out_dir=os.path.join(workdir, "eval"), progress=True)
+        results = mllm_eval.evaluate_and_report(
+            model, workdir, level=_LEVEL.value, split=_EVAL_SPLIT.value, gen_scenes=_GEN_SCENES.value,
+            samples_per_prompt=_SAMPLES.value, pope_scenes=_POPE_SCENES.value, edit_pairs=_EDIT_PAIRS.value,
+            seed=_SEED.value, out_dir=_OUT.value)
         print(json.dumps(results, indent=1))
         return
     from PIL import Image

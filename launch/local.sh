@@ -4,7 +4,8 @@
 #   bash launch/local.sh demo            # build ShapeComp data, train the tiny LLM (2 stages), report
 #   bash launch/local.sh test [ARGS]     # the whole test suite (ARGS go to pytest)
 #   bash launch/local.sh train|data|aot|train-tokenizer|encode-dataset|train-decoder --config=... [--workdir=...]
-#   bash launch/local.sh generate|understand|edit|eval-mllm --workdir=... [...]  (a trained MLLM)
+#   bash launch/local.sh generate|understand|edit|eval|self-enhance --workdir=... [...]  (a trained MLLM)
+#   bash launch/local.sh convert --from=official|--to=official --kind=... --src=... --dst=...
 #
 # Creates .venv with Python 3.11 if missing and installs the package with the extras the
 # command needs; re-installs only when setup.py changes.
@@ -12,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cmd="${1:-}"
-[ -n "$cmd" ] || { sed -n '2,11p' "$0"; exit 2; }
+[ -n "$cmd" ] || { sed -n '2,12p' "$0"; exit 2; }
 shift
 
 PYTHON="${PYTHON:-python3.11}"
@@ -59,9 +60,9 @@ case "$cmd" in
     xdist=()
     [ "$workers" != "0" ] && xdist=(-n "$workers" --dist loadfile --no-loadscope-reorder)
     exec .venv/bin/python -m pytest -q "${xdist[@]}" "${@:-tests}" ;;
-  train|data|aot|train-tokenizer|encode-dataset|train-decoder|generate|understand|edit|eval-mllm)
+  train|data|aot|train-tokenizer|encode-dataset|train-decoder|generate|understand|edit|eval|self-enhance|convert)
     exec .venv/bin/python -m illume_jax "$cmd" "$@" ;;
   *)
     echo "error: unknown command '$cmd' (expected demo, test, train, data, aot, train-tokenizer, encode-dataset," \
-         "train-decoder, generate, understand, edit or eval-mllm)" >&2; exit 2 ;;
+         "train-decoder, generate, understand, edit, eval, self-enhance or convert)" >&2; exit 2 ;;
 esac

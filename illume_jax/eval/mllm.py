@@ -1,14 +1,17 @@
 """Held-out ShapeComp evaluation of a trained MLLM: GenEval-style generation, POPE-style
 understanding and editing success, all graded exactly by the scene-graph scorer.
 
-`python -m illume_jax eval-mllm --workdir=runs/illume_tiny` writes `<workdir>/eval/mllm.json`
-(+ sample PNGs). Prompts, questions and edit pairs come from the 'test' split of the level, so
-none was seen in training (ShapeComp's splits are disjoint by construction).
+`python -m illume_jax eval --workdir=runs/illume_tiny [--level=L] [--eval_split=test|compositional]` writes
+`<workdir>/eval/level<L>_<split>/`: metrics.json, a self-contained report.html and the GenEval- /
+POPE-format files of every sample (`evaluate_and_report`). Prompts, questions and edit pairs come
+from a held-out split of the level ('test'; or 'compositional' at levels >= 3), so none was seen
+in training (ShapeComp's splits are disjoint by construction).
 """
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections import defaultdict
 
 import numpy as np
@@ -17,51 +20,72 @@ from illume_jax.data import shapecomp
 from illume_jax.eval import shapecomp_scorer as scorer
 
 
-def geneval_prompts(level: int, n_scenes: int) -> list[tuple[str, dict, int]]:
-    """(prompt, metadata, prompt id) for every tag each of the first n test scenes supports."""
+def geneval_prompts(level: int, n_scenes: int, split: str = "test") -> list[tuple[str, dict, int]]:
+    """(prompt, metadata, prompt id) for every tag each of the first n scenes of `split` supports."""
     out = []
     for i in range(n_scenes):
-        scene = shapecomp.make_scene(level, "test", i)
+        scene = shapecomp.make_scene(level, split, i)
         for tag in shapecomp.available_tags(scene):
             text, meta = shapecomp.prompt_for(scene, tag)
             out.append((text, meta, len(out)))
     return out
 
 
-def evaluate(model, *, level: int = 1, gen_scenes: int = 32, samples_per_prompt: int = 2, pope_scenes: int = 50,
-             edit_pairs: int = 48, seed: int = 0, out_dir: str | None = None, progress: bool = False) -> dict:
-    """model: an `Illume`. Returns {'geneval': ..., 'pope': {split: metrics, 'mean': ...},
-    'edit': {'success': ..., 'per_op': ...}} and writes sample images to out_dir."""
+def run_suites(model, *, level: int = 1, split: str = "test", gen_scenes: int = 32, samples_per_prompt: int = 2,
+               pope_scenes: int = 50, edit_pairs: int = 48, seed: int = 0, progress: bool = False
+               ) -> tuple[dict, dict]:
+    """model: an `Illume`. Returns (results, samples): results = {'geneval': ..., 'pope': {split:
+    metrics, 'mean': ...}, 'edit': {'success': ..., 'per_op': ...}}; samples holds every image,
+    answer and verdict behind them (for the report and the public-harness files).
+
+    split: 'test' (held out) or 'compositional' (levels >= 3: scenes with the colour-shape pairs
+    that never occur in training, CLEVR-CoGenT style)."""
+    if split not in ("test", "compositional"):
+        raise ValueError(f"split={split!r}: expected 'test' or 'compositional' (held-out splits only)")
+    if split == "compositional" and level < 3:
+        raise ValueError(f"split='compositional' needs level >= 3 (held-out colour-shape pairs), got level={level}")
     results: dict = {}
+    samples: dict = dict(level=level, split=split)
     # -- GenEval-style generation --------------------------------------------------------------
-    prompts = geneval_prompts(level, gen_scenes)
+    prompts = geneval_prompts(level, gen_scenes, split)
     texts = [p for p, _, _ in prompts for _ in range(samples_per_prompt)]
     metas = [m for _, m, _ in prompts for _ in range(samples_per_prompt)]
     ids = [i for _, _, i in prompts for _ in range(samples_per_prompt)]
     images = model.generate(texts, seed=seed, progress=progress)
     results["geneval"] = dict(scorer.geneval_scores(images, metas, ids), prompts=len(prompts),
                               images=len(images))
+    samples["t2i"] = []
+    for img, text, meta, pid in zip(images, texts, metas, ids):
+        ok, why = scorer.grade(img, meta)
+        samples["t2i"].append(dict(image=img, prompt=text, metadata=meta, prompt_id=pid, correct=bool(ok),
+                                   reasons=why))
     # -- POPE-style understanding ----------------------------------------------------------------
     pope = {}
-    for split in shapecomp.POPE_SPLITS:
-        imgs, questions, labels = [], [], []
+    samples["pope"] = []
+    for pope_split in shapecomp.POPE_SPLITS:
+        imgs, questions, labels, scene_ids = [], [], [], []
         for i in range(pope_scenes):
-            scene = shapecomp.make_scene(level, "test", i)
+            scene = shapecomp.make_scene(level, split, i)
             img = shapecomp.render(scene)
-            for q in shapecomp.existence_questions(scene, split):
+            for q in shapecomp.existence_questions(scene, pope_split):
                 imgs.append(img)
                 questions.append(q["question"])
                 labels.append(q["answer"])
+                scene_ids.append(i)
         answers = model.understand(imgs, questions, progress=progress)
-        pope[split] = dict(scorer.pope_metrics(answers, labels), questions=len(questions))
+        pope[pope_split] = dict(scorer.pope_metrics(answers, labels), questions=len(questions))
+        for img, q, a, label, i in zip(imgs, questions, answers, labels, scene_ids):
+            samples["pope"].append(dict(image=img, scene=i, split=pope_split, question=q, answer=a, label=label,
+                                        correct=scorer.parse_yes_no(a) == label))
     pope["mean"] = {k: float(np.mean([pope[s][k] for s in shapecomp.POPE_SPLITS]))
                     for k in ("accuracy", "f1", "yes_ratio")}
     results["pope"] = pope
     # -- editing ------------------------------------------------------------------------------
-    pairs = [shapecomp.edit_pair(level, "test", i) for i in range(edit_pairs)]
+    pairs = [shapecomp.edit_pair(level, split, i) for i in range(edit_pairs)]
     edited = model.edit([shapecomp.render(p.before) for p in pairs], [p.instruction for p in pairs], seed=seed,
                         progress=progress)
     per_op, preservation, l1 = defaultdict(list), [], []
+    samples["edit"] = []
     for pair, img in zip(pairs, edited):
         # Success = the target scene is exactly what the image shows (instruction followed,
         # untouched objects preserved, nothing extra): the scorer's 'instruction' verdict.
@@ -69,23 +93,64 @@ def evaluate(model, *, level: int = 1, gen_scenes: int = 32, samples_per_prompt:
         per_op[pair.op].append(bool(g["instruction"]))
         preservation.append(g["preservation"])
         l1.append(g["l1_outside"])
+        samples["edit"].append(dict(before=shapecomp.render(pair.before), edited=img,
+                                    target=shapecomp.render(pair.after), instruction=pair.instruction, op=pair.op,
+                                    success=bool(g["instruction"]), preservation=float(g["preservation"])))
     results["edit"] = {"success": float(np.mean([x for v in per_op.values() for x in v])),
                        "per_op": {op: float(np.mean(v)) for op, v in sorted(per_op.items())},
                        "preservation": float(np.mean(preservation)), "l1_outside": float(np.mean(l1)),
                        "pairs": len(pairs)}
+    results["level"], results["split"] = level, split
+    return results, samples
+
+
+def evaluate(model, *, level: int = 1, split: str = "test", gen_scenes: int = 32, samples_per_prompt: int = 2,
+             pope_scenes: int = 50, edit_pairs: int = 48, seed: int = 0, out_dir: str | None = None,
+             progress: bool = False) -> dict:
+    """`run_suites`, plus (with out_dir) mllm.json, the first sample images and their verdicts."""
+    results, samples = run_suites(model, level=level, split=split, gen_scenes=gen_scenes,
+                                  samples_per_prompt=samples_per_prompt, pope_scenes=pope_scenes,
+                                  edit_pairs=edit_pairs, seed=seed, progress=progress)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         from PIL import Image
-        for k in range(min(16, len(images))):
-            Image.fromarray(images[k]).save(os.path.join(out_dir, f"t2i_{k:02d}.png"))
-        for k in range(min(8, len(edited))):
-            Image.fromarray(np.concatenate([shapecomp.render(pairs[k].before), edited[k],
-                                            shapecomp.render(pairs[k].after)], 1)).save(
+        t2i, edits = samples["t2i"], samples["edit"]
+        for k in range(min(16, len(t2i))):
+            Image.fromarray(t2i[k]["image"]).save(os.path.join(out_dir, f"t2i_{k:02d}.png"))
+        for k in range(min(8, len(edits))):
+            e = edits[k]
+            Image.fromarray(np.concatenate([e["before"], e["edited"], e["target"]], 1)).save(
                 os.path.join(out_dir, f"edit_{k:02d}.png"))
         with open(os.path.join(out_dir, "mllm.json"), "w") as f:
             json.dump(results, f, indent=1)
         with open(os.path.join(out_dir, "samples.jsonl"), "w") as f:
-            for k in range(min(16, len(images))):
-                f.write(json.dumps({"prompt": texts[k], "metadata": metas[k],
-                                    "correct": scorer.grade(images[k], metas[k])[0]}) + "\n")
+            for k in range(min(16, len(t2i))):
+                f.write(json.dumps({"prompt": t2i[k]["prompt"], "metadata": t2i[k]["metadata"],
+                                    "correct": t2i[k]["correct"]}) + "\n")
+    return results
+
+
+def evaluate_and_report(model, workdir: str, *, level: int = 1, split: str = "test", gen_scenes: int = 32,
+                        samples_per_prompt: int = 2, pope_scenes: int = 50, edit_pairs: int = 48, seed: int = 0,
+                        out_dir: str | None = None, extra_metrics: dict | None = None, progress: bool = True) -> dict:
+    """`python -m illume_jax eval`: the suites on the MLLM of `workdir`, written to
+    `out_dir` (default <workdir>/eval/level<L>_<split>/): metrics.json, report.html (self-contained,
+    with the run's training curves when <workdir>/metrics.jsonl exists), and the GenEval- and
+    POPE-format files of every sample (eval/report.py)."""
+    from illume_jax.eval import report
+    out_dir = os.path.abspath(out_dir or os.path.join(workdir, "eval", f"level{level}_{split}"))
+    t0 = time.perf_counter()
+    results, samples = run_suites(model, level=level, split=split, gen_scenes=gen_scenes,
+                                  samples_per_prompt=samples_per_prompt, pope_scenes=pope_scenes,
+                                  edit_pairs=edit_pairs, seed=seed, progress=progress)
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    results["workdir"] = os.path.abspath(workdir)
+    os.makedirs(out_dir, exist_ok=True)
+    results["files"] = report.write_public_formats(out_dir, samples)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    results["files"]["report"] = report.write_report(
+        os.path.join(out_dir, "report.html"), results, samples, title="illume_jax: ShapeComp evaluation",
+        subtitle=f"{workdir} · level {level}, split {split!r}, seed {seed}", extra_metrics=extra_metrics,
+        curves=report.read_curves(os.path.join(workdir, "metrics.jsonl")))
     return results

@@ -2,6 +2,7 @@
 tokenizer, the staged training of configs/illume_tiny.py on micro sizes with an exact resume,
 and the inference API / evaluation on the trained micro model."""
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -226,7 +227,7 @@ def _params_at(workdir, step):
     return {path_str(p): np.asarray(v) for p, v in flat}
 
 
-def test_api_generates_edits_and_answers(trained):
+def test_api_generates_edits_and_answers(trained, tmp_path):
     from illume_jax.eval import mllm as mllm_eval
     from illume_jax.infer.illume import Illume
     _, full_dir, *_ = trained
@@ -244,7 +245,58 @@ def test_api_generates_edits_and_answers(trained):
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     with pytest.raises(ValueError, match="uint8 RGB"):
         model.understand([src.astype(np.float32)], ["?"])
-    results = mllm_eval.evaluate(model, gen_scenes=2, samples_per_prompt=1, pope_scenes=1, edit_pairs=2)
-    assert 0.0 <= results["geneval"]["overall"] <= 1.0 and results["geneval"]["images"] >= 2
+    out = str(tmp_path / "eval")
+    results = mllm_eval.evaluate_and_report(model, full_dir, gen_scenes=2, samples_per_prompt=2, pope_scenes=1,
+                                            edit_pairs=2, out_dir=out, extra_metrics={"tokenizer ceiling": 0.5},
+                                            progress=False)
+    assert 0.0 <= results["geneval"]["overall"] <= 1.0 and results["geneval"]["images"] >= 4
     assert set(results["pope"]) == {"random", "popular", "adversarial", "mean"}
     assert 0.0 <= results["edit"]["success"] <= 1.0 and results["edit"]["pairs"] == 2
+    assert json.load(open(os.path.join(out, "metrics.json")))["geneval"] == results["geneval"]
+    _check_public_formats(out, results)
+    _check_report(os.path.join(out, "report.html"), images=results["geneval"]["images"] + 3 * 6 + 2 * 3)
+    with pytest.raises(ValueError, match="compositional.*level >= 3"):
+        mllm_eval.run_suites(model, level=1, split="compositional")
+
+
+def _check_public_formats(out, results):
+    """GenEval's folder layout (one folder per prompt, its metadata line, samples/NNNN.png) and
+    POPE's question / answer files (equal length, labels yes/no, images present)."""
+    root = os.path.join(out, "geneval")
+    prompts = sorted(d for d in os.listdir(root) if d.isdigit())
+    assert len(prompts) == results["geneval"]["prompts"]
+    for d in prompts:
+        meta = [json.loads(line) for line in open(os.path.join(root, d, "metadata.jsonl"))]
+        assert len(meta) == 1 and {"tag", "include", "prompt"} <= set(meta[0])
+        assert sorted(os.listdir(os.path.join(root, d, "samples"))) == ["0000.png", "0001.png"]
+    assert len(open(os.path.join(root, "evaluation_metadata.jsonl")).readlines()) == len(prompts)
+    for split in ("random", "popular", "adversarial"):
+        qs = [json.loads(line) for line in open(os.path.join(out, "pope", f"{split}_questions.jsonl"))]
+        ans = [json.loads(line) for line in open(os.path.join(out, "pope", f"{split}_answers.jsonl"))]
+        assert len(qs) == len(ans) == results["pope"][split]["questions"]
+        assert {q["label"] for q in qs} <= {"yes", "no"} and all(a["answer"] == a["text"] for a in ans)
+        assert all(os.path.exists(os.path.join(out, "pope", "images", q["image"])) for q in qs)
+
+
+def _check_report(path, images):
+    """Self-contained (no external resource), every section present, images embedded."""
+    from html.parser import HTMLParser
+
+    class Parser(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.srcs, self.ids, self.rows = [], set(), 0
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag in ("img", "script", "link"):
+                self.srcs.append(a.get("src") or a.get("href") or "")
+            if "id" in a:
+                self.ids.add(a["id"])
+            self.rows += tag == "tr"
+
+    p = Parser()
+    p.feed(open(path).read())
+    assert {"metrics", "metrics-table", "t2i", "understanding", "editing", "curves"} <= p.ids
+    assert len(p.srcs) >= images // 2 and all(s.startswith("data:image/png;base64,") for s in p.srcs)
+    assert "tokenizer ceiling" in open(path).read()
