@@ -26,7 +26,9 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # The PyTorch references for parity tests. torch is pinned to the CPU wheel on disk;
     # any looser spec pulls a multi-GB CUDA build.
-    "test": ["pytest", "pytest-xdist", "torch==2.13.0", "transformers", "diffusers", "safetensors"],
+    # nbformat + nbclient + ipykernel: the Colab notebook is executed headless by a test.
+    "test": ["pytest", "pytest-xdist", "torch==2.13.0", "transformers", "diffusers", "safetensors", "nbformat",
+             "nbclient", "ipykernel"],
     # libtpu: compiles TPU programs ahead of time on a CPU host (python -m illume_jax aot).
     "tpu": ["jax[tpu]==0.10.2"],
 }

@@ -37,7 +37,7 @@ def micro_tokenizer_workdir(tmp_path_factory):
 # The longest modules (~2-5 CPU minutes each), started first so the two workers end together.
 _SLOW_MODULES = ("tests/train/test_mllm_train.py", "tests/train/test_decoder_train.py",
                  "tests/train/test_tokenizer_train.py", "tests/align/test_round.py",
-                 "tests/convert/test_convert_pipeline.py")
+                 "tests/convert/test_convert_pipeline.py", "tests/launch/test_colab_notebook.py")
 
 
 def pytest_collection_modifyitems(config, items):
