@@ -140,3 +140,39 @@ def test_gpu_cluster_submits_and_rejects_bad_arguments(tmp_path):
                           (["--nodes=2", "--config=c", "--workdir=w", "--gpus=8"], "unknown option '--gpus=8'")):
         r = _run(["launch/gpu_cluster.sh", *args])
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+
+
+def test_sweep_runs_the_cross_product_and_prints_pod_commands(tmp_path):
+    bin_dir, log = _recorders(tmp_path, "runner")
+    args = ["launch/sweep.sh", "--config=configs/illume_tiny.py:levels=1", "--grid=steps=200,400 batch=8,16",
+            f"--root={tmp_path}/sweep", "--", "--config.seed=3"]
+    dry = _run(args[:1] + ["--dry-run"] + args[1:], bin_dir, ILLUME_SWEEP_RUNNER=str(bin_dir / "runner"))
+    assert dry.returncode == 0 and "sweep: 4 runs" in dry.stderr and _calls(log) == []
+    r = _run(args, bin_dir, ILLUME_SWEEP_RUNNER=str(bin_dir / "runner"))
+    assert r.returncode == 0, r.stderr
+    calls = [c["argv"][1:] for c in _calls(log)]
+    assert [shlex.split(line)[1:] for line in r.stdout.strip().splitlines()] == calls == [
+        ["train", f"--config=configs/illume_tiny.py:levels=1,steps={s},batch={b}",
+         f"--workdir={tmp_path}/sweep/steps-{s}_batch-{b}", "--config.seed=3"]
+        for s in (200, 400) for b in (8, 16)]
+    # Every combination parses as config arguments of that config.
+    from configs import illume_tiny
+    for call in calls:
+        illume_tiny.get_config(call[1].split(":", 1)[1])
+    pod = _run(["launch/sweep.sh", "--dry-run", "--config=configs/illume_tiny.py", "--grid=steps=200,400",
+                "--pod=abl", "--zone=z", "--bucket=gs://b"])
+    lines = [shlex.split(line) for line in pod.stdout.strip().splitlines()]
+    assert [line[:4] for line in lines] == [["bash", "launch/tpu_pod.sh", "up", f"--name=abl-{i}"] for i in (0, 1)]
+    assert "--config=configs/illume_tiny.py:steps=400" in lines[1] and "--bucket=gs://b" in lines[1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--grid=a=1"], "--config=configs/NAME.py[:args] is required"),
+    (["--config=configs/tiny.py"], "--grid='KEY=V1,V2 ...' is required"),
+    (["--config=configs/nope.py", "--grid=a=1"], "no such file 'configs/nope.py'"),
+    (["--config=configs/tiny.py", "--grid=steps"], "--grid entry 'steps': expected KEY=V1,V2"),
+    (["--config=configs/tiny.py", "--grid=steps=1", "--pod=p"], "--pod needs --zone=ZONE"),
+])
+def test_sweep_bad_arguments(args, message):
+    r = _run(["launch/sweep.sh", *args])
+    assert r.returncode == 2 and message in r.stderr, r.stderr
