@@ -1,7 +1,8 @@
 """Command line: `python -m illume_jax <command> --config=configs/NAME.py[:ARGS] [--config.key=value ...] --workdir=DIR`.
 
 Commands:
-  demo           the main job: data + tokenizer, staged training with a preemption and resume, summary
+  demo           the main job (configs/demo.py): tokenizer, pre-tokenization, MLLM stages 1-2 (preempted and
+                 resumed), a self-enhancement round with stage 3, diffusion decoder, eval -> report.html
   train          run the config's training stages (resumes from the workdir's checkpoints)
   data build     build/cache the config's datasets and text tokenizer
   data inspect   print a few decoded examples of a dataset (--dataset=NAME, --num=N)
@@ -148,7 +149,14 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     decoder_config = config_check.is_decoder_config(config)
     tokenizer_config = not decoder_config and config_check.is_tokenizer_config(config)
-    if decoder_config:
+    if config.get("kind") == "pipeline":  # configs/demo.py: every phase's config, validated before anything runs
+        if command != "demo":
+            _usage(f"{command!r} does not take the demo's pipeline config; pick a phase with "
+                   "--config=configs/demo.py:part=tokenizer|mllm|decoder")
+        config_check.validate_tokenizer(config.tokenizer)
+        config_check.validate(config.mllm)
+        config_check.validate_decoder(config.decoder)
+    elif decoder_config:
         config_check.validate_decoder(config)
         if command not in ("train-decoder", "aot"):
             _usage(f"{command!r} does not take a diffusion-decoder config; those take train-decoder or aot")
@@ -198,10 +206,10 @@ def main(argv: list[str]) -> None:
         return
     if command == "demo":
         from illume_jax import demo
-        config_args = [a for a in sys.argv[1:] if a.startswith("--config")]
-        config_arg = next(a.split("=", 1)[1] for a in config_args if a.startswith("--config="))
-        overrides = [a for a in config_args if not a.startswith("--config=")]
-        demo.run(config, config_arg, workdir, overrides)
+        if config.get("kind") != "pipeline":
+            _usage("demo needs the pipeline config: --config=configs/demo.py[:scale=quick|full]")
+        overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+        demo.run(config, workdir, overrides)
     elif command == "train":
         from illume_jax.sharding import maybe_initialize_distributed
         from illume_jax.train import loop

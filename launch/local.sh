@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set-up and entry point on a fresh machine (CPU is enough for the defaults).
 #
-#   bash launch/local.sh demo            # build ShapeComp data, train the tiny LLM (2 stages), report
+#   bash launch/local.sh demo            # the whole ILLUME pipeline on ShapeComp at tiny scale -> runs/demo/report.html
 #   bash launch/local.sh test [ARGS]     # the whole test suite (ARGS go to pytest)
 #   bash launch/local.sh train|data|aot|train-tokenizer|encode-dataset|train-decoder --config=... [--workdir=...]
 #   bash launch/local.sh generate|understand|edit|eval|self-enhance --workdir=... [...]  (a trained MLLM)
@@ -50,7 +50,10 @@ export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.venv/jax_ca
 
 case "$cmd" in
   demo)
-    exec .venv/bin/python -m illume_jax demo --config=configs/tiny.py --workdir="${WORKDIR:-runs/demo}" "$@" ;;
+    # DEMO_SCALE=quick (<= 15 min on 2 CPU cores) | full (hours) | smoke; WORKDIR=runs/demo by default.
+    workdir="${WORKDIR:-runs/demo}"
+    exec .venv/bin/python -m illume_jax demo --config="configs/demo.py:scale=${DEMO_SCALE:-quick},root=$workdir" \
+      --workdir="$workdir" "$@" ;;
   test)
     # libtpu is installed for AOT tests; keep the default backend on the CPU.
     export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"

@@ -132,11 +132,14 @@ def evaluate(model, *, level: int = 1, split: str = "test", gen_scenes: int = 32
 
 def evaluate_and_report(model, workdir: str, *, level: int = 1, split: str = "test", gen_scenes: int = 32,
                         samples_per_prompt: int = 2, pope_scenes: int = 50, edit_pairs: int = 48, seed: int = 0,
-                        out_dir: str | None = None, extra_metrics: dict | None = None, progress: bool = True) -> dict:
+                        out_dir: str | None = None, extra_metrics: dict | None = None, progress: bool = True,
+                        curves: dict | None = None, reconstructions=(), title: str = "illume_jax: ShapeComp evaluation"
+                        ) -> dict:
     """`python -m illume_jax eval`: the suites on the MLLM of `workdir`, written to
     `out_dir` (default <workdir>/eval/level<L>_<split>/): metrics.json, report.html (self-contained,
     with the run's training curves when <workdir>/metrics.jsonl exists), and the GenEval- and
-    POPE-format files of every sample (eval/report.py)."""
+    POPE-format files of every sample (eval/report.py). `curves` ({name: [(step, value)]}) and
+    `reconstructions` (tuples of images) add those sections (the demo passes every phase's)."""
     from illume_jax.eval import report
     out_dir = os.path.abspath(out_dir or os.path.join(workdir, "eval", f"level{level}_{split}"))
     t0 = time.perf_counter()
@@ -150,7 +153,8 @@ def evaluate_and_report(model, workdir: str, *, level: int = 1, split: str = "te
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(results, f, indent=1)
     results["files"]["report"] = report.write_report(
-        os.path.join(out_dir, "report.html"), results, samples, title="illume_jax: ShapeComp evaluation",
+        os.path.join(out_dir, "report.html"), results, samples, title=title,
         subtitle=f"{workdir} · level {level}, split {split!r}, seed {seed}", extra_metrics=extra_metrics,
-        curves=report.read_curves(os.path.join(workdir, "metrics.jsonl")))
+        curves=report.read_curves(os.path.join(workdir, "metrics.jsonl")) if curves is None else curves,
+        reconstructions=reconstructions)
     return results

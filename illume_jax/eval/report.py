@@ -129,7 +129,7 @@ svg.curve .t{font-size:12px}svg.curve .a{font-size:10px;fill:#555}
 def render_html(results: Mapping, samples: Mapping | None = None, *, title: str = "illume_jax evaluation",
                 subtitle: str = "", extra_metrics: Mapping[str, str] | None = None,
                 curves: Mapping[str, Sequence[tuple[float, float]]] | None = None,
-                reconstructions: Sequence[tuple[np.ndarray, np.ndarray]] = (),
+                reconstructions: Sequence[tuple[np.ndarray, ...]] = (),
                 max_t2i: int = 48, max_pope: int = 24, max_edit: int = 16) -> str:
     """The report page as one HTML string."""
     samples = samples or {}
@@ -175,11 +175,12 @@ def render_html(results: Mapping, samples: Mapping | None = None, *, title: str 
                        f"{s['preservation']:.2f})</figcaption></figure>")
         out.append("</div>")
     if reconstructions:
-        out.append("<h2 id='tokenizer'>Tokenizer reconstructions</h2><p class='muted'>original · "
-                   "reconstruction</p><div class='grid'>")
-        for orig, rec in reconstructions:
-            out.append(f"<figure style='width:280px'><div class='row'>{_img(orig, 'original')}"
-                       f"{_img(rec, 'reconstruction')}</div></figure>")
+        names = ("original", "tokenizer reconstruction", "diffusion decoder (2x)")[:len(reconstructions[0])]
+        out.append(f"<h2 id='tokenizer'>Tokenizer reconstructions</h2><p class='muted'>{' · '.join(names)}"
+                   f"</p><div class='grid'>")
+        for images in reconstructions:
+            row = "".join(_img(im, name) for im, name in zip(images, names))
+            out.append(f"<figure style='width:{140 * len(images)}px'><div class='row'>{row}</div></figure>")
         out.append("</div>")
     if curves:
         out.append("<h2 id='curves'>Training curves</h2><div class='grid'>")

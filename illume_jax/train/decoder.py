@@ -377,8 +377,10 @@ def _iterator(config: Any, batch_size: int, scale: int, seed: int):
                                           num_workers=config.data.num_workers, target_scale=scale)
 
 
-def load_decoder(workdir: str, mesh) -> tuple[DecoderTrainer, DecoderState]:
-    """A trained diffusion decoder (its UNet phase's latest checkpoint and config) for sampling."""
+def load_decoder(workdir: str, mesh, *, with_tokenizer: bool = False) -> tuple[DecoderTrainer, DecoderState]:
+    """A trained diffusion decoder (its UNet phase's latest checkpoint and config) for sampling.
+    with_tokenizer: also load its frozen tokenizer, so `decode_images` can start from images (the
+    MLLM passes code maps to `decode_features` and needs none)."""
     import ml_collections as mlc
 
     from illume_jax.train import checkpoint as ckpt_lib
@@ -397,7 +399,8 @@ def load_decoder(workdir: str, mesh) -> tuple[DecoderTrainer, DecoderState]:
         ckpt.close()
         raise ValueError(f"no trained diffusion decoder in {workdir} (no UNet checkpoint): run train-decoder first")
     config = mlc.ConfigDict(json.loads(ckpt.restore_meta(step)["config"]))
-    trainer = DecoderTrainer(config, workdir, mesh, "unet")
+    trainer = DecoderTrainer(config, workdir, mesh, "unet",
+                             tokenizer=FrozenTokenizer(config, mesh) if with_tokenizer else None)
     state = ckpt.restore(step, trainer.abstract, None)
     ckpt.close()
     return trainer, state

@@ -1,0 +1,94 @@
+"""The main job: the whole ILLUME pipeline on ShapeComp level 1 at tiny scale.
+
+Launch:   bash launch/local.sh demo     (= python -m illume_jax demo --config=configs/demo.py --workdir=runs/demo)
+Args:     scale=quick|full|smoke   quick: sized for <= 15 minutes on 2 CPU cores (every phase runs, the
+                             models are barely trained); full: the sizes of the README's tiny figures
+                             (hours); smoke: every phase's plumbing in a few minutes
+          part=tokenizer|mllm|decoder   one phase's own config (the demo starts its MLLM training as
+                             `python -m illume_jax train --config=configs/demo.py:part=mllm,root=DIR`)
+          root=DIR           the demo's workdir, where the phases find each other's outputs
+Phases (each resumable; a finished one is skipped on a re-run):
+  1 tokenizer     SigLIP pre-training of the tiny ViT, then DualViTok (configs/dualvitok.py)
+  2 encode        pre-tokenizes training images into codes (ArrayRecord), as the official pipeline does
+  3 mllm          ILLUME stages 1-2 (base, embed_init, align; configs/self_enhance_tiny.py), preempted with
+                  SIGTERM part-way and resumed by the same command
+  4 self_enhance  one round from the stage-2 model: generate -> exact judge -> assessment dialogues ->
+                  stage 3 (SFT) with them mixed in -> held-out scores
+  5 decoder       the tiny diffusion decoder (VAE, then a UNet on the tokenizer's codes, 2x output)
+  6 eval          held-out GenEval-, POPE- and editing-style suites on the final model ->
+                  <workdir>/report.html and metrics.json
+"""
+import ml_collections as mlc
+
+from configs import common, diffusion_decoder, dualvitok, self_enhance_tiny
+
+SIZES = {
+    # tokenizer: SigLIP steps, DualViTok steps, batch; mllm: stage-3 steps (the others scale), batch,
+    # examples per task; self-enhancement: scenes, stage-3 steps; decoder: VAE / UNet steps, batch.
+    "quick": dict(pretrain=60, tok_steps=150, tok_batch=8, tok_eval=64, mllm_steps=40, mllm_batch=8, examples=256,
+                  mllm_ckpt_every=10, mllm_log_every=5, se_scenes=4, se_steps=16, vae_steps=60, unet_steps=80,
+                  dec_batch=8, dec_eval=32, encode=128,
+                  eval=dict(gen_scenes=8, samples_per_prompt=1, pope_scenes=6, edit_pairs=6), preempt_at=20),
+    # Every phase's plumbing in a few minutes (compilation dominates); nothing is learnt.
+    "smoke": dict(pretrain=2, tok_steps=4, tok_batch=8, tok_eval=8, mllm_steps=4, mllm_batch=8, examples=16,
+                  mllm_ckpt_every=2, mllm_log_every=1, se_scenes=2, se_steps=2, vae_steps=2, unet_steps=2,
+                  dec_batch=8, dec_eval=8, encode=8,
+                  eval=dict(gen_scenes=2, samples_per_prompt=1, pope_scenes=1, edit_pairs=2), preempt_at=3),
+    "full": dict(pretrain=400, tok_steps=1200, tok_batch=16, tok_eval=256, mllm_steps=300, mllm_batch=16,
+                 examples=2000, mllm_ckpt_every=50, mllm_log_every=20, se_scenes=32, se_steps=80, vae_steps=400,
+                 unet_steps=1500, dec_batch=16, dec_eval=128, encode=0,
+                 eval=dict(gen_scenes=32, samples_per_prompt=2, pope_scenes=50, edit_pairs=48), preempt_at=100),
+}
+
+
+def _tokenizer(s: dict) -> mlc.ConfigDict:
+    c = dualvitok.get_config(f"size=tiny,steps={s['tok_steps']},batch={s['tok_batch']},pretrain_steps={s['pretrain']}")
+    c.train.eval_every = 0                        # one evaluation, at the end
+    c.train.eval_images = s["tok_eval"]
+    c.checkpoint.every_steps = 50
+    return c
+
+
+def _mllm(s: dict, tokenizer_dir: str) -> mlc.ConfigDict:
+    c = self_enhance_tiny.get_config(f"steps={s['mllm_steps']},batch={s['mllm_batch']},se_steps={s['se_steps']},"
+                                     f"tokenizer={tokenizer_dir}")
+    for d in c.data.datasets.values():
+        d.num_examples = s["examples"]
+    c.self_enhance.num_scenes = s["se_scenes"]
+    c.self_enhance.eval = dict(gen_scenes=2, pope_scenes=2, edit_pairs=2)  # the demo's own eval phase reports
+    c.checkpoint.every_steps = s["mllm_ckpt_every"]
+    c.log_every = s["mllm_log_every"]
+    return c
+
+
+def _decoder(s: dict, tokenizer_dir: str) -> mlc.ConfigDict:
+    c = diffusion_decoder.get_config(f"size=tiny,steps={s['unet_steps']},vae_steps={s['vae_steps']},"
+                                     f"batch={s['dec_batch']},tokenizer_workdir={tokenizer_dir}")
+    c.vae_train.batch_size = s["dec_batch"]
+    c.train.eval_every = 0
+    c.eval.num_images = s["dec_eval"]
+    c.eval.batch_size = 16
+    return c
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+    a = common.parse_arg(arg, scale="quick", part="", root="runs/demo")
+    if a.scale not in SIZES:
+        raise ValueError(f"config argument scale={a.scale!r}: expected one of {sorted(SIZES)}")
+    s = SIZES[a.scale]
+    tokenizer_dir = f"{a.root.rstrip('/')}/tokenizer"
+    parts = {"tokenizer": lambda: _tokenizer(s), "mllm": lambda: _mllm(s, tokenizer_dir),
+             "decoder": lambda: _decoder(s, tokenizer_dir)}
+    if a.part:
+        if a.part not in parts:
+            raise ValueError(f"config argument part={a.part!r}: expected one of {sorted(parts)}")
+        return parts[a.part]()
+    c = mlc.ConfigDict()
+    c.kind = "pipeline"
+    c.scale, c.root = a.scale, a.root
+    for name, make in parts.items():
+        c[name] = make()
+    c.encode = mlc.ConfigDict(dict(split="train", num=s["encode"]))
+    c.eval = mlc.ConfigDict(dict(level=1, seed=0, **s["eval"]))
+    c.preempt_at_step = s["preempt_at"]
+    return c
