@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 usage() { sed -n '2,13p' "$0"; exit 2; }
-die() { echo "error: $*" >&2; exit 2; }
+source launch/lib.sh   # die, do_cmd
 
 nodes="" gpus_per_node=8 partition="" account="" time_limit="48:00:00" port=12345 command="train"
 config="" workdir="" dry_run=0 job="illume_jax"

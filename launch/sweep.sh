@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 usage() { sed -n '2,17p' "$0"; exit 2; }
-die() { echo "error: $*" >&2; exit 2; }
+source launch/lib.sh   # die, do_cmd
 
 config="" grid="" root="runs/sweep" command="train" dry_run=0 pod="" zone="" bucket="" accelerator="v5p-64"
 extra=()
@@ -66,12 +66,6 @@ fixed=""
 [[ "$config" == *:* ]] && fixed="${config#*:}"
 [ -f "$file" ] || die "--config: no such file '$file'"
 
-# Prints the command (shell-quoted), then runs it unless --dry-run.
-do_cmd() {
-  printf '%q ' "$@" | sed 's/ $//'
-  echo
-  if [ "$dry_run" = 0 ]; then "$@"; fi
-}
 
 runner=(bash launch/local.sh)
 [ -n "${ILLUME_SWEEP_RUNNER:-}" ] && runner=("$ILLUME_SWEEP_RUNNER")   # (tests)

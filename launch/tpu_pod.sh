@@ -24,7 +24,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 usage() { sed -n '2,23p' "$0"; exit 2; }
-die() { echo "error: $*" >&2; exit 2; }
+source launch/lib.sh   # die, do_cmd
 
 action="${1:-}"
 [ -n "$action" ] || usage
@@ -60,12 +60,6 @@ esac
 workdir="${workdir:-runs/$name}"
 bucket="${bucket%/}"
 
-# Prints the command (shell-quoted, so it can be pasted), then runs it unless --dry-run.
-do_cmd() {
-  printf '%q ' "$@" | sed 's/ $//'
-  echo
-  if [ "$dry_run" = 0 ]; then "$@"; fi
-}
 
 tpu=(gcloud compute tpus tpu-vm)
 where=(--zone="$zone")
