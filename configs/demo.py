@@ -25,10 +25,11 @@ from configs import common, diffusion_decoder, dualvitok, self_enhance_tiny
 SIZES = {
     # tokenizer: SigLIP steps, DualViTok steps, batch; mllm: stage-3 steps (the others scale), batch,
     # examples per task; self-enhancement: scenes, stage-3 steps; decoder: VAE / UNet steps, batch.
-    "quick": dict(pretrain=60, tok_steps=150, tok_batch=8, tok_eval=64, mllm_steps=40, mllm_batch=8, examples=256,
-                  mllm_ckpt_every=10, mllm_log_every=5, se_scenes=4, se_steps=16, vae_steps=60, unet_steps=80,
-                  dec_batch=8, dec_eval=32, encode=128,
-                  eval=dict(gen_scenes=8, samples_per_prompt=1, pope_scenes=6, edit_pairs=6), preempt_at=20),
+    # Compilation takes most of it (about 10 minutes of the smoke run on shared cores), so few steps.
+    "quick": dict(pretrain=40, tok_steps=100, tok_batch=8, tok_eval=32, mllm_steps=30, mllm_batch=8, examples=256,
+                  mllm_ckpt_every=10, mllm_log_every=5, se_scenes=4, se_steps=10, vae_steps=40, unet_steps=60,
+                  dec_batch=8, dec_eval=16, encode=128,
+                  eval=dict(gen_scenes=6, samples_per_prompt=1, pope_scenes=4, edit_pairs=4), preempt_at=15),
     # Every phase's plumbing in a few minutes (compilation dominates); nothing is learnt.
     "smoke": dict(pretrain=2, tok_steps=4, tok_batch=8, tok_eval=8, mllm_steps=4, mllm_batch=8, examples=16,
                   mllm_ckpt_every=2, mllm_log_every=1, se_scenes=2, se_steps=2, vae_steps=2, unet_steps=2,

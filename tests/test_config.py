@@ -65,3 +65,28 @@ def test_cli_rejects_bad_values_before_compiling(tmp_path):
     assert r.returncode == 2 and "vision-tokenizer config" in r.stderr
     r = run("train-tokenizer", "--config=configs/dualvitok.py:size=official", f"--workdir={tmp_path}")
     assert r.returncode != 0 and "train.lpips_path" in r.stderr
+    # The demo takes its pipeline config only, and that config nothing else.
+    r = run("demo", "--config=configs/tiny.py", f"--workdir={tmp_path}")
+    assert r.returncode == 2 and "demo needs the pipeline config" in r.stderr
+    r = run("train", "--config=configs/demo.py", f"--workdir={tmp_path}")
+    assert r.returncode == 2 and "part=tokenizer|mllm|decoder" in r.stderr
+    r = run("demo", f"--config=configs/demo.py:root={tmp_path}/other", f"--workdir={tmp_path}")
+    assert r.returncode != 0 and "config's root" in r.stderr
+
+
+def test_demo_config_every_scale_and_part_validates():
+    from configs import demo
+    from illume_jax import config_check
+    for scale in demo.SIZES:
+        c = demo.get_config(f"scale={scale},root=/tmp/d")
+        config_check.validate_tokenizer(c.tokenizer)
+        config_check.validate(c.mllm)
+        config_check.validate_decoder(c.decoder)
+        # The phases find each other through root; stage 3 is what the round trains again.
+        assert c.mllm.vision.tokenizer_workdir == c.decoder.tokenizer_workdir == "/tmp/d/tokenizer"
+        assert [st.name for st in c.mllm.stages] == ["base", "embed_init", "align", "sft"]
+        assert demo.get_config(f"scale={scale},part=mllm,root=/tmp/d").to_dict() == c.mllm.to_dict()
+    with pytest.raises(ValueError, match="part='vae'"):
+        demo.get_config("part=vae")
+    with pytest.raises(ValueError, match="scale='huge'"):
+        demo.get_config("scale=huge")
