@@ -13,14 +13,14 @@ What:     ILLUME's protocol: the stage-2 ('align') model draws 72 images (every 
           the stage-2 weights for se_steps steps with `mix` of each batch from the dialogues ('with')
           or none ('without'), per seed; held-out evaluation on 32 GenEval-style scenes, 50 POPE scenes
           per split and 48 edit pairs (eval's sizes), and the model judging its own images.
-Hardware: 2 CPU cores: train ~30 min, round ~12 min, ablation ~9 min per extra run (80 stage-3 steps each).
+Hardware: 2 CPU cores: train ~30 min, round ~12 min, ablation ~7 min per extra run (50 stage-3 steps each).
 """
 from configs import common, illume_tiny
 
 
 def get_config(arg: str | None = None):
     a = common.parse_arg(arg, steps=300, batch=16, tokenizer="runs/dualvitok_tiny", levels="1", workers=0,
-                         vocab=512, judge="exact", se_steps=80, mix=0.2)
+                         vocab=512, judge="exact", se_steps=50, mix=0.2)
     c = illume_tiny.get_config(f"steps={a.steps},batch={a.batch},tokenizer={a.tokenizer},levels={a.levels},"
                                f"workers={a.workers},vocab={a.vocab}")
     c.self_enhance.update(num_scenes=32, train_steps=a.se_steps, mix_weight=a.mix, judge=a.judge,
