@@ -13,7 +13,8 @@ What:     ILLUME's protocol: the stage-2 ('align') model draws 72 images (every 
           the stage-2 weights for se_steps steps with `mix` of each batch from the dialogues ('with')
           or none ('without'), per seed; held-out evaluation on 32 GenEval-style scenes, 50 POPE scenes
           per split and 48 edit pairs (eval's sizes), and the model judging its own images.
-Hardware: 2 CPU cores: train ~30 min, round ~12 min, ablation ~7 min per extra run (50 stage-3 steps each).
+Hardware: 2 CPU cores, measured 2026-12-02: train 52 min (sharing the cores), round 6 min, ablation 27 min
+          (5 runs of 50 stage-3 steps + evaluation; the round's own stage 3 is the with-arm of seed 0).
 """
 from configs import common, illume_tiny
 
