@@ -24,7 +24,7 @@ MLLM inference (no --config: the model's own config is read from its checkpoint 
   generate       text-to-image: --prompt=TEXT (repeatable) -> PNGs + results.json in --out
   understand     --image=PNG --question=TEXT (repeat both, paired) -> answers.json in --out
   edit           --image=PNG --instruction=TEXT (repeat both, paired) -> PNGs at the input size in --out
-  eval           held-out ShapeComp GenEval-, POPE- and editing-style scores (--level, --split=test|compositional)
+  eval           held-out ShapeComp GenEval-, POPE- and editing-style scores (--level, --eval_split=test|compositional)
                  -> <workdir>/eval/level<L>_<split>/: metrics.json, report.html, GenEval / POPE-format files
 
 Self-enhancement (--config: the MLLM config with its self_enhance block; --workdir: the trained MLLM):
@@ -214,8 +214,6 @@ def main(argv: list[str]) -> None:
         from illume_jax.sharding import maybe_initialize_distributed
         from illume_jax.train import loop
         maybe_initialize_distributed()
-        if _STOP_AFTER_STAGE.value:
-            loop.stage_end_step(config, _STOP_AFTER_STAGE.value)  # a wrong name fails before anything is built
         loop.train(config, workdir, stop_after_stage=_STOP_AFTER_STAGE.value)
     elif command == "train-tokenizer":
         from illume_jax.sharding import maybe_initialize_distributed

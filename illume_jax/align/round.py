@@ -223,18 +223,16 @@ def start_step(config: Any, workdir: str) -> int | None:
         name = config.stages[-2].name
     step = loop.stage_end_step(config, name)
     folder = os.path.join(workdir, "checkpoints")
-    steps = []
-    if os.path.isdir(folder):
+    steps, meta = [], {}
+    if os.path.isdir(folder):  # (the Checkpointer would create it)
         ckpt = ckpt_lib.Checkpointer(folder, async_save=False)
         steps = ckpt.all_steps()
+        meta = ckpt.restore_meta(step) if step in steps else {}
         ckpt.close()
     if step not in steps:
         raise ValueError(f"self_enhance.from_stage={name!r}: the round starts from the checkpoint at the end of that "
                          f"stage (step {step}), which is not in {folder} (steps there: {steps}). Train with "
                          f"`train --stop_after_stage={name}` (checkpoint.keep_stage_ends keeps it afterwards)")
-    ckpt = ckpt_lib.Checkpointer(folder, async_save=False)
-    meta = ckpt.restore_meta(step)
-    ckpt.close()
     if meta.get("stage_name") != name:  # the workdir was trained with another stage list
         raise ValueError(f"self_enhance.from_stage={name!r}: checkpoint step {step} of {folder} is in stage "
                          f"{meta.get('stage_name')!r}; pass the config the workdir was trained with")
