@@ -1,7 +1,11 @@
 """DualViTok, the ILLUME+ vision tokenizer (spec §1), and its trainer.
 
 Launch:   python -m illume_jax train-tokenizer --config=configs/dualvitok.py:size=tiny --workdir=runs/dualvitok_tiny
-Args:     size=tiny|official, steps, batch, pretrain_steps (tiny SigLIP pre-training of the ViT), levels
+Args:     size=tiny|official, steps, batch, pretrain_steps (tiny SigLIP pre-training of the ViT), levels,
+          supervision=semantic|pixel  semantic (default): the spec's tokenizer, level-0 codes from a frozen
+                     text-aligned ViT trained to reconstruct its features. pixel: the ILLUME tokenizer
+                     ablation's control -- the same network and code grids trained on pixel reconstruction
+                     only (ViT trainable from random, no SigLIP, no feature loss, no perceptual loss).
 Hardware: tiny: 2 CPU cores (ShapeComp level 1, 64² images -> 8x8 semantic + 16x16 pixel codes).
           official: the released shapes (Qwen2-VL-7B ViT, 32,768 + 98,304 codes, 256-512² images);
           official weights load through the converter; training follows spec §5.1 (bs 256, Adam 1e-4,
@@ -55,29 +59,37 @@ def model_config(size: str) -> mlc.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-    a = common.parse_arg(arg, size="tiny", steps=0, batch=0, pretrain_steps=-1, levels="1", workers=0)
+    a = common.parse_arg(arg, size="tiny", steps=0, batch=0, pretrain_steps=-1, levels="1", workers=0,
+                         supervision="semantic")
     tiny = a.size == "tiny"
     if a.size not in ("tiny", "official"):
         raise ValueError(f"config argument size={a.size!r}: expected 'tiny' or 'official'")
+    if a.supervision not in ("semantic", "pixel"):
+        raise ValueError(f"config argument supervision={a.supervision!r}: expected 'semantic' or 'pixel'")
+    pixel_only = a.supervision == "pixel"
     c = mlc.ConfigDict()
     c.seed = 0
     c.mesh = common.mesh_config() if tiny else common.mesh_config(data=1, fsdp=-1)
     c.model = model_config(a.size)
+    if pixel_only:  # the ViT learns from pixels like the rest of the encoder (a VQGAN-style tokenizer)
+        c.model.freeze_vit = False
     c.model_init = mlc.ConfigDict(dict(
         vit_from="",             # folder with a pre-trained ViT ('<workdir>/vit_pretrain/final_vit' layout)
         weights_from="",         # a converted DualViTok folder (`convert --kind=dualvitok`): fine-tune it
     ))
     c.data = tokenizer_data(a.levels, resolution=64 if tiny else 256, workers=a.workers)
-    c.vit_pretrain = vit_pretrain_config(steps=(400 if tiny else 0) if a.pretrain_steps < 0 else a.pretrain_steps)
+    pretrain = (400 if tiny else 0) if a.pretrain_steps < 0 else a.pretrain_steps
+    c.vit_pretrain = vit_pretrain_config(steps=0 if pixel_only else pretrain)
     c.train = tokenizer_train_config(
         steps=a.steps or (1200 if tiny else 200_000), batch_size=a.batch or (16 if tiny else 256), lr=1e-4 * (
             10 if tiny else 1),
         # Trainable: everything but the ViT (which is frozen, spec §5.1).
         trainable=("semantic_encoder/(proj_in|blocks|proj_out)/.*", "semantic_quantizer/.*", "semantic_decoder/.*",
-                   "pixel_.*"),
+                   "pixel_.*") + (("semantic_encoder/vit/.*",) if pixel_only else ()),
         loss_weights=dict(l2=1.0, perceptual=1.0 if not tiny else 0.1, gan=0.5, pixel_commit=1.0,
-                          semantic_commit=1.0, semantic_cosine=1.0),
-        perceptual="vit" if tiny else "lpips_vgg",
+                          semantic_commit=1.0, semantic_cosine=0.0 if pixel_only else 1.0),
+        # pixel: no text-aligned network anywhere (the tiny perceptual loss uses the SigLIP ViT's features).
+        perceptual="none" if pixel_only else ("vit" if tiny else "lpips_vgg"),
         # Tiny: no GAN (flat-colour scenes; L2 + ViT-perceptual already give sharp edges, and the
         # discriminator would cost ~15% of a CPU step). The switch-on is tested in tests/train.
         disc_start=-1 if tiny else 20_000, disc_ndf=16 if tiny else 64, disc_layers=2 if tiny else 3)

@@ -2,7 +2,8 @@
 
 Launch:   python -m illume_jax train-tokenizer --config=configs/dualvitok.py:size=tiny --workdir=runs/dualvitok_tiny
           python -m illume_jax train --config=configs/illume_tiny.py --workdir=runs/illume_tiny
-Args:     --config=configs/illume_tiny.py:steps=400,batch=16,tokenizer=runs/dualvitok_tiny,levels=1,workers=0
+Args:     --config=configs/illume_tiny.py:steps=400,batch=16,tokenizer=runs/dualvitok_tiny,levels=1,workers=0,
+          size=tiny|small (the LLM's shape, LLM_SIZES below)
           (steps = stage-3 steps; the other stages scale from it)
 Hardware: 2 CPU cores. 64x64 images -> 8x8 semantic + 16x16 pixel codes: 350-token image blocks,
           sequences of 512 (understanding, text-to-image) and 768 (editing, reconstruction) tokens.
@@ -23,9 +24,19 @@ from configs import common
 from configs import dualvitok
 
 
+# The LLM's shape: tiny is the default of every README figure; small (about 5x the LLM parameters) is the
+# sweeps' scale axis (`size=tiny|small`), still CPU-trainable.
+LLM_SIZES = {
+    "tiny": dict(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=384),
+    "small": dict(d_model=256, num_layers=6, num_heads=8, num_kv_heads=4, head_dim=32, mlp_dim=768),
+}
+
+
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
     a = common.parse_arg(arg, steps=400, batch=16, tokenizer="runs/dualvitok_tiny", levels="1", workers=0,
-                         vocab=512)
+                         vocab=512, size="tiny")
+    if a.size not in LLM_SIZES:
+        raise ValueError(f"config argument size={a.size!r}: expected one of {sorted(LLM_SIZES)}")
     c = mlc.ConfigDict()
     c.seed = 0
     c.mesh = common.mesh_config()
@@ -33,8 +44,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     # Added ids: 7 structure + 32 resolution tags + both codebooks; padded to a multiple of 64.
     added = 7 + 32 + tok.semantic_codes + tok.pixel_codes
     rows = -(-(a.vocab + added) // 64) * 64
-    c.model = common.llm_config(text_vocab_size=a.vocab, vocab_size=rows, d_model=128, num_layers=4, num_heads=4,
-                                num_kv_heads=2, head_dim=32, mlp_dim=384, remat="none")
+    c.model = common.llm_config(text_vocab_size=a.vocab, vocab_size=rows, remat="none", **LLM_SIZES[a.size])
     c.vision = common.vision_config(tokenizer_workdir=a.tokenizer, tokenizer_model=tok, resolution=64,
                                     max_images=2)
     c.tokenizer = mlc.ConfigDict(dict(kind="sentencepiece", path="", vocab_size=a.vocab, chat_template="plain",

@@ -21,9 +21,9 @@ from configs import common, illume_tiny
 
 def get_config(arg: str | None = None):
     a = common.parse_arg(arg, steps=300, batch=16, tokenizer="runs/dualvitok_tiny", levels="1", workers=0,
-                         vocab=512, judge="exact", se_steps=50, mix=0.2)
+                         vocab=512, judge="exact", se_steps=50, mix=0.2, size="tiny")
     c = illume_tiny.get_config(f"steps={a.steps},batch={a.batch},tokenizer={a.tokenizer},levels={a.levels},"
-                               f"workers={a.workers},vocab={a.vocab}")
+                               f"workers={a.workers},vocab={a.vocab},size={a.size}")
     c.self_enhance.update(num_scenes=32, train_steps=a.se_steps, mix_weight=a.mix, judge=a.judge,
                           eval=dict(gen_scenes=32, pope_scenes=50, edit_pairs=48))
     return c

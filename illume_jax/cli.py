@@ -1,8 +1,11 @@
 """Command line: `python -m illume_jax <command> --config=configs/NAME.py[:ARGS] [--config.key=value ...] --workdir=DIR`.
 
 Commands:
-  demo           the main job (configs/demo.py): tokenizer, pre-tokenization, MLLM stages 1-2 (preempted and
-                 resumed), a self-enhancement round with stage 3, diffusion decoder, eval -> report.html
+  pipeline       a pipeline config's phases in one workdir (illume_jax/pipeline.py): the main job
+                 (configs/demo.py: tokenizer, pre-tokenization, MLLM stages 1-2 preempted and resumed, a
+                 self-enhancement round with stage 3, diffusion decoder, eval -> report.html) and the
+                 ablation configs (configs/ablation_*.py); the config's root= must be --workdir
+  summarize      a sweep's runs side by side (--workdir=the sweep's --root) -> summary.md
   train          run the config's training stages (resumes from the workdir's checkpoints)
   data build     build/cache the config's datasets and text tokenizer
   data inspect   print a few decoded examples of a dataset (--dataset=NAME, --num=N)
@@ -43,7 +46,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("demo", "train", "data", "aot", "train-tokenizer", "encode-dataset", "train-decoder", "generate",
+COMMANDS = ("pipeline", "summarize", "train", "data", "aot", "train-tokenizer", "encode-dataset", "train-decoder", "generate",
             "understand", "edit", "eval", "convert", "self-enhance")
 INFERENCE = ("generate", "understand", "edit", "eval")
 
@@ -140,6 +143,16 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
         _convert()
         return
+    if command == "summarize":
+        if not _WORKDIR.value:
+            _usage("summarize needs --workdir=ROOT (a sweep's --root)")
+        from illume_jax.eval import sweep
+        try:
+            print(sweep.write_summary(_WORKDIR.value), end="", flush=True)
+        except ValueError as e:
+            sys.stderr.write(f"error: {e}\n")
+            sys.exit(1)
+        return
     if _CONFIG.value is None:
         _usage("--config is required")
 
@@ -150,12 +163,13 @@ def main(argv: list[str]) -> None:
     decoder_config = config_check.is_decoder_config(config)
     tokenizer_config = not decoder_config and config_check.is_tokenizer_config(config)
     if config.get("kind") == "pipeline":  # configs/demo.py: every phase's config, validated before anything runs
-        if command != "demo":
-            _usage(f"{command!r} does not take the demo's pipeline config; pick a phase with "
+        if command != "pipeline":
+            _usage(f"{command!r} does not take a pipeline config; pick a phase with "
                    "--config=configs/demo.py:part=tokenizer|mllm|decoder")
         config_check.validate_tokenizer(config.tokenizer)
         config_check.validate(config.mllm)
-        config_check.validate_decoder(config.decoder)
+        if "decoder" in config:
+            config_check.validate_decoder(config.decoder)
     elif decoder_config:
         config_check.validate_decoder(config)
         if command not in ("train-decoder", "aot"):
@@ -204,12 +218,13 @@ def main(argv: list[str]) -> None:
                 print(f"ablation {arm}: geneval {m['geneval_overall']['mean']:.3f} +- {m['geneval_overall']['std']:.3f}, "
                       f"pope {m['pope_accuracy']['mean']:.3f} +- {m['pope_accuracy']['std']:.3f}", flush=True)
         return
-    if command == "demo":
-        from illume_jax import demo
+    if command == "pipeline":
+        from illume_jax import pipeline
         if config.get("kind") != "pipeline":
-            _usage("demo needs the pipeline config: --config=configs/demo.py[:scale=quick|full]")
+            _usage("pipeline needs a pipeline config: --config=configs/demo.py[:scale=quick|full] or "
+                   "configs/ablation_*.py")
         overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
-        demo.run(config, workdir, overrides)
+        pipeline.run(config, workdir, overrides)
     elif command == "train":
         from illume_jax.sharding import maybe_initialize_distributed
         from illume_jax.train import loop

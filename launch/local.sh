@@ -2,6 +2,7 @@
 # Set-up and entry point on a fresh machine (CPU is enough for the defaults).
 #
 #   bash launch/local.sh demo            # the whole ILLUME pipeline on ShapeComp at tiny scale -> runs/demo/report.html
+#   bash launch/local.sh pipeline --config=configs/ablation_*.py:ARGS,root=DIR --workdir=DIR   (an ablation arm)
 #   bash launch/local.sh test [ARGS]     # the whole test suite (ARGS go to pytest)
 #   bash launch/local.sh train|data|aot|train-tokenizer|encode-dataset|train-decoder --config=... [--workdir=...]
 #   bash launch/local.sh generate|understand|edit|eval|self-enhance --workdir=... [...]  (a trained MLLM)
@@ -13,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cmd="${1:-}"
-[ -n "$cmd" ] || { sed -n '2,12p' "$0"; exit 2; }
+[ -n "$cmd" ] || { sed -n '2,13p' "$0"; exit 2; }
 shift
 
 PYTHON="${PYTHON:-python3.11}"
@@ -52,7 +53,7 @@ case "$cmd" in
   demo)
     # DEMO_SCALE=quick (<= 15 min on 2 CPU cores) | full (hours) | smoke; WORKDIR=runs/demo by default.
     workdir="${WORKDIR:-runs/demo}"
-    exec .venv/bin/python -m illume_jax demo --config="configs/demo.py:scale=${DEMO_SCALE:-quick},root=$workdir" \
+    exec .venv/bin/python -m illume_jax pipeline --config="configs/demo.py:scale=${DEMO_SCALE:-quick},root=$workdir" \
       --workdir="$workdir" "$@" ;;
   test)
     # libtpu is installed for AOT tests; keep the default backend on the CPU.
@@ -63,9 +64,10 @@ case "$cmd" in
     xdist=()
     [ "$workers" != "0" ] && xdist=(-n "$workers" --dist loadfile --no-loadscope-reorder)
     exec .venv/bin/python -m pytest -q "${xdist[@]}" "${@:-tests}" ;;
-  train|data|aot|train-tokenizer|encode-dataset|train-decoder|generate|understand|edit|eval|self-enhance|convert)
+  pipeline|summarize|train|data|aot|train-tokenizer|encode-dataset|train-decoder|generate|understand|edit|eval|\
+  self-enhance|convert)
     exec .venv/bin/python -m illume_jax "$cmd" "$@" ;;
   *)
-    echo "error: unknown command '$cmd' (expected demo, test, train, data, aot, train-tokenizer, encode-dataset," \
+    echo "error: unknown command '$cmd' (expected demo, test, pipeline, summarize, train, data, aot, train-tokenizer, encode-dataset," \
          "train-decoder, generate, understand, edit, eval, self-enhance or convert)" >&2; exit 2 ;;
 esac

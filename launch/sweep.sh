@@ -9,7 +9,9 @@
 #           (configs/*.py document theirs); the runs are the cross product.
 # locally   runs `bash launch/local.sh COMMAND --config=CONFIG:ARGS --workdir=ROOT/ARGS` one after
 #           the other; each is resumable, so re-running the sweep continues where it stopped and
-#           skips finished runs quickly.
+#           skips finished runs quickly. --command=pipeline (the ablation configs, configs/ablation_*.py)
+#           adds root=ROOT/ARGS to the config's arguments, and the sweep ends with
+#           `local.sh summarize --workdir=ROOT`: ROOT/summary.md, the runs side by side.
 # --pod     prints (or, without --dry-run, runs) one `launch/tpu_pod.sh up` per combination, each on
 #           its own slice NAME-<i>, with the workdir and checkpoints named after the combination.
 # --dry-run prints the commands and runs none.
@@ -73,13 +75,19 @@ i=0
 for c in "${combos[@]}"; do
   args="${fixed:+$fixed,}$c"
   name="$(echo "$c" | tr ',=' '_-')"
+  workdir="$root/$name"
+  [ -n "$pod" ] && workdir="runs/$name"
+  [ "$command" = pipeline ] && args="$args,root=$workdir"   # a pipeline's phases find each other there
   if [ -n "$pod" ]; then
     do_cmd bash launch/tpu_pod.sh up --name="$pod-$i" --zone="$zone" --bucket="$bucket" \
-      --accelerator="$accelerator" --command="$command" --config="$file:$args" --workdir="runs/$name" \
+      --accelerator="$accelerator" --command="$command" --config="$file:$args" --workdir="$workdir" \
       ${extra[@]+-- "${extra[@]}"}
   else
-    do_cmd "${runner[@]}" "$command" --config="$file:$args" --workdir="$root/$name" ${extra[@]+"${extra[@]}"}
+    do_cmd "${runner[@]}" "$command" --config="$file:$args" --workdir="$workdir" ${extra[@]+"${extra[@]}"}
   fi
   i=$((i + 1))
 done
+if [ -z "$pod" ] && [ "$command" = pipeline ]; then
+  do_cmd "${runner[@]}" summarize --workdir="$root"
+fi
 echo "sweep: ${#combos[@]} runs" >&2

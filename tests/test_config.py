@@ -65,13 +65,15 @@ def test_cli_rejects_bad_values_before_compiling(tmp_path):
     assert r.returncode == 2 and "vision-tokenizer config" in r.stderr
     r = run("train-tokenizer", "--config=configs/dualvitok.py:size=official", f"--workdir={tmp_path}")
     assert r.returncode != 0 and "train.lpips_path" in r.stderr
-    # The demo takes its pipeline config only, and that config nothing else.
-    r = run("demo", "--config=configs/tiny.py", f"--workdir={tmp_path}")
-    assert r.returncode == 2 and "demo needs the pipeline config" in r.stderr
+    # `pipeline` takes pipeline configs only, and those configs nothing else.
+    r = run("pipeline", "--config=configs/tiny.py", f"--workdir={tmp_path}")
+    assert r.returncode == 2 and "pipeline needs a pipeline config" in r.stderr
     r = run("train", "--config=configs/demo.py", f"--workdir={tmp_path}")
     assert r.returncode == 2 and "part=tokenizer|mllm|decoder" in r.stderr
-    r = run("demo", f"--config=configs/demo.py:root={tmp_path}/other", f"--workdir={tmp_path}")
+    r = run("pipeline", f"--config=configs/demo.py:root={tmp_path}/other", f"--workdir={tmp_path}")
     assert r.returncode != 0 and "config's root" in r.stderr
+    r = run("summarize", f"--workdir={tmp_path}/none")
+    assert r.returncode == 1 and "no such folder" in r.stderr
 
 
 def test_demo_config_every_scale_and_part_validates():
@@ -90,3 +92,41 @@ def test_demo_config_every_scale_and_part_validates():
         demo.get_config("part=vae")
     with pytest.raises(ValueError, match="scale='huge'"):
         demo.get_config("scale=huge")
+    for bad in ("tokenizer=vq", "self_enhance=2", "size=huge"):
+        with pytest.raises(ValueError, match=bad.split("=")[0]):
+            demo.get_config(bad)
+
+
+def test_sweep_axes_and_ablation_configs():
+    """The sweep axes reach the phase configs they are about, and every ablation arm validates,
+    with its child `train` config string rebuilding exactly the in-process MLLM config."""
+    from configs import ablation_self_enhance, ablation_tokenizer, demo, illume_tiny
+    from illume_jax import config_check
+    from illume_jax.pipeline import PHASES, alignment_steps
+    sem, pix = demo.get_config("root=/r,tokenizer=semantic"), demo.get_config("root=/r,tokenizer=pixel")
+    assert sem.tokenizer.train.loss_weights.semantic_cosine == 1.0 and sem.tokenizer.vit_pretrain.steps > 0
+    assert pix.tokenizer.train.loss_weights.semantic_cosine == 0.0 and pix.tokenizer.vit_pretrain.steps == 0
+    assert not pix.tokenizer.model.freeze_vit and "semantic_encoder/vit/.*" in pix.tokenizer.train.trainable
+    assert pix.tokenizer.train.perceptual == "none"           # no text-aligned network in the pixel arm
+    assert demo.get_config("root=/r,self_enhance=0").mllm.self_enhance.mix_weight == 0.0
+    assert sem.mllm.self_enhance.mix_weight > 0
+    small = demo.get_config("root=/r,size=small").mllm.model
+    assert small.d_model == illume_tiny.LLM_SIZES["small"]["d_model"] > sem.mllm.model.d_model
+    for module, grid in ((ablation_tokenizer, ("tokenizer=semantic", "tokenizer=pixel")),
+                         (ablation_self_enhance, ("self_enhance=1", "self_enhance=0"))):
+        for scale in module.SIZES:
+            for arm in grid:
+                c = module.get_config(f"{arm},scale={scale},root=/r/{arm}")
+                assert c.kind == "pipeline" and set(c.phases) <= set(PHASES) and "decoder" not in c
+                config_check.validate_tokenizer(c.tokenizer)
+                config_check.validate(c.mllm)
+                file, args = c.mllm_config.split(":", 1)
+                assert file == f"configs/{module.__name__.split('.')[-1]}.py"
+                assert module.get_config(args).to_dict() == c.mllm.to_dict()
+                assert c.mllm.vision.tokenizer_workdir == f"/r/{arm}/tokenizer"
+    c = ablation_tokenizer.get_config("root=/r")
+    steps = alignment_steps(c)
+    names = [st.name for st in c.mllm.stages]
+    assert names[names.index("align") - 1] == "embed_init"
+    assert steps[0] == sum(st.steps for st in c.mllm.stages[:2]) and steps[-1] == steps[0] + c.mllm.stages[2].steps
+    assert all(s % c.mllm.checkpoint.every_steps == 0 for s in steps[1:-1]) and len(steps) >= 3

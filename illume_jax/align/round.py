@@ -16,6 +16,9 @@ W holds a trained MLLM (a `train` workdir, or a converted folder). The round liv
              (config.self_enhance.mix_weight), for config.self_enhance.train_steps steps  -> train/
   eval       held-out GenEval-, POPE- and editing-style scores of the result -> eval/mllm.json
 
+With `self_enhance.mix_weight=0` (a sweep's `self_enhance=0` arm) generate, judge and dialogues are
+skipped: train is then the control run (stage 3 again from the same weights, without dialogues).
+
 Steps are resumable after a kill: generate and judge write their output in parts of `chunk`
 samples (each part written under a temporary name, then renamed), so a restart redoes at most one
 part; a finished step is never redone; training resumes from its own checkpoints. The wordings,
@@ -187,6 +190,10 @@ def run_round(config: Any, workdir: str, *, stop_after: str | None = None, rerun
     for step in STEPS:
         folder = os.path.join(root, step)
         done = _done(folder)
+        if done is None and step in ("generate", "judge", "dialogues") and float(se.mix_weight) <= 0:
+            # The control arm of a sweep (`self_enhance=0`): stage 3 again from the same weights, no
+            # dialogues, so nothing to draw or judge.
+            done = _finish(folder, dict(skipped="self_enhance.mix_weight=0"))
         if done is None:
             t0 = time.perf_counter()
             fn = {"generate": _generate, "judge": _judge, "dialogues": _dialogues, "train": _train, "eval": _eval}[step]
@@ -241,6 +248,9 @@ def start_step(config: Any, workdir: str) -> int | None:
 
 def _generate(config, se, root, folder, illume, stop_parts) -> dict:
     items = prompts(se)
+    if not items:
+        raise ValueError(f"self_enhance.num_scenes={se.num_scenes}: the first {se.num_scenes} level-{se.level} "
+                         f"{se.split!r} scenes support no GenEval-style prompt; use more scenes")
     start = _parts_done(folder)
     for n, (p, chunk) in enumerate(_chunks(items, int(se.chunk), start)):
         if stop_parts is not None and n >= stop_parts:

@@ -2,7 +2,7 @@
 understanding and editing success, all graded exactly by the scene-graph scorer.
 
 `python -m illume_jax eval --workdir=runs/illume_tiny [--level=L] [--eval_split=test|compositional]` writes
-`<workdir>/eval/level<L>_<split>/`: metrics.json, a self-contained report.html and the GenEval- /
+`<workdir>/eval/level<L>_<split>/`: metrics.json, a self-contained report.html, overview.png and the GenEval- /
 POPE-format files of every sample (`evaluate_and_report`). Prompts, questions and edit pairs come
 from a held-out split of the level ('test'; or 'compositional' at levels >= 3), so none was seen
 in training (ShapeComp's splits are disjoint by construction).
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections import defaultdict
 
@@ -29,6 +30,53 @@ def geneval_prompts(level: int, n_scenes: int, split: str = "test") -> list[tupl
             text, meta = shapecomp.prompt_for(scene, tag)
             out.append((text, meta, len(out)))
     return out
+
+
+def vqa_accuracy(model, *, level: int = 1, split: str = "test", scenes: int = 32, progress: bool = False) -> dict:
+    """Short-answer questions on held-out scenes (counting, colour, relation, size; ShapeComp's QA
+    task, which stages 2-3 train on): exact match of the answer's first word. Finer than POPE-style
+    existence for tiny models, which tend to answer every existence question 'yes'."""
+    imgs, questions, answers, kinds = [], [], [], []
+    for i in range(scenes):
+        scene = shapecomp.make_scene(level, split, i)
+        img = shapecomp.render(scene)
+        for q in shapecomp.attribute_questions(scene):
+            imgs.append(img)
+            questions.append(q["question"])
+            answers.append(q["answer"])
+            kinds.append(q["kind"])
+    if not questions:
+        raise ValueError(f"vqa_accuracy: no questions in {scenes} scenes of level {level}, split {split!r}")
+    replies = model.understand(imgs, questions, max_new_tokens=8, progress=progress)
+    first = [(re.findall(r"[a-z]+", r.lower()) or [""])[0] for r in replies]
+    right = np.asarray([f == a for f, a in zip(first, answers)])
+    per_kind = {k: float(right[[x == k for x in kinds]].mean()) for k in sorted(set(kinds))}
+    return dict(accuracy=float(right.mean()), per_kind=per_kind, questions=len(questions))
+
+
+def pope_suite(model, *, level: int = 1, split: str = "test", scenes: int = 50, progress: bool = False
+               ) -> tuple[dict, list[dict]]:
+    """POPE-style existence questions (random / popular / adversarial negatives) on held-out scenes:
+    ({split: metrics, 'mean': ...}, per-question samples)."""
+    pope, samples = {}, []
+    for pope_split in shapecomp.POPE_SPLITS:
+        imgs, questions, labels, scene_ids = [], [], [], []
+        for i in range(scenes):
+            scene = shapecomp.make_scene(level, split, i)
+            img = shapecomp.render(scene)
+            for q in shapecomp.existence_questions(scene, pope_split):
+                imgs.append(img)
+                questions.append(q["question"])
+                labels.append(q["answer"])
+                scene_ids.append(i)
+        answers = model.understand(imgs, questions, progress=progress)
+        pope[pope_split] = dict(scorer.pope_metrics(answers, labels), questions=len(questions))
+        for img, q, a, label, i in zip(imgs, questions, answers, labels, scene_ids):
+            samples.append(dict(image=img, scene=i, split=pope_split, question=q, answer=a, label=label,
+                                correct=scorer.parse_yes_no(a) == label))
+    pope["mean"] = {k: float(np.mean([pope[s][k] for s in shapecomp.POPE_SPLITS]))
+                    for k in ("accuracy", "f1", "yes_ratio")}
+    return pope, samples
 
 
 def run_suites(model, *, level: int = 1, split: str = "test", gen_scenes: int = 32, samples_per_prompt: int = 2,
@@ -60,26 +108,8 @@ def run_suites(model, *, level: int = 1, split: str = "test", gen_scenes: int = 
         samples["t2i"].append(dict(image=img, prompt=text, metadata=meta, prompt_id=pid, correct=bool(ok),
                                    reasons=why))
     # -- POPE-style understanding ----------------------------------------------------------------
-    pope = {}
-    samples["pope"] = []
-    for pope_split in shapecomp.POPE_SPLITS:
-        imgs, questions, labels, scene_ids = [], [], [], []
-        for i in range(pope_scenes):
-            scene = shapecomp.make_scene(level, split, i)
-            img = shapecomp.render(scene)
-            for q in shapecomp.existence_questions(scene, pope_split):
-                imgs.append(img)
-                questions.append(q["question"])
-                labels.append(q["answer"])
-                scene_ids.append(i)
-        answers = model.understand(imgs, questions, progress=progress)
-        pope[pope_split] = dict(scorer.pope_metrics(answers, labels), questions=len(questions))
-        for img, q, a, label, i in zip(imgs, questions, answers, labels, scene_ids):
-            samples["pope"].append(dict(image=img, scene=i, split=pope_split, question=q, answer=a, label=label,
-                                        correct=scorer.parse_yes_no(a) == label))
-    pope["mean"] = {k: float(np.mean([pope[s][k] for s in shapecomp.POPE_SPLITS]))
-                    for k in ("accuracy", "f1", "yes_ratio")}
-    results["pope"] = pope
+    results["pope"], samples["pope"] = pope_suite(model, level=level, split=split, scenes=pope_scenes,
+                                                  progress=progress)
     # -- editing ------------------------------------------------------------------------------
     pairs = [shapecomp.edit_pair(level, split, i) for i in range(edit_pairs)]
     edited = model.edit([shapecomp.render(p.before) for p in pairs], [p.instruction for p in pairs], seed=seed,
@@ -157,4 +187,6 @@ def evaluate_and_report(model, workdir: str, *, level: int = 1, split: str = "te
         subtitle=f"{workdir} · level {level}, split {split!r}, seed {seed}", extra_metrics=extra_metrics,
         curves=report.read_curves(os.path.join(workdir, "metrics.jsonl")) if curves is None else curves,
         reconstructions=reconstructions)
+    results["files"]["overview"] = report.write_overview(os.path.join(out_dir, "overview.png"), samples,
+                                                         reconstructions)
     return results

@@ -191,6 +191,64 @@ def render_html(results: Mapping, samples: Mapping | None = None, *, title: str 
     return "\n".join(out)
 
 
+def overview_image(samples: Mapping, reconstructions: Sequence[tuple[np.ndarray, ...]] = (), *, cell: int = 128,
+                   max_t2i: int = 6, max_edit: int = 3, max_recon: int = 2) -> np.ndarray:
+    """One picture of a run (uint8 [H, W, 3]): text-to-image samples framed green (the scorer finds
+    the prompt satisfied) or red, each over its prompt; editing before -> edited (target); tokenizer
+    reconstructions. For READMEs and notebooks, where the HTML report does not render."""
+    from PIL import Image, ImageDraw, ImageFont
+    font = ImageFont.load_default()
+    pad, text_h, head_h = 8, 30, 18
+    rows: list[tuple[str, list[tuple[np.ndarray, str, str | None]]]] = []  # (title, [(image, caption, frame)])
+    t2i = list(samples.get("t2i") or [])[:max_t2i]
+    if t2i:
+        rows.append(("text to image (green: correct per the scorer)",
+                     [(s["image"], s["prompt"], "#2a2" if s["correct"] else "#c22") for s in t2i]))
+    edits = list(samples.get("edit") or [])[:max_edit]
+    if edits:
+        cells = []
+        for s in edits:
+            cells += [(s["before"], "before", None), (s["edited"], s["instruction"], "#2a2" if s["success"] else "#c22")]
+        rows.append(("editing: before, edited", cells))
+    if reconstructions:
+        names = ("original", "tokenizer", "decoder 2x")
+        rows.append(("tokenizer reconstructions and the diffusion decoder",
+                     [(im, names[i], None) for r in reconstructions[:max_recon] for i, im in enumerate(r)]))
+    if not rows:
+        raise ValueError("overview_image: no samples (t2i / edit) and no reconstructions to show")
+    cols = max(len(c) for _, c in rows)
+    width = pad + cols * (cell + pad)
+    height = sum(head_h + cell + text_h + pad for _ in rows) + pad
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    y = pad
+    for title, cells in rows:
+        draw.text((pad, y), title, fill="black", font=font)
+        y += head_h
+        for i, (image, caption, frame) in enumerate(cells):
+            x = pad + i * (cell + pad)
+            img = Image.fromarray(np.asarray(image, np.uint8)).resize((cell, cell), Image.NEAREST)
+            canvas.paste(img, (x, y))
+            if frame:
+                draw.rectangle([x - 2, y - 2, x + cell + 1, y + cell + 1], outline=frame, width=3)
+            words, lines = caption.split(), [""]
+            for w in words:  # wrap to the cell's width, two lines at most
+                if draw.textlength((lines[-1] + " " + w).strip(), font=font) > cell:
+                    lines.append(w)
+                else:
+                    lines[-1] = (lines[-1] + " " + w).strip()
+            draw.text((x, y + cell + 3), "\n".join(lines[:2]), fill="#333", font=font)
+        y += cell + text_h + pad
+    return np.asarray(canvas)
+
+
+def write_overview(path: str, samples: Mapping, reconstructions: Sequence[tuple[np.ndarray, ...]] = ()) -> str:
+    from PIL import Image
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(overview_image(samples, reconstructions)).save(path, optimize=True)
+    return path
+
+
 def write_report(path: str, results: Mapping, samples: Mapping | None = None, **kw) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:

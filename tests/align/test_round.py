@@ -166,3 +166,48 @@ def test_self_enhance_config_validates_and_names_bad_values():
     bad = self_enhance_tiny.get_config("tokenizer=/no/tokenizer/yet,judge=http")
     with pytest.raises(ValueError, match="self_enhance.http.url"):  # an HTTP judge needs its endpoint
         config_check.validate(bad)
+
+
+def test_control_arm_skips_drawing_and_judging(model_dir, tmp_path):
+    """self_enhance.mix_weight=0 (a sweep's self_enhance=0 arm): no images drawn or judged, stage 3
+    trains from the same weights on the plain SFT mixture."""
+    import shutil
+    from configs import converted
+    from illume_jax.train.checkpoint import Checkpointer
+    work = str(tmp_path / "mllm")
+    shutil.copytree(model_dir, work, ignore=shutil.ignore_patterns("self_enhance"))
+    config = converted.get_config(work)
+    with config.unlocked():
+        config.self_enhance.mix_weight = 0.0
+    summary = round_lib.run_round(config, work)
+    for step in ("generate", "judge", "dialogues"):
+        assert summary[step] == dict(skipped="self_enhance.mix_weight=0")
+    assert not os.path.exists(os.path.join(work, "self_enhance", "generate", "images"))
+    ckpt = Checkpointer(os.path.join(work, "self_enhance", "train", "checkpoints"), async_save=False)
+    meta = ckpt.restore_meta()
+    ckpt.close()
+    assert meta["step"] == config.self_enhance.train_steps
+    assert "self_enhance" not in json.loads(meta["config"])["stages"][0]["mixture"]
+    assert set(summary["eval"]) >= {"geneval_overall", "pope_accuracy", "edit_success"}
+
+
+def test_vqa_accuracy_scores_first_words(model_dir):
+    from illume_jax.eval import mllm as mllm_eval
+    from illume_jax.infer.illume import Illume
+
+    class Oracle:  # answers every question right: the scorer's parsing, not the model, is under test
+        def __init__(self, right):
+            self.right = right
+
+        def understand(self, images, questions, **kw):
+            from illume_jax.data import shapecomp
+            answers = [q["answer"] for i in range(3)  # in the order the suite asks them
+                       for q in shapecomp.attribute_questions(shapecomp.make_scene(1, "test", i))]
+            assert len(answers) == len(questions)
+            return [f"{a.capitalize()}." if self.right else "purple" for a in answers]
+
+    good = mllm_eval.vqa_accuracy(Oracle(True), scenes=3)
+    assert good["accuracy"] == 1.0 and good["questions"] >= 3 and set(good["per_kind"]) >= {"counting"}
+    assert mllm_eval.vqa_accuracy(Oracle(False), scenes=3)["accuracy"] == 0.0
+    res = mllm_eval.vqa_accuracy(Illume.load(model_dir), scenes=1)  # a real model's replies parse
+    assert 0.0 <= res["accuracy"] <= 1.0

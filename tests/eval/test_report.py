@@ -93,3 +93,23 @@ def test_report_renders_in_headless_chromium(tmp_path):
     from PIL import Image
     pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3)
     assert len(np.unique(pixels, axis=0)) > 50  # text, frames and the embedded renders, not a blank page
+
+
+def test_overview_picture_shows_each_part(tmp_path):
+    """overview.png: the samples where they belong, green / red frames from the verdicts."""
+    from PIL import Image
+    samples = _samples()
+    samples["t2i"][1]["correct"] = False
+    img = samples["t2i"][0]["image"]
+    path = report.write_overview(str(tmp_path / "o.png"), samples, [(img, img, img.repeat(2, 0).repeat(2, 1))])
+    pic = np.asarray(Image.open(path).convert("RGB"))
+    cell, pad, head_h = 128, 8, 18
+    assert pic.shape[1] == pad + 6 * (cell + pad)            # six t2i samples in the widest row
+    y0 = pad + head_h
+    first = pic[y0:y0 + cell, pad:pad + cell]
+    expect = np.asarray(Image.fromarray(img).resize((cell, cell), Image.NEAREST))
+    np.testing.assert_array_equal(first[3:-3, 3:-3], expect[3:-3, 3:-3])   # inside the 3-pixel frame
+    assert tuple(pic[y0 - 2, pad + 20]) == (0x22, 0xaa, 0x22)              # a correct sample: green frame
+    assert tuple(pic[y0 - 2, 2 * pad + cell + 20]) == (0xcc, 0x22, 0x22)   # the wrong one: red
+    with pytest.raises(ValueError, match="no samples"):
+        report.overview_image({})

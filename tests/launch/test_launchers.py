@@ -159,6 +159,19 @@ def test_sweep_runs_the_cross_product_and_prints_pod_commands(tmp_path):
     from configs import illume_tiny
     for call in calls:
         illume_tiny.get_config(call[1].split(":", 1)[1])
+    # A pipeline sweep (the ablation configs): each run's root is its workdir, then the summary.
+    log.unlink()
+    r = _run(["launch/sweep.sh", "--config=configs/ablation_tokenizer.py:scale=smoke", "--grid=tokenizer=semantic,pixel",
+              "--command=pipeline", f"--root={tmp_path}/abl"], bin_dir, ILLUME_SWEEP_RUNNER=str(bin_dir / "runner"))
+    assert r.returncode == 0, r.stderr
+    assert [c["argv"][1:] for c in _calls(log)] == [
+        ["pipeline", f"--config=configs/ablation_tokenizer.py:scale=smoke,tokenizer={t},root={tmp_path}/abl/tokenizer-{t}",
+         f"--workdir={tmp_path}/abl/tokenizer-{t}"] for t in ("semantic", "pixel")] + [
+        ["summarize", f"--workdir={tmp_path}/abl"]]
+    from configs import ablation_tokenizer
+    for call in _calls(log)[:2]:
+        c = ablation_tokenizer.get_config(call["argv"][2].split(":", 1)[1])
+        assert c.root == call["argv"][3].split("=", 1)[1]
     pod = _run(["launch/sweep.sh", "--dry-run", "--config=configs/illume_tiny.py", "--grid=steps=200,400",
                 "--pod=abl", "--zone=z", "--bucket=gs://b"])
     lines = [shlex.split(line) for line in pod.stdout.strip().splitlines()]

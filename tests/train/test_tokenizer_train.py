@@ -13,9 +13,9 @@ from illume_jax import config_check
 from illume_jax.train import tokenizer as tok
 
 
-def micro_dualvitok(**train):
+def micro_dualvitok(supervision="semantic", **train):
     train = dict(dict(disc_start=2, disc_ndf=4, eval_images=8), **train)
-    c = dualvitok_config.get_config("size=tiny,steps=4,batch=8,pretrain_steps=2")
+    c = dualvitok_config.get_config(f"size=tiny,steps=4,batch=8,pretrain_steps=2,supervision={supervision}")
     c.model.vit.update(depth=1, embed_dim=16, num_heads=2, hidden_size=32)
     c.model.update(semantic_dim=16, semantic_blocks=1, semantic_heads=2, semantic_mlp_dim=32,
                    semantic_decoder_blocks=1, z_channels=8, semantic_codes=64, pixel_codes=96, quantizer_chunk=64)
@@ -83,9 +83,9 @@ def test_dualvitok_training_resumes_exactly(tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-def test_frozen_vit_and_codebooks_do_not_move(tmp_path):
-    config = micro_tokenizer_config()
-    trainer = tok.TokenizerTrainer(config, str(tmp_path), tok.sharding.make_mesh(dict(config.mesh)))
+def _moved_after_two_steps(config, workdir):
+    """{param path: whether two training steps changed it}, and the buffers before / after."""
+    trainer = tok.TokenizerTrainer(config, workdir, tok.sharding.make_mesh(dict(config.mesh)))
     state0 = trainer.init_state()
     snapshot = jax.tree.map(np.asarray, (state0.params, state0.buffers))
     from illume_jax.data import images as images_lib
@@ -94,13 +94,28 @@ def test_frozen_vit_and_codebooks_do_not_move(tmp_path):
     state = state0
     for i in range(2):
         state, metrics = trainer.step(state, tok.sharding.global_batch(trainer.mesh, next(it)), i)
-    before_p, before_b = snapshot
     from illume_jax.train.optim import path_str
     moved = {path_str(p): not np.array_equal(a, np.asarray(b)) for (p, a), b in
-             zip(jax.tree_util.tree_flatten_with_path(before_p)[0], jax.tree.leaves(state.params))}
+             zip(jax.tree_util.tree_flatten_with_path(snapshot[0])[0], jax.tree.leaves(state.params))}
+    return moved, snapshot[1], state.buffers
+
+
+def test_pixel_supervision_trains_the_vit_and_not_the_feature_decoder(tmp_path):
+    """configs/dualvitok.py:supervision=pixel (the tokenizer ablation's control): every code is
+    learnt from pixels, the ViT included; the feature-reconstruction head gets no gradient."""
+    config = micro_dualvitok("pixel", perceptual="none")
+    assert config.vit_pretrain.steps == 0 and config.train.loss_weights.semantic_cosine == 0.0
+    moved, _, _ = _moved_after_two_steps(config, str(tmp_path))
+    assert moved["semantic_encoder/vit/patch_embed/kernel"]
+    assert not any(v for k, v in moved.items() if k.startswith("semantic_decoder/"))
+    assert moved["semantic_encoder/proj_out/kernel"] and moved["pixel_encoder/conv_in/kernel"]
+
+
+def test_frozen_vit_and_codebooks_do_not_move(tmp_path):
+    moved, before_b, after_b = _moved_after_two_steps(micro_tokenizer_config(), str(tmp_path))
     assert not any(v for k, v in moved.items() if k.startswith("semantic_encoder/vit/"))
     assert moved["pixel_encoder/conv_in/kernel"] and moved["semantic_quantizer/code_transform/kernel"]
-    for a, b in zip(jax.tree.leaves(before_b), jax.tree.leaves(state.buffers)):
+    for a, b in zip(jax.tree.leaves(before_b), jax.tree.leaves(after_b)):
         np.testing.assert_array_equal(a, np.asarray(b))  # frozen SimVQ codebooks are bit-exact
 
 
