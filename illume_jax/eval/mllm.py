@@ -51,7 +51,10 @@ def vqa_accuracy(model, *, level: int = 1, split: str = "test", scenes: int = 32
     first = [(re.findall(r"[a-z]+", r.lower()) or [""])[0] for r in replies]
     right = np.asarray([f == a for f, a in zip(first, answers)])
     per_kind = {k: float(right[[x == k for x in kinds]].mean()) for k in sorted(set(kinds))}
-    return dict(accuracy=float(right.mean()), per_kind=per_kind, questions=len(questions))
+    # What one fixed reply to every question scores (e.g. 'one': level-1 counting questions are many).
+    prior = max(float(np.mean([a == c for a in answers])) for c in set(answers))
+    return dict(accuracy=float(right.mean()), per_kind=per_kind, questions=len(questions),
+                constant_answer_accuracy=prior)
 
 
 def pope_suite(model, *, level: int = 1, split: str = "test", scenes: int = 50, progress: bool = False

@@ -11,7 +11,7 @@ import os
 # (phase, key, column title); a column appears when any run has it.
 COLUMNS = (
     ("tokenizer", "tokenizer_ceiling", "tokenizer ceiling"),
-    ("tokenizer", "psnr", "tokenizer PSNR"),
+    ("tokenizer", "val_psnr", "tokenizer PSNR (val)"),
     ("tokenizer", "semantic_usage", "level-0 usage"),
     ("tokenizer", "pixel_usage", "level-1 usage"),
     ("mllm", "final_loss", "stage-2 loss"),

@@ -204,10 +204,11 @@ def test_vqa_accuracy_scores_first_words(model_dir):
             answers = [q["answer"] for i in range(3)  # in the order the suite asks them
                        for q in shapecomp.attribute_questions(shapecomp.make_scene(1, "test", i))]
             assert len(answers) == len(questions)
-            return [f"{a.capitalize()}." if self.right else "purple" for a in answers]
+            return [f"{a.capitalize()}." if self.right else "zzz" for a in answers]
 
     good = mllm_eval.vqa_accuracy(Oracle(True), scenes=3)
     assert good["accuracy"] == 1.0 and good["questions"] >= 3 and set(good["per_kind"]) >= {"counting"}
     assert mllm_eval.vqa_accuracy(Oracle(False), scenes=3)["accuracy"] == 0.0
+    assert 0.0 < good["constant_answer_accuracy"] < 1.0
     res = mllm_eval.vqa_accuracy(Illume.load(model_dir), scenes=1)  # a real model's replies parse
     assert 0.0 <= res["accuracy"] <= 1.0
