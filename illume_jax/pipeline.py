@@ -45,6 +45,14 @@ def _read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _write_json(path: str, obj: dict) -> None:
+    """Written under a temporary name, then renamed: a kill never leaves half a file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1, default=float)
+    os.replace(path + ".tmp", path)
+
+
 def _phase(workdir: str, name: str, index: tuple[int, int], title: str, fn: Callable[[], dict],
            line: Callable[[dict], str]) -> dict:
     """Runs a phase unless its summary exists; prints its summary line either way."""
@@ -59,10 +67,7 @@ def _phase(workdir: str, name: str, index: tuple[int, int], title: str, fn: Call
     t0 = time.time()
     out = fn()
     out["seconds"] = round(time.time() - t0, 1)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(out, f, indent=1, default=float)
-    os.replace(path + ".tmp", path)
+    _write_json(path, out)
     print(f"      {title}: {line(out)}", flush=True)
     return out
 
@@ -147,7 +152,6 @@ def _alignment(config, workdir: str) -> dict:
     """How fast the stage aligns images and text: held-out scores at each of its checkpoints and its
     training losses. Resumable per point (a kill loses at most the step being evaluated)."""
     from illume_jax.eval import mllm as mllm_eval
-    from illume_jax.eval import shapecomp_scorer as scorer
     from illume_jax.infer.illume import Illume
     a = config.alignment
     mllm_dir = os.path.join(workdir, "mllm")
@@ -158,9 +162,8 @@ def _alignment(config, workdir: str) -> dict:
         if step in have:
             continue
         model = Illume.load(mllm_dir, step=step)
-        t2i = mllm_eval.geneval_prompts(int(a.level), int(a.gen_scenes))
-        images = model.generate([t for t, _, _ in t2i], seed=int(a.seed))
-        gen = scorer.geneval_scores(images, [m for _, m, _ in t2i], [i for _, _, i in t2i])
+        gen = mllm_eval.geneval_suite(model, level=int(a.level), scenes=int(a.gen_scenes), samples_per_prompt=1,
+                                      seed=int(a.seed))[0]
         vqa = mllm_eval.vqa_accuracy(model, level=int(a.level), scenes=int(a.vqa_scenes))
         pope = mllm_eval.pope_suite(model, level=int(a.level), scenes=int(a.pope_scenes))[0]["mean"]
         done["points"].append(dict(step=step, geneval_overall=gen["overall"], vqa_accuracy=vqa["accuracy"],
@@ -169,14 +172,11 @@ def _alignment(config, workdir: str) -> dict:
         done["points"].sort(key=lambda p: p["step"])
         print(f"      step {step}: GenEval-style {gen['overall']:.3f}, VQA {vqa['accuracy']:.3f}, "
               f"POPE-style {pope['accuracy']:.3f}", flush=True)
-        with open(path + ".tmp", "w") as f:  # after each point, so a kill loses at most one
-            json.dump(done, f, indent=1)
-        os.replace(path + ".tmp", path)
+        _write_json(path, done)  # after each point, so a kill loses at most one
     rows = [r for r in _read_jsonl(os.path.join(mllm_dir, "metrics.jsonl")) if r.get("stage") == a.stage]
     done["losses"] = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None]
                       for k in ("loss", "text_loss", "image_loss")}
-    with open(path, "w") as f:
-        json.dump(done, f, indent=1)
+    _write_json(path, done)
     last = done["points"][-1]
     return dict(stage=a.stage, steps=[p["step"] for p in done["points"]],
                 geneval_overall=last["geneval_overall"], vqa_accuracy=last["vqa_accuracy"],
@@ -333,8 +333,7 @@ def run(config: Any, workdir: str, overrides: list[str]) -> dict:
             phases[name] = _phase(workdir, name, index, title, fn, line)
     total = time.time() - t0
     summary = dict(config=config.config_arg, phases=phases, seconds=round(total, 1))
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1, default=float)
+    _write_json(os.path.join(workdir, "summary.json"), summary)
     outputs = [os.path.join(workdir, "report.html"), os.path.join(workdir, "metrics.json")] if "eval" in names else []
     print(f"done in {total / 60:.1f} min (this run): {', '.join(outputs + [os.path.join(workdir, 'summary.json')])}",
           flush=True)

@@ -57,6 +57,23 @@ def vqa_accuracy(model, *, level: int = 1, split: str = "test", scenes: int = 32
                 constant_answer_accuracy=prior)
 
 
+def geneval_suite(model, *, level: int = 1, split: str = "test", scenes: int = 32, samples_per_prompt: int = 2,
+                  seed: int = 0, progress: bool = False) -> tuple[dict, list[dict]]:
+    """GenEval-style text-to-image on every tag of the first `scenes` held-out scenes, graded by the
+    scorer: (scores per tag and overall, per-image samples with verdicts)."""
+    prompts = geneval_prompts(level, scenes, split)
+    texts = [p for p, _, _ in prompts for _ in range(samples_per_prompt)]
+    metas = [m for _, m, _ in prompts for _ in range(samples_per_prompt)]
+    ids = [i for _, _, i in prompts for _ in range(samples_per_prompt)]
+    images = model.generate(texts, seed=seed, progress=progress)
+    results = dict(scorer.geneval_scores(images, metas, ids), prompts=len(prompts), images=len(images))
+    samples = []
+    for img, text, meta, pid in zip(images, texts, metas, ids):
+        ok, why = scorer.grade(img, meta)
+        samples.append(dict(image=img, prompt=text, metadata=meta, prompt_id=pid, correct=bool(ok), reasons=why))
+    return results, samples
+
+
 def pope_suite(model, *, level: int = 1, split: str = "test", scenes: int = 50, progress: bool = False
                ) -> tuple[dict, list[dict]]:
     """POPE-style existence questions (random / popular / adversarial negatives) on held-out scenes:
@@ -98,18 +115,9 @@ def run_suites(model, *, level: int = 1, split: str = "test", gen_scenes: int = 
     results: dict = {}
     samples: dict = dict(level=level, split=split)
     # -- GenEval-style generation --------------------------------------------------------------
-    prompts = geneval_prompts(level, gen_scenes, split)
-    texts = [p for p, _, _ in prompts for _ in range(samples_per_prompt)]
-    metas = [m for _, m, _ in prompts for _ in range(samples_per_prompt)]
-    ids = [i for _, _, i in prompts for _ in range(samples_per_prompt)]
-    images = model.generate(texts, seed=seed, progress=progress)
-    results["geneval"] = dict(scorer.geneval_scores(images, metas, ids), prompts=len(prompts),
-                              images=len(images))
-    samples["t2i"] = []
-    for img, text, meta, pid in zip(images, texts, metas, ids):
-        ok, why = scorer.grade(img, meta)
-        samples["t2i"].append(dict(image=img, prompt=text, metadata=meta, prompt_id=pid, correct=bool(ok),
-                                   reasons=why))
+    results["geneval"], samples["t2i"] = geneval_suite(model, level=level, split=split, scenes=gen_scenes,
+                                                       samples_per_prompt=samples_per_prompt, seed=seed,
+                                                       progress=progress)
     # -- POPE-style understanding ----------------------------------------------------------------
     results["pope"], samples["pope"] = pope_suite(model, level=level, split=split, scenes=pope_scenes,
                                                   progress=progress)
