@@ -129,6 +129,8 @@ def tokenizer_train_config(*, steps: int, batch_size: int, lr: float, trainable,
         lpips_path="",           # 'lpips_vgg': converted LPIPS-VGG16 weights (.npz / .safetensors)
         disc_start=disc_start,   # step at which the PatchGAN loss switches on; -1 = no discriminator
         disc_weight=0.5, disc_ndf=disc_ndf, disc_layers=disc_layers,
+        dead_code_patience=0,    # > 0: a code unused for this many steps is restarted on an encoder output
+        dead_code_until=0,       # last step that restarts (0 = train.steps)
         eval_every=0,            # validation during training (0: only at the end)
         eval_images=512,
     ))

@@ -215,6 +215,9 @@ def validate_tokenizer(config: Any, *, training: bool = True):
     for k in ("steps", "batch_size"):
         if not isinstance(t[k], int) or t[k] < 1:
             _fail(f"train.{k}", t[k], "a positive int")
+    for k in ("dead_code_patience", "dead_code_until"):
+        if not isinstance(t.get(k, 0), int) or t.get(k, 0) < 0:
+            _fail(f"train.{k}", t[k], "an int >= 0 (0 = off / until the last step)")
     if t.perceptual not in PERCEPTUAL:
         _fail("train.perceptual", t.perceptual, f"one of {PERCEPTUAL}")
     if training and t.perceptual == "lpips_vgg" and not t.lpips_path:

@@ -117,6 +117,7 @@ class TokenizerOutput:
     recon: jax.Array            # [B,H,W,3] in (about) [-1, 1]
     losses: dict                # unweighted auxiliary losses (scalars)
     codes: dict                 # codebook name -> int32 code grid
+    latents: dict | None = None  # codebook name -> encoder output before quantisation (dead-code restarts)
 
 
 def layer_norm_no_affine(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -235,14 +236,22 @@ class DualViTok(nnx.Module):
             raise ValueError(f"images: expected [B, H, W, 3] in [-1, 1], got shape {images.shape}")
         token_grids(images.shape[1], images.shape[2], self.cfg)  # raises on sizes the encoder cannot take
 
-    def quantize(self, images: jax.Array):
-        """-> (semantic (zq, codes, losses), pixel (zq, codes, losses), target)."""
+    @property
+    def quantizers(self) -> dict:
+        return {"semantic": self.semantic_quantizer, "pixel": self.pixel_quantizer}
+
+    def latents(self, images: jax.Array):
+        """-> (semantic z [B,h1,w1,z], pixel z [B,h2,w2,z], target): the encoders' outputs before
+        quantisation, and the LayerNorm-ed ViT features the semantic decoder reconstructs."""
         self._check(images)
         z_sem, target = self.semantic_encoder(images)
-        sem = self.semantic_quantizer(z_sem)
         z_pix = self.pixel_quant_conv(self.pixel_encoder(images))
-        pix = self.pixel_quantizer(z_pix)
-        return sem, pix, target
+        return z_sem, z_pix, target
+
+    def quantize(self, images: jax.Array):
+        """-> (semantic (zq, codes, losses), pixel (zq, codes, losses), target)."""
+        z_sem, z_pix, target = self.latents(images)
+        return self.semantic_quantizer(z_sem), self.pixel_quantizer(z_pix), target
 
     @staticmethod
     def merge_quants(sem_q: jax.Array, pix_q: jax.Array) -> jax.Array:
@@ -285,7 +294,9 @@ class DualViTok(nnx.Module):
         return jnp.where(drop, other, pix_q)
 
     def __call__(self, images: jax.Array, *, train: bool = False, rng: jax.Array | None = None) -> TokenizerOutput:
-        (sem_q, sem_codes, sem_losses), (pix_q, pix_codes, pix_losses), target = self.quantize(images)
+        z_sem, z_pix, target = self.latents(images)
+        (sem_q, sem_codes, sem_losses), (pix_q, pix_codes, pix_losses) = \
+            self.semantic_quantizer(z_sem), self.pixel_quantizer(z_pix)
         if train and self.cfg.pixel_drop_rate > 0:
             if rng is None:
                 raise ValueError("DualViTok: training with pixel_drop_rate > 0 needs an rng")
@@ -294,7 +305,8 @@ class DualViTok(nnx.Module):
         losses = {"semantic_commit": sem_losses["loss"], "pixel_commit": pix_losses["loss"]}
         if train:
             losses["semantic_cosine"] = cosine_loss(self.semantic_decoder(sem_q), target)
-        return TokenizerOutput(recon=recon, losses=losses, codes={"semantic": sem_codes, "pixel": pix_codes})
+        return TokenizerOutput(recon=recon, losses=losses, codes={"semantic": sem_codes, "pixel": pix_codes},
+                               latents={"semantic": z_sem, "pixel": z_pix})
 
     def semantic_vit(self):
         return self.semantic_encoder.vit

@@ -113,6 +113,10 @@ class SemanticVQ(nnx.Module):
     def codebook_sizes(self) -> dict[str, int]:
         return {"semantic": self.cfg.num_codes}
 
+    @property
+    def quantizers(self) -> dict:
+        return {"semantic": self.quantizer}
+
     def features(self, images: jax.Array) -> jax.Array:
         """Patch-token features [B, h*w, D] of images [B,H,W,3] in [-1,1] (class token dropped)."""
         return clip_vit_tokens(self.vit, images, self.cfg.image_size)
@@ -163,7 +167,7 @@ class SemanticVQ(nnx.Module):
         recon = self.decode_pixels(zq, images.shape[1:3]) if self.pixel_head is not None else None
         if train and self.cfg.ema_decay:
             self.quantizer.update_ema(jax.lax.stop_gradient(z), codes)
-        return TokenizerOutput(recon=recon, losses=losses, codes={"semantic": codes})
+        return TokenizerOutput(recon=recon, losses=losses, codes={"semantic": codes}, latents={"semantic": z})
 
     def semantic_vit(self):
         return self.vit

@@ -138,6 +138,19 @@ class SimVQ(nnx.Module):
         z_q, losses = _quantize_outputs(z32, q, beta=self.beta, codebook_loss=True)
         return z_q.reshape(z.shape).astype(z.dtype), idx.reshape(lead), losses
 
+    def squared_error(self, z: jax.Array, indices: jax.Array) -> jax.Array:
+        """||z - C[indices]||^2 per row: z [..., D], indices [...] -> [...] fp32."""
+        return jnp.sum((z.astype(jnp.float32) - self.lookup(indices)) ** 2, axis=-1)
+
+    def replace_codes(self, dead: jax.Array, vectors: jax.Array) -> None:
+        """Dead-code restart (training only; in place): effective codes `C[i]` with `dead[i]` become
+        `vectors[i]` [K, D]. The frozen row is set to `vectors[i] @ pinv(kernel)`, so the transform
+        stays shared and trainable while the code lands exactly on the given vector."""
+        kernel = self.code_transform.kernel[...].astype(jnp.float32)
+        rows = jnp.matmul(vectors.astype(jnp.float32), jnp.linalg.pinv(kernel), precision=_HIGHEST)
+        old = self.frozen_codebook[...]
+        self.frozen_codebook[...] = jnp.where(dead[:, None], rows.astype(old.dtype), old)
+
 
 class VectorQuantizer(nnx.Module):
     """Plain VQ (ILLUME's semantic tokenizer): learned codebook `embedding` [K, D].
@@ -210,6 +223,42 @@ class VectorQuantizer(nnx.Module):
         self.embed_sum[...] = es
         self.embedding[...] = (es / smoothed[:, None]).astype(self.embedding[...].dtype)
 
+    def squared_error(self, z: jax.Array, indices: jax.Array) -> jax.Array:
+        """||z' - code||^2 per row, z' = z normalised when the book is (the distance assignment used)."""
+        return jnp.sum((self._prep(z) - self.lookup(indices)) ** 2, axis=-1)
+
+    def replace_codes(self, dead: jax.Array, vectors: jax.Array) -> None:
+        """Dead-code restart (training only; in place): rows `i` with `dead[i]` become `vectors[i]`.
+        EMA books also restart the row's statistics (count 1, sum = the vector), so the next EMA
+        step keeps it there instead of dividing a stale sum by a tiny count."""
+        vectors = self._prep(vectors)
+        old = self.embedding[...]
+        self.embedding[...] = jnp.where(dead[:, None], vectors.astype(old.dtype), old)
+        if self.ema_decay is not None:
+            self.cluster_size[...] = jnp.where(dead, 1.0, self.cluster_size[...])
+            self.embed_sum[...] = jnp.where(dead[:, None], vectors, self.embed_sum[...])
+
+
+# -- dead-code restarts ------------------------------------------------------------------------------
+
+def restart_candidates(z: jax.Array, err: jax.Array, key: jax.Array, num: int) -> jax.Array:
+    """`num` rows drawn from the encoder outputs `z` [N, D] with probability proportional to their
+    quantisation error `err` [N] (the quantizer's `squared_error`). A restarted code lands where
+    the book serves the data worst (shape edges, rare colours), not on the background patches
+    that make up most of a batch and are already coded well."""
+    z, err = z.astype(jnp.float32), err.astype(jnp.float32)
+    p = err + 1e-12 * jnp.maximum(jnp.max(err), 1e-12)   # an exact batch still samples uniformly
+    pick = jax.random.choice(key, z.shape[0], (num,), replace=True, p=p / jnp.sum(p))
+    return z[pick]
+
+
+def update_code_age(age: jax.Array, counts: jax.Array, patience: int, active) -> tuple[jax.Array, jax.Array]:
+    """Steps since each code was last chosen -> (new age, dead mask). A code unused for `patience`
+    consecutive steps is dead (and restarted) while `active`; its age then starts again at 0."""
+    age = jnp.where(counts > 0, 0, age + 1)
+    dead = (age >= patience) & active
+    return jnp.where(dead, 0, age), dead
+
 
 # -- code-usage metrics (pure, jit friendly) ---------------------------------------------------------
 
@@ -236,4 +285,5 @@ def dead_codes(counts: jax.Array) -> jax.Array:
     return jnp.sum(counts == 0).astype(jnp.int32)
 
 
-__all__ = ["Buffer", "SimVQ", "VectorQuantizer", "nearest_code", "code_counts", "usage", "perplexity", "dead_codes"]
+__all__ = ["Buffer", "SimVQ", "VectorQuantizer", "nearest_code", "code_counts", "usage", "perplexity", "dead_codes",
+           "restart_candidates", "update_code_age"]

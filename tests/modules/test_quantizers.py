@@ -185,3 +185,57 @@ def test_metrics():
     f = jax.jit(lambda i: qz.perplexity(qz.code_counts(i, 5)))
     assert float(f(idx)) == pytest.approx(float(qz.perplexity(counts)))
     assert float(qz.perplexity(jnp.zeros((4,), jnp.int32))) == pytest.approx(1.0)
+
+
+def test_code_age_marks_dead_codes_after_patience():
+    age = jnp.zeros((4,), jnp.int32)
+    used = jnp.asarray([3, 0, 1, 0])
+    for _ in range(2):
+        age, dead = qz.update_code_age(age, used, patience=3, active=True)
+        assert not bool(dead.any())
+    np.testing.assert_array_equal(np.asarray(age), [0, 2, 0, 2])
+    age, dead = qz.update_code_age(age, used, patience=3, active=True)
+    np.testing.assert_array_equal(np.asarray(dead), [False, True, False, True])
+    np.testing.assert_array_equal(np.asarray(age), [0, 0, 0, 0])       # restarted codes start again
+    _, dead = qz.update_code_age(jnp.full((4,), 9), used, patience=3, active=False)
+    assert not bool(dead.any())                                        # past dead_code_until: never
+
+
+def test_restart_candidates_follow_the_quantisation_error():
+    z = jnp.asarray(np.arange(12, dtype=np.float32).reshape(6, 2))
+    err = jnp.asarray([0, 0, 5.0, 0, 0, 0])
+    picks = qz.restart_candidates(z, err, jax.random.key(0), 7)
+    np.testing.assert_array_equal(np.asarray(picks), np.repeat(np.asarray(z)[2:3], 7, 0))
+    # a batch every code serves exactly still yields picks (uniformly)
+    flat = qz.restart_candidates(z, jnp.zeros((6,)), jax.random.key(1), 64)
+    assert len({tuple(r) for r in np.asarray(flat)}) > 1
+
+
+def test_simvq_replace_codes_lands_exactly_on_the_vectors():
+    q = qz.SimVQ(16, 4, rngs=nnx.Rngs(3))
+    before = np.asarray(q.codebook())
+    vectors = jnp.asarray(np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32))
+    dead = jnp.zeros((16,), bool).at[jnp.asarray([2, 9])].set(True)
+    nnx.jit(lambda m, d, v: m.replace_codes(d, v))(q, dead, vectors)
+    after = np.asarray(q.codebook())
+    np.testing.assert_allclose(after[[2, 9]], np.asarray(vectors)[[2, 9]], rtol=1e-4, atol=1e-5)
+    keep = np.setdiff1d(np.arange(16), [2, 9])
+    np.testing.assert_array_equal(after[keep], before[keep])
+    # the restarted code is now the nearest one for its vector
+    _, idx, _ = q(vectors[2:3])
+    assert int(idx[0]) == 2
+    np.testing.assert_allclose(np.asarray(q.squared_error(vectors[2:3], idx)), [0.0], atol=1e-8)
+
+
+@pytest.mark.parametrize("ema_decay", [None, 0.9])
+def test_vq_replace_codes(ema_decay):
+    vq = qz.VectorQuantizer(8, 4, l2_normalize=True, ema_decay=ema_decay, rngs=nnx.Rngs(1))
+    v = jnp.asarray(np.random.default_rng(1).normal(size=(8, 4)).astype(np.float32)) * 3.0
+    dead = jnp.arange(8) == 5
+    vq.replace_codes(dead, v)
+    np.testing.assert_allclose(np.asarray(vq.codebook())[5], np.asarray(qz._l2_normalize(v))[5], rtol=1e-5)
+    _, idx, _ = vq(v[5:6])
+    assert int(idx[0]) == 5
+    if ema_decay:  # the EMA statistics restart with the code: an EMA step with its own vector keeps it
+        vq.update_ema(v[5:6], idx)
+        np.testing.assert_allclose(np.asarray(vq.codebook())[5], np.asarray(qz._l2_normalize(v))[5], rtol=1e-4)

@@ -119,6 +119,28 @@ def test_frozen_vit_and_codebooks_do_not_move(tmp_path):
         np.testing.assert_array_equal(a, np.asarray(b))  # frozen SimVQ codebooks are bit-exact
 
 
+def test_dead_codes_restart_only_while_unused(tmp_path):
+    """train.dead_code_patience=1: every code a step's batch left unused moves (its frozen SimVQ
+    row is rewritten), every used one keeps its row, and the ages restart."""
+    config = micro_tokenizer_config()
+    config.train.update(dead_code_patience=1, disc_start=-1)
+    trainer = tok.TokenizerTrainer(config, str(tmp_path), tok.sharding.make_mesh(dict(config.mesh)))
+    state = trainer.init_state()
+    from illume_jax.data import images as images_lib
+    it = images_lib.make_image_iterator(images_lib.ShapeCompImages((1,), "train", 16), batch_size=8,
+                                        resolution=64, seed=0)
+    before = {k: np.asarray(state.buffers[f"{k}_quantizer"]["frozen_codebook"][...]) for k in ("semantic", "pixel")}
+    state, metrics = trainer.step(state, tok.sharding.global_batch(trainer.mesh, next(it)), 0)
+    for name, rows in before.items():
+        after = np.asarray(state.buffers[f"{name}_quantizer"]["frozen_codebook"][...])
+        changed = (after != rows).any(-1)
+        assert changed.sum() == metrics[f"{name}_restarted"] > 0, name
+        assert metrics[f"{name}_usage_batch"] == pytest.approx(1 - changed.mean())  # exactly the unused codes
+        np.testing.assert_array_equal(np.asarray(state.code_age[name]), 0)
+    off = micro_tokenizer_config()
+    assert tok.TokenizerTrainer(off, str(tmp_path / "off"), trainer.mesh).abstract.code_age is None
+
+
 def test_semantic_vq_trains_and_encode_dataset_writes_codes(tmp_path):
     c = semantic_vq_illume.get_config("size=tiny,steps=3,batch=8,pretrain_steps=2")
     c.model.vit.update(num_layers=1, hidden_size=16, num_heads=2, mlp_dim=32)
