@@ -64,7 +64,7 @@ def test_scan_remat_and_unrolled_agree():
 
         def loss(p):
             return jnp.mean(jax.nn.log_softmax(nnx.merge(g, p)(tokens))[..., 0])
-        return jax.value_and_grad(loss)(p)
+        return jax.jit(jax.value_and_grad(loss))(p)  # jitted: eager op-by-op scans took ~100 s
 
     import dataclasses
     ref_loss, ref_grad = loss_and_grad(dataclasses.replace(CFG, scan_layers=False, remat="none"))

@@ -120,25 +120,44 @@ def test_frozen_vit_and_codebooks_do_not_move(tmp_path):
 
 
 def test_dead_codes_restart_only_while_unused(tmp_path):
-    """train.dead_code_patience=1: every code a step's batch left unused moves (its frozen SimVQ
-    row is rewritten), every used one keeps its row, and the ages restart."""
+    """train.dead_code_patience=1: every code a batch left unused moves (its frozen SimVQ row is
+    rewritten onto an encoder output), every used one keeps its row, and the ages restart. The
+    step calls `_restart_dead_codes` after its update; it runs eagerly here on the shared micro
+    config's trainer, so the test compiles no new training program."""
+    import jax.numpy as jnp
     config = micro_tokenizer_config()
-    config.train.update(dead_code_patience=1, disc_start=-1)
     trainer = tok.TokenizerTrainer(config, str(tmp_path), tok.sharding.make_mesh(dict(config.mesh)))
+    assert trainer.abstract.code_age is None        # off by default: the state is unchanged
+    trainer.restart_patience, trainer.restart_until = 1, 4
     state = trainer.init_state()
+    state = state.replace(code_age={k: jnp.zeros((n,), jnp.int32) for k, n in trainer.codebook_sizes.items()})
     from illume_jax.data import images as images_lib
     it = images_lib.make_image_iterator(images_lib.ShapeCompImages((1,), "train", 16), batch_size=8,
                                         resolution=64, seed=0)
-    before = {k: np.asarray(state.buffers[f"{k}_quantizer"]["frozen_codebook"][...]) for k in ("semantic", "pixel")}
-    state, metrics = trainer.step(state, tok.sharding.global_batch(trainer.mesh, next(it)), 0)
-    for name, rows in before.items():
-        after = np.asarray(state.buffers[f"{name}_quantizer"]["frozen_codebook"][...])
-        changed = (after != rows).any(-1)
-        assert changed.sum() == metrics[f"{name}_restarted"] > 0, name
-        assert metrics[f"{name}_usage_batch"] == pytest.approx(1 - changed.mean())  # exactly the unused codes
-        np.testing.assert_array_equal(np.asarray(state.code_age[name]), 0)
-    off = micro_tokenizer_config()
-    assert tok.TokenizerTrainer(off, str(tmp_path / "off"), trainer.mesh).abstract.code_age is None
+    model = tok.nnx.merge(trainer.graphdef, state.params, state.buffers)
+    out = model(jnp.asarray(next(it)["image"]), train=False)
+    # (merged models share the state's variables, so take copies before anything moves)
+    books = {name: np.array(q.codebook()) for name, q in model.quantizers.items()}
+    buffers = [np.array(x) for x in jax.tree.leaves(state.buffers)]
+    late = trainer._restart_dead_codes(state, state.replace(step=jnp.asarray(4, jnp.int32)), out,
+                                       jax.random.key(0), {})   # past dead_code_until: nothing moves
+    for a, b in zip(jax.tree.leaves(late.buffers), buffers):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    metrics = {}
+    new = trainer._restart_dead_codes(state, state, out, jax.random.key(0), metrics)
+    restarted_model = tok.nnx.merge(trainer.graphdef, new.params, new.buffers)
+    for name in books:
+        used = np.bincount(np.asarray(out.codes[name]).ravel(), minlength=trainer.codebook_sizes[name]) > 0
+        before = books[name]
+        after = np.asarray(restarted_model.quantizers[name].codebook())
+        changed = (np.abs(after - before) > 1e-6).any(-1)
+        np.testing.assert_array_equal(changed, ~used)   # exactly the unused codes moved
+        assert int(metrics[f"{name}_restarted"]) == (~used).sum() > 0
+        # ... onto this batch's encoder outputs
+        z = np.asarray(out.latents[name]).reshape(-1, after.shape[1])
+        gaps = np.abs(after[changed][:, None] - z[None]).max(-1).min(-1)
+        assert gaps.max() < 1e-4, name
+        np.testing.assert_array_equal(np.asarray(new.code_age[name]), 0)
 
 
 def test_semantic_vq_trains_and_encode_dataset_writes_codes(tmp_path):
