@@ -170,8 +170,8 @@ def main(argv: list[str]) -> None:
         config_check.validate(config.mllm)
         if "decoder" in config:
             config_check.validate_decoder(config.decoder)
-    elif decoder_config:
-        config_check.validate_decoder(config)
+    elif decoder_config:  # an AOT compile needs no VAE weights (nothing is loaded)
+        config_check.validate_decoder(config, training=command == "train-decoder")
         if command not in ("train-decoder", "aot"):
             _usage(f"{command!r} does not take a diffusion-decoder config; those take train-decoder or aot")
     elif tokenizer_config:

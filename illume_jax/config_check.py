@@ -243,9 +243,10 @@ def is_decoder_config(config: Any) -> bool:
     return "model" in config and config.model.get("kind") == "diffusion_decoder"
 
 
-def validate_decoder(config: Any):
+def validate_decoder(config: Any, *, training: bool = True):
     """Validates a diffusion-decoder config; returns the parsed DecoderConfig. The nested
-    tokenizer config is validated as a tokenizer config (not for training)."""
+    tokenizer config is validated as a tokenizer config (not for training). `training=False`
+    (AOT compiles) skips what only a training run needs: the VAE weights to start from."""
     import importlib
     from illume_jax.models.diffusion_decoder import DecoderConfig
     reference = importlib.import_module("configs.diffusion_decoder").get_config(
@@ -274,7 +275,8 @@ def validate_decoder(config: Any):
     if not 0.0 <= config.train.ema_decay < 1.0:
         _fail("train.ema_decay", config.train.ema_decay, "a decay in [0, 1) (0 = no EMA)")
     _check_weights_from(config, ("sdxl-decoder",))
-    if config.vae_train.steps <= 0 and not (config.model_init.vae_from or config.model_init.get("weights_from")):
+    if training and config.vae_train.steps <= 0 and not (config.model_init.vae_from or
+                                                         config.model_init.get("weights_from")):
         _fail("model_init.vae_from", config.model_init.vae_from,
               "a converted VAE folder when vae_train.steps is 0 (nothing would train the VAE), or a converted "
               "decoder in model_init.weights_from")
