@@ -34,7 +34,8 @@ def test_two_processes_train_and_checkpoint_together(tmp_path):
     for pid in range(2):
         env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_PROCESS_COUNT="2", JAX_PROCESS_ID=str(pid),
                    JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-                   XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=ROOT)
+                   XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+                   PYTHONPATH=ROOT)  # (the suite's optimisation level: tests/conftest.py)
         cmd = [sys.executable, "-m", "illume_jax", "train", f"--config=configs/tiny.py:{arg}",
                f"--workdir={tmp_path}", *OVERRIDES]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
