@@ -127,7 +127,10 @@ def test_dead_codes_restart_only_while_unused(tmp_path):
     import jax.numpy as jnp
     config = micro_tokenizer_config()
     trainer = tok.TokenizerTrainer(config, str(tmp_path), tok.sharding.make_mesh(dict(config.mesh)))
-    assert trainer.abstract.code_age is None        # off by default: the state is unchanged
+    assert set(trainer.abstract.code_age) == {"semantic", "pixel"}   # on in the tiny config (patience 25)
+    off = micro_tokenizer_config()
+    off.train.dead_code_patience = 0                # off: the state has no ages (older checkpoints load)
+    assert tok.TokenizerTrainer(off, str(tmp_path), trainer.mesh).abstract.code_age is None
     trainer.restart_patience, trainer.restart_until = 1, 4
     state = trainer.init_state()
     state = state.replace(code_age={k: jnp.zeros((n,), jnp.int32) for k, n in trainer.codebook_sizes.items()})
