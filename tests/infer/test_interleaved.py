@@ -181,7 +181,8 @@ def test_windowed_head_samples_what_the_full_vocabulary_samples(tiny):
 @pytest.fixture(scope="module")
 def tiny():
     tok = dualvitok_config.model_config("tiny")
-    cfg = mllm.MLLMConfig.create(common.llm_config(text_vocab_size=40, vocab_size=40 + 231 + 3, d_model=32, num_heads=2,
+    rows = 40 + 7 + 32 + tok.semantic_codes + tok.pixel_codes + 3   # text + added ids + padding
+    cfg = mllm.MLLMConfig.create(common.llm_config(text_vocab_size=40, vocab_size=rows, d_model=32, num_heads=2,
                                                    num_kv_heads=1, mlp_dim=64), tok)
     return cfg, mllm.create_mllm(cfg, seed=3)
 

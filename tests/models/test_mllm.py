@@ -108,14 +108,16 @@ def test_config_checks_vocabulary_rows():
     tok = dualvitok_config.model_config("tiny")
     with pytest.raises(ValueError, match="vocab_size=120 is too small"):
         mllm.MLLMConfig.create(common.llm_config(text_vocab_size=100, vocab_size=120), tok)
-    cfg = mllm.MLLMConfig.create(common.llm_config(text_vocab_size=100, vocab_size=336), tok)
-    assert cfg.vocab.end == 100 + 7 + 32 + 64 + 128
+    added = 7 + 32 + tok.semantic_codes + tok.pixel_codes   # structure + resolution tags + both books
+    cfg = mllm.MLLMConfig.create(common.llm_config(text_vocab_size=100, vocab_size=100 + added + 5), tok)
+    assert cfg.vocab.end == 100 + added
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
     tok = dualvitok_config.model_config("tiny")
-    cfg = mllm.MLLMConfig.create(common.llm_config(text_vocab_size=100, vocab_size=336, d_model=32, num_heads=2,
+    rows = 100 + 7 + 32 + tok.semantic_codes + tok.pixel_codes + 5
+    cfg = mllm.MLLMConfig.create(common.llm_config(text_vocab_size=100, vocab_size=rows, d_model=32, num_heads=2,
                                                    num_kv_heads=1, mlp_dim=64), tok)
     return cfg, mllm.create_mllm(cfg)
 
