@@ -34,8 +34,8 @@ SIZES = {
     # tokenizer: SigLIP steps, DualViTok steps, batch; mllm: stage-3 steps (the others scale), batch,
     # examples per task; self-enhancement: scenes, stage-3 steps; decoder: VAE / UNet steps, batch.
     # Compilation takes most of it (about 10 minutes of the smoke run on shared cores), so few steps.
-    "quick": dict(pretrain=40, tok_steps=100, tok_batch=8, tok_eval=32, mllm_steps=30, mllm_batch=8, examples=256,
-                  mllm_ckpt_every=10, mllm_log_every=5, se_scenes=4, se_steps=10, vae_steps=30, unet_steps=40,
+    "quick": dict(pretrain=20, tok_steps=100, tok_batch=8, tok_eval=32, mllm_steps=30, mllm_batch=8, examples=256,
+                  mllm_ckpt_every=10, mllm_log_every=5, se_scenes=4, se_steps=10, vae_steps=30, unet_steps=30,
                   dec_batch=8, dec_eval=16, encode=128,
                   eval=dict(gen_scenes=6, samples_per_prompt=1, pope_scenes=4, edit_pairs=4), preempt_at=15),
     # Every phase's plumbing in a few minutes (compilation dominates); nothing is learnt.
