@@ -45,17 +45,17 @@ MISMATCH_REASONS = ("count", "color", "shape", "offset")
 
 
 def reading_mismatch(original: np.ndarray, reconstruction: np.ndarray, *, max_offset: float | None = None,
-                     shapes: Sequence[str] | None = None) -> str | None:
+                     **detect_kw) -> str | None:
     """Why the scorer reads a reconstruction differently from its original, or None if it reads
     them the same: the same objects (colour, shape), matched one to one, with centroids at most
-    `max_offset` pixels apart (default: 3 px at 64², scaled).
+    `max_offset` pixels apart (default: 3 px at 64², scaled). `detect_kw` go to the scorer's
+    `detect` (e.g. `shapecomp_scorer.level_options(levels)`).
 
     Reasons, checked in this order: 'count' (a different number of objects), 'color' (an object's
     colour is found nowhere in the reconstruction), 'shape' (its colour is there but not with its
     shape), 'offset' (colour and shape are there, but too far away)."""
-    kw = {} if shapes is None else {"shapes": shapes}
-    det_a = scorer.detect(original, **kw)
-    det_b = scorer.detect(reconstruction, **kw)
+    det_a = scorer.detect(original, **detect_kw)
+    det_b = scorer.detect(reconstruction, **detect_kw)
     if len(det_a) != len(det_b):
         return "count"
     max_offset = 3.0 * original.shape[0] / 64 if max_offset is None else max_offset

@@ -33,6 +33,7 @@ from flax import nnx, struct
 from illume_jax import sharding
 from illume_jax.data import images as images_lib
 from illume_jax.eval import recon as recon_lib
+from illume_jax.eval import shapecomp_scorer as scorer
 from illume_jax.infer import diffusion
 from illume_jax.models import diffusion_decoder as dd
 from illume_jax.train.phase import run_phase
@@ -311,9 +312,8 @@ class DecoderTrainer:
                           images_lib.fit_resolution(r["image"], c.data.resolution * self.cfg.scale) for r in recs]
         out = {"val_psnr": recon_lib.psnr(np.stack(originals), np.stack(decoded))}
         if c.data.source == "shapecomp":
-            from illume_jax.data import shapecomp
-            shapes = sorted({s for lv in c.data.levels for s in shapecomp.get_level(lv).shapes})
-            reasons = [recon_lib.reading_mismatch(a, b, shapes=shapes) for a, b in zip(originals, decoded)]
+            det_kw = scorer.level_options(c.data.levels)
+            reasons = [recon_lib.reading_mismatch(a, b, **det_kw) for a, b in zip(originals, decoded)]
             out["decoder_agreement"] = float(np.mean([r is None for r in reasons]))
             out.update({f"decoder_miss_{r}": float(np.mean([x == r for x in reasons]))
                         for r in recon_lib.MISMATCH_REASONS})
@@ -340,9 +340,7 @@ class DecoderTrainer:
         out = {"val_psnr": recon_lib.psnr(orig_u8, rec_u8),
                "latent_std": float(np.std(np.asarray(mean)))}
         if c.data.source == "shapecomp":
-            from illume_jax.data import shapecomp
-            shapes = sorted({s for lv in c.data.levels for s in shapecomp.get_level(lv).shapes})
-            out["vae_agreement"] = recon_lib.scorer_agreement(orig_u8, rec_u8, shapes=shapes)
+            out["vae_agreement"] = recon_lib.scorer_agreement(orig_u8, rec_u8, **scorer.level_options(c.data.levels))
         return out
 
 

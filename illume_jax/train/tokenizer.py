@@ -27,6 +27,7 @@ from flax import nnx, struct
 from illume_jax import sharding
 from illume_jax.data import images as images_lib
 from illume_jax.eval import recon as recon_lib
+from illume_jax.eval import shapecomp_scorer as scorer
 from illume_jax.modules import quantizers
 from illume_jax.train import optim
 from illume_jax.train.phase import run_phase
@@ -421,10 +422,9 @@ class TokenizerTrainer:
             out["val_psnr"] = recon_lib.psnr(np.stack(originals), np.stack(recons))
             out["val_ssim"] = recon_lib.ssim(np.stack(originals), np.stack(recons))
             if c.data.source == "shapecomp":
-                from illume_jax.data import shapecomp
-                # The shapes the levels can hold (as the decoder's evaluation and GenEval-style grading do).
-                shapes = sorted({s for lv in c.data.levels for s in shapecomp.get_level(lv).shapes})
-                reasons = [recon_lib.reading_mismatch(a, b, shapes=shapes) for a, b in zip(originals, recons)]
+                # The shapes the levels can hold, rotation only where they rotate objects.
+                det_kw = scorer.level_options(c.data.levels)
+                reasons = [recon_lib.reading_mismatch(a, b, **det_kw) for a, b in zip(originals, recons)]
                 out["tokenizer_ceiling"] = float(np.mean([r is None for r in reasons]))
                 # Why the rest fail (count / color / shape / offset): where a tokenizer needs work.
                 out.update({f"ceiling_miss_{r}": float(np.mean([x == r for x in reasons]))

@@ -52,18 +52,17 @@ def _degrade(img, kind):
     return np.asarray(Image.open(buf).convert("RGB"))
 
 
-# Measured on 200 test scenes per level (see the issue note): ground truth is exact at levels
-# 0, 1 and 3 except a few position calls; at level 2 small hexagons (5 px radius) read as circles.
-GT_MIN = {0: 1.0, 1: 0.99, 2: 0.9, 3: 0.95}
+# Template fitting reads every ground-truth render of levels 0-3 exactly (measured on 40 test
+# scenes per level; the earlier thresholded-geometry classifier read small level-2 hexagons as circles).
+GT_MIN = {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0}
 
 
 @pytest.mark.parametrize("level", [0, 1, 2, 3])
 def test_ground_truth_scores_near_100_and_contradictions_near_0(level):
     per_tag, wrong = defaultdict(list), []
-    shapes = world.get_level(level).shapes
     for scene, meta in _cases(level, 60):
         img = sc.render(scene)
-        dets = S.detect(img, shapes=shapes)
+        dets = S.detect(img, **S.level_options([level]))
         per_tag[meta["tag"]].append(S.grade(img, meta, dets)[0])
         wrong.append(S.grade(img, _contradict(scene, meta), dets)[0])
     for tag, oks in per_tag.items():
@@ -71,15 +70,66 @@ def test_ground_truth_scores_near_100_and_contradictions_near_0(level):
     assert np.mean(wrong) <= 0.02
 
 
+# Measured on 40 scenes (2026-12-02): 1.0 everywhere but JPEG-75 at 64x64 (level 1 0.85, level 2
+# 0.94), whose 8x8 blocks and halved chroma redraw a 10-px star's points. The thresholded-geometry
+# classifier this replaced read level 1 at 0.4 under the box blur and 0.5 under JPEG.
 @pytest.mark.parametrize("level,kind,minimum", [
-    (1, "noise", 0.97), (3, "noise", 0.95), (3, "blur", 0.85), (3, "jpeg", 0.95), (0, "jpeg", 0.8),
-    # Small 64x64 shapes are ~10 px across: a 3x3 box blur or JPEG-75 changes their geometry a lot.
-    (1, "blur", 0.4), (1, "jpeg", 0.5)])
+    (1, "noise", 0.97), (3, "noise", 0.95), (3, "blur", 0.95), (3, "jpeg", 0.95), (0, "jpeg", 0.95),
+    (1, "blur", 0.95), (2, "blur", 0.95), (1, "jpeg", 0.75), (2, "jpeg", 0.85)])
 def test_graceful_under_degradation(level, kind, minimum):
-    shapes = world.get_level(level).shapes
-    oks = [S.grade(_degrade(sc.render(s), kind), m, S.detect(_degrade(sc.render(s), kind), shapes=shapes))[0]
+    kw = S.level_options([level])
+    oks = [S.grade(_degrade(sc.render(s), kind), m, S.detect(_degrade(sc.render(s), kind), **kw))[0]
            for s, m in _cases(level, 40)]
     assert np.mean(oks) >= minimum
+
+
+@pytest.mark.parametrize("sigma", [1.0, 1.5])
+def test_a_decoders_blur_keeps_the_reading(sigma):
+    """A Gaussian blur of 1-1.5 px -- what a tokenizer's decoder does to 64x64 edges -- leaves
+    every level-1 scene read exactly as its render (the tokenizer ceiling's comparison)."""
+    from scipy import ndimage
+    from illume_jax.eval import recon
+    kw = S.level_options([1])
+    for i in range(30):
+        img = sc.render(sc.make_scene(1, "test", i))
+        soft = np.clip(ndimage.gaussian_filter(img.astype(np.float32), (sigma, sigma, 0)), 0, 255)
+        assert recon.reading_mismatch(img, soft.round().astype(np.uint8), **kw) is None, i
+
+
+def test_fit_shape_recovers_every_shape_at_any_centre_size_and_turn():
+    from illume_jax.data.shapecomp.render import shape_mask
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:40, 0:40] + 0.5
+    for shape in world.SHAPES:
+        for _ in range(3):
+            cx, cy, r, rot = *rng.uniform(18, 22, 2), rng.uniform(5, 14), rng.uniform(-0.35, 0.35)
+            c, s = np.cos(rot), np.sin(rot)
+            u, v = c * (xx - cx) + s * (yy - cy), -s * (xx - cx) + c * (yy - cy)
+            got, err = S.fit_shape(shape_mask(shape, u / r, v / r, 1.0).astype(np.float32))
+            assert got == shape and err < S.MAX_FIT_ERROR, (shape, cx, cy, r, rot, got, err)
+
+
+def test_non_shapes_are_not_detected():
+    """Bars, L/T shapes, dumbbells and crescents fit no template (sharp or blurred), so they are
+    not counted as objects -- a blob must not pass for the nearest shape."""
+    from scipy import ndimage
+    yy, xx = np.mgrid[0:64, 0:64] + 0.5
+    blobs = {
+        "bar": (abs(xx - 32) <= 14) & (abs(yy - 32) <= 3.5),
+        "L": ((abs(xx - 32) <= 10) & (abs(yy - 42) <= 3)) | ((abs(xx - 25) <= 3) & (abs(yy - 32) <= 12)),
+        "T": ((abs(xx - 32) <= 12) & (abs(yy - 22) <= 3)) | ((abs(xx - 32) <= 3) & (abs(yy - 32) <= 12)),
+        "dumbbell": (((xx - 22) ** 2 + (yy - 32) ** 2) <= 36) | (((xx - 42) ** 2 + (yy - 32) ** 2) <= 36)
+                    | ((abs(yy - 32) <= 2) & (abs(xx - 32) <= 10)),
+        "crescent": (((xx - 32) ** 2 + (yy - 32) ** 2) <= 100) & (((xx - 37) ** 2 + (yy - 32) ** 2) > 64),
+    }
+    for name, mask in blobs.items():
+        img = np.full((64, 64, 3), 128, np.uint8)
+        img[mask] = world.COLORS["red"]
+        for sigma in (0.0, 1.0):
+            x = img if not sigma else np.clip(ndimage.gaussian_filter(img.astype(np.float32), (sigma, sigma, 0)),
+                                              0, 255).round().astype(np.uint8)
+            assert S.detect(x) == [], (name, sigma, [(d.shape, d.fit_error) for d in S.detect(x)])
+        assert S.detect(img, max_fit_error=np.inf), name   # found, only rejected by the fit
 
 
 def test_soft_edges_keep_the_object_outline():
@@ -116,11 +166,12 @@ def test_edit_grading():
     follow, unchanged = [], []
     for i in range(40):
         p = sc.edit_pair(2, "test", i)
-        g = S.grade_edit(sc.render(p.after), p.before, p.after, p.edited, p.untouched)
+        g = S.grade_edit(sc.render(p.after), p.before, p.after, p.edited, p.untouched, rotated=False)
         follow.append(g["instruction"])
         assert g["preservation"] >= 0.99 and g["l1_outside"] < 1e-6
-        unchanged.append(S.grade_edit(sc.render(p.before), p.before, p.after, p.edited, p.untouched)["instruction"])
-    assert np.mean(follow) >= 0.85 and np.mean(unchanged) <= 0.1
+        unchanged.append(S.grade_edit(sc.render(p.before), p.before, p.after, p.edited, p.untouched,
+                                      rotated=False)["instruction"])
+    assert np.mean(follow) >= 0.97 and np.mean(unchanged) <= 0.05   # measured 1.0 / 0.0 on these 40
 
 
 def test_bad_images_are_named():
