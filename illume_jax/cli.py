@@ -13,6 +13,9 @@ Commands:
                  tokenizer encode (tokenizer configs) ahead of time for a TPU topology (--topology=v5p:4x4x4)
   train-tokenizer  train a vision tokenizer (configs/dualvitok.py, configs/semantic_vq_illume.py),
                  pre-training its tiny semantic ViT first when configured; resumes from the workdir
+  eval-tokenizer score the latest tokenizer checkpoint in --workdir (PSNR, SSIM, codebook usage and, on
+                 ShapeComp, the tokenizer ceiling; --num=N validation images, default config.train.eval_images)
+                 -> <workdir>/tokenizer/eval_step<S>.json; re-scores old runs after a scorer change
   encode-dataset pre-tokenize the config's images into codes (ArrayRecord) with the trained
                  tokenizer in --workdir (--split=train, --num=0 means all, --min_size=16)
   train-decoder  train a diffusion decoder (configs/diffusion_decoder.py) on the codes of the trained
@@ -46,8 +49,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("pipeline", "summarize", "train", "data", "aot", "train-tokenizer", "encode-dataset", "train-decoder", "generate",
-            "understand", "edit", "eval", "convert", "self-enhance")
+COMMANDS = ("pipeline", "summarize", "train", "data", "aot", "train-tokenizer", "eval-tokenizer", "encode-dataset",
+            "train-decoder", "generate", "understand", "edit", "eval", "convert", "self-enhance")
 INFERENCE = ("generate", "understand", "edit", "eval")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: configs/NAME.py[:key=value,...]",
@@ -176,14 +179,14 @@ def main(argv: list[str]) -> None:
             _usage(f"{command!r} does not take a diffusion-decoder config; those take train-decoder or aot")
     elif tokenizer_config:
         config_check.validate_tokenizer(config, training=command == "train-tokenizer")
-        if command not in ("train-tokenizer", "encode-dataset", "aot"):
+        if command not in ("train-tokenizer", "eval-tokenizer", "encode-dataset", "aot"):
             _usage(f"{command!r} needs an MLLM/LLM config; {_CONFIG.value.model.kind} configs take "
-                   "train-tokenizer, encode-dataset or aot")
+                   "train-tokenizer, eval-tokenizer, encode-dataset or aot")
     else:
         config_check.validate(config)
         if command == "train-decoder":
             _usage("'train-decoder' needs a diffusion-decoder config (configs/diffusion_decoder.py)")
-        if command in ("train-tokenizer", "encode-dataset"):
+        if command in ("train-tokenizer", "eval-tokenizer", "encode-dataset"):
             _usage(f"{command!r} needs a vision-tokenizer config (configs/dualvitok.py, configs/semantic_vq_illume.py)")
 
     if command == "aot" and decoder_config:
@@ -248,6 +251,10 @@ def main(argv: list[str]) -> None:
                 final = {k: v for k, v in out.get(phase, {}).items() if isinstance(v, (int, float))}
                 if final:
                     print(f"{phase}:", ", ".join(f"{k}={v:.4g}" for k, v in sorted(final.items())), flush=True)
+    elif command == "eval-tokenizer":
+        from illume_jax.train import tokenizer
+        row, path = tokenizer.evaluate_checkpoint(config, workdir, num=_NUM.value if _NUM.present else None)
+        print("eval-tokenizer:", ", ".join(f"{k}={v:.4g}" for k, v in sorted(row.items())), f"-> {path}", flush=True)
     elif command == "encode-dataset":
         from illume_jax.data.encode import encode_dataset
         summary = encode_dataset(config, workdir, split=_SPLIT.value, limit=_NUM.value if _NUM.present else 0,

@@ -503,3 +503,21 @@ def load_tokenizer(config: Any, workdir: str, mesh=None):
     state = ckpt.restore(step, trainer.abstract, None)
     ckpt.close()
     return nnx.merge(trainer.graphdef, state.params, state.buffers), trainer, state
+
+
+def evaluate_checkpoint(config: Any, workdir: str, *, num: int | None = None, mesh=None) -> tuple[dict, str]:
+    """Scores the latest tokenizer checkpoint in `workdir` on `num` validation images (default
+    config.train.eval_images) as training's evaluation does, and writes the row to
+    <workdir>/tokenizer/eval_step<S>.json: (row, path). Re-scores a finished run after the
+    scorer or the metrics change, without retraining."""
+    import json
+    _, trainer, state = load_tokenizer(config, workdir, mesh)
+    num = config.train.eval_images if num is None else num
+    if num <= 0:
+        raise ValueError(f"eval-tokenizer: --num={num}; expected a positive number of validation images")
+    step = int(state.step)
+    row = dict(step=step, images=num, **trainer.evaluate(state, num=num))
+    path = os.path.join(tokenizer_dir(os.path.abspath(workdir)), f"eval_step{step}.json")
+    with open(path, "w") as f:
+        json.dump(row, f, indent=1)
+    return row, path

@@ -179,6 +179,11 @@ def test_semantic_vq_trains_and_encode_dataset_writes_codes(tmp_path):
     # Running again finds both phases finished and reports their logged rows without retraining.
     again = tok.train_tokenizer(c, str(tmp_path))
     assert again["tokenizer"]["step"] == 3 and again["tokenizer"]["val_psnr"] == out["tokenizer"]["val_psnr"]
+    # eval-tokenizer re-scores the saved checkpoint exactly as the end of training did.
+    row, path = tok.evaluate_checkpoint(c, str(tmp_path))
+    assert row["step"] == 3 and row["images"] == 8 and json.load(open(path)) == row
+    assert row["val_psnr"] == pytest.approx(out["tokenizer"]["val_psnr"], rel=1e-5)
+    assert row["tokenizer_ceiling"] == out["tokenizer"]["tokenizer_ceiling"]
 
     from illume_jax.data.encode import encode_dataset, read_codes
     summary = encode_dataset(c, str(tmp_path), split="validation", batch_size=4)
