@@ -38,7 +38,7 @@ def judge_agreement(model, se: Any, num_scenes: int = 16) -> dict:
     held = round_lib.prompts(se, split="test", num_scenes=num_scenes)
     texts, metas = [p["prompt"] for p in held], [p["metadata"] for p in held]
     images = model.generate(texts, seed=int(se.seed))
-    exact = judges.ExactJudge().judge_many(images, texts, metas)
+    exact = judges.ExactJudge(int(se.level)).judge_many(images, texts, metas)
     verdicts = judges.ModelJudge(model).judge_many(images, texts, metas)
     return dict(judges.agreement(verdicts, exact), split="test", parsed=sum(v.ok for v in verdicts),
                 samples=len(verdicts), exact_consistent=sum(v.assessment.consistent for v in exact),

@@ -39,6 +39,7 @@ import numpy as np
 
 from illume_jax.align.assessment import (DIMENSIONS, Assessment, AssessmentParseError, assess_question,
                                          parse_assessment)
+from illume_jax.data.shapecomp import world as shapecomp_world
 from illume_jax.data.shapecomp.scene import relations_between
 from illume_jax.data.shapecomp.text import plural
 from illume_jax.eval import shapecomp_scorer as scorer
@@ -71,6 +72,10 @@ class ExactJudge:
     """The ShapeComp judge: detections + metadata, no learned model (rules in the module docstring)."""
     name = "exact"
 
+    def __init__(self, level: int | None = None):
+        # Rotation is searched only where the level rotates objects (`detect` is ~6x cheaper without).
+        self.detect_kw = {} if level is None else dict(rotated=shapecomp_world.get_level(int(level)).rotation)
+
     def judge_many(self, images: Sequence[np.ndarray], prompts: Sequence[str],
                    metadata: Sequence[dict]) -> list[Verdict]:
         _check_lengths(images, prompts, metadata)
@@ -78,7 +83,7 @@ class ExactJudge:
 
     def assess(self, image: np.ndarray, meta: dict) -> Assessment:
         by_class: dict[str, list] = defaultdict(list)
-        for d in scorer.detect(image):            # largest first, as in grade
+        for d in scorer.detect(image, **self.detect_kw):   # largest first, as in grade
             by_class[d.shape].append(d)
         include, exclude = meta.get("include", []), meta.get("exclude", [])
         fails: dict[str, list[str]] = {d: [] for d in DIMENSIONS}

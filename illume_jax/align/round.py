@@ -141,7 +141,7 @@ def _chunks(items: list, size: int, start: int) -> Iterable[tuple[int, list]]:
 def make_judge(se: Any, illume_loader: Callable[[], Any]):
     from illume_jax.align import judges
     if se.judge == "exact":
-        return judges.ExactJudge()
+        return judges.ExactJudge(int(se.level))
     if se.judge == "model":
         return judges.ModelJudge(illume_loader())
     if se.judge == "http":
@@ -264,7 +264,7 @@ def _generate(config, se, root, folder, illume, stop_parts) -> dict:
 def _judge(config, se, root, folder, illume, stop_parts) -> dict:
     from illume_jax.align import judges
     generated = read_records(os.path.join(root, "generate"))
-    judge, exact = make_judge(se, illume), judges.ExactJudge()
+    judge, exact = make_judge(se, illume), judges.ExactJudge(int(se.level))
     start = _parts_done(folder)
     for n, (p, chunk) in enumerate(_chunks(generated, int(se.chunk), start)):
         if stop_parts is not None and n >= stop_parts:
