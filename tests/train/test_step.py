@@ -40,10 +40,12 @@ def test_gradient_accumulation_equals_one_big_batch():
     for loss, gnorm, params in results[1:]:
         np.testing.assert_allclose(loss, results[0][0], rtol=1e-6)
         np.testing.assert_allclose(gnorm, results[0][1], rtol=1e-5)
-        # After one Adam step of size ~lr=1e-2: equal up to summation order (Adam divides
-        # by sqrt(v), which magnifies float noise in near-zero gradients).
+        # After one Adam step of size ~lr=1e-2: equal up to summation order. Adam divides by
+        # sqrt(v), so an element whose gradient is ~eps moves by a noise-sized fraction of lr
+        # (measured: 2.2e-5 on one of 32 elements with the pinned stack, 2026-12-02); 1% of lr
+        # still catches a wrong update. The scale of the gradient is checked by grad_norm above.
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(results[0][2])):
-            np.testing.assert_allclose(a, b, atol=2e-5)
+            np.testing.assert_allclose(a, b, atol=1e-4)
 
 
 def test_nan_guard_skips_the_update():
