@@ -4,7 +4,7 @@
 #   bash launch/local.sh demo            # the whole ILLUME pipeline on ShapeComp at tiny scale -> runs/demo/report.html
 #   bash launch/local.sh pipeline --config=configs/ablation_*.py:ARGS,root=DIR --workdir=DIR   (an ablation arm)
 #   bash launch/local.sh test [ARGS]     # the whole test suite (ARGS go to pytest)
-#   bash launch/local.sh train|data|aot|train-tokenizer|encode-dataset|train-decoder --config=... [--workdir=...]
+#   bash launch/local.sh train|data|aot|train-tokenizer|eval-tokenizer|encode-dataset|train-decoder --config=... [--workdir=...]
 #   bash launch/local.sh generate|understand|edit|eval|self-enhance --workdir=... [...]  (a trained MLLM)
 #   bash launch/local.sh convert --from=official|--to=official --kind=... --src=... --dst=...
 #
@@ -64,7 +64,7 @@ case "$cmd" in
     xdist=()
     [ "$workers" != "0" ] && xdist=(-n "$workers" --dist loadfile --no-loadscope-reorder)
     exec .venv/bin/python -m pytest -q "${xdist[@]}" "${@:-tests}" ;;
-  pipeline|summarize|train|data|aot|train-tokenizer|encode-dataset|train-decoder|generate|understand|edit|eval|\
+  pipeline|summarize|train|data|aot|train-tokenizer|eval-tokenizer|encode-dataset|train-decoder|generate|understand|edit|eval|\
   self-enhance|convert)
     exec .venv/bin/python -m illume_jax "$cmd" "$@" ;;
   *)
