@@ -189,11 +189,6 @@ def colour_coverage(image: np.ndarray, *, tol: float = 60.0) -> tuple[np.ndarray
     return coverage, np.where(resid.min(-1) <= tol, best, -1)
 
 
-def palette_labels(image: np.ndarray, *, tol: float = 60.0) -> np.ndarray:
-    """Per pixel, the palette index of the object it belongs to, or -1 (see `colour_coverage`)."""
-    return colour_coverage(image, tol=tol)[1]
-
-
 def detect(image: np.ndarray, *, tol: float = 60.0, min_area: int | None = None,
            shapes: Sequence[str] = world.SHAPES, rotated: bool = True,
            max_fit_error: float = MAX_FIT_ERROR) -> list[Detection]:
