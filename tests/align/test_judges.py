@@ -30,14 +30,21 @@ def _samples():
 
 
 SAMPLES = _samples()
-JUDGE = judges.ExactJudge()
+# Levels 1-2 render at 64 px and never rotate objects, level 3 at 128 px: search rotations only there.
+JUDGES = {False: judges.ExactJudge(1), True: judges.ExactJudge(3)}
+
+
+def _kw(image):
+    return dict(rotated=image.shape[0] >= 128)
+
+
 # The scorer's detector misreads a few true renders (a small star at 64 px); `grade` fails them and so
 # does the judge (checked below), but a flip test needs a true render both read correctly.
-READABLE = [s for s in SAMPLES if scorer.grade(shapecomp.render(s[0]), s[3])[0]]
+READABLE = [s for s in SAMPLES if scorer.grade(shapecomp.render(s[0]), s[3], **_kw(shapecomp.render(s[0])))[0]]
 
 
 def _one(image, meta, prompt="p"):
-    (v,) = JUDGE.judge_many([image], [prompt], [meta])
+    (v,) = JUDGES[image.shape[0] >= 128].judge_many([image], [prompt], [meta])
     assert v.ok and v.error is None and v.attempts == 1 and v.raw == ""
     return v.assessment
 
@@ -91,7 +98,7 @@ def test_recoloured_object_flips_color_only():
         obj = scene.objects[k]
         assert a.ratings["color"] == "no" and a.ratings["object"] == "yes", (prompt, a)
         assert a.rationale == f"the {obj.shape} is {new}, not {obj.color}"
-        assert not scorer.grade(img, meta)[0]
+        assert not scorer.grade(img, meta, **_kw(img))[0]
         n += 1
     assert n >= 40
 
@@ -135,7 +142,7 @@ def test_swapped_positions_flip_spatial():
             dataclasses.replace(a_obj, cx=b_obj.cx, cy=b_obj.cy), dataclasses.replace(b_obj, cx=a_obj.cx, cy=a_obj.cy)))
         img = shapecomp.render(swapped)
         a = _one(img, meta, prompt)
-        assert a.ratings["spatial"] == "no" and not scorer.grade(img, meta)[0], (prompt, a)
+        assert a.ratings["spatial"] == "no" and not scorer.grade(img, meta, **_kw(img))[0], (prompt, a)
         if a.ratings["object"] == "yes" and a.ratings["color"] == "yes":   # else clipped at the border
             rel = meta["include"][1]["position"][0]
             assert a.rationale == f"the {a_obj.shape} is not {rel} the {b_obj.shape}"
@@ -152,7 +159,7 @@ def test_color_is_read_on_the_largest_detections_like_grade():
     img = shapecomp.render(scene)
     meta = {"tag": "colors", "include": [{"class": "square", "count": 1, "color": "red"}], "exclude": []}
     a = _one(img, meta)
-    assert not scorer.grade(img, meta)[0]
+    assert not scorer.grade(img, meta, **_kw(img))[0]
     assert a.ratings["color"] == "no" and a.rationale == "the square is blue, not red"
 
 
@@ -170,8 +177,8 @@ def test_consistent_equals_grade_and_round_trips():
             variants.append(rng.integers(0, 256, img.shape, dtype=np.uint8))
         images += variants
         metas += [meta] * len(variants)
-    verdicts = JUDGE.judge_many(images, ["p"] * len(images), metas)
-    graded = [scorer.grade(im, m)[0] for im, m in zip(images, metas)]
+    verdicts = [JUDGES[im.shape[0] >= 128].judge_many([im], ["p"], [m])[0] for im, m in zip(images, metas)]
+    graded = [scorer.grade(im, m, **_kw(im))[0] for im, m in zip(images, metas)]
     assert len(verdicts) >= 500 and 0.2 < np.mean(graded) < 0.8
     for d in DIMENSIONS:   # every dimension fails somewhere, so the equality covers each rule
         assert sum(v.assessment.ratings[d] == "no" for v in verdicts) >= 10, d
@@ -198,14 +205,14 @@ def test_unusual_metadata_follows_grade():
     for scene, _, _, _ in SAMPLES[::4]:
         img = shapecomp.render(scene)
         for meta in metas([o.shape for o in scene.objects], [o.color for o in scene.objects]):
-            assert _one(img, meta).consistent == scorer.grade(img, meta)[0], meta
+            assert _one(img, meta).consistent == scorer.grade(img, meta, **_kw(img))[0], meta
             n += 1
     assert n >= 150
 
 
 def test_exact_judge_checks_lengths():
     with pytest.raises(ValueError, match="2 images, 1 prompts"):
-        JUDGE.judge_many([np.zeros((64, 64, 3), np.uint8)] * 2, ["p"], [{}, {}])
+        judges.ExactJudge().judge_many([np.zeros((64, 64, 3), np.uint8)] * 2, ["p"], [{}, {}])
 
 
 # -- model judge -----------------------------------------------------------------------------
