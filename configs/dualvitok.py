@@ -2,6 +2,7 @@
 
 Launch:   python -m illume_jax train-tokenizer --config=configs/dualvitok.py:size=tiny --workdir=runs/dualvitok_tiny
 Args:     size=tiny|official, steps, batch, pretrain_steps (tiny SigLIP pre-training of the ViT), levels,
+          pixel_grid=16|32 (tiny only: the pixel code grid of a 64² image; 32 = one fewer down block),
           supervision=semantic|pixel  semantic (default): the spec's tokenizer, level-0 codes from a frozen
                      text-aligned ViT trained to reconstruct its features. pixel: the ILLUME tokenizer
                      ablation's control -- the same network and code grids trained on pixel reconstruction
@@ -26,19 +27,28 @@ def qwen2_vit(size: str) -> dict:
                 spatial_merge_size=2, in_channels=3, hidden_size=128, remat="none")
 
 
-def movq(size: str, part: str) -> dict:
+def movq(size: str, part: str, pixel_grid: int = 16) -> dict:
+    """MoVQ encoder/decoder shapes. Tiny: 64² images -> a `pixel_grid`² code grid (16: two down
+    blocks, 4x4 px per code; 32: one, 2x2 px per code). At 32² the mid blocks keep their attention
+    but the level's blocks drop theirs: 1,024-token attention there made a training step 2.0x the
+    16² grid's cost instead of 1.4x (fwd+bwd, batch 16, 2 CPU cores)."""
     if size == "official":
         if part == "encoder":
             return dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_levels=(4,), z_channels=32)
         return dict(ch=384, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_levels=(4,), z_channels=64,
                     zq_channels=64)
+    mults = {16: (1, 2, 2), 32: (1, 2)}
+    if pixel_grid not in mults:
+        raise ValueError(f"config argument pixel_grid={pixel_grid}: expected one of {sorted(mults)} (64² images)")
+    mult = mults[pixel_grid]
+    level_attn = (len(mult) - 1,) if pixel_grid == 16 else ()
     if part == "encoder":
-        return dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_levels=(2,), z_channels=16, num_groups=8)
-    return dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_levels=(2,), z_channels=32, zq_channels=32,
+        return dict(ch=16, ch_mult=mult, num_res_blocks=1, attn_levels=level_attn, z_channels=16, num_groups=8)
+    return dict(ch=32, ch_mult=mult, num_res_blocks=1, attn_levels=level_attn, z_channels=32, zq_channels=32,
                 num_groups=8)
 
 
-def model_config(size: str) -> mlc.ConfigDict:
+def model_config(size: str, pixel_grid: int = 16) -> mlc.ConfigDict:
     if size == "official":
         return mlc.ConfigDict(dict(
             kind="dualvitok", vit=qwen2_vit(size), semantic_dim=1280, semantic_blocks=4, semantic_heads=16,
@@ -54,7 +64,8 @@ def model_config(size: str) -> mlc.ConfigDict:
         # scenes keep >= 90% of both books in use (README, tokenizer section); 128 pixel codes
         # without restarts settled at 63% used and drew small shapes as blobs.
         semantic_mlp_dim=256, semantic_decoder_blocks=2, z_channels=16, semantic_codes=64,
-        pixel_encoder=movq(size, "encoder"), pixel_decoder=movq(size, "decoder"), pixel_codes=512,
+        pixel_encoder=movq(size, "encoder", pixel_grid), pixel_decoder=movq(size, "decoder", pixel_grid),
+        pixel_codes=512,
         quantizer_chunk=32768, commitment_beta=0.25,
         pixel_drop_rate=0.0, pixel_drop_batch_rate=0.1, pixel_noise_type="random", freeze_vit=True,
         dtype="float32"))
@@ -62,17 +73,20 @@ def model_config(size: str) -> mlc.ConfigDict:
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
     a = common.parse_arg(arg, size="tiny", steps=0, batch=0, pretrain_steps=-1, levels="1", workers=0,
-                         supervision="semantic")
+                         supervision="semantic", pixel_grid=16)
     tiny = a.size == "tiny"
     if a.size not in ("tiny", "official"):
         raise ValueError(f"config argument size={a.size!r}: expected 'tiny' or 'official'")
     if a.supervision not in ("semantic", "pixel"):
         raise ValueError(f"config argument supervision={a.supervision!r}: expected 'semantic' or 'pixel'")
+    if a.pixel_grid != 16 and not tiny:
+        raise ValueError(f"config argument pixel_grid={a.pixel_grid}: only size=tiny takes it (the official "
+                         "grid follows the released MoVQ)")
     pixel_only = a.supervision == "pixel"
     c = mlc.ConfigDict()
     c.seed = 0
     c.mesh = common.mesh_config() if tiny else common.mesh_config(data=1, fsdp=-1)
-    c.model = model_config(a.size)
+    c.model = model_config(a.size, a.pixel_grid)
     if pixel_only:  # the ViT learns from pixels like the rest of the encoder (a VQGAN-style tokenizer)
         c.model.freeze_vit = False
     c.model_init = mlc.ConfigDict(dict(
