@@ -3,7 +3,8 @@
 Launch:   python -m illume_jax train-tokenizer --config=configs/dualvitok.py:size=tiny --workdir=runs/dualvitok_tiny
           python -m illume_jax train --config=configs/illume_tiny.py --workdir=runs/illume_tiny
 Args:     --config=configs/illume_tiny.py:steps=400,batch=16,tokenizer=runs/dualvitok_tiny,levels=1,workers=0,
-          size=tiny|small (the LLM's shape, LLM_SIZES below)
+          size=tiny|small (the LLM's shape, LLM_SIZES below),
+          stages=0123 (which of the stages below run, by index; e.g. stages=3 trains only SFT, from scratch)
           (steps = stage-3 steps; the other stages scale from it)
 Hardware: 2 CPU cores. 64x64 images -> 8x8 semantic + 16x16 pixel codes: 350-token image blocks,
           sequences of 512 (understanding, text-to-image) and 768 (editing, reconstruction) tokens.
@@ -34,7 +35,7 @@ LLM_SIZES = {
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
     a = common.parse_arg(arg, steps=400, batch=16, tokenizer="runs/dualvitok_tiny", levels="1", workers=0,
-                         vocab=512, size="tiny")
+                         vocab=512, size="tiny", stages="0123")
     if a.size not in LLM_SIZES:
         raise ValueError(f"config argument size={a.size!r}: expected one of {sorted(LLM_SIZES)}")
     c = mlc.ConfigDict()
@@ -71,8 +72,14 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
               mixture={"shapecomp_caption": 0.1, "shapecomp_qa": 0.3, "shapecomp_t2i": 0.35,
                        "shapecomp_edit": 0.25}),
     ]
+    picked = sorted(set(a.stages))
+    if not picked or any(ch not in "0123" for ch in picked):
+        raise ValueError(f"config argument stages={a.stages!r}: expected digits from 0123 (stage indices)")
+    c.stages = [c.stages[int(ch)] for ch in picked]
     # One self-enhancement round on top of the trained model (python -m illume_jax self-enhance).
     c.self_enhance = common.self_enhance_config(level=levels[-1])
+    if len(c.stages) == 1:  # no stage before the last to start the round from
+        c.self_enhance.from_stage = "latest"
     c.optim = common.optim_config()
     c.checkpoint = common.checkpoint_config(every_steps=50)
     c.log_every = 10

@@ -130,3 +130,27 @@ def test_sweep_axes_and_ablation_configs():
     assert names[names.index("align") - 1] == "embed_init"
     assert steps[0] == sum(st.steps for st in c.mllm.stages[:2]) and steps[-1] == steps[0] + c.mllm.stages[2].steps
     assert all(s % c.mllm.checkpoint.every_steps == 0 for s in steps[1:-1]) and len(steps) >= 3
+
+
+def test_tiny_stage_selection_and_pixel_grid():
+    """`illume_tiny:stages=...` picks stages by index (what the notebook test uses); the tiny
+    DualViTok's `pixel_grid` sets the code grid of a 64² image; bad values name themselves."""
+    from configs import dualvitok, illume_tiny
+    from illume_jax import config_check
+    from illume_jax.models.dualvitok import DualViTokConfig, token_grids
+    every = [st.name for st in illume_tiny.get_config().stages]
+    assert every == ["base", "embed_init", "align", "sft"]
+    only = illume_tiny.get_config("stages=3")
+    assert [st.name for st in only.stages] == ["sft"]
+    config_check.validate(only)
+    assert [st.name for st in illume_tiny.get_config("stages=20").stages] == ["base", "align"]  # in order
+    for bad in ("stages=4", "stages=x"):
+        with pytest.raises(ValueError, match="stages"):
+            illume_tiny.get_config(bad)
+    for grid in (16, 32):
+        c = dualvitok.get_config(f"pixel_grid={grid}")
+        config_check.validate_tokenizer(c)
+        assert token_grids(64, 64, DualViTokConfig.from_config(c.model)) == ((8, 8), (grid, grid))
+    for bad in ("pixel_grid=8", "size=official,pixel_grid=32"):
+        with pytest.raises(ValueError, match="pixel_grid"):
+            dualvitok.get_config(bad)
