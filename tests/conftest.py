@@ -1,6 +1,8 @@
 """Test-wide setup: 8 fake CPU devices (set before jax is imported anywhere) and the repo
 root on sys.path so `configs` imports."""
+import fcntl
 import os
+import shutil
 import sys
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -29,27 +31,41 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def micro_tokenizer_workdir(tmp_path_factory):
-    """A micro DualViTok with a checkpoint (4 steps: consumers only need its codes and encoders).
-    Session-wide: the diffusion-decoder and MLLM tests share it. Its config is the tokenizer
-    tests' (`micro_tokenizer_config`), so those reuse the programs it compiled."""
+    """A micro DualViTok with a checkpoint (2 steps: consumers only need its codes and encoders).
+    Session-wide and shared by the xdist workers (the first to ask trains it, under a file lock;
+    the others wait and read it): the diffusion-decoder and MLLM tests only read it. Training it
+    costs ~2 CPU minutes, which each worker used to pay."""
     from illume_jax.train import tokenizer as tok
     from train.test_tokenizer_train import micro_tokenizer_config
-    config = micro_tokenizer_config()
-    workdir = str(tmp_path_factory.mktemp("tokenizer"))
-    tok.train_tokenizer(config, workdir)
-    return workdir
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this run's folder, above the per-worker ones
+    workdir = root / "micro_tokenizer"
+    with open(root / "micro_tokenizer.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (workdir / "trained").exists():
+            shutil.rmtree(workdir, ignore_errors=True)  # a worker that died half-way
+            config = micro_tokenizer_config()
+            # Two plain steps: consumers need a checkpoint's weights, not the GAN switch-on or
+            # dead-code restarts (the tokenizer tests' business), whose programs cost compiles.
+            config.train.update(steps=2, disc_start=-1, dead_code_patience=0)
+            tok.train_tokenizer(config, str(workdir))
+            (workdir / "trained").touch()
+    return str(workdir)
 
 
 # The longest modules (~2-5 CPU minutes each), started first so the two workers end together.
-_SLOW_MODULES = ("tests/train/test_mllm_train.py", "tests/train/test_decoder_train.py",
-                 "tests/train/test_tokenizer_train.py", "tests/align/test_round.py",
-                 "tests/convert/test_convert_pipeline.py", "tests/launch/test_colab_notebook.py")
+# The first worker takes the MLLM module and trains the shared micro tokenizer; the second starts
+# on modules that do not need it, so it rarely waits for the lock.
+_SLOW_MODULES = ("tests/train/test_mllm_train.py", "tests/align/test_round.py",
+                 "tests/train/test_tokenizer_train.py", "tests/train/test_decoder_train.py",
+                 "tests/launch/test_colab_notebook.py", "tests/convert/test_convert_pipeline.py")
 
 
 def pytest_collection_modifyitems(config, items):
     """launch/local.sh runs the suite on 2 pytest-xdist workers with `--dist loadfile` (a module's
     tests on one worker: module fixtures are built once). xdist hands out modules in collection
-    order, so the slow ones go first. (Each worker builds the session's micro tokenizer once.)"""
+    order (two each to start), so the slow ones go first."""
     def rank(item):
         path = item.nodeid.split("::")[0]
         return _SLOW_MODULES.index(path) if path in _SLOW_MODULES else len(_SLOW_MODULES)

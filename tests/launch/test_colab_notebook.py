@@ -17,7 +17,9 @@ MICRO = {
     "TOKENIZER_ARGS": "size=tiny,steps=2,batch=4,pretrain_steps=0",
     "TOKENIZER_OVERRIDES": {"train.eval_images": 4, "train.eval_every": 0, "data.num_eval": 4,
                             "train.perceptual": "none"},
-    "MLLM_ARGS": "steps=2,batch=2,vocab=128",
+    # Only the SFT stage: every stage is a new train-step program to compile, and the stages
+    # themselves are tests/train/test_mllm_train.py's business.
+    "MLLM_ARGS": "steps=2,batch=2,vocab=128,stages=3",
     "MLLM_OVERRIDES": {f"data.datasets.shapecomp_{t}.num_examples": 8 for t in ("caption", "qa", "t2i", "edit", "recon")},
 }
 
