@@ -247,7 +247,7 @@ def _checkpoint_params(workdir: str, step: int | None = None) -> tuple[mlc.Confi
         raw["stages"] = [mlc.ConfigDict(s) for s in raw.get("stages", [])]
         config = mlc.ConfigDict(raw)
         _, _, abs_state = state_lib.abstract_state(config, meta["stage_index"], _mesh())
-        return config, ckpt.restore(step, abs_state, None).params
+        return config, ckpt.restore_fields(step, abs_state, ("params",)).params
     finally:
         ckpt.close()
 

@@ -114,7 +114,7 @@ class Illume:
                 ckpt.close()
                 raise ValueError(f"{workdir} holds a text-only model (its config has no vision block)")
             graphdef, _, abs_state = state_lib.abstract_state(config, meta["stage_index"], mesh)
-            state = ckpt.restore(step, abs_state, None)
+            state = ckpt.restore_fields(step, abs_state, ("step", "params"))  # no optimizer state
             ckpt.close()
             model = nnx.merge(graphdef, state.params)
         text_tok = load_or_train_tokenizer(config, workdir)

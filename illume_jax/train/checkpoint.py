@@ -14,6 +14,7 @@ device count or mesh shape.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -98,6 +99,22 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]
+
+    def restore_fields(self, step: int, abstract_state: Any, fields: tuple[str, ...]) -> Any:
+        """Restores only the top-level `fields` of a saved state dataclass (say params and EMA for
+        inference); the others come back as None. Loading a model for inference skips the
+        optimizer state: a third of the arrays to read (1.3 s instead of 3.6 s for the micro
+        DualViTok; Orbax's cost is per array)."""
+        names = [f.name for f in dataclasses.fields(abstract_state)]
+        unknown = [f for f in fields if f not in names]
+        if unknown:
+            raise ValueError(f"restore_fields: {unknown} are not fields of {type(abstract_state).__name__} ({names})")
+        item = {f: getattr(abstract_state, f) for f in fields}
+        path = os.path.join(self.directory, str(step), "state")
+        with ocp.PyTreeCheckpointer() as reader:
+            got = reader.restore(path, args=ocp.args.PyTreeRestore(
+                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+        return abstract_state.replace(**{f: got.get(f) if f in fields else None for f in names})
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

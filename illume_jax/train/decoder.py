@@ -37,7 +37,7 @@ from illume_jax.eval import shapecomp_scorer as scorer
 from illume_jax.infer import diffusion
 from illume_jax.models import diffusion_decoder as dd
 from illume_jax.train.phase import run_phase
-from illume_jax.train.step import INIT_COMPILER_OPTIONS, mesh_key, reuse_programs
+from illume_jax.train.step import InitProgram, mesh_key, reuse_programs
 from illume_jax.train.tokenizer import _adam, _check_batch, _masked, _mesh_jit, _shardings
 
 
@@ -111,8 +111,12 @@ class DecoderTrainer:
         self.cfg = model_config(config, workdir)
         self.tokenizer = tokenizer
         make = lambda: dd.DiffusionDecoder(self.cfg, rngs=nnx.Rngs(config.seed))  # noqa: E731
-        with sharding.use_mesh(mesh):
-            self.graphdef, abs_params = nnx.split(nnx.eval_shape(make), nnx.Param)
+
+        def abstract():  # seconds of tracing, needed by every phase, restart and loader
+            with sharding.use_mesh(mesh):
+                return nnx.split(nnx.eval_shape(make), nnx.Param)
+        self.graphdef, abs_params = reuse_programs(("decoder-abstract", repr(self.cfg), config.seed, mesh_key(mesh)),
+                                                   abstract)
         t = config.vae_train if phase == "vae" else config.train
         self.tx = _masked(_adam(t), abs_params, ("vae/.*",) if phase == "vae" else ("unet/.*",), f"decoder_{phase}")
         self.sched_cfg = diffusion.SchedulerConfig.from_diffusers(dict(config.scheduler))
@@ -132,15 +136,15 @@ class DecoderTrainer:
         self._fresh, self._step = reuse_programs(self._key, lambda: (
             _mesh_jit(fresh, mesh, out_shardings=out_sh, donate_argnums=(0,)),
             _mesh_jit(step_fn, mesh, out_shardings=(out_sh, None), donate_argnums=(0,))))
-        # The random init is the slow compile (~15 s for the micro decoder on 2 cores) and the same
-        # for both phases: the VAE scale measured between them is not read by the init.
+        # The random init is the same for both phases (the VAE scale measured between them is not
+        # read by it), so both phases share one InitProgram.
         init_cfg = dataclasses.replace(self.cfg, vae=dataclasses.replace(self.cfg.vae, scaling_factor=1.0))
 
         def init_params():
             return nnx.state(dd.DiffusionDecoder(init_cfg, rngs=nnx.Rngs(config.seed)), nnx.Param)
         self._init_params = reuse_programs(
             ("decoder-init", repr(init_cfg), config.seed, mesh_key(mesh)),
-            lambda: _mesh_jit(init_params, mesh, out_shardings=out_sh.params, compiler_options=INIT_COMPILER_OPTIONS))
+            lambda: InitProgram(init_params, mesh, out_sh.params, self.abstract.params))
         self._sample = None
         self._features = None
 
@@ -399,7 +403,7 @@ def load_decoder(workdir: str, mesh, *, with_tokenizer: bool = False) -> tuple[D
     config = mlc.ConfigDict(json.loads(ckpt.restore_meta(step)["config"]))
     trainer = DecoderTrainer(config, workdir, mesh, "unet",
                              tokenizer=FrozenTokenizer(config, mesh) if with_tokenizer else None)
-    state = ckpt.restore(step, trainer.abstract, None)
+    state = ckpt.restore_fields(step, trainer.abstract, ("step", "params", "ema", "rng"))  # no optimizer state
     ckpt.close()
     return trainer, state
 

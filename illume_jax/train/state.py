@@ -63,11 +63,16 @@ def build_model(cfg, rngs: nnx.Rngs):
 
 
 def abstract_model(cfg, mesh: Mesh, seed: int = 0):
-    """(graphdef, abstract params) without allocating anything."""
-    with sharding.use_mesh(mesh):
-        model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(seed)))
-    graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, params
+    """(graphdef, abstract params) without allocating anything. Kept per (config, mesh) for the
+    process: tracing the model's creation costs seconds and every trainer, loader and
+    restarted run needs it (read-only)."""
+    from illume_jax.train.step import mesh_key, reuse_programs
+
+    def build():
+        with sharding.use_mesh(mesh):
+            model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(seed)))
+        return nnx.split(model, nnx.Param)
+    return reuse_programs(("abstract-model", repr(cfg), seed, mesh_key(mesh)), build)
 
 
 def shardings_like_params(abstract, param_shardings, mesh: Mesh):
@@ -140,15 +145,14 @@ def create_state(config: Any, stage_index: int, mesh: Mesh, params=None, step: i
     cfg = model_config(config)
     graphdef, tx, abs_state = abstract or abstract_state(config, stage_index, mesh)
     out_sh = jax.tree.map(lambda a: a.sharding, abs_state)
-    from illume_jax.train.step import INIT_COMPILER_OPTIONS, mesh_key, reuse_programs
+    from illume_jax.train.step import InitProgram, mesh_key, reuse_programs
     key = ("create_state", config.to_json(), stage_index, step, params is None, mesh_key(mesh))
     with sharding.use_mesh(mesh):
         if params is None:
             def init():
                 model = build_model(cfg, nnx.Rngs(config.seed))
                 return _fresh(nnx.state(model, nnx.Param), tx, config.seed, step)
-            state = reuse_programs(key, lambda: jax.jit(init, out_shardings=out_sh,
-                                                        compiler_options=INIT_COMPILER_OPTIONS))()
+            state = reuse_programs(key, lambda: InitProgram(init, mesh, out_sh, abs_state))()
         else:
             state = reuse_programs(key, lambda: jax.jit(lambda p: _fresh(p, tx, config.seed, step),
                                                         out_shardings=out_sh, donate_argnums=(0,)))(params)

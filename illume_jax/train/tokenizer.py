@@ -32,7 +32,7 @@ from illume_jax.modules import quantizers
 from illume_jax.train import optim
 from illume_jax.train.phase import run_phase
 from illume_jax.train.state import shardings_like_params
-from illume_jax.train.step import INIT_COMPILER_OPTIONS, MeshJit, mesh_key, reuse_programs
+from illume_jax.train.step import InitProgram, MeshJit, mesh_key, reuse_programs
 
 
 @struct.dataclass
@@ -136,8 +136,7 @@ def pretrain_vit(config: Any, workdir: str, mesh, *, stop_after_steps: int | Non
                               rng=jax.random.key_data(jax.random.key(config.seed)))
 
     abs_state, out_sh = _shardings(jax.eval_shape(fresh, abs_params), mesh, abs_params)
-    init = _mesh_jit(lambda: fresh(nnx.state(make(), nnx.Param)), mesh, out_shardings=out_sh,
-                     compiler_options=INIT_COMPILER_OPTIONS)
+    init = InitProgram(lambda: fresh(nnx.state(make(), nnx.Param)), mesh, out_sh, abs_state)
 
     def step(state: TokenizerState, batch):
         def loss_fn(params):
@@ -226,10 +225,13 @@ class TokenizerTrainer:
         self.config, self.workdir, self.mesh = config, workdir, mesh
         t = config.train
         make = lambda: make_model(config.model, nnx.Rngs(config.seed))  # noqa: E731
-        with sharding.use_mesh(mesh):
-            abstract_model = nnx.eval_shape(make)
-        self.graphdef, abs_params, abs_buffers = nnx.split(abstract_model, nnx.Param, ...)
-        self.codebook_sizes = abstract_model.codebook_sizes
+
+        def abstract():  # seconds of tracing; every trainer and loader of this config needs it
+            with sharding.use_mesh(mesh):
+                model = nnx.eval_shape(make)
+            return (*nnx.split(model, nnx.Param, ...), model.codebook_sizes)
+        self.graphdef, abs_params, abs_buffers, self.codebook_sizes = reuse_programs(
+            ("tokenizer-abstract", config.model.to_json(), config.seed, mesh_key(mesh)), abstract)
         self.tx = _masked(_adam(t), abs_params, t.trainable, "tokenizer")
         self.use_disc = t.disc_start >= 0
         if self.use_disc:
@@ -270,7 +272,7 @@ class TokenizerTrainer:
         # also of `training` (the perceptual network).
         key = ("tokenizer", config.to_json(), mesh_key(mesh))
         self._init, self._forward = reuse_programs(key, lambda: (
-            _mesh_jit(init, mesh, out_shardings=out_sh, compiler_options=INIT_COMPILER_OPTIONS),
+            InitProgram(init, mesh, out_sh, self.abstract),
             _mesh_jit(self._eval_forward, mesh)))
         self._steps = reuse_programs(key + ("steps", training), lambda: {
             d: _mesh_jit(self._make_step(d), mesh, out_shardings=(out_sh, None), donate_argnums=(0,))
@@ -500,7 +502,8 @@ def load_tokenizer(config: Any, workdir: str, mesh=None):
     if step is None:
         ckpt.close()
         raise ValueError(f"no tokenizer checkpoint in {tokenizer_dir(workdir)}: run train-tokenizer first")
-    state = ckpt.restore(step, trainer.abstract, None)
+    # Everything but the optimizer and discriminator (a consumer encodes, decodes or evaluates).
+    state = ckpt.restore_fields(step, trainer.abstract, ("step", "params", "buffers", "rng", "code_age"))
     ckpt.close()
     return nnx.merge(trainer.graphdef, state.params, state.buffers), trainer, state
 

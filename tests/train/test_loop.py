@@ -5,6 +5,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from configs import common
 from illume_jax import sharding
@@ -95,6 +96,17 @@ def test_restore_onto_a_different_mesh(tmp_path):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(saved["8"], saved["1"]):
         np.testing.assert_array_equal(a, b)
+    # Inference loads only some fields (no optimizer state), onto any mesh; the rest are None.
+    _, _, abs_state = state_lib.abstract_state(config, 0, mesh8)
+    full = ck.restore(step, abs_state, None)
+    part = ck.restore_fields(step, state_lib.abstract_state(config, 0, sharding.make_mesh(
+        {"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1]))[2], ("step", "params"))
+    assert part.opt_state is None and part.rng is None and int(part.step) == 2
+    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(part.params)):
+        assert len(b.sharding.device_set) == 1
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="not fields of TrainState"):
+        ck.restore_fields(step, abs_state, ("params", "ema"))
     ck.close()
 
 

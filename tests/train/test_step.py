@@ -91,6 +91,23 @@ def test_sharded_step_on_8_devices_keeps_shardings_and_compiles_once():
     assert mu_leaves and all(x.sharding.spec == up.sharding.spec for x in mu_leaves)
 
 
+def test_eager_init_equals_the_init_program_with_its_shardings(monkeypatch):
+    """Small states are created op by op (InitProgram), big ones by one compiled program: the same
+    numbers and the same shardings either way."""
+    config = tiny_config()
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    step_lib._PROGRAMS.clear()
+    eager = state_lib.create_state(config, 0, mesh)[2]
+    monkeypatch.setattr(step_lib, "EAGER_INIT_MAX_BYTES", 0)
+    step_lib._PROGRAMS.clear()
+    compiled = state_lib.create_state(config, 0, mesh)[2]
+    step_lib._PROGRAMS.clear()
+    assert len(jax.tree.leaves(eager)) == len(jax.tree.leaves(compiled)) > 10
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(compiled)):
+        assert a.sharding == b.sharding
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
 def test_text_and_image_losses_split_by_target_id():
     config = tiny_config()
     mesh = _mesh1()
