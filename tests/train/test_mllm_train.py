@@ -180,20 +180,22 @@ def test_step_fills_discrete_slots_with_the_tokenizers_codes(micro_tokenizer_wor
 
 @pytest.fixture(scope="module")
 def trained(micro_tokenizer_workdir, tmp_path_factory):
-    """The four micro stages (4, 2, 8, 8 steps), interrupted after 5 steps (in stage 1) and resumed,
-    next to an uninterrupted run."""
-    config = micro_config(micro_tokenizer_workdir, steps=8)
+    """The four micro stages, 2 steps each, interrupted after 3 steps (inside stage 1) and resumed,
+    next to an uninterrupted run. (Each step is ~1.5 s of 2-core CPU: the runs take 16.)"""
+    config = micro_config(micro_tokenizer_workdir, steps=2)
+    for st in config.stages:
+        st.steps = 2
     full_dir = str(tmp_path_factory.mktemp("mllm_full"))
     full = loop.train(config, full_dir)
     resumed_dir = str(tmp_path_factory.mktemp("mllm_resumed"))
-    stopped = loop.train(config, resumed_dir, stop_after_steps=5)
+    stopped = loop.train(config, resumed_dir, stop_after_steps=3)
     resumed = loop.train(config, resumed_dir)
     return config, full_dir, full, resumed_dir, stopped, resumed
 
 
 def test_four_stages_train_and_resume_exactly(trained):
     config, full_dir, full, resumed_dir, stopped, resumed = trained
-    assert stopped["preempted"] and stopped["stopped_at"] == 5 and not resumed["preempted"]
+    assert stopped["preempted"] and stopped["stopped_at"] == 3 and not resumed["preempted"]
     assert full["step"] == resumed["step"] == sum(s.steps for s in config.stages)
     assert np.isfinite(full["loss"]) and full["image_tokens"] > 0 and full["text_tokens"] > 0
     from illume_jax.infer.illume import Illume
