@@ -39,15 +39,24 @@ class _Handler(BaseHTTPRequestHandler):
             action = srv.script.popleft() if srv.script else srv.default
             srv.in_flight += 1
             srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
+        self._in_flight = True
         try:
             self._act(action, prompt)
         except OSError:  # the client gave up (timeout)
             pass
         finally:
-            with srv.lock:
-                srv.in_flight -= 1
+            self._leave()
+
+    def _leave(self):
+        """Counted out before the response goes: once the client has it, it may send the next
+        request, whose handler must not see this one still in flight (a race under load)."""
+        if self._in_flight:
+            self._in_flight = False
+            with self.server.lock:
+                self.server.in_flight -= 1
 
     def _send(self, code, payload, headers=()):
+        self._leave()
         data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
