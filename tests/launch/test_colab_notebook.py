@@ -12,11 +12,12 @@ NOTEBOOK = os.path.join(ROOT, "launch", "colab_demo.ipynb")
 
 MICRO = {
     "INSTALL": False,
-    # No SigLIP pre-training and no perceptual network: those programs are the tokenizer tests'
-    # business; here they only added compile time (~1 of the test's ~5 CPU minutes).
+    # No SigLIP pre-training, perceptual network or dead-code restarts, one block per transformer:
+    # those programs are the tokenizer tests' business; here they only add compile time.
     "TOKENIZER_ARGS": "size=tiny,steps=2,batch=4,pretrain_steps=0",
     "TOKENIZER_OVERRIDES": {"train.eval_images": 4, "train.eval_every": 0, "data.num_eval": 4,
-                            "train.perceptual": "none"},
+                            "train.perceptual": "none", "train.dead_code_patience": 0, "model.vit.depth": 1,
+                            "model.semantic_blocks": 1, "model.semantic_decoder_blocks": 1},
     # Only the SFT stage: every stage is a new train-step program to compile, and the stages
     # themselves are tests/train/test_mllm_train.py's business.
     "MLLM_ARGS": "steps=2,batch=2,vocab=128,stages=3",
