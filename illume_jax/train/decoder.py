@@ -37,7 +37,7 @@ from illume_jax.eval import shapecomp_scorer as scorer
 from illume_jax.infer import diffusion
 from illume_jax.models import diffusion_decoder as dd
 from illume_jax.train.phase import run_phase
-from illume_jax.train.step import InitProgram, mesh_key, reuse_programs
+from illume_jax.train.step import InitProgram, abstract_module, mesh_key, reuse_programs
 from illume_jax.train.tokenizer import _adam, _check_batch, _masked, _mesh_jit, _shardings
 
 
@@ -111,12 +111,8 @@ class DecoderTrainer:
         self.cfg = model_config(config, workdir)
         self.tokenizer = tokenizer
         make = lambda: dd.DiffusionDecoder(self.cfg, rngs=nnx.Rngs(config.seed))  # noqa: E731
-
-        def abstract():  # seconds of tracing, needed by every phase, restart and loader
-            with sharding.use_mesh(mesh):
-                return nnx.split(nnx.eval_shape(make), nnx.Param)
-        self.graphdef, abs_params = reuse_programs(("decoder-abstract", repr(self.cfg), config.seed, mesh_key(mesh)),
-                                                   abstract)
+        self.graphdef, abs_params = nnx.split(abstract_module(("decoder", repr(self.cfg), config.seed), make, mesh),
+                                              nnx.Param)
         t = config.vae_train if phase == "vae" else config.train
         self.tx = _masked(_adam(t), abs_params, ("vae/.*",) if phase == "vae" else ("unet/.*",), f"decoder_{phase}")
         self.sched_cfg = diffusion.SchedulerConfig.from_diffusers(dict(config.scheduler))

@@ -63,16 +63,10 @@ def build_model(cfg, rngs: nnx.Rngs):
 
 
 def abstract_model(cfg, mesh: Mesh, seed: int = 0):
-    """(graphdef, abstract params) without allocating anything. Kept per (config, mesh) for the
-    process: tracing the model's creation costs seconds and every trainer, loader and
-    restarted run needs it (read-only)."""
-    from illume_jax.train.step import mesh_key, reuse_programs
-
-    def build():
-        with sharding.use_mesh(mesh):
-            model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(seed)))
-        return nnx.split(model, nnx.Param)
-    return reuse_programs(("abstract-model", repr(cfg), seed, mesh_key(mesh)), build)
+    """(graphdef, abstract params) without allocating anything (traced once per config and mesh)."""
+    from illume_jax.train.step import abstract_module
+    model = abstract_module(("mllm", repr(cfg), seed), lambda: build_model(cfg, nnx.Rngs(seed)), mesh)
+    return nnx.split(model, nnx.Param)
 
 
 def shardings_like_params(abstract, param_shardings, mesh: Mesh):

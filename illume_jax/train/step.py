@@ -214,6 +214,16 @@ def reuse_programs(key: tuple, build: Callable[[], T]) -> T:
     return value
 
 
+def abstract_module(key: tuple, make: Callable[[], Any], mesh: Mesh):
+    """`nnx.eval_shape(make)` under the mesh, traced once per (key, mesh) in this process (read-only).
+    Tracing a model's creation costs 1.5-2.5 s, and every trainer, phase, restarted run and loader
+    of the same config needs it; `key` must identify what `make` builds."""
+    def build():
+        with sharding.use_mesh(mesh):
+            return nnx.eval_shape(make)
+    return reuse_programs(("abstract-module",) + tuple(key) + (mesh_key(mesh),), build)
+
+
 class MeshJit:
     """A jitted function always traced and called under its mesh and the logical-axis rules
     (`jax.set_mesh` cannot be entered inside jit; the layers' sharding constraints need it)."""

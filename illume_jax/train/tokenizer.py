@@ -32,7 +32,7 @@ from illume_jax.modules import quantizers
 from illume_jax.train import optim
 from illume_jax.train.phase import run_phase
 from illume_jax.train.state import shardings_like_params
-from illume_jax.train.step import InitProgram, MeshJit, mesh_key, reuse_programs
+from illume_jax.train.step import InitProgram, MeshJit, abstract_module, mesh_key, reuse_programs
 
 
 @struct.dataclass
@@ -225,13 +225,9 @@ class TokenizerTrainer:
         self.config, self.workdir, self.mesh = config, workdir, mesh
         t = config.train
         make = lambda: make_model(config.model, nnx.Rngs(config.seed))  # noqa: E731
-
-        def abstract():  # seconds of tracing; every trainer and loader of this config needs it
-            with sharding.use_mesh(mesh):
-                model = nnx.eval_shape(make)
-            return (*nnx.split(model, nnx.Param, ...), model.codebook_sizes)
-        self.graphdef, abs_params, abs_buffers, self.codebook_sizes = reuse_programs(
-            ("tokenizer-abstract", config.model.to_json(), config.seed, mesh_key(mesh)), abstract)
+        abstract_model = abstract_module(("tokenizer", config.model.to_json(), config.seed), make, mesh)
+        self.graphdef, abs_params, abs_buffers = nnx.split(abstract_model, nnx.Param, ...)
+        self.codebook_sizes = abstract_model.codebook_sizes
         self.tx = _masked(_adam(t), abs_params, t.trainable, "tokenizer")
         self.use_disc = t.disc_start >= 0
         if self.use_disc:
