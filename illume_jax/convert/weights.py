@@ -160,8 +160,8 @@ def restore(path: str, abstract_params: Any, abstract_buffers: Any = None) -> tu
     target = {"params": pure(abstract_params)}
     if abstract_buffers is not None and jax.tree.leaves(pure(abstract_buffers)):
         target["buffers"] = pure(abstract_buffers)
-    with ocp.StandardCheckpointer() as ckpt:
-        out = ckpt.restore(os.path.join(path, "weights"), target)
+    from illume_jax.train.checkpoint import restore_tree
+    out = restore_tree(os.path.join(path, "weights"), target)
 
     def back(abstract, restored):
         if isinstance(abstract, nnx.State):

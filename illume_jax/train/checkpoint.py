@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -54,6 +56,58 @@ def _serial_array_saves_on_cpu() -> None:
     _SERIAL_ARRAY_SAVES = True
 
 
+# Trees up to this size are checkpointed through host memory when one process holds every device.
+HOST_SIDE_MAX_BYTES = 1 << 30
+
+
+def through_host(tree: Any) -> bool:
+    """Whether `tree` (arrays or ShapeDtypeStructs) is saved and restored as host numpy arrays.
+
+    Orbax's cost is per array *and device*: it writes and reads every shard of a sharded array on
+    its own. For a small state on one host, fetching it to numpy, writing that, and reading it back
+    as numpy before one `device_put` onto the target shardings is the same bytes on disk with a
+    fraction of the calls: the micro DualViTok's 919-array state on 8 CPU devices restored in
+    1.9 s instead of 4.9 s and saved in 2.2 s instead of 4.7 s. Several processes (a pod) and big
+    states keep Orbax's sharded path, where each host handles only its own shards. Either path
+    reads what the other wrote: the files hold plain arrays."""
+    if jax.process_count() != 1:
+        return False
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)) <= HOST_SIDE_MAX_BYTES
+
+
+def _host_abstract(abstract: Any) -> Any:
+    # Without a sharding Orbax restores a leaf as a numpy array (checkpoint_utils.construct_restore_args).
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
+
+
+def _place(host: Any, abstract: Any) -> Any:
+    """Host arrays onto the shardings of `abstract` (one batched transfer); leaves whose abstract
+    has no sharding stay numpy, as Orbax would have returned them."""
+    leaves, treedef = jax.tree.flatten(host)
+    targets = jax.tree.leaves(abstract)
+    assert len(targets) == len(leaves), (len(targets), len(leaves))
+    moved = [i for i, a in enumerate(targets) if getattr(a, "sharding", None) is not None]
+    placed = jax.device_put([leaves[i] for i in moved], [targets[i].sharding for i in moved])
+    for i, x in zip(moved, placed):
+        leaves[i] = x
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def save_tree(path: str, tree: Any) -> None:
+    """One tree of arrays (a model's parameters) to an Orbax folder, synchronously."""
+    _serial_array_saves_on_cpu()
+    with ocp.StandardCheckpointer() as saver:
+        saver.save(path, jax.device_get(tree) if through_host(tree) else tree)
+
+
+def restore_tree(path: str, abstract: Any) -> Any:
+    """The tree at `path` restored into `abstract` (ShapeDtypeStructs carrying target shardings)."""
+    with ocp.StandardCheckpointer() as loader:
+        if through_host(abstract):
+            return _place(loader.restore(path, _host_abstract(abstract)), abstract)
+        return loader.restore(path, abstract)
+
+
 class Checkpointer:
     def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
                  keep_steps: tuple[int, ...] = ()):
@@ -80,6 +134,8 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_iterator: Any, meta: dict, *, force: bool = False) -> bool:
         data_state = data_iterator.get_state() if data_iterator is not None else {}
+        if through_host(state):
+            state = jax.device_get(state)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_state)),
                                   meta=ocp.args.JsonSave(meta))
@@ -94,11 +150,12 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
         """Restores into `abstract_state` (ShapeDtypeStructs with the target shardings) and
         moves `data_iterator` to the saved position. Returns the state."""
-        items = dict(state=ocp.args.StandardRestore(abstract_state))
+        host = through_host(abstract_state)
+        items = dict(state=ocp.args.StandardRestore(_host_abstract(abstract_state) if host else abstract_state))
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"]
+        return _place(restored["state"], abstract_state) if host else restored["state"]
 
     def restore_fields(self, step: int, abstract_state: Any, fields: tuple[str, ...]) -> Any:
         """Restores only the top-level `fields` of a saved state dataclass (say params and EMA for
@@ -110,10 +167,14 @@ class Checkpointer:
         if unknown:
             raise ValueError(f"restore_fields: {unknown} are not fields of {type(abstract_state).__name__} ({names})")
         item = {f: getattr(abstract_state, f) for f in fields}
+        host = through_host(item)
+        target = _host_abstract(item) if host else item
         path = os.path.join(self.directory, str(step), "state")
         with ocp.PyTreeCheckpointer() as reader:
             got = reader.restore(path, args=ocp.args.PyTreeRestore(
-                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+        if host:
+            got = _place(got, item)
         return abstract_state.replace(**{f: got.get(f) if f in fields else None for f in names})
 
     def wait(self) -> None:

@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx, struct
 
 from illume_jax import sharding
@@ -36,6 +35,7 @@ from illume_jax.eval import recon as recon_lib
 from illume_jax.eval import shapecomp_scorer as scorer
 from illume_jax.infer import diffusion
 from illume_jax.models import diffusion_decoder as dd
+from illume_jax.train import checkpoint as ckpt_lib
 from illume_jax.train.phase import run_phase
 from illume_jax.train.step import InitProgram, abstract_module, mesh_key, reuse_programs
 from illume_jax.train.tokenizer import _adam, _check_batch, _masked, _mesh_jit, _shardings
@@ -348,8 +348,7 @@ class DecoderTrainer:
 
 def save_vae(vae_module, path: str, scaling_factor: float) -> None:
     path = os.path.abspath(path)
-    with ocp.StandardCheckpointer() as saver:
-        saver.save(path, nnx.state(vae_module, nnx.Param))
+    ckpt_lib.save_tree(path, nnx.state(vae_module, nnx.Param))
     with open(os.path.join(os.path.dirname(path), "latent_scaling.json"), "w") as f:
         json.dump({"scaling_factor": scaling_factor}, f)
 
@@ -362,8 +361,7 @@ def load_vae(vae_module, path: str) -> None:
                          "config.model_init.vae_from to a converted VAE")
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
                             nnx.state(vae_module, nnx.Param))
-    with ocp.StandardCheckpointer() as loader:
-        nnx.update(vae_module, loader.restore(path, abstract))
+    nnx.update(vae_module, ckpt_lib.restore_tree(path, abstract))
 
 
 # -- the command ------------------------------------------------------------------------------------------
@@ -381,7 +379,6 @@ def load_decoder(workdir: str, mesh, *, with_tokenizer: bool = False) -> tuple[D
     MLLM passes code maps to `decode_features` and needs none)."""
     import ml_collections as mlc
 
-    from illume_jax.train import checkpoint as ckpt_lib
     from illume_jax.convert import weights
     workdir = os.path.abspath(workdir)
     if weights.is_converted(workdir):  # the official SDXL decoder, converted

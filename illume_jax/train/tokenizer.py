@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx, struct
 
 from illume_jax import sharding
@@ -30,6 +29,7 @@ from illume_jax.eval import recon as recon_lib
 from illume_jax.eval import shapecomp_scorer as scorer
 from illume_jax.modules import quantizers
 from illume_jax.train import optim
+from illume_jax.train import checkpoint as ckpt_lib
 from illume_jax.train.phase import run_phase
 from illume_jax.train.state import shardings_like_params
 from illume_jax.train.step import InitProgram, MeshJit, abstract_module, mesh_key, reuse_programs
@@ -163,8 +163,7 @@ def pretrain_vit(config: Any, workdir: str, mesh, *, stop_after_steps: int | Non
                     eval_fn=evaluate, stop_after_steps=stop_after_steps)
     if not out["preempted"] and not os.path.exists(pretrained_vit_path(workdir)):
         vit_params = nnx.state(nnx.merge(graphdef, out["state"].params).vit, nnx.Param)
-        with ocp.StandardCheckpointer() as saver:
-            saver.save(pretrained_vit_path(workdir), vit_params)
+        ckpt_lib.save_tree(pretrained_vit_path(workdir), vit_params)
     return out
 
 
@@ -176,8 +175,7 @@ def load_pretrained_vit(vit_module, workdir: str) -> None:
                          "config.vit_pretrain.steps=0")
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
                             nnx.state(vit_module, nnx.Param))
-    with ocp.StandardCheckpointer() as loader:
-        nnx.update(vit_module, loader.restore(path, abstract))
+    nnx.update(vit_module, ckpt_lib.restore_tree(path, abstract))
 
 
 # -- perceptual losses ---------------------------------------------------------------------------------
@@ -462,7 +460,6 @@ def saved_config(workdir: str):
 
     import ml_collections as mlc
     from illume_jax.convert import weights
-    from illume_jax.train import checkpoint as ckpt_lib
     if weights.is_converted(workdir):  # official weights converted by `python -m illume_jax convert`
         return weights.read_config(workdir)
     directory = os.path.join(tokenizer_dir(os.path.abspath(workdir)), "checkpoints")
@@ -483,7 +480,6 @@ def load_tokenizer(config: Any, workdir: str, mesh=None):
     """(model, trainer, state) from the latest tokenizer checkpoint in `workdir`, or from a
     converted-weights folder (for encode-dataset, the MLLM, the decoder and the demo)."""
     from illume_jax.convert import weights
-    from illume_jax.train import checkpoint as ckpt_lib
     mesh = mesh or sharding.make_mesh(dict(config.mesh))
     trainer = TokenizerTrainer(config, workdir, mesh, training=False)
     if weights.is_converted(workdir):

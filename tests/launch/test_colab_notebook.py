@@ -1,5 +1,5 @@
 """launch/colab_demo.ipynb runs headless on CPU (nbclient, a real IPython kernel) with micro sizes:
-it trains the tiny tokenizer and MLLM configs for a few steps, then generates, answers and edits,
+it trains the tiny MLLM config for a few steps on a trained micro tokenizer, then generates, answers and edits,
 and every output cell shows what it should (inline images, answers) with no error."""
 import json
 import os
@@ -12,25 +12,26 @@ NOTEBOOK = os.path.join(ROOT, "launch", "colab_demo.ipynb")
 
 MICRO = {
     "INSTALL": False,
-    # No SigLIP pre-training, perceptual network or dead-code restarts, one block per transformer:
-    # those programs are the tokenizer tests' business; here they only add compile time.
-    "TOKENIZER_ARGS": "size=tiny,steps=2,batch=4,pretrain_steps=0",
-    "TOKENIZER_OVERRIDES": {"train.eval_images": 4, "train.eval_every": 0, "data.num_eval": 4,
-                            "train.perceptual": "none", "train.dead_code_patience": 0, "model.vit.depth": 1,
-                            "model.semantic_blocks": 1, "model.semantic_decoder_blocks": 1},
-    # Only the SFT stage: every stage is a new train-step program to compile, and the stages
-    # themselves are tests/train/test_mllm_train.py's business.
+    # Only the SFT stage of a micro LLM (the MLLM tests' sizes): every stage is a new train-step
+    # program to compile, and the stages themselves are tests/train/test_mllm_train.py's business.
     "MLLM_ARGS": "steps=2,batch=2,vocab=128,stages=3",
-    "MLLM_OVERRIDES": {f"data.datasets.shapecomp_{t}.num_examples": 8 for t in ("caption", "qa", "t2i", "edit", "recon")},
+    "MLLM_OVERRIDES": {**{f"data.datasets.shapecomp_{t}.num_examples": 8
+                          for t in ("caption", "qa", "t2i", "edit", "recon")},
+                       "model.d_model": 32, "model.num_layers": 2, "model.num_heads": 2, "model.num_kv_heads": 1,
+                       "model.head_dim": 16, "model.mlp_dim": 64},
 }
 
 
-def test_notebook_runs_headless_on_cpu(tmp_path):
+def test_notebook_runs_headless_on_cpu(tmp_path, micro_tokenizer_workdir):
+    """The notebook trains the MLLM on the suite's shared micro tokenizer (its `TOKENIZER_DIR`
+    parameter): training a tokenizer in the kernel cost ~1 CPU minute, and that path is
+    `train-tokenizer`'s own (tests/train/test_tokenizer_train.py)."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     params = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(params) == 1, "the notebook needs exactly one cell tagged 'parameters'"
     # Papermill's convention: a cell right after the parameters cell overrides them.
-    overrides = "\n".join(f"{k} = {v!r}" for k, v in dict(MICRO, RUN_DIR=str(tmp_path / "run")).items())
+    values = dict(MICRO, RUN_DIR=str(tmp_path / "run"), TOKENIZER_DIR=micro_tokenizer_workdir)
+    overrides = "\n".join(f"{k} = {v!r}" for k, v in values.items())
     nb.cells.insert(nb.cells.index(params[0]) + 1, nbformat.v4.new_code_cell(overrides))
     # The kernel sees this checkout and one CPU device, as on a Colab CPU runtime (not the test
     # session's 8 fake devices).

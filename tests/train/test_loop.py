@@ -75,7 +75,7 @@ def test_resume_after_stops_matches_uninterrupted_run(tmp_path):
     assert os.listdir(tmp_path / "full" / "tensorboard")
 
 
-def test_restore_onto_a_different_mesh(tmp_path):
+def test_restore_onto_a_different_mesh(tmp_path, monkeypatch):
     config = _config()
     mesh8 = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     loop.train(config, str(tmp_path), make_iterator=synthetic_iterator_factory(config, 64), stop_after_steps=2,
@@ -107,6 +107,21 @@ def test_restore_onto_a_different_mesh(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match="not fields of TrainState"):
         ck.restore_fields(step, abs_state, ("params", "ema"))
+    # Small single-process states go through host memory (checkpoint.through_host); a pod's
+    # sharded path reads those files, and the host path reads a pod's.
+    assert ckpt_lib.through_host(abs_state)
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(abs_state)):
+        assert a.sharding == b.sharding
+    monkeypatch.setattr(ckpt_lib, "HOST_SIDE_MAX_BYTES", 0)
+    sharded = ck.restore(step, abs_state, None)
+    pod = ckpt_lib.Checkpointer(str(tmp_path / "pod"), async_save=False)
+    pod.save(step, sharded, None, {"step": step})
+    monkeypatch.undo()
+    for got in (sharded, pod.restore(step, abs_state, None)):
+        for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(got)):
+            assert a.sharding == b.sharding
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    pod.close()
     ck.close()
 
 
