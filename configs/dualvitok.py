@@ -144,6 +144,8 @@ def tokenizer_train_config(*, steps: int, batch_size: int, lr: float, trainable,
                            disc_start: int, disc_ndf: int, disc_layers: int) -> mlc.ConfigDict:
     return mlc.ConfigDict(dict(
         steps=steps, batch_size=batch_size, lr=lr, b1=0.9, b2=0.95, clip_norm=1.0, warmup_steps=20,
+        schedule="constant",     # after warm-up: 'constant' (spec §5.1) | 'cosine' | 'linear' decay ...
+        end_lr_ratio=0.1,        # ... to lr * end_lr_ratio at `steps` (cosine / linear only)
         weight_decay=0.0, trainable=tuple(trainable), loss_weights=loss_weights,
         perceptual=perceptual,   # 'vit' (phase-1 ViT features; offline default) | 'lpips_vgg' | 'none'
         lpips_path="",           # 'lpips_vgg': converted LPIPS-VGG16 weights (.npz / .safetensors)

@@ -218,6 +218,10 @@ def validate_tokenizer(config: Any, *, training: bool = True):
     for k in ("dead_code_patience", "dead_code_until"):
         if not isinstance(t.get(k, 0), int) or t.get(k, 0) < 0:
             _fail(f"train.{k}", t[k], "an int >= 0 (0 = off / until the last step)")
+    if t.get("schedule", "constant") not in SCHEDULES:
+        _fail("train.schedule", t.schedule, f"one of {SCHEDULES}")
+    if not 0 <= t.get("end_lr_ratio", 1.0) <= 1:
+        _fail("train.end_lr_ratio", t.end_lr_ratio, "a number in [0, 1]")
     if t.perceptual not in PERCEPTUAL:
         _fail("train.perceptual", t.perceptual, f"one of {PERCEPTUAL}")
     if training and t.perceptual == "lpips_vgg" and not t.lpips_path:

@@ -15,6 +15,7 @@ carried in the state and checkpointed with it.
 from __future__ import annotations
 
 import os
+import types
 from typing import Any
 
 import jax
@@ -60,11 +61,13 @@ def make_model(model_cfg: Any, rngs: nnx.Rngs):
     raise ValueError(f"config.model.kind={model_cfg.kind!r}: expected 'dualvitok' or 'semantic_vq'")
 
 
-def _adam(t: Any) -> optax.GradientTransformation:
+def _adam(t: Any, name: str = "tokenizer") -> optax.GradientTransformation:
     # The official trainer configures weight decay but never hands it to torch Adam (spec §5.1);
-    # we apply what the config says (0 by default = what the official run did). Constant LR after warm-up.
-    warm = max(int(t.warmup_steps), 1)
-    sched = optax.join_schedules([optax.linear_schedule(0.0, t.lr, warm), optax.constant_schedule(t.lr)], [warm])
+    # we apply what the config says (0 by default = what the official run did). The official LR is
+    # constant after warm-up; `schedule` = cosine | linear decays it to lr * end_lr_ratio at `steps`.
+    sched = optim.schedule(types.SimpleNamespace(
+        name=name, lr=t.lr, warmup_steps=max(int(t.warmup_steps), 1), steps=t.steps,
+        schedule=getattr(t, "schedule", "constant"), end_lr_ratio=getattr(t, "end_lr_ratio", 1.0)))
     chain = [optax.clip_by_global_norm(t.clip_norm)] if t.clip_norm > 0 else []
     chain.append(optax.adamw(sched, b1=t.b1, b2=t.b2, eps=1e-8, weight_decay=t.weight_decay))
     return optax.chain(*chain)
@@ -128,7 +131,7 @@ def pretrain_vit(config: Any, workdir: str, mesh, *, stop_after_steps: int | Non
     make = lambda: siglip.SigLIP(config, len(vocab), rngs=nnx.Rngs(config.seed))  # noqa: E731
     with sharding.use_mesh(mesh):
         graphdef, abs_params = nnx.split(nnx.eval_shape(make), nnx.Param)
-    tx = _adam(p)
+    tx = _adam(p, "vit_pretrain")
 
     def fresh(params):
         return TokenizerState(step=jnp.zeros((), jnp.int32), params=params, buffers=None, opt_state=tx.init(params),
@@ -233,7 +236,7 @@ class TokenizerTrainer:
             make_disc = lambda: PatchGAN(3, t.disc_ndf, t.disc_layers, rngs=nnx.Rngs(config.seed + 7))  # noqa: E731
             with sharding.use_mesh(mesh):
                 self.disc_graphdef, abs_disc = nnx.split(nnx.eval_shape(make_disc), nnx.Param)
-            self.disc_tx = _adam(t)
+            self.disc_tx = _adam(t, "discriminator")
         else:
             make_disc, abs_disc = None, None
         self.perceptual, self.pparams = make_perceptual(config, workdir, mesh) if training else (None, None)

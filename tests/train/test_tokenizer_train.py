@@ -52,6 +52,31 @@ def test_configs_validate():
         config_check.validate_tokenizer(bad)
 
 
+def test_lr_schedule_decays_to_the_configured_end():
+    """Adam on a constant gradient steps by exactly the LR, so the updates read the schedule back."""
+    t = dualvitok_config.get_config("size=tiny,steps=10").train
+    t.update(warmup_steps=1, clip_norm=0.0)
+    def updates(schedule):
+        t.schedule = schedule
+        tx = tok._adam(t)
+        params = {"w": np.zeros(2, np.float32)}
+        state, out = tx.init(params), []
+        for _ in range(11):
+            u, state = tx.update({"w": np.ones(2, np.float32)}, state, params)
+            out.append(-float(u["w"][0]))
+        return np.array(out)
+    lr = t.lr
+    np.testing.assert_allclose(updates("constant")[1:], lr, rtol=1e-4)
+    cosine = updates("cosine")
+    np.testing.assert_allclose(cosine[[1, 10]], [lr, lr * t.end_lr_ratio], rtol=1e-4)
+    assert np.all(np.diff(cosine[1:]) < 0)
+    for bad in (dict(schedule="step"), dict(schedule="cosine", end_lr_ratio=1.5)):
+        c = dualvitok_config.get_config("size=tiny")
+        c.train.update(**bad)
+        with pytest.raises(ValueError, match="train." + list(bad)[-1]):
+            config_check.validate_tokenizer(c)
+
+
 def _params(state):
     return [np.asarray(x) for x in jax.tree.leaves(state.params)]
 
