@@ -56,6 +56,7 @@ def test_lr_schedule_decays_to_the_configured_end():
     """Adam on a constant gradient steps by exactly the LR, so the updates read the schedule back."""
     t = dualvitok_config.get_config("size=tiny,steps=10").train
     t.update(warmup_steps=1, clip_norm=0.0)
+
     def updates(schedule):
         t.schedule = schedule
         tx = tok._adam(t)
