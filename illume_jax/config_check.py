@@ -160,14 +160,16 @@ def is_tokenizer_config(config: Any) -> bool:
     return "model" in config and "kind" in config.model and "train" in config
 
 
-def _check_weights_from(config: Any, kinds: tuple[str, ...]) -> None:
-    """model_init.weights_from, when set, must be a converted-weights folder of one of `kinds`."""
+def _check_weights_from(config: Any, kinds: tuple[str, ...], expected: str = "") -> None:
+    """model_init.weights_from, when set, must be a converted-weights folder of one of `kinds`
+    (`expected`: what else the caller accepts, for the error message)."""
     path = config.get("model_init", {}).get("weights_from", "")
     if not path:
         return
     from illume_jax.convert import weights
     if not weights.is_converted(path):
-        _fail("model_init.weights_from", path, "a folder written by `python -m illume_jax convert --from=official`")
+        _fail("model_init.weights_from", path,
+              "a folder written by `python -m illume_jax convert --from=official`" + expected)
     weights.check_kind(path, kinds, "config.model_init.weights_from")
 
 
@@ -198,7 +200,11 @@ def validate_tokenizer(config: Any, *, training: bool = True):
         _fail("checkpoint.directory", config.checkpoint.directory, "'' (the tokenizer trainer keeps its phases' "
               "checkpoints in the workdir; only the staged `train` loop reads checkpoint.directory)")
     _check_keys("model_init", config.model_init, {"vit_from", "weights_from"})
-    _check_weights_from(config, ("dualvitok",) if kind == "dualvitok" else ())
+    from illume_jax.train.tokenizer import is_tokenizer_run
+    fine_tunes_run = is_tokenizer_run(config.model_init.weights_from)  # its model is compared at start
+    if not fine_tunes_run:
+        _check_weights_from(config, ("dualvitok",) if kind == "dualvitok" else (),
+                            " or a train-tokenizer workdir with a tokenizer checkpoint")
     d, t = config.data, config.train
     if d.source not in IMAGE_SOURCES:
         _fail("data.source", d.source, f"one of {IMAGE_SOURCES}")
@@ -226,9 +232,10 @@ def validate_tokenizer(config: Any, *, training: bool = True):
         _fail("train.perceptual", t.perceptual, f"one of {PERCEPTUAL}")
     if training and t.perceptual == "lpips_vgg" and not t.lpips_path:
         _fail("train.lpips_path", t.lpips_path, "a converted LPIPS-VGG16 weights file when perceptual='lpips_vgg'")
-    if t.perceptual == "vit" and config.vit_pretrain.steps <= 0 and not config.model_init.vit_from:
-        _fail("train.perceptual", t.perceptual, "'vit' only with a pre-trained ViT (vit_pretrain.steps > 0 or "
-              "model_init.vit_from)")
+    pretrains = config.vit_pretrain.steps > 0 and not config.model_init.weights_from  # weights_from skips it
+    if t.perceptual == "vit" and not (pretrains or config.model_init.vit_from or fine_tunes_run):
+        _fail("train.perceptual", t.perceptual, "'vit' only with a pre-trained ViT (vit_pretrain.steps > 0, "
+              "model_init.vit_from, or model_init.weights_from naming a train-tokenizer run)")
     if config.vit_pretrain.steps > 0 and d.source != "shapecomp":
         _fail("vit_pretrain.steps", config.vit_pretrain.steps, "0 unless data.source='shapecomp' (captions needed)")
     for pattern in t.trainable:

@@ -206,7 +206,7 @@ def make_perceptual(config: Any, workdir: str, mesh):
         if kind == "vit":
             from illume_jax.models import siglip
             vit_module = siglip._vit_for(config, nnx.Rngs(config.seed))
-            load_pretrained_vit(vit_module, config.model_init.vit_from or workdir)
+            load_pretrained_vit(vit_module, perceptual_vit_dir(config, workdir))
             graphdef, pparams = nnx.split(vit_module, nnx.Param)
             return (lambda p, x, y: siglip.feature_distance(nnx.merge(graphdef, p), x, y, config)), pparams
     raise ValueError(f"config.train.perceptual={kind!r}: expected 'none', 'vit' or 'lpips_vgg'")
@@ -216,6 +216,59 @@ def make_perceptual(config: Any, workdir: str, mesh):
 
 def tokenizer_dir(workdir: str) -> str:
     return os.path.join(workdir, "tokenizer")
+
+
+def _latest_tokenizer_step(workdir: str) -> int | None:
+    directory = os.path.join(tokenizer_dir(os.path.abspath(workdir)), "checkpoints")
+    if not os.path.isdir(directory):
+        return None
+    ckpt = ckpt_lib.Checkpointer(directory, async_save=False)
+    step = ckpt.latest_step()
+    ckpt.close()
+    return step
+
+
+def is_tokenizer_run(path: str) -> bool:
+    """Whether `path` is a train-tokenizer workdir with at least one tokenizer checkpoint."""
+    return bool(path) and _latest_tokenizer_step(path) is not None
+
+
+def perceptual_vit_dir(config: Any, workdir: str) -> str:
+    """Where the 'vit' perceptual loss reads its phase-1 ViT: model_init.vit_from, else the run
+    that model_init.weights_from fine-tunes, else this workdir."""
+    weights_from = config.model_init.get("weights_from", "")
+    if config.model_init.vit_from:
+        return config.model_init.vit_from
+    return weights_from if weights_from and is_tokenizer_run(weights_from) else workdir
+
+
+def restore_run_weights(config: Any, run: str, abstract: TokenizerState) -> tuple[Any, Any]:
+    """(params, buffers) of the latest tokenizer checkpoint in the train-tokenizer workdir `run`,
+    restored into `abstract` (this config's state). The run's model config must equal
+    config.model: a different architecture is named here, not left to a shape error."""
+    source = saved_config(run)
+    if source is not None and source.model.to_json() != config.model.to_json():
+        mine, theirs = _flat(config.model.to_dict()), _flat(source.model.to_dict())
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        raise ValueError(f"config.model_init.weights_from={run!r} was trained with a different model: "
+                         + ", ".join(f"model.{k}={theirs.get(k)!r} there, {mine.get(k)!r} here" for k in diff[:6]))
+    step = _latest_tokenizer_step(run)
+    ckpt = ckpt_lib.Checkpointer(os.path.join(tokenizer_dir(os.path.abspath(run)), "checkpoints"), async_save=False)
+    try:
+        got = ckpt.restore_fields(step, abstract, ("params", "buffers"))
+    finally:
+        ckpt.close()
+    return got.params, got.buffers
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return out
 
 
 class TokenizerTrainer:
@@ -279,6 +332,11 @@ class TokenizerTrainer:
     def init_state(self) -> TokenizerState:
         state = self._init()
         weights_from = self.config.model_init.get("weights_from", "")
+        if weights_from and is_tokenizer_run(weights_from):
+            # Fine-tuning one of our runs (say a GAN phase after an L2 + perceptual one): its model
+            # weights, frozen ViT and codebooks included; a fresh optimizer, discriminator and code ages.
+            params, buffers = restore_run_weights(self.config, weights_from, self.abstract)
+            return state.replace(params=params, buffers=buffers)
         if weights_from:  # fine-tuning converted official weights: every variable comes from there
             from illume_jax.convert import weights
             weights.check_kind(weights_from, ("dualvitok",), "config.model_init.weights_from")
@@ -437,7 +495,8 @@ def train_tokenizer(config: Any, workdir: str, *, mesh=None, stop_after_steps: i
     workdir = os.path.abspath(workdir)
     mesh = mesh or sharding.make_mesh(dict(config.mesh))
     summary = {}
-    if config.vit_pretrain.steps > 0:
+    # Fine-tuning a run or converted weights: the frozen ViT comes with them, phase 1 is skipped.
+    if config.vit_pretrain.steps > 0 and not config.model_init.get("weights_from", ""):
         pre = pretrain_vit(config, workdir, mesh, stop_after_steps=stop_after_steps)
         summary["vit_pretrain"] = {k: v for k, v in pre.items() if k != "state"}
         if pre["preempted"]:
@@ -466,11 +525,7 @@ def saved_config(workdir: str):
     if weights.is_converted(workdir):  # official weights converted by `python -m illume_jax convert`
         return weights.read_config(workdir)
     directory = os.path.join(tokenizer_dir(os.path.abspath(workdir)), "checkpoints")
-    if not os.path.isdir(directory):
-        return None
-    ckpt = ckpt_lib.Checkpointer(directory, async_save=False)
-    step = ckpt.latest_step()
-    ckpt.close()
+    step = _latest_tokenizer_step(workdir)
     meta = os.path.join(directory, str(step), "meta", "metadata") if step is not None else ""
     if not meta or not os.path.exists(meta):
         return None

@@ -109,6 +109,44 @@ def test_dualvitok_training_resumes_exactly(tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+def test_fine_tuning_starts_from_a_runs_weights(tmp_path):
+    """model_init.weights_from naming a train-tokenizer workdir (a GAN phase after an L2 one, say):
+    the new run starts from that run's latest weights with a fresh optimizer and step count, and
+    a run of another architecture is refused by name."""
+    config = micro_tokenizer_config()
+    config.train.steps = 2
+    first = tok.train_tokenizer(config, str(tmp_path / "first"))
+    tuned = micro_tokenizer_config()
+    tuned.model_init.weights_from = str(tmp_path / "first")
+    tuned.train.update(steps=3, disc_start=0)
+    config_check.validate_tokenizer(tuned)
+    out = tok.train_tokenizer(tuned, str(tmp_path / "tuned"), stop_after_steps=2)
+    assert out["preempted"] and int(out["state"].step) == 2
+    start = tok.TokenizerTrainer(tuned, str(tmp_path / "tuned"), first["trainer"].mesh).init_state()
+    assert int(start.step) == 0
+    for a, b in zip(_params(first["state"]), _params(start)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(first["state"].buffers), jax.tree.leaves(start.buffers)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the frozen SimVQ codebooks too
+    # ... and the two training steps (the first at warm-up LR 0) moved them (a trainable weight, not the frozen ViT).
+    from illume_jax.train.optim import path_str
+    after = {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(out["state"].params)[0]}
+    before = {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(start.params)[0]}
+    assert not np.array_equal(after["pixel_encoder/conv_in/kernel"], before["pixel_encoder/conv_in/kernel"])
+    np.testing.assert_array_equal(after["semantic_encoder/vit/patch_embed/kernel"],
+                                  before["semantic_encoder/vit/patch_embed/kernel"])
+
+    other = micro_tokenizer_config()
+    other.model.pixel_codes = 128
+    other.model_init.weights_from = str(tmp_path / "first")
+    with pytest.raises(ValueError, match="pixel_codes=96 there, 128 here"):
+        tok.TokenizerTrainer(other, str(tmp_path / "other"), first["trainer"].mesh).init_state()
+    missing = micro_tokenizer_config()
+    missing.model_init.weights_from = str(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="train-tokenizer workdir"):
+        config_check.validate_tokenizer(missing)
+
+
 def _moved_after_two_steps(config, workdir):
     """{param path: whether two training steps changed it}, and the buffers before / after."""
     trainer = tok.TokenizerTrainer(config, workdir, tok.sharding.make_mesh(dict(config.mesh)))
