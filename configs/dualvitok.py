@@ -102,7 +102,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         # Trainable: everything but the ViT (which is frozen, spec §5.1).
         trainable=("semantic_encoder/(proj_in|blocks|proj_out)/.*", "semantic_quantizer/.*", "semantic_decoder/.*",
                    "pixel_.*") + (("semantic_encoder/vit/.*",) if pixel_only else ()),
-        loss_weights=dict(l2=1.0, perceptual=1.0 if not tiny else 0.1, gan=0.5, pixel_commit=1.0,
+        # l1: off as in the official recipe (L2 only); taming-VQGAN's L1 pixel loss when > 0.
+        loss_weights=dict(l2=1.0, l1=0.0, perceptual=1.0 if not tiny else 0.1, gan=0.5, pixel_commit=1.0,
                           semantic_commit=1.0, semantic_cosine=0.0 if pixel_only else 1.0),
         # pixel: no text-aligned network anywhere (the tiny perceptual loss uses the SigLIP ViT's features).
         perceptual="none" if pixel_only else ("vit" if tiny else "lpips_vgg"),
@@ -149,8 +150,9 @@ def tokenizer_train_config(*, steps: int, batch_size: int, lr: float, trainable,
         weight_decay=0.0, trainable=tuple(trainable), loss_weights=loss_weights,
         perceptual=perceptual,   # 'vit' (phase-1 ViT features; offline default) | 'lpips_vgg' | 'none'
         lpips_path="",           # 'lpips_vgg': converted LPIPS-VGG16 weights (.npz / .safetensors)
-        disc_start=disc_start,   # step at which the PatchGAN loss switches on; -1 = no discriminator
-        disc_weight=0.5, disc_ndf=disc_ndf, disc_layers=disc_layers,
+        # The PatchGAN hinge loss switches on at this step (-1 = no discriminator); its weight d_w,
+        # on the generator's and the discriminator's side alike, is loss_weights.gan.
+        disc_start=disc_start, disc_ndf=disc_ndf, disc_layers=disc_layers,
         dead_code_patience=0,    # > 0: a code unused for this many steps is restarted on an encoder output
         dead_code_until=0,       # last step that restarts (0 = train.steps)
         eval_every=0,            # validation during training (0: only at the end)

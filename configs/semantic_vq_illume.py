@@ -56,7 +56,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         steps=a.steps or (1200 if tiny else 100_000), batch_size=a.batch or (16 if tiny else 256),
         lr=1e-3 if tiny else 1e-4,
         trainable=("down/.*", "quantizer/.*", "decoder/.*") + (("pixel_in/.*", "pixel_head/.*") if tiny else ()),
-        loss_weights=dict(l2=1.0, perceptual=0.1, gan=0.5, commit=1.0, feature=1.0),
+        loss_weights=dict(l2=1.0, l1=0.0, perceptual=0.1, gan=0.5, commit=1.0, feature=1.0),
         perceptual="vit" if tiny else "none", disc_start=-1, disc_ndf=16, disc_layers=2)
     if tiny:  # dead-code restarts as in the tiny DualViTok: without them a few dozen codes covered the
         # flat backgrounds and colours (usage 15%, ceiling 0.27); with them 99% at step 300 (README)

@@ -362,6 +362,8 @@ class TokenizerTrainer:
         if out.recon is not None:
             rec = out.recon.astype(jnp.float32)
             terms["l2"] = jnp.mean((images - rec) ** 2)
+            if self.weights.get("l1", 0.0) > 0:  # taming-VQGAN's pixel loss; the median keeps edges sharper
+                terms["l1"] = jnp.mean(jnp.abs(images - rec))
             if self.perceptual is not None:
                 terms["perceptual"] = self.perceptual(pparams, images, rec)
             if disc_on:
@@ -400,7 +402,8 @@ class TokenizerTrainer:
 
                 def d_loss_fn(dp):
                     d = nnx.merge(self.disc_graphdef, dp)
-                    return t.disc_weight * hinge_d_loss(d(images), d(fake))
+                    # One d_w for both sides, as the official loss: loss_weights.gan.
+                    return self.weights["gan"] * hinge_d_loss(d(images), d(fake))
                 d_loss, d_grads = jax.value_and_grad(d_loss_fn)(state.disc_params)
                 d_updates, d_opt = self.disc_tx.update(d_grads, state.disc_opt_state, state.disc_params)
                 new = new.replace(disc_params=optax.apply_updates(state.disc_params, d_updates), disc_opt_state=d_opt)

@@ -119,9 +119,13 @@ def test_fine_tuning_starts_from_a_runs_weights(tmp_path):
     tuned = micro_tokenizer_config()
     tuned.model_init.weights_from = str(tmp_path / "first")
     tuned.train.update(steps=3, disc_start=0)
+    tuned.train.loss_weights.l1 = 0.5  # the optional L1 pixel term joins the loss when weighted
     config_check.validate_tokenizer(tuned)
     out = tok.train_tokenizer(tuned, str(tmp_path / "tuned"), stop_after_steps=2)
     assert out["preempted"] and int(out["state"].step) == 2
+    rows = [json.loads(l) for l in open(tmp_path / "tuned" / "tokenizer" / "metrics.jsonl")]
+    assert all("l1" in r and "gan" in r for r in rows if "loss" in r), rows
+    assert not any("l1" in r for r in map(json.loads, open(tmp_path / "first" / "tokenizer" / "metrics.jsonl")))
     start = tok.TokenizerTrainer(tuned, str(tmp_path / "tuned"), first["trainer"].mesh).init_state()
     assert int(start.step) == 0
     for a, b in zip(_params(first["state"]), _params(start)):
