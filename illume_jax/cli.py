@@ -14,7 +14,8 @@ Commands:
   train-tokenizer  train a vision tokenizer (configs/dualvitok.py, configs/semantic_vq_illume.py),
                  pre-training its tiny semantic ViT first when configured; resumes from the workdir
   eval-tokenizer score the latest tokenizer checkpoint in --workdir (PSNR, SSIM, codebook usage and, on
-                 ShapeComp, the tokenizer ceiling; --num=N validation images, default config.train.eval_images)
+                 ShapeComp, the tokenizer ceiling; --num=N validation images, default config.train.eval_images;
+                 --unquantized: also with the quantisers bypassed, to tell a codebook limit from an autoencoder one)
                  -> <workdir>/tokenizer/eval_step<S>.json; re-scores old runs after a scorer change
   encode-dataset pre-tokenize the config's images into codes (ArrayRecord) with the trained
                  tokenizer in --workdir (--split=train, --num=0 means all, --min_size=16)
@@ -58,6 +59,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: co
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics, tokenizer, data).")
 _DATASET = flags.DEFINE_string("dataset", None, "data inspect: dataset name from config.data.datasets.")
 _NUM = flags.DEFINE_integer("num", 3, "data inspect: number of examples to show.")
+_UNQUANTIZED = flags.DEFINE_bool("unquantized", False, "eval-tokenizer: also score images decoded from the "
+                                 "un-quantised latents (unquantized_* figures).")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:4x4x4", "aot: TPU topology name, e.g. v5p:4x4x4 or v5e:2x2.")
 _STAGE = flags.DEFINE_integer("stage", -1, "aot: stage index to compile (-1 = the largest sequence).")
 _WHAT = flags.DEFINE_enum("what", "train", ["train", "decode"], "aot (LLM configs): the train step or the "
@@ -253,7 +256,8 @@ def main(argv: list[str]) -> None:
                     print(f"{phase}:", ", ".join(f"{k}={v:.4g}" for k, v in sorted(final.items())), flush=True)
     elif command == "eval-tokenizer":
         from illume_jax.train import tokenizer
-        row, path = tokenizer.evaluate_checkpoint(config, workdir, num=_NUM.value if _NUM.present else None)
+        row, path = tokenizer.evaluate_checkpoint(config, workdir, num=_NUM.value if _NUM.present else None,
+                                                  unquantized=_UNQUANTIZED.value)
         print("eval-tokenizer:", ", ".join(f"{k}={v:.4g}" for k, v in sorted(row.items())), f"-> {path}", flush=True)
     elif command == "encode-dataset":
         from illume_jax.data.encode import encode_dataset

@@ -265,6 +265,12 @@ class DualViTok(nnx.Module):
         quant = self.merge_quants(sem_q, pix_q)
         return self.pixel_decoder(self.pixel_post_quant_conv(quant), quant)
 
+    def reconstruct_unquantized(self, images: jax.Array) -> jax.Array:
+        """images -> images decoded from the encoders' latents with both quantisers bypassed: the
+        autoencoder's own limit, which tells a codebook bottleneck from an encoder/decoder one."""
+        z_sem, z_pix, _ = self.latents(images)
+        return self.decode_vectors(z_sem, z_pix)
+
     def code_map(self, semantic_codes: jax.Array, pixel_codes: jax.Array) -> jax.Array:
         """Codes -> the merged code map [B,h2,w2,2z] that both the pixel decoder and the ILLUME+
         SDXL diffusion decoder condition on (spec §2: 64 channels at official size)."""

@@ -151,6 +151,12 @@ class SemanticVQ(nnx.Module):
         s = self.cfg.image_size
         return self.decode_pixels(self.quantizer.lookup(codes), size or (s, s))
 
+    def reconstruct_unquantized(self, images: jax.Array) -> jax.Array:
+        """images -> the pixel head's images from the un-quantised features (normalised as the
+        quantiser sees them): the limit of the features and the head, without the codebook."""
+        z, _, _ = self.quantize(images)
+        return self.decode_pixels(self.quantizer.prepare(z), images.shape[1:3])
+
     def reconstruct_features(self, codes: jax.Array) -> jax.Array:
         """Codes -> rebuilt (normalised) ViT features [B, h*w, D]: the diffusion decoder's condition."""
         return self.decoder(self.quantizer.lookup(codes))

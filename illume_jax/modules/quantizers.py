@@ -184,6 +184,10 @@ class VectorQuantizer(nnx.Module):
         x = x.astype(jnp.float32)
         return _l2_normalize(x) if self.l2_normalize else x
 
+    def prepare(self, z: jax.Array) -> jax.Array:
+        """Inputs as the distance sees them (fp32, normalised when l2_normalize)."""
+        return self._prep(z)
+
     def codebook(self) -> jax.Array:
         """The codes actually returned [K, D] fp32 (normalised when l2_normalize)."""
         return self._prep(self.embedding[...])

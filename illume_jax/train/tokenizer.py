@@ -321,9 +321,9 @@ class TokenizerTrainer:
         # Programs are functions of the config and mesh only (weights are arguments); the steps
         # also of `training` (the perceptual network).
         key = ("tokenizer", config.to_json(), mesh_key(mesh))
-        self._init, self._forward = reuse_programs(key, lambda: (
+        self._init, self._forward, self._unquantized = reuse_programs(key, lambda: (
             InitProgram(init, mesh, out_sh, self.abstract),
-            _mesh_jit(self._eval_forward, mesh)))
+            _mesh_jit(self._eval_forward, mesh), _mesh_jit(self._eval_unquantized, mesh)))
         self._steps = reuse_programs(key + ("steps", training), lambda: {
             d: _mesh_jit(self._make_step(d), mesh, out_shardings=(out_sh, None), donate_argnums=(0,))
             for d in ((False, True) if self.use_disc else (False,))})
@@ -448,17 +448,24 @@ class TokenizerTrainer:
         out = model(images, train=False)
         return out.recon, out.codes
 
+    def _eval_unquantized(self, params, buffers, images):
+        return nnx.merge(self.graphdef, params, buffers).reconstruct_unquantized(images)
+
     def reconstruct(self, state: TokenizerState, images: np.ndarray):
         return self._forward(state.params, state.buffers, jnp.asarray(images))
 
-    def evaluate(self, state: TokenizerState, num: int | None = None, batch: int = 64) -> dict:
+    def evaluate(self, state: TokenizerState, num: int | None = None, batch: int = 64, *,
+                 unquantized: bool = False) -> dict:
         """Validation: PSNR, SSIM, codebook usage / perplexity over all codes produced, and on
-        ShapeComp the scorer agreement between originals and reconstructions (tokenizer ceiling)."""
+        ShapeComp the scorer agreement between originals and reconstructions (tokenizer ceiling).
+        `unquantized`: also the same figures for images decoded with the quantisers bypassed
+        (`unquantized_*`): if they are no better, the encoder/decoder limit the ceiling, not the
+        codebooks."""
         c = self.config
         num = num or c.train.eval_images
         src = images_lib.image_source(c.data, "validation", c.data.get("data_dir", ""))
         n = min(num, len(src))
-        originals, recons = [], []
+        originals, recons, bypassed = [], [], []
         counts = {k: np.zeros(v, np.int64) for k, v in self.codebook_sizes.items()}
         for start in range(0, n, batch):
             recs = [src[i] for i in range(start, min(start + batch, n))]
@@ -472,22 +479,27 @@ class TokenizerTrainer:
                 counts[k] += np.bincount(np.asarray(codes[k])[:len(imgs)].ravel(), minlength=counts[k].size)
             if rec is not None:
                 recons += list(images_lib.to_uint8(np.asarray(rec)[:len(imgs)]))
+                if unquantized:
+                    rec_u = self._unquantized(state.params, state.buffers, jnp.asarray(x))
+                    bypassed += list(images_lib.to_uint8(np.asarray(rec_u)[:len(imgs)]))
             originals += imgs
         out = {}
         for k, cnt in counts.items():
             out[f"{k}_usage"] = float((cnt > 0).mean())
             p = cnt / max(cnt.sum(), 1)
             out[f"{k}_perplexity"] = float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
-        if recons:
-            out["val_psnr"] = recon_lib.psnr(np.stack(originals), np.stack(recons))
-            out["val_ssim"] = recon_lib.ssim(np.stack(originals), np.stack(recons))
+        for prefix, images in (("", recons), ("unquantized_", bypassed)):
+            if not images:
+                continue
+            out[f"{prefix}val_psnr"] = recon_lib.psnr(np.stack(originals), np.stack(images))
+            out[f"{prefix}val_ssim"] = recon_lib.ssim(np.stack(originals), np.stack(images))
             if c.data.source == "shapecomp":
                 # The shapes the levels can hold, rotation only where they rotate objects.
                 det_kw = scorer.level_options(c.data.levels)
-                reasons = [recon_lib.reading_mismatch(a, b, **det_kw) for a, b in zip(originals, recons)]
-                out["tokenizer_ceiling"] = float(np.mean([r is None for r in reasons]))
+                reasons = [recon_lib.reading_mismatch(a, b, **det_kw) for a, b in zip(originals, images)]
+                out[f"{prefix}tokenizer_ceiling"] = float(np.mean([r is None for r in reasons]))
                 # Why the rest fail (count / color / shape / offset): where a tokenizer needs work.
-                out.update({f"ceiling_miss_{r}": float(np.mean([x == r for x in reasons]))
+                out.update({f"{prefix}ceiling_miss_{r}": float(np.mean([x == r for x in reasons]))
                             for r in recon_lib.MISMATCH_REASONS})
         return out
 
@@ -561,18 +573,19 @@ def load_tokenizer(config: Any, workdir: str, mesh=None):
     return nnx.merge(trainer.graphdef, state.params, state.buffers), trainer, state
 
 
-def evaluate_checkpoint(config: Any, workdir: str, *, num: int | None = None, mesh=None) -> tuple[dict, str]:
+def evaluate_checkpoint(config: Any, workdir: str, *, num: int | None = None, mesh=None,
+                        unquantized: bool = False) -> tuple[dict, str]:
     """Scores the latest tokenizer checkpoint in `workdir` on `num` validation images (default
     config.train.eval_images) as training's evaluation does, and writes the row to
     <workdir>/tokenizer/eval_step<S>.json: (row, path). Re-scores a finished run after the
-    scorer or the metrics change, without retraining."""
+    scorer or the metrics change, without retraining. `unquantized`: see `TokenizerTrainer.evaluate`."""
     import json
     _, trainer, state = load_tokenizer(config, workdir, mesh)
     num = config.train.eval_images if num is None else num
     if num <= 0:
         raise ValueError(f"eval-tokenizer: --num={num}; expected a positive number of validation images")
     step = int(state.step)
-    row = dict(step=step, images=num, **trainer.evaluate(state, num=num))
+    row = dict(step=step, images=num, **trainer.evaluate(state, num=num, unquantized=unquantized))
     path = os.path.join(tokenizer_dir(os.path.abspath(workdir)), f"eval_step{step}.json")
     with open(path, "w") as f:
         json.dump(row, f, indent=1)

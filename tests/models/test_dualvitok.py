@@ -78,6 +78,12 @@ def test_tiny_encode_decode_round_trip_shapes(tiny):
     out = nnx.jit(lambda m, a: m(a))(model, x)
     np.testing.assert_allclose(np.asarray(out.recon), np.asarray(img), atol=1e-5)
     assert set(out.losses) == {"semantic_commit", "pixel_commit"}
+    # Bypassing the quantisers decodes the latents themselves (eval-tokenizer --unquantized).
+    free = nnx.jit(lambda m, a: m.reconstruct_unquantized(a))(model, x)
+    z_sem, z_pix = nnx.jit(lambda m, a: m.latents(a)[:2])(model, x)
+    assert free.shape == img.shape and not np.allclose(np.asarray(free), np.asarray(img), atol=1e-3)
+    np.testing.assert_allclose(np.asarray(free), np.asarray(nnx.jit(lambda m, a, b: m.decode_vectors(a, b))(
+        model, z_sem, z_pix)), atol=1e-5)
 
 
 def test_tiny_training_forward_has_the_semantic_cosine_loss(tiny):

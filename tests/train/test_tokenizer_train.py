@@ -252,6 +252,10 @@ def test_semantic_vq_trains_and_encode_dataset_writes_codes(tmp_path):
     assert row["step"] == 3 and row["images"] == 8 and json.load(open(path)) == row
     assert row["val_psnr"] == pytest.approx(out["tokenizer"]["val_psnr"], rel=1e-5)
     assert row["tokenizer_ceiling"] == out["tokenizer"]["tokenizer_ceiling"]
+    # --unquantized adds the same figures for the codebook-free images and leaves the others as they were.
+    both, _ = tok.evaluate_checkpoint(c, str(tmp_path), unquantized=True)
+    assert {k: v for k, v in both.items() if not k.startswith("unquantized_")} == row
+    assert 0 <= both["unquantized_tokenizer_ceiling"] <= 1 and both["unquantized_val_psnr"] != row["val_psnr"]
 
     from illume_jax.data.encode import encode_dataset, read_codes
     summary = encode_dataset(c, str(tmp_path), split="validation", batch_size=4)
