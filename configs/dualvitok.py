@@ -91,7 +91,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         c.model.freeze_vit = False
     c.model_init = mlc.ConfigDict(dict(
         vit_from="",             # folder with a pre-trained ViT ('<workdir>/vit_pretrain/final_vit' layout)
-        weights_from="",         # a converted DualViTok folder (`convert --kind=dualvitok`): fine-tune it
+        weights_from="",         # fine-tune: a converted DualViTok folder (`convert --kind=dualvitok`) or a
+                                 # train-tokenizer workdir (its latest checkpoint)
+        reinit=(),               # with a workdir: regexes of variables left freshly initialised (say
+                                 # 'pixel_decoder/.*' for a new decoder on a trained encoder)
     ))
     c.data = tokenizer_data(a.levels, resolution=64 if tiny else 256, workers=a.workers)
     pretrain = (400 if tiny else 0) if a.pretrain_steps < 0 else a.pretrain_steps

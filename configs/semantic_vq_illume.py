@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.seed = 0
     c.mesh = common.mesh_config() if tiny else common.mesh_config(data=1, fsdp=-1)
     c.model = model_config(a.size)
-    c.model_init = mlc.ConfigDict(dict(vit_from="", weights_from=""))
+    c.model_init = mlc.ConfigDict(dict(vit_from="", weights_from="", reinit=()))  # as configs/dualvitok.py
     c.data = tokenizer_data(a.levels, resolution=64 if tiny else 224, workers=a.workers)
     c.vit_pretrain = vit_pretrain_config(steps=(400 if tiny else 0) if a.pretrain_steps < 0 else a.pretrain_steps)
     c.train = tokenizer_train_config(

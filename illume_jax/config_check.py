@@ -199,9 +199,17 @@ def validate_tokenizer(config: Any, *, training: bool = True):
     if config.checkpoint.get("directory"):
         _fail("checkpoint.directory", config.checkpoint.directory, "'' (the tokenizer trainer keeps its phases' "
               "checkpoints in the workdir; only the staged `train` loop reads checkpoint.directory)")
-    _check_keys("model_init", config.model_init, {"vit_from", "weights_from"})
+    _check_keys("model_init", config.model_init, {"vit_from", "weights_from", "reinit"})
     from illume_jax.train.tokenizer import is_tokenizer_run
     fine_tunes_run = is_tokenizer_run(config.model_init.weights_from)  # its model is compared at start
+    reinit = config.model_init.get("reinit", ())
+    if reinit and not fine_tunes_run:
+        _fail("model_init.reinit", reinit, "() unless model_init.weights_from names a train-tokenizer workdir")
+    for pattern in reinit:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as e:
+            _fail("model_init.reinit", pattern, f"a valid regex ({e})")
     if not fine_tunes_run:
         _check_weights_from(config, ("dualvitok",) if kind == "dualvitok" else (),
                             " or a train-tokenizer workdir with a tokenizer checkpoint")

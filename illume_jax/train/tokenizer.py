@@ -15,6 +15,7 @@ carried in the state and checkpointed with it.
 from __future__ import annotations
 
 import os
+import re
 import types
 from typing import Any
 
@@ -242,23 +243,52 @@ def perceptual_vit_dir(config: Any, workdir: str) -> str:
     return weights_from if weights_from and is_tokenizer_run(weights_from) else workdir
 
 
-def restore_run_weights(config: Any, run: str, abstract: TokenizerState) -> tuple[Any, Any]:
-    """(params, buffers) of the latest tokenizer checkpoint in the train-tokenizer workdir `run`,
-    restored into `abstract` (this config's state). The run's model config must equal
-    config.model: a different architecture is named here, not left to a shape error."""
+def restore_run_weights(config: Any, run: str, fresh: TokenizerState, mesh) -> tuple[Any, Any]:
+    """(params, buffers) for a run that fine-tunes the train-tokenizer workdir `run`: every
+    variable from run's latest checkpoint except those matching a `model_init.reinit` regex, which
+    keep their fresh initialisation from `fresh` (a new, wider pixel decoder on a trained encoder,
+    say). Without reinit the run's model config must equal config.model; with it, every variable
+    that is not re-initialised must exist there with the same shape. Mismatches are named."""
+    from illume_jax.train.optim import path_str
+    reinit = [re.compile(p) for p in config.model_init.get("reinit", ())]
     source = saved_config(run)
-    if source is not None and source.model.to_json() != config.model.to_json():
+    if source is None:
+        raise ValueError(f"config.model_init.weights_from={run!r}: its latest tokenizer checkpoint has no saved config")
+    if not reinit and source.model.to_json() != config.model.to_json():
         mine, theirs = _flat(config.model.to_dict()), _flat(source.model.to_dict())
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         raise ValueError(f"config.model_init.weights_from={run!r} was trained with a different model: "
-                         + ", ".join(f"model.{k}={theirs.get(k)!r} there, {mine.get(k)!r} here" for k in diff[:6]))
-    step = _latest_tokenizer_step(run)
+                         + ", ".join(f"model.{k}={theirs.get(k)!r} there, {mine.get(k)!r} here" for k in diff[:6])
+                         + " (model_init.reinit names the variables to initialise afresh)")
+    src_trainer = TokenizerTrainer(source, run, mesh, training=False)
     ckpt = ckpt_lib.Checkpointer(os.path.join(tokenizer_dir(os.path.abspath(run)), "checkpoints"), async_save=False)
     try:
-        got = ckpt.restore_fields(step, abstract, ("params", "buffers"))
+        got = ckpt.restore_fields(_latest_tokenizer_step(run), src_trainer.abstract, ("params", "buffers"))
     finally:
         ckpt.close()
-    return got.params, got.buffers
+    if not reinit:
+        return got.params, got.buffers
+
+    def merge(fresh_tree, loaded_tree, what):
+        loaded = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(loaded_tree)[0]}
+        flat, treedef = jax.tree_util.tree_flatten_with_path(fresh_tree)
+        out, problems = [], []
+        for p, x in flat:
+            name = path_str(p)
+            if any(r.search(name) for r in reinit):
+                out.append(x)
+            elif name not in loaded or loaded[name].shape != x.shape:
+                problems.append(f"{what} {name} {tuple(x.shape)}: "
+                                + (f"{tuple(loaded[name].shape)} in the run" if name in loaded else "not in the run"))
+                out.append(x)
+            else:
+                out.append(jax.device_put(loaded[name], x.sharding))
+        if problems:
+            raise ValueError(f"config.model_init.weights_from={run!r} cannot fill these variables (add them to "
+                             "model_init.reinit to initialise them afresh): " + "; ".join(problems[:6]))
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    return merge(fresh.params, got.params, "param"), merge(fresh.buffers, got.buffers, "buffer")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -335,7 +365,7 @@ class TokenizerTrainer:
         if weights_from and is_tokenizer_run(weights_from):
             # Fine-tuning one of our runs (say a GAN phase after an L2 + perceptual one): its model
             # weights, frozen ViT and codebooks included; a fresh optimizer, discriminator and code ages.
-            params, buffers = restore_run_weights(self.config, weights_from, self.abstract)
+            params, buffers = restore_run_weights(self.config, weights_from, state, self.mesh)
             return state.replace(params=params, buffers=buffers)
         if weights_from:  # fine-tuning converted official weights: every variable comes from there
             from illume_jax.convert import weights

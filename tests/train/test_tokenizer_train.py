@@ -143,8 +143,24 @@ def test_fine_tuning_starts_from_a_runs_weights(tmp_path):
     other = micro_tokenizer_config()
     other.model.pixel_codes = 128
     other.model_init.weights_from = str(tmp_path / "first")
-    with pytest.raises(ValueError, match="pixel_codes=96 there, 128 here"):
+    with pytest.raises(ValueError, match=r"pixel_codes=96 there, 128 here \(model_init.reinit names"):
         tok.TokenizerTrainer(other, str(tmp_path / "other"), first["trainer"].mesh).init_state()
+    # model_init.reinit: a wider pixel decoder on the trained encoder and codebooks.
+    wider = micro_tokenizer_config()
+    wider.model.pixel_decoder.ch = 16
+    wider.model_init.update(weights_from=str(tmp_path / "first"), reinit=("pixel_decoder/",))
+    config_check.validate_tokenizer(wider)
+    grown = tok.TokenizerTrainer(wider, str(tmp_path / "wider"), first["trainer"].mesh).init_state()
+    old = {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(first["state"].params)[0]}
+    new = {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(grown.params)[0]}
+    assert new["pixel_decoder/conv_in/kernel"].shape != old["pixel_decoder/conv_in/kernel"].shape
+    for name, x in new.items():
+        if not name.startswith("pixel_decoder/"):
+            np.testing.assert_array_equal(x, old[name], err_msg=name)
+    wider.model_init.reinit = ("pixel_decoder/mid",)  # too narrow: the other decoder layers cannot load
+    with pytest.raises(ValueError, match=r"pixel_decoder/conv_in/kernel .* in the run"):
+        tok.TokenizerTrainer(wider, str(tmp_path / "w1"), first["trainer"].mesh).init_state()
+
     missing = micro_tokenizer_config()
     missing.model_init.weights_from = str(tmp_path / "nothing")
     with pytest.raises(ValueError, match="train-tokenizer workdir"):
