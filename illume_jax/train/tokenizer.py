@@ -598,7 +598,9 @@ def load_tokenizer(config: Any, workdir: str, mesh=None):
         ckpt.close()
         raise ValueError(f"no tokenizer checkpoint in {tokenizer_dir(workdir)}: run train-tokenizer first")
     # Everything but the optimizer and discriminator (a consumer encodes, decodes or evaluates).
-    state = ckpt.restore_fields(step, trainer.abstract, ("step", "params", "buffers", "rng", "code_age"))
+    # Not the dead-code ages either: a training-only statistic, saved only when restarts were on,
+    # so a run trained without them loads under a config that has them (and the other way round).
+    state = ckpt.restore_fields(step, trainer.abstract, ("step", "params", "buffers", "rng"))
     ckpt.close()
     return nnx.merge(trainer.graphdef, state.params, state.buffers), trainer, state
 

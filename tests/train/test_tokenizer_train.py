@@ -161,6 +161,12 @@ def test_fine_tuning_starts_from_a_runs_weights(tmp_path):
     with pytest.raises(ValueError, match=r"pixel_decoder/conv_in/kernel .* in the run"):
         tok.TokenizerTrainer(wider, str(tmp_path / "w1"), first["trainer"].mesh).init_state()
 
+    # A consumer loads the run under a config without dead-code restarts (no code ages to restore).
+    plain = micro_tokenizer_config()
+    plain.train.update(steps=2, dead_code_patience=0)
+    _, _, loaded = tok.load_tokenizer(plain, str(tmp_path / "first"), first["trainer"].mesh)
+    assert int(loaded.step) == 2 and loaded.code_age is None
+
     missing = micro_tokenizer_config()
     missing.model_init.weights_from = str(tmp_path / "nothing")
     with pytest.raises(ValueError, match="train-tokenizer workdir"):
