@@ -255,7 +255,7 @@ def restore_run_weights(config: Any, run: str, fresh: TokenizerState, mesh) -> t
     if source is None:
         raise ValueError(f"config.model_init.weights_from={run!r}: its latest tokenizer checkpoint has no saved config")
     if not reinit and source.model.to_json() != config.model.to_json():
-        mine, theirs = _flat(config.model.to_dict()), _flat(source.model.to_dict())
+        mine, theirs = _flat_model(config), _flat_model(source)
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         raise ValueError(f"config.model_init.weights_from={run!r} was trained with a different model: "
                          + ", ".join(f"model.{k}={theirs.get(k)!r} there, {mine.get(k)!r} here" for k in diff[:6])
@@ -291,14 +291,11 @@ def restore_run_weights(config: Any, run: str, fresh: TokenizerState, mesh) -> t
     return merge(fresh.params, got.params, "param"), merge(fresh.buffers, got.buffers, "buffer")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
-    return out
+def _flat_model(config: Any) -> dict:
+    """config.model as {'a.b': value}, lists as tuples (a saved config comes back from JSON)."""
+    from flax import traverse_util
+    flat = traverse_util.flatten_dict(config.model.to_dict(), sep=".")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in flat.items()}
 
 
 class TokenizerTrainer:
