@@ -1,9 +1,11 @@
 """Attention kernels side by side on the current backend: numerics against the XLA path
-(fp32 reference) and forward+backward time, for unpacked and packed (segment ids) rows.
+(fp32 reference) and forward+backward time, for causal, packed (segment ids, causal) and
+bidirectional (vision encoders: no mask) rows.
 
-  python bench/attention.py                      # CPU: xla (+ splash in the Pallas interpreter, numerics only)
+  python bench/attention.py                      # CPU: xla vs the per-example 'cpu' kernel
+  python bench/attention.py --batch 16 --seq 1024 --heads 4 --kv_heads 4 --head_dim 16 --tag tiny_vit
   python bench/attention.py --batch 4 --seq 4096 # GPU: xla vs cudnn (bf16)
-Prints a table and writes bench/results/attention_<backend>.json.
+Prints a table and writes bench/results/attention_<backend>[_<tag>].json.
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ def main():
     p.add_argument("--kv_heads", type=int, default=4)
     p.add_argument("--head_dim", type=int, default=128)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--tag", default="", help="suffix of the results file (several shapes per backend)")
     args = p.parse_args()
     backend = jax.default_backend()
     dtype = jnp.dtype(args.dtype or ("bfloat16" if backend == "gpu" else "float32"))
@@ -54,37 +58,39 @@ def main():
     seg = jnp.asarray(np.tile(seg_row, (B, 1)))
     valid = np.asarray(seg_row > 0)
 
-    impls = ["xla"] + (["cudnn"] if backend == "gpu" else []) + (["splash"] if backend == "tpu" else [])
+    impls = (["xla"] + (["cpu"] if backend == "cpu" else []) + (["cudnn"] if backend == "gpu" else [])
+             + (["splash"] if backend == "tpu" else []))
+    masks = (("causal", None, True), ("packed", seg, True), ("bidir", None, False))
     rows = []
     print(f"backend={backend} dtype={dtype.name} B={B} T={T} N={N} K={K} H={H}")
     print(f"{'impl':8s} {'mask':7s} {'max|err|':>9s} {'fwd ms':>8s} {'fwd+bwd ms':>11s} {'fwd TFLOP/s':>11s}")
     ref32 = {name: attend(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
-                          q_segment_ids=s, kv_segment_ids=s, implementation="xla")
-             for name, s in (("causal", None), ("packed", seg))}
+                          q_segment_ids=s, kv_segment_ids=s, implementation="xla", causal=causal)
+             for name, s, causal in masks}
     for impl in impls:
-        for name, s in (("causal", None), ("packed", seg)):
-            fwd = jax.jit(lambda q, k, v, s=s, impl=impl: attend(q, k, v, q_segment_ids=s, kv_segment_ids=s,
-                                                                  implementation=impl))
-            loss = jax.jit(jax.grad(lambda q, k, v, s=s, impl=impl: jnp.sum(
-                attend(q, k, v, q_segment_ids=s, kv_segment_ids=s, implementation=impl).astype(jnp.float32) ** 2),
-                argnums=(0, 1, 2)))
+        for name, s, causal in masks:
+            kw = dict(q_segment_ids=s, kv_segment_ids=s, implementation=impl, causal=causal)
+            fwd = jax.jit(lambda q, k, v, kw=kw: attend(q, k, v, **kw))
+            loss = jax.jit(jax.grad(lambda q, k, v, kw=kw: jnp.sum(attend(q, k, v, **kw).astype(jnp.float32) ** 2),
+                                    argnums=(0, 1, 2)))
             try:
                 out = fwd(q, k, v)
                 err = np.asarray(jnp.abs(out.astype(jnp.float32) - ref32[name]))
                 err = float(err[:, valid].max() if name == "packed" else err.max())
-                t_fwd, t_bwd = timeit(fwd, q, k, v), timeit(loss, q, k, v)
+                t_fwd, t_bwd = timeit(fwd, q, k, v, iters=args.iters), timeit(loss, q, k, v, iters=args.iters)
             except Exception as e:  # e.g. out of memory: report it as a row, keep going
                 rows.append(dict(impl=impl, mask=name, error=str(e).splitlines()[0][:120]))
                 print(f"{impl:8s} {name:7s} failed: {rows[-1]['error']}", flush=True)
                 continue
-            flops = 4 * B * N * T * T * H / 2 * (1 if name == "causal" else 0.6)  # causal half
+            # useful FLOPs: causal counts half the square, packed ~0.6 of that (three segments + padding)
+            flops = 4 * B * N * T * T * H * {"causal": 0.5, "packed": 0.3, "bidir": 1.0}[name]
             rows.append(dict(impl=impl, mask=name, max_abs_err=err, fwd_ms=t_fwd * 1e3, fwd_bwd_ms=t_bwd * 1e3,
                              fwd_tflops=flops / t_fwd / 1e12))
             r = rows[-1]
             print(f"{r['impl']:8s} {r['mask']:7s} {r['max_abs_err']:9.2e} {r['fwd_ms']:8.2f} "
-                  f"{r['fwd_bwd_ms']:11.2f} {r['fwd_tflops']:11.2f}", flush=True)
+                  f"{r['fwd_bwd_ms']:11.2f} {r['fwd_tflops']:11.3f}", flush=True)
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", f"attention_{backend}.json"), "w") as f:
+    with open(os.path.join(os.path.dirname(__file__), "results", f"attention_{backend}{'_' + args.tag if args.tag else ''}.json"), "w") as f:
         json.dump(dict(backend=backend, device=str(jax.devices()[0].device_kind), dtype=dtype.name,
                        shape=dict(B=B, T=T, N=N, K=K, H=H), rows=rows), f, indent=1)
 

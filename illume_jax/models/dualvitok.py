@@ -163,6 +163,12 @@ def qwen2_vit_tokens(model: vit.Qwen2VisionTransformer, images: jax.Array) -> tu
     return feats, (gh // m, gw // m)
 
 
+def block_attention(vit_attention: str) -> str:
+    """The kernel of the tokenizer's own ViT blocks: its ViT's, except splash (their short raster
+    sequences rarely fill splash's blocks), which falls back to 'xla'."""
+    return "xla" if vit_attention == "splash" else vit_attention
+
+
 class SemanticEncoder(nnx.Module):
     def __init__(self, cfg: DualViTokConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -171,7 +177,8 @@ class SemanticEncoder(nnx.Module):
         self.proj_in = Dense((cfg.vit.hidden_size,), (cfg.semantic_dim,), axes=("embed", "mlp"), use_bias=True,
                              dtype=dt, rngs=rngs)
         self.blocks = vit.VisionBlockStack(cfg.semantic_blocks, cfg.semantic_dim, cfg.semantic_heads,
-                                           cfg.semantic_mlp_dim, dtype=cfg.dtype, remat=cfg.vit.remat, rngs=rngs)
+                                           cfg.semantic_mlp_dim, dtype=cfg.dtype, remat=cfg.vit.remat,
+                                           attention=block_attention(cfg.vit.attention), rngs=rngs)
         self.proj_out = Dense((cfg.semantic_dim,), (cfg.z_channels,), axes=("embed", None), use_bias=True,
                               dtype=dt, rngs=rngs)
 
@@ -192,10 +199,11 @@ class FeatureDecoder(nnx.Module):
     DualViTok's semantic decoder and the ILLUME semantic VQ's feature decoder."""
 
     def __init__(self, code_dim: int, width: int, num_blocks: int, heads: int, mlp_dim: int, out_dim: int, *,
-                 dtype: str, remat: str, rngs: nnx.Rngs):
+                 dtype: str, remat: str, attention: str = "xla", rngs: nnx.Rngs):
         dt = jnp.dtype(dtype)
         self.proj_in = Dense((code_dim,), (width,), axes=(None, "embed"), use_bias=True, dtype=dt, rngs=rngs)
-        self.blocks = vit.VisionBlockStack(num_blocks, width, heads, mlp_dim, dtype=dtype, remat=remat, rngs=rngs)
+        self.blocks = vit.VisionBlockStack(num_blocks, width, heads, mlp_dim, dtype=dtype, remat=remat,
+                                           attention=attention, rngs=rngs)
         self.proj_out = Dense((width,), (out_dim,), axes=("embed", "mlp"), use_bias=True, dtype=dt, rngs=rngs)
         self.norm_out = nnx.LayerNorm(out_dim, epsilon=1e-5, rngs=rngs,
                                       scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
@@ -217,7 +225,8 @@ class DualViTok(nnx.Module):
                                                    beta=cfg.commitment_beta, rngs=rngs)
         self.semantic_decoder = FeatureDecoder(cfg.z_channels, cfg.semantic_dim, cfg.semantic_decoder_blocks,
                                                cfg.semantic_heads, cfg.semantic_mlp_dim, cfg.vit.hidden_size,
-                                               dtype=cfg.dtype, remat=cfg.vit.remat, rngs=rngs)
+                                               dtype=cfg.dtype, remat=cfg.vit.remat,
+                                               attention=block_attention(cfg.vit.attention), rngs=rngs)
         self.pixel_encoder = movq.MoVQEncoder(cfg.pixel_encoder, rngs=rngs)
         self.pixel_quant_conv = Dense((cfg.pixel_encoder.z_channels,), (cfg.z_channels,), axes=(None, None),
                                       use_bias=True, dtype=dt, rngs=rngs)

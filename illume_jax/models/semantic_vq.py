@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from illume_jax.models import movq, vit
-from illume_jax.models.dualvitok import (CLIP_MEAN, CLIP_STD, FeatureDecoder, TokenizerOutput, cosine_loss,
-                                         layer_norm_no_affine)
+from illume_jax.models.dualvitok import (CLIP_MEAN, CLIP_STD, FeatureDecoder, TokenizerOutput, block_attention,
+                                         cosine_loss, layer_norm_no_affine)
 from illume_jax.modules import quantizers, resample
 from illume_jax.modules.linear import Dense
 
@@ -101,7 +101,7 @@ class SemanticVQ(nnx.Module):
                                                     rngs=rngs)
         self.decoder = FeatureDecoder(cfg.code_dim, cfg.decoder_dim, cfg.decoder_blocks, cfg.decoder_heads,
                                       cfg.decoder_mlp_dim, cfg.vit.hidden_size, dtype=cfg.dtype, remat=cfg.vit.remat,
-                                      rngs=rngs)
+                                      attention=block_attention(cfg.vit.attention), rngs=rngs)
         if cfg.pixel_head is not None:
             self.pixel_in = Dense((cfg.code_dim,), (cfg.pixel_head.z_channels,), axes=(None, None), use_bias=True,
                                   dtype=dt, rngs=rngs)
