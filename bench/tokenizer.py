@@ -3,6 +3,8 @@
   python bench/tokenizer.py                                  # tiny shapes, CPU (about a minute)
   python bench/tokenizer.py --sizes tiny,official --resolutions 256 --batch 1 --iters 2
   python bench/tokenizer.py --sizes official --resolutions 256,512 --batch 8     # on a GPU/TPU
+  python bench/tokenizer.py --parts dualvitok,qwen2_vit --attention cpu --out bench/results/tokenizer_cpu_vit_cpu.json
+  python bench/tokenizer.py --parts dualvitok,qwen2_vit --attention xla --out bench/results/tokenizer_cpu_vit_xla.json
 
 Rows, for each size and square resolution:
   - dualvitok encode / decode (JAX): the whole DualViTok, images -> (semantic, pixel) codes and
@@ -41,10 +43,16 @@ def _median_s(fn, iters: int) -> float:
     return statistics.median(times)
 
 
+ATTENTION = ""  # --attention: overrides the config's ViT attention kernel ('' = the config's)
+
+
 def _config(size: str):
     from configs import dualvitok as dualvitok_config
     from illume_jax.models.dualvitok import DualViTokConfig
-    return DualViTokConfig.from_config(dualvitok_config.get_config(f"size={size}").model)
+    c = dualvitok_config.get_config(f"size={size}").model
+    if ATTENTION:
+        c.vit.attention = ATTENTION
+    return DualViTokConfig.from_config(c)
 
 
 def bench_dualvitok(size: str, resolution: int, batch: int, iters: int) -> list[dict]:
@@ -89,7 +97,7 @@ def bench_qwen2_vit(size: str, resolution: int, batch: int, iters: int, device: 
                                  temporal_patch_size=c.temporal_patch_size, spatial_merge_size=c.spatial_merge_size)
     torch.manual_seed(0)
     hf = Qwen2VisionTransformerPretrainedModel(hf_cfg).float().eval().to(device)
-    cfg = hf_vit.qwen2vit_config_from_hf(hf.config, remat="none")
+    cfg = hf_vit.qwen2vit_config_from_hf(hf.config, remat="none", attention=c.attention)
     ours = vit.create_qwen2_vit(cfg)
     hf_vit.load_params(ours, hf_vit.qwen2vit_from_torch({k: v.cpu() for k, v in hf.state_dict().items()}, cfg))
     factor = c.patch_size * c.spatial_merge_size
@@ -163,7 +171,10 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--parts", default="dualvitok,qwen2_vit,movq")
     ap.add_argument("--out", default="")
+    ap.add_argument("--attention", default="", help="ViT attention kernel (xla | cpu | cudnn); default: the config's")
     args = ap.parse_args()
+    global ATTENTION
+    ATTENTION = args.attention
     import jax
     import torch
     backend = jax.default_backend()
@@ -193,7 +204,7 @@ def main() -> None:
     meta = dict(backend=backend, devices=[str(d) for d in jax.devices()], torch_device=device,
                 torch_threads=torch.get_num_threads(), jax_version=jax.__version__, torch_version=torch.__version__)
     with open(out, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        json.dump(dict(meta=meta, attention=_config(args.sizes.split(",")[0]).vit.attention, rows=rows), f, indent=1)
     print(f"wrote {out}")
 
 

@@ -56,6 +56,7 @@ def llm_config(**overrides) -> mlc.ConfigDict:
         dtype="float32",         # compute dtype: bfloat16 on accelerators; params stay param_dtype
         param_dtype="float32",
         attention="xla",         # 'xla' (reference, any backend) | 'cudnn' (GPU) | 'splash' (TPU Pallas)
+                                 # | 'cpu' (per-example loop: the fast one on CPU hosts, unsharded batches)
         remat="nothing_saveable",  # 'none' fastest/most memory ... 'nothing_saveable' least memory
         scan_layers=True,        # scan keeps compile time flat in depth
     ))

@@ -54,14 +54,14 @@ def tiny_unet(conditioning: str, code_channels: int, context_dim: int, pooled_di
             transformer_layers_per_block=(1, 1, 1), attention_head_dim=(1, 2, 4), cross_attention_dim=context_dim,
             use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=6 * 8 + pooled_dim, norm_num_groups=16, norm_eps=1e-5,
-            flip_sin_to_cos=True, freq_shift=0, sample_size=32)
+            flip_sin_to_cos=True, freq_shift=0, sample_size=32, attention="cpu")
     # SD 1.x layout in miniature: cross-attention on the semantic features at every attention level.
     return dict(
         in_channels=4, out_channels=4, block_out_channels=(32, 64, 128), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         attention_head_dim=4, cross_attention_dim=context_dim, use_linear_projection=False, norm_num_groups=16,
-        norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0, sample_size=32)
+        norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0, sample_size=32, attention="cpu")
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:

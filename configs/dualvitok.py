@@ -22,9 +22,10 @@ def qwen2_vit(size: str) -> dict:
     if size == "official":  # Qwen2-VL-7B's ViT (Emova-ollm/qwen2vit600m), spec §1.2
         return dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4.0, patch_size=14, temporal_patch_size=2,
                     spatial_merge_size=2, in_channels=3, hidden_size=3584)
-    # remat 'none': at this size recomputation costs more than the memory it saves.
+    # remat 'none': at this size recomputation costs more than the memory it saves. attention 'cpu':
+    # the per-example kernel (modules/attention.py), 2-7x the 'xla' one on CPU (bench/attention.py).
     return dict(depth=3, embed_dim=64, num_heads=4, mlp_ratio=4.0, patch_size=4, temporal_patch_size=2,
-                spatial_merge_size=2, in_channels=3, hidden_size=128, remat="none")
+                spatial_merge_size=2, in_channels=3, hidden_size=128, remat="none", attention="cpu")
 
 
 def movq(size: str, part: str, pixel_grid: int = 16) -> dict:

@@ -45,7 +45,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     # Added ids: 7 structure + 32 resolution tags + both codebooks; padded to a multiple of 64.
     added = 7 + 32 + tok.semantic_codes + tok.pixel_codes
     rows = -(-(a.vocab + added) // 64) * 64
-    c.model = common.llm_config(text_vocab_size=a.vocab, vocab_size=rows, remat="none", **LLM_SIZES[a.size])
+    c.model = common.llm_config(text_vocab_size=a.vocab, vocab_size=rows, remat="none", attention="cpu",  # CPU-sized
+                                **LLM_SIZES[a.size])
     c.vision = common.vision_config(tokenizer_workdir=a.tokenizer, tokenizer_model=tok, resolution=64,
                                     max_images=2)
     c.tokenizer = mlc.ConfigDict(dict(kind="sentencepiece", path="", vocab_size=a.vocab, chat_template="plain",
