@@ -154,3 +154,29 @@ def test_tiny_stage_selection_and_pixel_grid():
     for bad in ("pixel_grid=8", "size=official,pixel_grid=32"):
         with pytest.raises(ValueError, match="pixel_grid"):
             dualvitok.get_config(bad)
+
+
+def test_semantic_vq_token_grid():
+    """`semantic_vq_illume:grid=32` is a patch-2 ViT: 32x32 codes per 64² image, decoded back to 64²
+    by the one-upsample pixel head; bad grids and official-size grids name themselves."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from configs import semantic_vq_illume
+    from illume_jax import config_check, sharding
+    from illume_jax.models.semantic_vq import SemanticVQ, SemanticVQConfig
+    for grid in (16, 32):
+        c = semantic_vq_illume.get_config(f"grid={grid}")
+        config_check.validate_tokenizer(c)
+        cfg = SemanticVQConfig.from_config(c.model)
+        assert cfg.grid == grid and cfg.vit.attention == "cpu"
+    with sharding.use_mesh(sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1), devices=jax.devices()[:1])):
+        model = SemanticVQ(cfg, rngs=nnx.Rngs(0))
+        images = jax.random.uniform(jax.random.PRNGKey(0), (2, 64, 64, 3), minval=-1, maxval=1)
+        codes = model.encode(images)
+        assert codes.shape == (2, 32, 32) and codes.dtype == jnp.int32
+        assert model.decode(codes).shape == (2, 64, 64, 3)
+    for bad, match in (("grid=8", "grid=8"), ("size=official,grid=32", "size=tiny")):
+        with pytest.raises(ValueError, match=match):
+            semantic_vq_illume.get_config(bad)
