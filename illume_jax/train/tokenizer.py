@@ -254,9 +254,9 @@ def restore_run_weights(config: Any, run: str, fresh: TokenizerState, mesh) -> t
     source = saved_config(run)
     if source is None:
         raise ValueError(f"config.model_init.weights_from={run!r}: its latest tokenizer checkpoint has no saved config")
-    if not reinit and source.model.to_json() != config.model.to_json():
-        mine, theirs = _flat_model(config), _flat_model(source)
-        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    mine, theirs = _flat_model(config), _flat_model(source)
+    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if not reinit and diff:
         raise ValueError(f"config.model_init.weights_from={run!r} was trained with a different model: "
                          + ", ".join(f"model.{k}={theirs.get(k)!r} there, {mine.get(k)!r} here" for k in diff[:6])
                          + " (model_init.reinit names the variables to initialise afresh)")
@@ -291,11 +291,18 @@ def restore_run_weights(config: Any, run: str, fresh: TokenizerState, mesh) -> t
     return merge(fresh.params, got.params, "param"), merge(fresh.buffers, got.buffers, "buffer")
 
 
+# Model keys that choose how to compute, not what the weights are: a run trained with the 'xla'
+# attention kernel (or before the key existed) fine-tunes under a config that picks 'cpu'.
+COMPUTE_ONLY_KEYS = ("attention", "remat", "splash_interpret")
+
+
 def _flat_model(config: Any) -> dict:
-    """config.model as {'a.b': value}, lists as tuples (a saved config comes back from JSON)."""
+    """config.model as {'a.b': value}, lists as tuples (a saved config comes back from JSON),
+    without the COMPUTE_ONLY_KEYS."""
     from flax import traverse_util
     flat = traverse_util.flatten_dict(config.model.to_dict(), sep=".")
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in flat.items()}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in flat.items()
+            if k.rsplit(".", 1)[-1] not in COMPUTE_ONLY_KEYS}
 
 
 class TokenizerTrainer:

@@ -145,6 +145,16 @@ def test_fine_tuning_starts_from_a_runs_weights(tmp_path):
     other.model_init.weights_from = str(tmp_path / "first")
     with pytest.raises(ValueError, match=r"pixel_codes=96 there, 128 here \(model_init.reinit names"):
         tok.TokenizerTrainer(other, str(tmp_path / "other"), first["trainer"].mesh).init_state()
+    # The attention kernel says how to compute, not what the weights are: another kernel loads.
+    kernel = micro_tokenizer_config()
+    kernel.model.vit.attention = "xla" if kernel.model.vit.get("attention") == "cpu" else "cpu"
+    kernel.model_init.weights_from = str(tmp_path / "first")
+    same = tok.TokenizerTrainer(kernel, str(tmp_path / "kernel"), first["trainer"].mesh).init_state()
+    flat = lambda tree: {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    loaded, trained = flat(same.params), flat(first["state"].params)
+    assert loaded.keys() == trained.keys()
+    for name, x in loaded.items():
+        np.testing.assert_array_equal(x, trained[name], err_msg=name)
     # model_init.reinit: a wider pixel decoder on the trained encoder and codebooks.
     wider = micro_tokenizer_config()
     wider.model.pixel_decoder.ch = 16
