@@ -43,26 +43,24 @@ def _median_s(fn, iters: int) -> float:
     return statistics.median(times)
 
 
-ATTENTION = ""  # --attention: overrides the config's ViT attention kernel ('' = the config's)
-
-
-def _config(size: str):
+def _config(size: str, attention: str = ""):
+    """The size's DualViTok config; `attention` overrides its ViT kernel ('' = the config's)."""
     from configs import dualvitok as dualvitok_config
     from illume_jax.models.dualvitok import DualViTokConfig
     c = dualvitok_config.get_config(f"size={size}").model
-    if ATTENTION:
-        c.vit.attention = ATTENTION
+    if attention:
+        c.vit.attention = attention
     return DualViTokConfig.from_config(c)
 
 
-def bench_dualvitok(size: str, resolution: int, batch: int, iters: int) -> list[dict]:
+def bench_dualvitok(size: str, resolution: int, batch: int, iters: int, attention: str = "") -> list[dict]:
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from illume_jax import sharding
     from illume_jax.models.dualvitok import DualViTok
-    cfg = _config(size)
+    cfg = _config(size, attention)
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     with sharding.use_mesh(mesh):
         model = nnx.jit(lambda: DualViTok(cfg, rngs=nnx.Rngs(0)))()
@@ -81,7 +79,7 @@ def bench_dualvitok(size: str, resolution: int, batch: int, iters: int) -> list[
                  jax_images_per_s=batch / t_dec)]
 
 
-def bench_qwen2_vit(size: str, resolution: int, batch: int, iters: int, device: str) -> dict:
+def bench_qwen2_vit(size: str, resolution: int, batch: int, iters: int, device: str, attention: str = "") -> dict:
     import jax
     import jax.numpy as jnp
     import torch
@@ -91,7 +89,7 @@ def bench_qwen2_vit(size: str, resolution: int, batch: int, iters: int, device: 
     from illume_jax.convert import hf_vit
     from illume_jax.models import vit
     from illume_jax.models.dualvitok import semantic_input_size
-    c = _config(size).vit
+    c = _config(size, attention).vit
     hf_cfg = Qwen2VLVisionConfig(depth=c.depth, embed_dim=c.embed_dim, num_heads=c.num_heads, hidden_size=c.hidden_size,
                                  mlp_ratio=int(c.mlp_ratio), patch_size=c.patch_size, in_channels=c.in_channels,
                                  temporal_patch_size=c.temporal_patch_size, spatial_merge_size=c.spatial_merge_size)
@@ -173,8 +171,6 @@ def main() -> None:
     ap.add_argument("--out", default="")
     ap.add_argument("--attention", default="", help="ViT attention kernel (xla | cpu | cudnn); default: the config's")
     args = ap.parse_args()
-    global ATTENTION
-    ATTENTION = args.attention
     import jax
     import torch
     backend = jax.default_backend()
@@ -187,9 +183,9 @@ def main() -> None:
         for res in map(int, (args.resolutions or default_res).split(",")):
             start = len(rows)
             if "dualvitok" in parts:
-                rows += bench_dualvitok(size, res, batch, args.iters)
+                rows += bench_dualvitok(size, res, batch, args.iters, args.attention)
             if "qwen2_vit" in parts:
-                rows.append(bench_qwen2_vit(size, res, batch, args.iters, device))
+                rows.append(bench_qwen2_vit(size, res, batch, args.iters, device, args.attention))
             if "movq" in parts:
                 rows += bench_movq(size, res, batch, args.iters, device)
             for r in rows[start:]:
@@ -204,7 +200,7 @@ def main() -> None:
     meta = dict(backend=backend, devices=[str(d) for d in jax.devices()], torch_device=device,
                 torch_threads=torch.get_num_threads(), jax_version=jax.__version__, torch_version=torch.__version__)
     with open(out, "w") as f:
-        json.dump(dict(meta=meta, attention=_config(args.sizes.split(",")[0]).vit.attention, rows=rows), f, indent=1)
+        json.dump(dict(meta=meta, attention=args.attention or "config's", rows=rows), f, indent=1)
     print(f"wrote {out}")
 
 
