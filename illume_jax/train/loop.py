@@ -45,6 +45,24 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class StepPacer:
+    """Keeps the host at most one step ahead of the device.
+
+    JAX dispatches steps asynchronously and the loop only reads results when it logs metrics, so
+    without a bound the host runs up to `log_every` steps ahead. A SIGTERM seen at host step N then
+    saves only after the device has worked through all of them (on 2 CPU cores: 50 steps, over a
+    minute, longer than a preemption's grace period). Waiting for the previous step's metrics
+    still lets the host fetch and shard the next batch while the device computes this one."""
+
+    def __init__(self):
+        self._previous = None
+
+    def __call__(self, metrics) -> None:
+        if self._previous is not None:
+            jax.block_until_ready(self._previous)
+        self._previous = metrics
+
+
 def stage_offsets(config: Any) -> list[int]:
     """Global step at which each stage starts."""
     out, total = [], 0
@@ -120,6 +138,7 @@ def train(config: Any, workdir: str, *, make_iterator: Callable[[int], Any] | No
         from illume_jax.train.multimodal import VisionTokenizer
         vision = VisionTokenizer(config, mesh)
     params, last_row, run_steps = None, {}, 0
+    pace = StepPacer()
     with _Preemption() as preempt:
         for si in range(start_stage, len(config.stages)):
             stage = config.stages[si]
@@ -151,6 +170,7 @@ def train(config: Any, workdir: str, *, make_iterator: Callable[[int], Any] | No
             while stage_step < stage.steps:
                 batch = sharding.global_batch(mesh, next(iterator))
                 state, metrics = step_fn(state, batch)
+                pace(metrics)
                 stage_step += 1
                 step += 1
                 run_steps += 1

@@ -16,7 +16,7 @@ import jax
 from illume_jax import sharding
 from illume_jax.train import checkpoint as ckpt_lib
 from illume_jax.train import metrics as metrics_lib
-from illume_jax.train.loop import _Preemption
+from illume_jax.train.loop import StepPacer, _Preemption
 
 
 def run_phase(name: str, workdir: str, *, mesh, steps: int, abstract_state: Any,
@@ -54,10 +54,12 @@ def run_phase(name: str, workdir: str, *, mesh, steps: int, abstract_state: Any,
         logger.close()
         return dict(_last_logged(workdir), step=step, state=state, preempted=False)
     print(f"{name}: steps {step}..{steps}", flush=True)
+    pace = StepPacer()
     with _Preemption() as preempt:
         while step < steps:
             batch = sharding.global_batch(mesh, next(iterator))
             state, metrics = step_fn(state, batch, step)
+            pace(metrics)
             step += 1
             run_steps += 1
             logger.accumulate(metrics)
