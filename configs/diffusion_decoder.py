@@ -37,18 +37,19 @@ SDXL_SCHEDULER = dict(
     interpolation_type="linear", use_karras_sigmas=False)
 
 
-def tiny_vae() -> dict:
+def tiny_vae(latent_channels: int) -> dict:
     # Narrow: at 128^2 XLA:CPU convolutions dominate (a (32, 64, 64) VAE trains at 1.7 images/s on
-    # 2 cores, this one at 6.7), and flat-colour scenes need little width.
+    # 2 cores, this one at 6.7), and flat-colour scenes need little width. Latent channels cost
+    # almost nothing here and decide how much of the 2x render the latent can hold.
     return dict(in_channels=3, out_channels=3, block_out_channels=(16, 32, 32), layers_per_block=1,
                 down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                latent_channels=4, norm_num_groups=8, scaling_factor=1.0, sample_size=128)
+                latent_channels=latent_channels, norm_num_groups=8, scaling_factor=1.0, sample_size=128)
 
 
-def tiny_unet(conditioning: str, code_channels: int, context_dim: int, pooled_dim: int) -> dict:
+def tiny_unet(conditioning: str, code_channels: int, context_dim: int, pooled_dim: int, latent_channels: int) -> dict:
     if conditioning == "illume_plus":  # SDXL layout in miniature
         return dict(
-            in_channels=4 + code_channels, out_channels=4, block_out_channels=(32, 64, 128), layers_per_block=1,
+            in_channels=latent_channels + code_channels, out_channels=latent_channels, block_out_channels=(32, 64, 128), layers_per_block=1,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             transformer_layers_per_block=(1, 1, 1), attention_head_dim=(1, 2, 4), cross_attention_dim=context_dim,
@@ -57,7 +58,7 @@ def tiny_unet(conditioning: str, code_channels: int, context_dim: int, pooled_di
             flip_sin_to_cos=True, freq_shift=0, sample_size=32, attention="cpu")
     # SD 1.x layout in miniature: cross-attention on the semantic features at every attention level.
     return dict(
-        in_channels=4, out_channels=4, block_out_channels=(32, 64, 128), layers_per_block=1,
+        in_channels=latent_channels, out_channels=latent_channels, block_out_channels=(32, 64, 128), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         attention_head_dim=4, cross_attention_dim=context_dim, use_linear_projection=False, norm_num_groups=16,
@@ -66,12 +67,17 @@ def tiny_unet(conditioning: str, code_channels: int, context_dim: int, pooled_di
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
     a = common.parse_arg(arg, size="tiny", conditioning="illume_plus", steps=0, vae_steps=-1, batch=0,
-                         tokenizer_workdir="", workers=0)
+                         tokenizer_workdir="", workers=0, latent_channels=0, prediction="")
     if a.size not in ("tiny", "official"):
         raise ValueError(f"config argument size={a.size!r}: expected 'tiny' or 'official'")
     if a.conditioning not in ("illume_plus", "illume"):
         raise ValueError(f"config argument conditioning={a.conditioning!r}: expected 'illume_plus' or 'illume'")
     tiny = a.size == "tiny"
+    if a.latent_channels and not tiny:
+        raise ValueError(f"config argument latent_channels={a.latent_channels}: official sizes use the released "
+                         "4-channel VAE; only size=tiny trains its own")
+    if a.prediction not in ("", "epsilon", "v_prediction", "sample"):
+        raise ValueError(f"config argument prediction={a.prediction!r}: expected 'epsilon', 'v_prediction' or 'sample'")
     plus = a.conditioning == "illume_plus"
     c = mlc.ConfigDict()
     c.seed = 0
@@ -86,7 +92,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         code_channels = 0
         context_dim, pooled_dim = c.tokenizer.model.vit.hidden_size, 0
     if tiny:
-        unet, vae = tiny_unet(a.conditioning, code_channels, context_dim, pooled_dim), tiny_vae()
+        latent = a.latent_channels or 4
+        unet, vae = tiny_unet(a.conditioning, code_channels, context_dim, pooled_dim, latent), tiny_vae(latent)
     elif plus:
         unet, vae = dict(SDXL_UNET), dict(SDXL_VAE)
     else:  # SD 1.x-size UNet with the semantic features (ViT width) as context, SD VAE
@@ -108,10 +115,14 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         weights_from="",  # a converted SDXL decoder folder (`convert --kind=sdxl-decoder`): fine-tune it
     ))
     c.scheduler = mlc.ConfigDict(dict(SDXL_SCHEDULER))
+    if a.prediction:
+        c.scheduler.prediction_type = a.prediction
     c.data = dualvitok_config.tokenizer_data("1", resolution=c.tokenizer.data.resolution, workers=a.workers)
     c.vae_train = mlc.ConfigDict(dict(
         steps=(400 if tiny else 0) if a.vae_steps < 0 else a.vae_steps, batch_size=16, lr=1e-3, b1=0.9, b2=0.99,
-        clip_norm=1.0, warmup_steps=20, weight_decay=0.0, kl_weight=1e-6))
+        clip_norm=1.0, warmup_steps=20, weight_decay=0.0, kl_weight=1e-6,
+        l1_weight=0.0,   # + L1 on pixels (sharper flat-colour edges than L2 alone)
+        eval_every=0))   # 0 = only at the end of the phase
     c.train = mlc.ConfigDict(dict(
         steps=a.steps or (1500 if tiny else 100_000), batch_size=a.batch or (16 if tiny else 256),
         lr=5e-4 if tiny else 1e-4, b1=0.9, b2=0.999, clip_norm=1.0, warmup_steps=50 if tiny else 500,

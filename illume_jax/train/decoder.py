@@ -3,7 +3,7 @@
 The official ILLUME+ release has no decoder training code and ILLUME none at all; this is the
 standard latent-diffusion recipe with the conditioning of `models/diffusion_decoder.py`:
 
-  1. vae   (tiny scale, `config.vae_train.steps > 0`): the AutoencoderKL alone, L2 + a small KL
+  1. vae   (tiny scale, `config.vae_train.steps > 0`): the AutoencoderKL alone, L2 (+ optional L1) + a small KL
            term, on the decoder's output resolution. Its latent scaling factor is then measured
            (1 / std of the latents, as SD's 0.18215 was) and saved beside the weights. Official
            sizes skip it and load the released SDXL VAE (`model_init.vae_from`).
@@ -174,8 +174,10 @@ class DecoderTrainer:
             z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
             rec = vae.decode(z).astype(jnp.float32)
             l2 = jnp.mean((rec - x) ** 2)
+            l1 = jnp.mean(jnp.abs(rec - x))
             kl = 0.5 * jnp.mean(jnp.sum(mean ** 2 + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3)))
-            return l2 + t.kl_weight * kl, dict(l2=l2, kl=kl, psnr=-10.0 * jnp.log10(jnp.maximum(
+            loss = l2 + t.get("l1_weight", 0.0) * l1 + t.kl_weight * kl
+            return loss, dict(l2=l2, l1=l1, kl=kl, psnr=-10.0 * jnp.log10(jnp.maximum(
                 jnp.mean(((jnp.clip(rec, -1, 1) - x) / 2) ** 2), 1e-10)))
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -340,7 +342,10 @@ class DecoderTrainer:
         out = {"val_psnr": recon_lib.psnr(orig_u8, rec_u8),
                "latent_std": float(np.std(np.asarray(mean)))}
         if c.data.source == "shapecomp":
-            out["vae_agreement"] = recon_lib.scorer_agreement(orig_u8, rec_u8, **scorer.level_options(c.data.levels))
+            det_kw = scorer.level_options(c.data.levels)
+            reasons = [recon_lib.reading_mismatch(a, b, **det_kw) for a, b in zip(orig_u8, rec_u8)]
+            out["vae_agreement"] = float(np.mean([r is None for r in reasons]))
+            out.update({f"vae_miss_{r}": float(np.mean([x == r for x in reasons])) for r in recon_lib.MISMATCH_REASONS})
         return out
 
 
@@ -414,7 +419,8 @@ def train_decoder(config: Any, workdir: str, *, mesh=None, stop_after_steps: int
                         init_state=vt.init_state, step_fn=vt.step,
                         iterator=_iterator(config, config.vae_train.batch_size, scale, config.seed + 2),
                         checkpoint=config.checkpoint, log_every=config.log_every, config_json=config.to_json(),
-                        eval_fn=lambda s, _: vt.evaluate(s), stop_after_steps=stop_after_steps)
+                        eval_fn=lambda s, _: vt.evaluate(s), eval_every=int(config.vae_train.get("eval_every", 0)),
+                        stop_after_steps=stop_after_steps)
         summary["vae"] = {k: v for k, v in out.items() if k != "state"}
         if out["preempted"]:
             return dict(summary, preempted=True)

@@ -29,7 +29,7 @@ def micro_decoder(tokenizer_workdir: str, **train):
                         attention_head_dim=(1, 2), addition_time_embed_dim=4,
                         projection_class_embeddings_input_dim=6 * 4 + 16)
     c.model.vae.update(block_out_channels=(8, 16, 16), norm_num_groups=4)
-    c.vae_train.batch_size = 8
+    c.vae_train.update(batch_size=8, l1_weight=1.0)
     c.data.update(num_examples=64, num_eval=8)
     c.train.update(eval_every=0, **train)
     c.eval.update(num_images=8, batch_size=8, steps=2)
@@ -57,6 +57,17 @@ def test_configs_validate():
     with pytest.raises(ValueError, match="vae_from"):
         config_check.validate_decoder(bad)
     config_check.validate_decoder(bad, training=False)  # `aot` compiles without any weights
+    # Wider latents (tiny only): the VAE, the UNet's input (latent + code channels) and output follow.
+    c = decoder_config.get_config("size=tiny,latent_channels=8,prediction=v_prediction")
+    config_check.validate_decoder(c)
+    assert c.model.vae.latent_channels == 8 and c.model.unet.out_channels == 8
+    assert c.model.unet.in_channels == 8 + c.model.code_channels
+    assert c.scheduler.prediction_type == "v_prediction"
+    assert decoder_config.get_config("size=tiny,conditioning=illume,latent_channels=8").model.unet.in_channels == 8
+    with pytest.raises(ValueError, match="latent_channels"):
+        decoder_config.get_config("size=official,latent_channels=8")  # the released VAE has 4
+    with pytest.raises(ValueError, match="prediction"):
+        decoder_config.get_config("size=tiny,prediction=x0")
     bad = decoder_config.get_config("size=tiny")
     bad.train.cond_drop = 1.5
     with pytest.raises(ValueError, match="cond_drop"):
@@ -72,6 +83,8 @@ def test_decoder_training_end_to_end_and_exact_resume(tokenizer_workdir, tmp_pat
     scaling = json.load(open(tmp_path / "full" / "vae" / "latent_scaling.json"))["scaling_factor"]
     assert np.isfinite(scaling) and scaling > 0
     assert full["trainer"].cfg.vae.scaling_factor == scaling
+    # The VAE phase's evaluation says how the scorer misreads its reconstructions.
+    assert {"vae_agreement", "vae_miss_count", "vae_miss_shape"} <= set(full["vae"]), full["vae"].keys()
     for key in ("val_psnr", "decoder_agreement", "decoder_miss_shape"):
         assert key in full["unet"], full["unet"].keys()
     assert 0 <= full["unet"]["decoder_agreement"] <= 1
