@@ -122,6 +122,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         steps=(400 if tiny else 0) if a.vae_steps < 0 else a.vae_steps, batch_size=16, lr=1e-3, b1=0.9, b2=0.99,
         clip_norm=1.0, warmup_steps=20, weight_decay=0.0, kl_weight=1e-6,
         l1_weight=0.0,   # + L1 on pixels (sharper flat-colour edges than L2 alone)
+        crop=0,          # > 0: train on random crops of this size (4x cheaper at 64 of 128; evaluated whole)
         eval_every=0))   # 0 = only at the end of the phase
     c.train = mlc.ConfigDict(dict(
         steps=a.steps or (1500 if tiny else 100_000), batch_size=a.batch or (16 if tiny else 256),

@@ -167,6 +167,9 @@ class DecoderTrainer:
         t = self.config.vae_train
         x = batch["target"]
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        crop = int(t.get("crop", 0))
+        if crop and crop < min(x.shape[1:3]):
+            x = random_crops(x, crop, jax.random.fold_in(rng, 1))
 
         def loss_fn(params):
             vae = nnx.merge(self.graphdef, params).vae
@@ -347,6 +350,15 @@ class DecoderTrainer:
             out["vae_agreement"] = float(np.mean([r is None for r in reasons]))
             out.update({f"vae_miss_{r}": float(np.mean([x == r for x in reasons])) for r in recon_lib.MISMATCH_REASONS})
         return out
+
+
+def random_crops(images: jax.Array, size: int, rng: jax.Array) -> jax.Array:
+    """One random size x size window per image of [B,H,W,C] (offsets drawn per image)."""
+    B, H, W, C = images.shape
+    ky, kx = jax.random.split(rng)
+    oy = jax.random.randint(ky, (B,), 0, H - size + 1)
+    ox = jax.random.randint(kx, (B,), 0, W - size + 1)
+    return jax.vmap(lambda im, y, x: jax.lax.dynamic_slice(im, (y, x, 0), (size, size, C)))(images, oy, ox)
 
 
 # -- VAE weights between phases ------------------------------------------------------------------------

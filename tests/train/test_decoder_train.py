@@ -29,7 +29,7 @@ def micro_decoder(tokenizer_workdir: str, **train):
                         attention_head_dim=(1, 2), addition_time_embed_dim=4,
                         projection_class_embeddings_input_dim=6 * 4 + 16)
     c.model.vae.update(block_out_channels=(8, 16, 16), norm_num_groups=4)
-    c.vae_train.update(batch_size=8, l1_weight=1.0)
+    c.vae_train.update(batch_size=8, l1_weight=1.0, crop=64)  # evaluated on whole 128² images
     c.data.update(num_examples=64, num_eval=8)
     c.train.update(eval_every=0, **train)
     c.eval.update(num_images=8, batch_size=8, steps=2)
@@ -68,6 +68,10 @@ def test_configs_validate():
         decoder_config.get_config("size=official,latent_channels=8")  # the released VAE has 4
     with pytest.raises(ValueError, match="prediction"):
         decoder_config.get_config("size=tiny,prediction=x0")
+    bad = decoder_config.get_config("size=tiny")
+    bad.vae_train.crop = 30  # not a multiple of the tiny VAE's factor 4
+    with pytest.raises(ValueError, match="vae_train.crop"):
+        config_check.validate_decoder(bad)
     bad = decoder_config.get_config("size=tiny")
     bad.train.cond_drop = 1.5
     with pytest.raises(ValueError, match="cond_drop"):
@@ -142,3 +146,15 @@ def test_decoder_step_compiles_aot_for_a_tpu_topology(tokenizer_workdir):
     assert report.num_devices == 4 and report.latent == (8, 32, 32, 4)
     assert report.peak_gib > 0 and report.unet_params > 0
     assert "UNet" in report.table()
+
+
+def test_random_crops_are_windows_of_their_own_image():
+    images = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
+    crops = np.asarray(dec.random_crops(images, 8, jax.random.key(1)))
+    assert crops.shape == (4, 8, 8, 3)
+    found = []
+    for im, cr in zip(np.asarray(images), crops):
+        hits = [(y, x) for y in range(9) for x in range(9) if np.array_equal(im[y:y + 8, x:x + 8], cr)]
+        assert len(hits) == 1
+        found.append(hits[0])
+    assert len(set(found)) > 1  # offsets are drawn per image
