@@ -129,6 +129,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         lr=5e-4 if tiny else 1e-4, b1=0.9, b2=0.999, clip_norm=1.0, warmup_steps=50 if tiny else 500,
         weight_decay=0.0,
         cond_drop=0.1,          # condition dropout, so CFG has an unconditional model
+        crop=0,                 # > 0: train on random crops of the 2x output (and the code cells under them)
         min_snr_gamma=5.0,      # 0 = plain MSE
         ema_decay=0.995 if tiny else 0.9999,
         eval_every=500 if tiny else 10_000))

@@ -293,10 +293,15 @@ def validate_decoder(config: Any, *, training: bool = True):
         _fail("train.cond_drop", config.train.cond_drop, "a probability in [0, 1)")
     if not 0.0 <= config.train.ema_decay < 1.0:
         _fail("train.ema_decay", config.train.ema_decay, "a decay in [0, 1) (0 = no EMA)")
-    crop = config.vae_train.get("crop", 0)
     factor = 2 ** (len(config.model.vae.block_out_channels) - 1)
+    crop = config.vae_train.get("crop", 0)
     if crop and (not isinstance(crop, int) or crop < 0 or crop % factor):
         _fail("vae_train.crop", crop, f"0 (whole images) or a positive multiple of the VAE's downsampling factor {factor}")
+    unet_factor = factor * 2 ** (len(config.model.unet.block_out_channels) - 1)
+    crop = config.train.get("crop", 0)
+    if crop and (not isinstance(crop, int) or crop < 0 or crop % unet_factor):
+        _fail("train.crop", crop, f"0 (whole images) or a positive multiple of {unet_factor} (the VAE's and the "
+              "UNet's downsampling together)")
     _check_weights_from(config, ("sdxl-decoder",))
     if training and config.vae_train.steps <= 0 and not (config.model_init.vae_from or
                                                          config.model_init.get("weights_from")):

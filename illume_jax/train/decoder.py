@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -199,10 +200,14 @@ class DecoderTrainer:
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         k_lat, k_t, k_noise, k_drop = jax.random.split(rng, 4)
         model = nnx.merge(self.graphdef, state.params)
+        out_hw = target.shape[1:3]  # the time ids name the whole output size, also when training on crops
+        crop = int(t.get("crop", 0))
+        if crop and crop < min(out_hw):
+            target, feats = crop_with_codes(target, feats, crop, self.cfg.latent_factor, jax.random.fold_in(rng, 1))
         latents = jax.lax.stop_gradient(model.vae.latents_from_images(target, rng=k_lat))
         drop = jax.random.uniform(k_drop, (B,)) < t.cond_drop
         feats = jnp.where(drop.reshape((B,) + (1,) * (feats.ndim - 1)), 0.0, feats)
-        cond = model.condition(feats, target.shape[1:3])
+        cond = model.condition(feats, out_hw)
         timesteps = jax.random.randint(k_t, (B,), 0, sc.num_train_timesteps)
         noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
         x_t = self.train_schedule.add_noise(latents, noise, timesteps)
@@ -359,6 +364,29 @@ def random_crops(images: jax.Array, size: int, rng: jax.Array) -> jax.Array:
     oy = jax.random.randint(ky, (B,), 0, H - size + 1)
     ox = jax.random.randint(kx, (B,), 0, W - size + 1)
     return jax.vmap(lambda im, y, x: jax.lax.dynamic_slice(im, (y, x, 0), (size, size, C)))(images, oy, ox)
+
+
+def crop_with_codes(target: jax.Array, feats: jax.Array, crop: int, latent_factor: int, rng: jax.Array):
+    """Random crop x crop windows of the 2x targets and, for a code map, the code cells under
+    each window (offsets on the grid where code cells and latent pixels both align), so a
+    UNet trained on crops sees exactly the conditioning it gets at full size, window by window.
+    A semantic-feature context (illume) is global and stays whole."""
+    B, H, W, C = target.shape
+    if feats.ndim != 4:
+        return random_crops(target, crop, rng), feats
+    cell = H // feats.shape[1]
+    step = math.lcm(cell, latent_factor)
+    if crop % step:
+        raise ValueError(f"train.crop={crop}: expected a multiple of {step} (the code cells are {cell} output "
+                         f"pixels, the latent pixels {latent_factor})")
+    ky, kx = jax.random.split(rng)
+    oy = jax.random.randint(ky, (B,), 0, (H - crop) // step + 1) * step
+    ox = jax.random.randint(kx, (B,), 0, (W - crop) // step + 1) * step
+    win = jax.vmap(lambda im, y, x: jax.lax.dynamic_slice(im, (y, x, 0), (crop, crop, C)))(target, oy, ox)
+    n = crop // cell
+    codes = jax.vmap(lambda f, y, x: jax.lax.dynamic_slice(f, (y, x, 0), (n, n, f.shape[-1])))(
+        feats, oy // cell, ox // cell)
+    return win, codes
 
 
 # -- VAE weights between phases ------------------------------------------------------------------------

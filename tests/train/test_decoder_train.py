@@ -4,6 +4,7 @@ import json
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -31,7 +32,7 @@ def micro_decoder(tokenizer_workdir: str, **train):
     c.model.vae.update(block_out_channels=(8, 16, 16), norm_num_groups=4)
     c.vae_train.update(batch_size=8, l1_weight=1.0, crop=64)  # evaluated on whole 128² images
     c.data.update(num_examples=64, num_eval=8)
-    c.train.update(eval_every=0, **train)
+    c.train.update(eval_every=0, crop=64, **train)  # crops of the 128² outputs (evaluated whole)
     c.eval.update(num_images=8, batch_size=8, steps=2)
     # Saves only at a stop and at phase ends: each Orbax save costs seconds on 8 fake devices.
     c.checkpoint.update(every_steps=1000, async_save=False)
@@ -71,6 +72,10 @@ def test_configs_validate():
     bad = decoder_config.get_config("size=tiny")
     bad.vae_train.crop = 30  # not a multiple of the tiny VAE's factor 4
     with pytest.raises(ValueError, match="vae_train.crop"):
+        config_check.validate_decoder(bad)
+    bad = decoder_config.get_config("size=tiny")
+    bad.train.crop = 40  # not a multiple of 16 (VAE factor 4 x the UNet's 4)
+    with pytest.raises(ValueError, match="train.crop"):
         config_check.validate_decoder(bad)
     bad = decoder_config.get_config("size=tiny")
     bad.train.cond_drop = 1.5
@@ -158,3 +163,24 @@ def test_random_crops_are_windows_of_their_own_image():
         assert len(hits) == 1
         found.append(hits[0])
     assert len(set(found)) > 1  # offsets are drawn per image
+
+
+def test_crops_carry_the_code_cells_under_them():
+    # 2x targets whose pixels hold their own (y, x); a code map (cells of 8 output pixels) whose
+    # cells hold the (y, x) of their top-left pixel: every cropped code cell must sit under the
+    # cropped pixels it conditions.
+    B, H, cell = 6, 64, 8
+    yy, xx = np.meshgrid(np.arange(H), np.arange(H), indexing="ij")
+    target = np.broadcast_to(np.stack([yy, xx, np.zeros_like(yy)], -1), (B, H, H, 3)).astype(np.float32)
+    feats = target[:, ::cell, ::cell, :2]
+    win, codes = dec.crop_with_codes(jnp.asarray(target), jnp.asarray(feats), 32, 4, jax.random.key(0))
+    win, codes = np.asarray(win), np.asarray(codes)
+    assert win.shape == (B, 32, 32, 3) and codes.shape == (B, 4, 4, 2)
+    np.testing.assert_array_equal(codes, win[:, ::cell, ::cell, :2])
+    assert (win[:, 0, 0, :2] % cell == 0).all() and len({tuple(w[0, 0, :2]) for w in win}) > 1
+    with pytest.raises(ValueError, match="train.crop"):
+        dec.crop_with_codes(jnp.asarray(target), jnp.asarray(feats), 20, 4, jax.random.key(0))
+    # A global context (the illume conditioning) is not cropped.
+    context = jnp.ones((B, 8, 16))
+    w2, c2 = dec.crop_with_codes(jnp.asarray(target), context, 32, 4, jax.random.key(0))
+    assert w2.shape == (B, 32, 32, 3) and c2 is context
