@@ -121,13 +121,18 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.vae_train = mlc.ConfigDict(dict(
         steps=(400 if tiny else 0) if a.vae_steps < 0 else a.vae_steps, batch_size=16, lr=1e-3, b1=0.9, b2=0.99,
         clip_norm=1.0, warmup_steps=20, weight_decay=0.0, kl_weight=1e-6,
+        schedule="constant", end_lr_ratio=0.0,  # or 'cosine' | 'linear' decay to lr * end_lr_ratio
         l1_weight=0.0,   # + L1 on pixels (sharper flat-colour edges than L2 alone)
         crop=0,          # > 0: train on random crops of this size (4x cheaper at 64 of 128; evaluated whole)
+        # False: decode the posterior mean (the UNet then trains on it too). At init the posterior
+        # std is ~1 (logvar ~0) and a 1e-6 KL term barely shrinks it, so sampled latents are mostly
+        # noise for a short CPU run (tiny VAE at 1,000 steps: std 0.77 against a mean std of 0.66).
+        sample_posterior=True,
         eval_every=0))   # 0 = only at the end of the phase
     c.train = mlc.ConfigDict(dict(
         steps=a.steps or (1500 if tiny else 100_000), batch_size=a.batch or (16 if tiny else 256),
         lr=5e-4 if tiny else 1e-4, b1=0.9, b2=0.999, clip_norm=1.0, warmup_steps=50 if tiny else 500,
-        weight_decay=0.0,
+        weight_decay=0.0, schedule="constant", end_lr_ratio=0.0,
         cond_drop=0.1,          # condition dropout, so CFG has an unconditional model
         crop=0,                 # > 0: train on random crops of the 2x output (and the code cells under them)
         min_snr_gamma=5.0,      # 0 = plain MSE

@@ -171,11 +171,12 @@ class DecoderTrainer:
         crop = int(t.get("crop", 0))
         if crop and crop < min(x.shape[1:3]):
             x = random_crops(x, crop, jax.random.fold_in(rng, 1))
+        sample = t.get("sample_posterior", True)
 
         def loss_fn(params):
             vae = nnx.merge(self.graphdef, params).vae
             mean, logvar = vae.encode(x)
-            z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+            z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype) if sample else mean
             rec = vae.decode(z).astype(jnp.float32)
             l2 = jnp.mean((rec - x) ** 2)
             l1 = jnp.mean(jnp.abs(rec - x))
@@ -204,7 +205,9 @@ class DecoderTrainer:
         crop = int(t.get("crop", 0))
         if crop and crop < min(out_hw):
             target, feats = crop_with_codes(target, feats, crop, self.cfg.latent_factor, jax.random.fold_in(rng, 1))
-        latents = jax.lax.stop_gradient(model.vae.latents_from_images(target, rng=k_lat))
+        # Posterior samples as SD trains, or the mode for a VAE trained without sampling.
+        vae_rng = k_lat if self.config.vae_train.get("sample_posterior", True) else None
+        latents = jax.lax.stop_gradient(model.vae.latents_from_images(target, rng=vae_rng))
         drop = jax.random.uniform(k_drop, (B,)) < t.cond_drop
         feats = jnp.where(drop.reshape((B,) + (1,) * (feats.ndim - 1)), 0.0, feats)
         cond = model.condition(feats, out_hw)
