@@ -24,13 +24,15 @@ def micro_decoder(tokenizer_workdir: str, **train):
     code_channels = 16  # micro DualViTok: 2 x z_channels 8
     c.model.code_channels = code_channels
     # Two levels (the SDXL block kinds, fewer parameters: init compiles dominate this test's time).
-    c.model.unet.update(in_channels=4 + code_channels, block_out_channels=(8, 16), norm_num_groups=4,
+    latent = c.model.vae.latent_channels
+    c.model.unet.update(in_channels=latent + code_channels, out_channels=latent, block_out_channels=(8, 16),
+                        norm_num_groups=4,
                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 1),
                         attention_head_dim=(1, 2), addition_time_embed_dim=4,
                         projection_class_embeddings_input_dim=6 * 4 + 16)
     c.model.vae.update(block_out_channels=(8, 16, 16), norm_num_groups=4)
-    c.vae_train.update(batch_size=8, l1_weight=1.0, crop=64)  # evaluated on whole 128² images
+    c.vae_train.update(batch_size=8, eval_every=0)  # tiny: L1 + L2 on 64² crops, evaluated on whole 128² images
     c.data.update(num_examples=64, num_eval=8)
     c.train.update(eval_every=0, crop=64, **train)  # crops of the 128² outputs (evaluated whole)
     c.eval.update(num_images=8, batch_size=8, steps=2)
@@ -59,12 +61,14 @@ def test_configs_validate():
         config_check.validate_decoder(bad)
     config_check.validate_decoder(bad, training=False)  # `aot` compiles without any weights
     # Wider latents (tiny only): the VAE, the UNet's input (latent + code channels) and output follow.
-    c = decoder_config.get_config("size=tiny,latent_channels=8,prediction=v_prediction")
+    c = decoder_config.get_config("size=tiny,latent_channels=16,prediction=epsilon")
     config_check.validate_decoder(c)
-    assert c.model.vae.latent_channels == 8 and c.model.unet.out_channels == 8
-    assert c.model.unet.in_channels == 8 + c.model.code_channels
-    assert c.scheduler.prediction_type == "v_prediction"
-    assert decoder_config.get_config("size=tiny,conditioning=illume,latent_channels=8").model.unet.in_channels == 8
+    assert c.model.vae.latent_channels == 16 and c.model.unet.out_channels == 16
+    assert c.model.unet.in_channels == 16 + c.model.code_channels
+    assert c.scheduler.prediction_type == "epsilon"
+    assert decoder_config.get_config("size=tiny").scheduler.prediction_type == "v_prediction"
+    assert decoder_config.get_config("size=official").scheduler.prediction_type == "epsilon"  # SDXL's
+    assert decoder_config.get_config("size=tiny,conditioning=illume,latent_channels=16").model.unet.in_channels == 16
     with pytest.raises(ValueError, match="latent_channels"):
         decoder_config.get_config("size=official,latent_channels=8")  # the released VAE has 4
     with pytest.raises(ValueError, match="prediction"):
@@ -148,7 +152,7 @@ def test_decoder_step_compiles_aot_for_a_tpu_topology(tokenizer_workdir):
     config = micro_decoder(tokenizer_workdir)
     config.tokenizer = tok.saved_config(tokenizer_workdir)
     report = aot.compile_decoder_step(config, "v5p:2x2x1", batch=8)
-    assert report.num_devices == 4 and report.latent == (8, 32, 32, 4)
+    assert report.num_devices == 4 and report.latent == (8, 32, 32, config.model.vae.latent_channels)
     assert report.peak_gib > 0 and report.unet_params > 0
     assert "UNet" in report.table()
 
