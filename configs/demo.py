@@ -79,7 +79,7 @@ def mllm_config(s: dict, tokenizer_dir: str, size: str, self_enhance: int) -> ml
 def decoder_config(s: dict, tokenizer_dir: str) -> mlc.ConfigDict:
     c = diffusion_decoder.get_config(f"size=tiny,steps={s['unet_steps']},vae_steps={s['vae_steps']},"
                                      f"batch={s['dec_batch']},tokenizer_workdir={tokenizer_dir}")
-    c.vae_train.batch_size = s["dec_batch"]
+    c.vae_train.update(batch_size=s["dec_batch"], eval_every=0)
     c.train.eval_every = 0
     c.eval.num_images = s["dec_eval"]
     c.eval.batch_size = 16
