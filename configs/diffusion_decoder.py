@@ -151,7 +151,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         eval_every=500 if tiny else 10_000))
     c.eval = mlc.ConfigDict(dict(
         sampler="",             # '' = the scheduler's own class; or 'euler' | 'ddim' | 'dpm++2m'
-        steps=20, guidance_scale=1.5, guidance_rescale=0.0, num_images=128 if tiny else 64, batch_size=32))
+        # Tiny: scorer agreement at 2,000 UNet steps (128 scenes) is 0.67 / 0.77 / 0.79 / 0.79 at
+        # CFG 1.5 / 3 / 5 / 7. Official: the release's 1.5 (spec §2: 1.5-2.0).
+        steps=20, guidance_scale=5.0 if tiny else 1.5, guidance_rescale=0.0, num_images=128 if tiny else 64, batch_size=32))
     c.checkpoint = common.checkpoint_config(every_steps=250 if tiny else 2000)
     c.log_every = 50 if tiny else 100
     return c
