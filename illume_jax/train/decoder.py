@@ -360,13 +360,17 @@ class DecoderTrainer:
         return out
 
 
+def _windows(images: jax.Array, oy: jax.Array, ox: jax.Array, size: int) -> jax.Array:
+    """The size x size window at (oy[b], ox[b]) of each image of [B,H,W,C]."""
+    return jax.vmap(lambda im, y, x: jax.lax.dynamic_slice(im, (y, x, 0), (size, size, im.shape[-1])))(images, oy, ox)
+
+
 def random_crops(images: jax.Array, size: int, rng: jax.Array) -> jax.Array:
     """One random size x size window per image of [B,H,W,C] (offsets drawn per image)."""
-    B, H, W, C = images.shape
+    B, H, W, _ = images.shape
     ky, kx = jax.random.split(rng)
-    oy = jax.random.randint(ky, (B,), 0, H - size + 1)
-    ox = jax.random.randint(kx, (B,), 0, W - size + 1)
-    return jax.vmap(lambda im, y, x: jax.lax.dynamic_slice(im, (y, x, 0), (size, size, C)))(images, oy, ox)
+    return _windows(images, jax.random.randint(ky, (B,), 0, H - size + 1),
+                    jax.random.randint(kx, (B,), 0, W - size + 1), size)
 
 
 def crop_with_codes(target: jax.Array, feats: jax.Array, crop: int, latent_factor: int, rng: jax.Array):
@@ -374,7 +378,7 @@ def crop_with_codes(target: jax.Array, feats: jax.Array, crop: int, latent_facto
     each window (offsets on the grid where code cells and latent pixels both align), so a
     UNet trained on crops sees exactly the conditioning it gets at full size, window by window.
     A semantic-feature context (illume) is global and stays whole."""
-    B, H, W, C = target.shape
+    B, H, W, _ = target.shape
     if feats.ndim != 4:
         return random_crops(target, crop, rng), feats
     cell = H // feats.shape[1]
@@ -385,11 +389,7 @@ def crop_with_codes(target: jax.Array, feats: jax.Array, crop: int, latent_facto
     ky, kx = jax.random.split(rng)
     oy = jax.random.randint(ky, (B,), 0, (H - crop) // step + 1) * step
     ox = jax.random.randint(kx, (B,), 0, (W - crop) // step + 1) * step
-    win = jax.vmap(lambda im, y, x: jax.lax.dynamic_slice(im, (y, x, 0), (crop, crop, C)))(target, oy, ox)
-    n = crop // cell
-    codes = jax.vmap(lambda f, y, x: jax.lax.dynamic_slice(f, (y, x, 0), (n, n, f.shape[-1])))(
-        feats, oy // cell, ox // cell)
-    return win, codes
+    return _windows(target, oy, ox, crop), _windows(feats, oy // cell, ox // cell, crop // cell)
 
 
 # -- VAE weights between phases ------------------------------------------------------------------------
