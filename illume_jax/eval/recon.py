@@ -80,10 +80,18 @@ def same_reading(original: np.ndarray, reconstruction: np.ndarray, **kw) -> bool
     return reading_mismatch(original, reconstruction, **kw) is None
 
 
+def agreement_and_misses(originals: Sequence[np.ndarray], reconstructions: Sequence[np.ndarray],
+                         **kw) -> tuple[float, dict]:
+    """(fraction of pairs the scorer reads the same way, {reason: fraction failing for it}), with
+    each pair read once."""
+    reasons = [reading_mismatch(a, b, **kw) for a, b in zip(originals, reconstructions)]
+    return (float(np.mean([r is None for r in reasons])),
+            {r: float(np.mean([x == r for x in reasons])) for r in MISMATCH_REASONS})
+
+
 def mismatch_breakdown(originals: Sequence[np.ndarray], reconstructions: Sequence[np.ndarray], **kw) -> dict:
     """Fraction of pairs failing for each reason of `reading_mismatch` (they sum to 1 - agreement)."""
-    reasons = [reading_mismatch(a, b, **kw) for a, b in zip(originals, reconstructions)]
-    return {r: float(np.mean([x == r for x in reasons])) for r in MISMATCH_REASONS}
+    return agreement_and_misses(originals, reconstructions, **kw)[1]
 
 
 def scorer_agreement(originals: Sequence[np.ndarray], reconstructions: Sequence[np.ndarray], **kw) -> float:

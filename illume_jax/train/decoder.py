@@ -326,10 +326,8 @@ class DecoderTrainer:
         out = {"val_psnr": recon_lib.psnr(np.stack(originals), np.stack(decoded))}
         if c.data.source == "shapecomp":
             det_kw = scorer.level_options(c.data.levels)
-            reasons = [recon_lib.reading_mismatch(a, b, **det_kw) for a, b in zip(originals, decoded)]
-            out["decoder_agreement"] = float(np.mean([r is None for r in reasons]))
-            out.update({f"decoder_miss_{r}": float(np.mean([x == r for x in reasons]))
-                        for r in recon_lib.MISMATCH_REASONS})
+            out["decoder_agreement"], misses = recon_lib.agreement_and_misses(originals, decoded, **det_kw)
+            out.update({f"decoder_miss_{r}": v for r, v in misses.items()})
         return out
 
     def _evaluate_vae(self, state: DecoderState, num: int | None) -> dict:
@@ -353,10 +351,9 @@ class DecoderTrainer:
         out = {"val_psnr": recon_lib.psnr(orig_u8, rec_u8),
                "latent_std": float(np.std(np.asarray(mean)))}
         if c.data.source == "shapecomp":
-            det_kw = scorer.level_options(c.data.levels)
-            reasons = [recon_lib.reading_mismatch(a, b, **det_kw) for a, b in zip(orig_u8, rec_u8)]
-            out["vae_agreement"] = float(np.mean([r is None for r in reasons]))
-            out.update({f"vae_miss_{r}": float(np.mean([x == r for x in reasons])) for r in recon_lib.MISMATCH_REASONS})
+            out["vae_agreement"], misses = recon_lib.agreement_and_misses(
+                orig_u8, rec_u8, **scorer.level_options(c.data.levels))
+            out.update({f"vae_miss_{r}": v for r, v in misses.items()})
         return out
 
 

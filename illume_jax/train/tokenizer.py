@@ -530,11 +530,10 @@ class TokenizerTrainer:
             if c.data.source == "shapecomp":
                 # The shapes the levels can hold, rotation only where they rotate objects.
                 det_kw = scorer.level_options(c.data.levels)
-                reasons = [recon_lib.reading_mismatch(a, b, **det_kw) for a, b in zip(originals, images)]
-                out[f"{prefix}tokenizer_ceiling"] = float(np.mean([r is None for r in reasons]))
+                ceiling, misses = recon_lib.agreement_and_misses(originals, images, **det_kw)
+                out[f"{prefix}tokenizer_ceiling"] = ceiling
                 # Why the rest fail (count / color / shape / offset): where a tokenizer needs work.
-                out.update({f"{prefix}ceiling_miss_{r}": float(np.mean([x == r for x in reasons]))
-                            for r in recon_lib.MISMATCH_REASONS})
+                out.update({f"{prefix}ceiling_miss_{r}": v for r, v in misses.items()})
         return out
 
 
