@@ -4,8 +4,10 @@
             mask built from segment ids. The numerical reference; runs anywhere.
 - 'cudnn':  cuDNN fused attention on GPU. Full forwards use cuDNN's own causal mask; packed
             rows go through its packed-segment layout (per-row segment offsets and lengths
-            derived from the segment ids), so no mask is materialised. Decoding steps pass
-            the [B,1,T,S] boolean mask (T = 1 there, so it is only [B,1,1,S]).
+            derived from the segment ids), so no mask is materialised. Cached prefill and
+            decoding steps (queries offset into a key buffer) take the 'xla' path: one query
+            over the cache gains nothing from fusion, and cuDNN's fused kernel constrains
+            query lengths, dtypes and explicit masks in ways a decode loop should not depend on.
 - 'splash': Pallas splash attention on TPU, inside `shard_map` over the mesh (batch over
             data/fsdp, heads over tensor). Causal structure is a static block-sparse mask
             and packing comes from segment ids, so no T×T mask is ever materialised.
@@ -98,8 +100,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array
         kv_segment_ids = q_segment_ids if S == T else jnp.ones((B, S), jnp.int32)
     q_slots = q_offset + jnp.arange(T, dtype=jnp.int32)
     mask = causal_segment_mask(q_segment_ids, kv_segment_ids, q_slots, jnp.arange(S, dtype=jnp.int32))
-    impl = "cudnn" if implementation == "cudnn" else "xla"
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
 def _attend_bidirectional(q, k, v, q_segment_ids, kv_segment_ids, implementation, splash_interpret):
@@ -180,8 +181,15 @@ def segment_offsets(segment_ids: jax.Array, max_segments: int = CUDNN_MAX_SEGMEN
 def _cudnn_packed(q, k, v, segment_ids):
     from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention as cudnn_attention
     lengths, offsets = segment_offsets(segment_ids)
-    return cudnn_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets,
-                           scale=q.shape[-1] ** -0.5, mask_type=MaskType.PADDING_CAUSAL)
+    # cuDNN leaves the outputs and the dq/dk/dv of padding positions (outside every segment)
+    # unwritten: on an H200 a padded batch trained with NaN gradients from the first step. Selects
+    # on the way in and out drop whatever is there, forwards and backwards (a select's gradient
+    # is a select, so a NaN in the unused branch never reaches the weights).
+    valid = (segment_ids > 0)[:, :, None, None]
+    q, k, v = (jnp.where(valid, x, jnp.zeros((), x.dtype)) for x in (q, k, v))
+    out = cudnn_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets,
+                          scale=q.shape[-1] ** -0.5, mask_type=MaskType.PADDING_CAUSAL)
+    return jnp.where(valid, out, jnp.zeros((), out.dtype))
 
 
 @functools.lru_cache(maxsize=32)
