@@ -64,8 +64,13 @@ def check_kind(path: str, kinds: tuple[str, ...], what: str) -> dict:
 # Orbax deep-copies numpy leaves before writing them (so an async save may run while the caller
 # mutates them). The conversion saves synchronously and owns its arrays: without the copy its
 # peak host memory is one converted model, not two (measured: bench/convert_memory.py).
+# Orbax releases without the option (e.g. the one beside jax 0.11 on GPU images) get its default.
+try:
+    _NUMPY_HANDLER = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
+except TypeError:
+    _NUMPY_HANDLER = ocp.type_handlers.NumpyHandler()
 _NO_COPY_REGISTRY = ocp.type_handlers.create_type_handler_registry(
-    (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+    (np.ndarray, _NUMPY_HANDLER),
     (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)))
 
 
