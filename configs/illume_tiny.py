@@ -3,11 +3,18 @@
 Launch:   python -m illume_jax train-tokenizer --config=configs/dualvitok.py:size=tiny --workdir=runs/dualvitok_tiny
           python -m illume_jax train --config=configs/illume_tiny.py --workdir=runs/illume_tiny
 Args:     --config=configs/illume_tiny.py:steps=400,batch=16,tokenizer=runs/dualvitok_tiny,levels=1,workers=0,
-          size=tiny|small (the LLM's shape, LLM_SIZES below),
+          size=tiny|small|medium (the LLM's shape, LLM_SIZES below),
+          pixel_grid=16|32 (the tokenizer's pixel code grid, as in configs/dualvitok.py: 32 makes 1,134-token
+          image blocks, and the sequence lengths follow),
+          examples=2000 (training scenes per task),
+          lr_scale=1.0 (multiplies every stage's learning rate; wider LLMs want less),
+          device=cpu|gpu (cpu: fp32 and the per-example 'cpu' attention kernel; gpu: bfloat16 compute
+          over fp32 weights and cuDNN attention),
           stages=0123 (which of the stages below run, by index; e.g. stages=3 trains only SFT, from scratch)
           (steps = stage-3 steps; the other stages scale from it)
 Hardware: 2 CPU cores. 64x64 images -> 8x8 semantic + 16x16 pixel codes: 350-token image blocks,
           sequences of 512 (understanding, text-to-image) and 768 (editing, reconstruction) tokens.
+          pixel_grid=32: 1,134-token blocks, sequences of 1,408 and 2,432 (meant for device=gpu).
 Stages (spec §5.2, paper's stage names):
   0 base        stands in for the pretrained LLM the official model starts from: the LLM and the
                 projector learn ShapeComp captions and answers (tower frozen).
@@ -30,45 +37,64 @@ from configs import dualvitok
 LLM_SIZES = {
     "tiny": dict(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=384),
     "small": dict(d_model=256, num_layers=6, num_heads=8, num_kv_heads=4, head_dim=32, mlp_dim=768),
+    # For an accelerator (device=gpu): about 6x the small LLM's parameters.
+    "medium": dict(d_model=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64, mlp_dim=1536),
 }
+DEVICES = {
+    "cpu": dict(dtype="float32", attention="cpu"),
+    "gpu": dict(dtype="bfloat16", attention="cudnn"),
+}
+
+
+def sequence_lengths(pixel_grid: int) -> tuple[int, int]:
+    """(one-image, two-image) row lengths: an image block plus the longest text of the ShapeComp
+    tasks (a multi-turn QA record: ~160 tokens; an edit instruction: ~60), in multiples of 128."""
+    from illume_jax.models.mllm import block_length  # light import: configs stay cheap to load
+    block = block_length(((8, 8), (pixel_grid, pixel_grid)))  # 64² images: 8x8 semantic grid
+    up = lambda n: -(-n // 128) * 128  # noqa: E731
+    return up(block + 160), up(2 * block + 60)
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
     a = common.parse_arg(arg, steps=400, batch=16, tokenizer="runs/dualvitok_tiny", levels="1", workers=0,
-                         vocab=512, size="tiny", stages="0123")
+                         vocab=512, size="tiny", stages="0123", pixel_grid=16, examples=2000, device="cpu",
+                         lr_scale=1.0)
     if a.size not in LLM_SIZES:
         raise ValueError(f"config argument size={a.size!r}: expected one of {sorted(LLM_SIZES)}")
+    if a.device not in DEVICES:
+        raise ValueError(f"config argument device={a.device!r}: expected one of {sorted(DEVICES)}")
     c = mlc.ConfigDict()
     c.seed = 0
     c.mesh = common.mesh_config()
-    tok = dualvitok.model_config("tiny")
+    tok = dualvitok.model_config("tiny", int(a.pixel_grid))  # validates pixel_grid
     # Added ids: 7 structure + 32 resolution tags + both codebooks; padded to a multiple of 64.
     added = 7 + 32 + tok.semantic_codes + tok.pixel_codes
     rows = -(-(a.vocab + added) // 64) * 64
-    c.model = common.llm_config(text_vocab_size=a.vocab, vocab_size=rows, remat="none", attention="cpu",  # CPU-sized
-                                **LLM_SIZES[a.size])
+    c.model = common.llm_config(text_vocab_size=a.vocab, vocab_size=rows, remat="none",
+                                **DEVICES[a.device], **LLM_SIZES[a.size])
     c.vision = common.vision_config(tokenizer_workdir=a.tokenizer, tokenizer_model=tok, resolution=64,
                                     max_images=2)
     c.tokenizer = mlc.ConfigDict(dict(kind="sentencepiece", path="", vocab_size=a.vocab, chat_template="plain",
                                       corpus_tasks=("caption", "qa", "edit", "t2i", "recon")))
     levels = tuple(int(ch) for ch in a.levels)
-    n = 2000
+    n = int(a.examples)
+    one, two = sequence_lengths(int(a.pixel_grid))  # 512 / 768 at the default 16x16 grid
     c.data = mlc.ConfigDict(dict(
         datasets={f"shapecomp_{t}": dict(kind="shapecomp", levels=levels, tasks=(t,), num_examples=n)
                   for t in ("caption", "qa", "t2i", "edit", "recon")},
         text_only=False, num_workers=a.workers, shuffle_seed=0, data_dir=""))
     s3 = a.steps
-    stage = lambda name, steps, seq, **kw: common.stage_config(  # noqa: E731
-        name, steps=max(int(steps), 1), seq_len=seq, global_batch_size=a.batch, **kw)
+    stage = lambda name, steps, seq, lr, **kw: common.stage_config(  # noqa: E731
+        name, steps=max(int(steps), 1), seq_len=seq, global_batch_size=a.batch, lr=lr * float(a.lr_scale), **kw)
     c.stages = [
-        stage("base", s3 // 2, 512, lr=3e-3, warmup_steps=20, trainable=("llm/.*", "projector/.*"),
+        stage("base", s3 // 2, one, lr=3e-3, warmup_steps=20, trainable=("llm/.*", "projector/.*"),
               mixture={"shapecomp_caption": 0.5, "shapecomp_qa": 0.5}),
-        stage("embed_init", s3 // 4, 768, lr=3e-3, warmup_steps=10,
+        stage("embed_init", s3 // 4, two, lr=3e-3, warmup_steps=10,
               trainable=("projector/.*", "llm/embed/embedding"), new_vocab_only=True,
               mixture={"shapecomp_recon": 0.5, "shapecomp_caption": 0.5}),
-        stage("align", s3, 512, lr=2e-3, warmup_steps=20, trainable=("llm/.*", "projector/.*"),
+        stage("align", s3, one, lr=2e-3, warmup_steps=20, trainable=("llm/.*", "projector/.*"),
               mixture={"shapecomp_caption": 0.2, "shapecomp_qa": 0.3, "shapecomp_t2i": 0.5}),
-        stage("sft", s3, 768, lr=1e-3, warmup_steps=20, trainable=(".*",),
+        stage("sft", s3, two, lr=1e-3, warmup_steps=20, trainable=(".*",),
               lr_multipliers=(("vision/.*", 0.1),), cfg_dropout=0.1,
               mixture={"shapecomp_caption": 0.1, "shapecomp_qa": 0.3, "shapecomp_t2i": 0.35,
                        "shapecomp_edit": 0.25}),

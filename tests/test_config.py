@@ -156,6 +156,31 @@ def test_tiny_stage_selection_and_pixel_grid():
             dualvitok.get_config(bad)
 
 
+def test_illume_tiny_rows_follow_the_tokenizer_grid():
+    """`illume_tiny:pixel_grid=32` sizes every stage's rows for 1,134-token image blocks; a config
+    whose rows are too short for its tokenizer's blocks is refused by the data iterator instead of
+    skipping every record (which used to hang the first step); device/size/lr_scale apply."""
+    from configs import dualvitok, illume_tiny
+    from illume_jax import config_check
+    from illume_jax.data.multimodal import check_stage_fits_images
+    from illume_jax.train.state import model_config
+    assert [st.seq_len for st in illume_tiny.get_config().stages] == [512, 768, 512, 768]
+    c32 = illume_tiny.get_config("pixel_grid=32,device=gpu,size=medium,lr_scale=0.5,tokenizer=/nonexistent")
+    config_check.validate(c32)
+    assert [st.seq_len for st in c32.stages] == [1408, 2432, 1408, 2432]
+    assert (c32.model.dtype, c32.model.attention, c32.model.d_model) == ("bfloat16", "cudnn", 512)
+    assert [st.lr for st in c32.stages] == pytest.approx([1.5e-3, 1.5e-3, 1e-3, 5e-4])
+    for i in range(4):
+        check_stage_fits_images(c32, i, model_config(c32))
+    mismatched = illume_tiny.get_config("tokenizer=/nonexistent")  # rows for 16x16 ...
+    mismatched.vision.tokenizer_model = dualvitok.model_config("tiny", 32)  # ... a 32x32 tokenizer
+    for i in range(4):
+        with pytest.raises(ValueError, match=f"stage '{mismatched.stages[i].name}': seq_len .* 1134 tokens"):
+            check_stage_fits_images(mismatched, i, model_config(mismatched))
+    with pytest.raises(ValueError, match="device"):
+        illume_tiny.get_config("device=tpu")
+
+
 def test_semantic_vq_token_grid():
     """`semantic_vq_illume:grid=32` is a patch-2 ViT: 32x32 codes per 64² image, decoded back to 64²
     by the one-upsample pixel head; bad grids and official-size grids name themselves."""

@@ -188,6 +188,27 @@ class MultimodalExample:
 MULTIMODAL_KEYS = ("token_slots", "token_cells", "target_slots", "target_cells", "images")
 
 
+def check_stage_fits_images(config: Any, stage_index: int, mcfg: mllm.MLLMConfig) -> None:
+    """Raise when a stage's rows cannot hold the image blocks its tasks need. Every record that
+    does not fit is skipped, so without this a too-short `seq_len` (say, a config sized for a
+    16x16 tokenizer given a 32x32 one) would filter out every record and hang the iterator."""
+    stage = config.stages[stage_index]
+    res = int(config.vision.resolution)
+    block = mllm.block_length(mcfg.grids(res, res))
+    tasks = set()
+    for name in stage.mixture:
+        ds = config.data.datasets.get(name)
+        tasks |= set(ds.get("tasks", ())) if ds is not None else set()
+    images = 2 if tasks & {"edit", "recon"} else 1
+    if int(stage.seq_len) < images * block + 1:
+        raise ValueError(
+            f"stage {stage.name!r}: seq_len {stage.seq_len} cannot hold {images} image block(s) of {block} "
+            f"tokens ({res}x{res} images through the tokenizer's {mcfg.grids(res, res)} code grids, tasks "
+            f"{sorted(tasks) or 'unknown'}); every such record would be skipped. Raise the stage's seq_len "
+            f"to at least {images * block + 1} plus the text (configs/illume_tiny.py: pixel_grid= must match "
+            f"the tokenizer)")
+
+
 def make_multimodal_iterator(config: Any, stage_index: int, tokenizer, data_dir: str, *, seed: int,
                              process_index: int = 0, process_count: int = 1, sources: dict | None = None):
     """Stage batches of `MultimodalExample` rows from the stage's mixture (data/pipeline.py).
@@ -200,7 +221,9 @@ def make_multimodal_iterator(config: Any, stage_index: int, tokenizer, data_dir:
     ds, _ = mixture_dataset(config, stage_index, data_dir, seed=seed, process_index=process_index,
                             process_count=process_count, sources=sources)
     v = config.vision
-    example = MultimodalExample(tokenizer, config.tokenizer.chat_template, model_config(config),
+    mcfg = model_config(config)
+    check_stage_fits_images(config, stage_index, mcfg)
+    example = MultimodalExample(tokenizer, config.tokenizer.chat_template, mcfg,
                                 int(v.resolution), int(stage.seq_len), int(v.max_images),
                                 float(stage.get("cfg_dropout", 0.0)))
     ds = ds.random_map(example, seed=_seed("cfg-dropout", seed)).filter(lambda x: x is not None)
