@@ -23,7 +23,11 @@ from illume_jax.train import step as step_lib
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps (then it saves and exits)."""
+    """Turns SIGTERM into a flag the loop checks between steps (then it saves and exits).
+
+    A second SIGTERM exits at once (SystemExit, no checkpoint): the flag is only read between steps,
+    so a process stuck before the next one (a data iterator that never yields, say) would otherwise
+    ignore every SIGTERM and need SIGKILL. The newest checkpoint is still the last saved one."""
 
     def __init__(self):
         self.requested = False
@@ -37,7 +41,11 @@ class _Preemption:
         return self
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping after this step")
+        if self.requested:
+            logging.warning("second SIGTERM: exiting now, without a checkpoint")
+            raise SystemExit(128 + signal.SIGTERM)
+        logging.warning("SIGTERM received: saving a checkpoint and stopping after this step "
+                        "(a second SIGTERM exits at once)")
         self.requested = True
 
     def __exit__(self, *exc):

@@ -92,3 +92,24 @@ def test_sigterm_saves_and_stops_at_the_next_step(tmp_path):
     done = _run(tmp_path, 6, lambda step, m: None, iterator)
     assert not done["preempted"] and done["step"] == 6 and int(done["state"]["step"]) == 6
     assert iterator.position == 6
+
+
+def test_second_sigterm_exits_at_once():
+    """The first SIGTERM only sets the flag the loops read between steps; a process stuck before
+    the next step (here: a data iterator that never yields) leaves on the second one."""
+    import time
+
+    import pytest
+
+    from illume_jax.train.loop import _Preemption
+    before = signal.getsignal(signal.SIGTERM)
+    with _Preemption() as preempt:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)  # Python runs the handler between bytecodes
+        assert preempt.requested
+        with pytest.raises(SystemExit) as exit_info:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(500):  # stands in for a hung iterator; the handler raises in here
+                time.sleep(0.01)
+        assert exit_info.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before
