@@ -77,3 +77,33 @@ def test_schedule_values():
 def test_pattern_matching_nothing_is_an_error():
     with pytest.raises(ValueError, match="stage 's': trainable pattern 'layer/.*' matches no parameter"):
         _run(tiny_config(_stage(trainable=("layer/.*",))), steps=1)
+
+
+def test_frozen_gradients_are_not_computed_and_not_in_the_grad_norm():
+    """Frozen parameters get constant-zero gradients in the step itself: the compiled step of a stage
+    that trains only the MLPs does fewer FLOPs than the all-trainable one (XLA drops the frozen
+    weight-gradient matmuls), and the grad-norm metric is the trainable gradients' norm."""
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    batch = sharding.global_batch(mesh, synthetic_batch(np.random.default_rng(0), 8, 16, 64))
+    flops, norms = {}, {}
+    for name, trainable in (("all", (".*",)), ("mlp", ("layers/mlp/.*",))):
+        config = tiny_config(_stage(trainable=trainable, lr=0.0), weight_decay=0.0)
+        _, _, state = state_lib.create_state(config, 0, mesh)
+        step = step_lib.make_train_step(config, 0, mesh)
+        flops[name] = step.lower(state, batch).compile().cost_analysis()["flops"]
+        if name == "all":  # the full gradient, to take the MLP part's norm by hand (before the step donates)
+            grads, sums = step_lib._grads(state.params, config_graphdef(config, mesh), batch,
+                                          config.model.text_vocab_size, 1)
+            flat = _flat(jax.tree.map(lambda g: g / sums["tokens"], grads))
+            mlp_norm = np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for k, v in flat.items()
+                                   if k.startswith("layers/mlp/")))
+        _, metrics = step(state, batch)
+        norms[name] = float(metrics["grad_norm"])
+    assert flops["mlp"] < 0.9 * flops["all"], flops
+    assert norms["mlp"] == pytest.approx(mlp_norm, rel=1e-4)
+    assert norms["mlp"] < norms["all"]
+
+
+def config_graphdef(config, mesh):
+    graphdef, _, _ = step_lib.abstract_state(config, 0, mesh)
+    return graphdef
