@@ -102,3 +102,19 @@ def test_records_schema():
 def test_bad_arguments_are_named(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_qa_turn_order_does_not_give_the_answer_away():
+    """QA records list their questions in a per-scene random order: in the generator's order every
+    record opened with a present object ("yes"), and a model asked one POPE-style question learned
+    to answer "yes" blind. Now a first existence question is "yes" about half the time."""
+    from illume_jax.data.shapecomp import records
+    first = []
+    for i in range(400):
+        turns = records.conversation_records(1, "train", i, tasks=("qa",))[0]["conversations"]
+        if turns[0]["value"].startswith("<image>\nIs there"):
+            first.append(turns[1]["value"] == "yes")
+    assert len(first) > 100
+    assert 0.35 < np.mean(first) < 0.65, np.mean(first)
+    again = records.conversation_records(1, "train", 7, tasks=("qa",))[0]["conversations"]
+    assert again == records.conversation_records(1, "train", 7, tasks=("qa", "caption"))[1]["conversations"]

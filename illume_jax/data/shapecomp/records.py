@@ -46,7 +46,12 @@ def conversation_records(level: int, split: str, index: int, tasks: Iterable[str
         out.append(dict(id=f"{base}-caption-0", task="caption", level=level, images=[image],
                         conversations=_turns((f"<image>\n{ask}", caption)), context=dense))
     if "qa" in tasks:
+        # Shuffled: `qa.questions` lists present objects before absent ones (and a true relation
+        # before a false one), so in that order the first answer was always "yes", and a model
+        # asked one question (POPE-style) learned to answer "yes" without looking at the image.
         items = qa.questions(scene)
+        order = scene_rng(level, split, index, salt="qa-order").permutation(len(items))
+        items = [items[i] for i in order]
         turns = _turns(*[(q["question"], q["answer"]) for q in items])
         turns[0]["value"] = "<image>\n" + turns[0]["value"]
         out.append(dict(id=f"{base}-qa-0", task="qa", level=level, images=[image], conversations=turns,
