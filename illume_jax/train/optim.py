@@ -104,6 +104,18 @@ def _zero_old_vocab_rows(text_vocab_size: int) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def frozen_mask(params, stage: Any):
+    """A pytree of Python bools like `params`: True where the stage does not train the parameter."""
+    return jax.tree.map(lambda label: label == "frozen", param_labels(params, stage)(params))
+
+
+def drop_frozen(grads, frozen):
+    """Constant zeros in place of frozen parameters' gradients. Applied in the step before anything
+    reads the gradients (grad-norm metric, NaN guard, optimizer), nothing depends on those weight
+    gradients and XLA drops their matmuls (a frozen vision tower's whole backward)."""
+    return jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g, grads, frozen)
+
+
 def zero_frozen(labels: Callable, groups: set[str]) -> optax.GradientTransformation:
     """Zeroes the gradients of frozen parameters (stateless)."""
     return optax.multi_transform({g: optax.set_to_zero() if g == "frozen" else optax.identity() for g in groups},
@@ -126,8 +138,8 @@ def make_optimizer(config: Any, stage_index: int, params) -> optax.GradientTrans
     transforms = {"frozen": optax.set_to_zero(), "lr0": adamw(1.0)}
     for i, (_, mult) in enumerate(stage.lr_multipliers):
         transforms[f"lr{i + 1}"] = adamw(float(mult))
-    # Frozen gradients are zeroed first: they then neither count in the clipping norm nor
-    # stay alive, so XLA drops the weight-gradient matmuls of frozen layers.
+    # Frozen gradients are zeroed first, so they never count in the clipping norm. (Their matmuls
+    # are dropped only if the step itself reads no raw gradient: see `drop_frozen`.)
     chain = [zero_frozen(labels, set(transforms))]
     if o.clip_norm > 0:
         chain.append(optax.clip_by_global_norm(o.clip_norm))

@@ -73,11 +73,8 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTr
                text_vocab_size: int, grad_accum: int, lr_fn: Callable, frozen=None) -> tuple[TrainState, dict]:
     """frozen: a pytree of Python bools like the params (True = the stage does not train it), or None."""
     grads, sums = _grads(state.params, graphdef, batch, text_vocab_size, grad_accum)
-    if frozen is not None:
-        # Constant zeros for frozen parameters, before anything reads the gradients: nothing then
-        # depends on their weight gradients, and XLA drops those matmuls (a frozen vision tower's
-        # whole backward). The grad-norm metric and the NaN guard see what the optimizer sees.
-        grads = jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g, grads, frozen)
+    if frozen is not None:  # the grad-norm metric and the NaN guard see what the optimizer sees
+        grads = optim.drop_frozen(grads, frozen)
     # Gradients of the summed NLL / trained tokens = gradient of the mean over the whole
     # global batch, however it was split into micro-batches.
     denom = jnp.maximum(sums["tokens"], 1.0)
@@ -130,8 +127,7 @@ def make_train_step(config: Any, stage_index: int, mesh: Mesh, graphdef=None, tx
                          f"{sharding.data_parallel_size(mesh)}")
     state_sh = jax.tree.map(lambda a: a.sharding, abs_state)
     batch_sh = {k: v.sharding for k, v in batch_shapes(config, stage_index, mesh).items()}
-    labels = optim.param_labels(abs_state.params, stage)(abs_state.params)
-    frozen = jax.tree.map(lambda label: label == "frozen", labels)
+    frozen = optim.frozen_mask(abs_state.params, stage)
     kw = dict(graphdef=graphdef, tx=tx, text_vocab_size=config.model.text_vocab_size,
               grad_accum=config.optim.grad_accum, lr_fn=lambda s: optim.learning_rate(config, stage_index, s),
               frozen=frozen)

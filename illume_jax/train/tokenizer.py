@@ -317,6 +317,7 @@ class TokenizerTrainer:
         self.graphdef, abs_params, abs_buffers = nnx.split(abstract_model, nnx.Param, ...)
         self.codebook_sizes = abstract_model.codebook_sizes
         self.tx = _masked(_adam(t), abs_params, t.trainable, "tokenizer")
+        self.frozen = optim.frozen_mask(abs_params, _Stage("tokenizer", t.trainable))
         self.use_disc = t.disc_start >= 0
         if self.use_disc:
             from illume_jax.models.patchgan import PatchGAN
@@ -419,6 +420,7 @@ class TokenizerTrainer:
             rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
             (loss, (terms, buffers, out)), grads = jax.value_and_grad(self._generator_terms, has_aux=True)(
                 state.params, state.buffers, state.disc_params, pparams, images, rng, disc_on)
+            grads = optim.drop_frozen(grads, self.frozen)  # e.g. a frozen encoder's backward is dropped
             updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             metrics = dict(terms, loss=loss, grad_norm=optax.tree.norm(grads),
