@@ -35,11 +35,16 @@ SDXL_VAE = dict(
     in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4,
     norm_num_groups=32, scaling_factor=0.13025, force_upcast=True, sample_size=1024)
-# SDXL's scheduler/scheduler_config.json (EulerDiscreteScheduler, epsilon, leading spacing).
+# SDXL's scheduler/scheduler_config.json (EulerDiscreteScheduler, epsilon, leading spacing). The
+# DDIM-era keys (clip_sample, set_alpha_to_one, ...) mean nothing to Euler but are in the file, and
+# matter when another sampler is built from it (eval.sampler='ddim'): DDIM's own default
+# clip_sample=True clips x0 to [-1, 1], which wrecks unit-scaled latents (tiny decoder: agreement
+# 0.81 -> 0.01).
 SDXL_SCHEDULER = dict(
     _class_name="EulerDiscreteScheduler", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
     beta_schedule="scaled_linear", prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
-    interpolation_type="linear", use_karras_sigmas=False)
+    interpolation_type="linear", use_karras_sigmas=False, clip_sample=False, set_alpha_to_one=False,
+    skip_prk_steps=True, sample_max_value=1.0)
 
 
 def tiny_vae(latent_channels: int) -> dict:
@@ -100,7 +105,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         latent = a.latent_channels or 8
         unet, vae = tiny_unet(a.conditioning, code_channels, context_dim, pooled_dim, latent), tiny_vae(latent)
     elif plus:
-        unet, vae = dict(SDXL_UNET), dict(SDXL_VAE)
+        # bf16 compute (fp32 parameters) and per-block rematerialisation, as SDXL is trained (a
+        # 1024^2 batch's fp32 activations would not fit a chip). With them the 512^2 train step
+        # compiles for v5p on this 24 GiB host (README); the fp32, no-remat step never finished.
+        unet, vae = dict(SDXL_UNET, dtype="bfloat16", remat=True), dict(SDXL_VAE)
     else:  # SD 1.x-size UNet with the semantic features (ViT width) as context, SD VAE
         unet = dict(in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
                     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),

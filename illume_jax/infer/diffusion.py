@@ -73,6 +73,9 @@ _INERT_KEYS = {
     "ddim": ("dynamic_thresholding_ratio", "sample_max_value"),
     "dpm++2m": ("dynamic_thresholding_ratio", "sample_max_value", "flow_shift", "time_shift_type"),
 }
+# DDIM/PNDM-era keys that SD and SDXL Euler configs still carry (no Euler argument): dropped without
+# a warning when an Euler config is read, kept for a DDIM built from the same file.
+_LEGACY_EULER_KEYS = ("clip_sample", "clip_sample_range", "set_alpha_to_one", "skip_prk_steps", "sample_max_value")
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -160,7 +163,7 @@ class SchedulerConfig:
         _check_choice("sampler", sampler, SAMPLERS)
         kwargs: dict[str, Any] = {"sampler": sampler}
         for key, value in config.items():
-            if key.startswith("_") or key in _INERT_KEYS[sampler]:
+            if key.startswith("_") or key in _INERT_KEYS[sampler] or (sampler == "euler" and key in _LEGACY_EULER_KEYS):
                 continue
             if key in _FIXED_KEYS[sampler]:
                 allowed = _FIXED_KEYS[sampler][key]

@@ -221,6 +221,20 @@ def test_from_diffusers_choices_and_errors():
         D.SchedulerConfig.from_diffusers(dict(base, _class_name="EulerDiscreteScheduler", use_foo_sigmas=True))
 
 
+def test_sdxl_config_file_reads_as_euler_and_as_ddim_without_clipping():
+    """SDXL's scheduler_config.json carries DDIM-era keys: Euler drops them silently, and a DDIM
+    built from the file must not fall back to DDIM's clip_sample=True (it clips unit-scaled latents)."""
+    import warnings
+
+    from configs.diffusion_decoder import SDXL_SCHEDULER
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        euler = D.SchedulerConfig.from_diffusers(dict(SDXL_SCHEDULER))
+    assert euler.sampler == "euler"
+    ddim = D.SchedulerConfig.from_diffusers(dict(SDXL_SCHEDULER), sampler="ddim")
+    assert ddim.clip_sample is False and ddim.set_alpha_to_one is False
+
+
 def test_key_tables_cover_the_diffusers_signatures():
     """Every __init__ argument of the three classes is either implemented, pinned or inert."""
     import inspect
