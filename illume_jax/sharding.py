@@ -28,7 +28,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("kv_heads", "tensor"),  # key/value heads K
     ("head_dim", None),    # H
     ("vocab", "tensor"),   # V
-    ("conv_out", "tensor"),  # output channels of CNN kernels (HWIO: only O is sharded)
+    ("conv_out", "tensor"),  # output channels of CNN kernels (HWIO)
+    ("conv_in", "fsdp"),     # input channels of CNN kernels: storage only (gathered before the conv)
     ("norm", None),
     # Activations. Hidden states are replicated over 'tensor' between blocks (Megatron
     # style) and never sharded over 'fsdp' (their batch axis already is).
@@ -76,6 +77,23 @@ def use_mesh(mesh: Mesh):
     from flax import nnx
     with jax.set_mesh(mesh), nnx.logical_axis_rules(LOGICAL_AXIS_RULES):
         yield mesh
+
+
+def logical_axis_size(name: str) -> int:
+    """Devices the logical axis `name` is split over on the current mesh (1 outside a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = dict(LOGICAL_AXIS_RULES).get(name)
+    if mesh is None or mesh.empty or axes is None:
+        return 1
+    return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+
+
+def shares_mesh_axis(a: str | None, b: str | None) -> bool:
+    """Whether logical axes `a` and `b` map onto a common mesh axis (one spec cannot use both)."""
+    rules = dict(LOGICAL_AXIS_RULES)
+    as_set = lambda n: set() if n is None or rules.get(n) is None else (  # noqa: E731
+        {rules[n]} if isinstance(rules[n], str) else set(rules[n]))
+    return bool(as_set(a) & as_set(b))
 
 
 def logical_to_spec(logical_axes: tuple[str | None, ...]) -> P:

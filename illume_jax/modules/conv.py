@@ -4,8 +4,12 @@ Written to match PyTorch numerics: kernels are HWIO (converted from OIHW), paddi
 torch's symmetric `padding=k//2`, GroupNorm groups consecutive channels with fp32
 statistics, pixel (un)shuffle keeps torch's channel order (`c*r*r + i*r + j`, which differs
 from `depth_to_space`), and the spatial norm's nearest resize uses torch's
-`src = floor(dst * in / out)` rule. Only the output channel of a kernel carries a sharding
-name ('conv_out'): input-side sharding would split every 3x3 window's reduction.
+`src = floor(dst * in / out)` rule. A kernel's output channels carry 'conv_out' (tensor
+parallelism). Its input channels carry 'conv_in' (fsdp) for storage only: activations are
+batch-sharded over the same axis, so each conv all-gathers its kernel first (ZeRO-3) instead of
+splitting the 3x3 windows' reduction. Without it SDXL's conv kernels (a third of its weights, and
+their Adam moments and EMA) were replicated on every chip. Channels the fsdp size does not divide
+(an RGB conv_in) stay replicated.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from illume_jax.modules.resample import pixel_shuffle, pixel_unshuffle, resize_nearest
+from illume_jax.sharding import logical_axis_size, shares_mesh_axis
 
 
 def _torch_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int, dtype) -> jax.Array:
@@ -36,8 +41,11 @@ class Conv2d(nnx.Module):
         self.dtype = dtype
         fan_in = in_channels * kernel_size * kernel_size
         shape = (kernel_size, kernel_size, in_channels, out_channels)
+        # no 'conv_in' when the output side already uses fsdp (a 1x1 proj_in with out_axis='embed')
+        shard_in = in_channels % logical_axis_size("conv_in") == 0 and not shares_mesh_axis(out_axis, "conv_in")
+        in_axis = "conv_in" if shard_in else None
         self.kernel = nnx.Param(_torch_uniform(rngs.params(), shape, fan_in, param_dtype),
-                                out_sharding=(None, None, None, out_axis))
+                                out_sharding=(None, None, in_axis, out_axis))
         self.bias = (nnx.Param(_torch_uniform(rngs.params(), (out_channels,), fan_in, param_dtype),
                                out_sharding=(out_axis,)) if use_bias else None)
 

@@ -126,6 +126,11 @@ class DecoderTrainer:
                                 rng=jax.random.key_data(jax.random.key(config.seed + (1 if phase == "unet" else 0))))
 
         self.abstract, out_sh = _shardings(jax.eval_shape(fresh, abs_params), mesh, abs_params)
+        if with_ema:  # the EMA is sharded as the UNet it averages (its paths lack the 'unet/' prefix,
+            # so the path matching above left it replicated: 9.6 GiB on every chip at SDXL size)
+            out_sh = out_sh.replace(ema=out_sh.params["unet"])
+            self.abstract = self.abstract.replace(ema=jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract.ema, out_sh.ema))
         step_fn = self._vae_step if phase == "vae" else self._unet_step
         # Functions of the config, the derived model config (the workdir's measured VAE scale) and
         # the mesh; weights are arguments.

@@ -382,16 +382,18 @@ def test_official_decoder_size_and_keys():
     assert not any(k.startswith("up.0.upsample") or k.startswith("up.3.attn") for k in shapes)
 
 
-def test_decoder_sharded_over_tensor_matches_torch():
-    """Kernels' output channels split over 'tensor' ('conv_out' rule); results unchanged."""
-    if len(jax.devices()) < 2:
-        pytest.skip("needs 2 devices")
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 2}, devices=jax.devices()[:2])
+def test_decoder_sharded_over_fsdp_and_tensor_matches_torch():
+    """Kernels' output channels split over 'tensor' ('conv_out'), input channels over 'fsdp'
+    ('conv_in'), the batch over 'fsdp'; results unchanged."""
+    if len(jax.devices()) < 4:
+        pytest.skip("needs 4 devices")
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, devices=jax.devices()[:4])
     ref = _randomize(TDecoder(DEC), seed=4)
     ours = conv_movq.create_from_torch(movq.MoVQDecoder, DEC, ref.state_dict(), mesh=mesh)
-    assert ours.up[2].upsample.conv.kernel[...].sharding.spec == jax.sharding.PartitionSpec(None, None, None, "tensor")
+    assert ours.up[2].upsample.conv.kernel[...].sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp", "tensor")
     rng = np.random.default_rng(7)
     z, zq = (rng.standard_normal((2, 4, 4, 8)).astype(np.float32) for _ in range(2))
+    batch = sharding.batch_sharding(mesh, 4)
     with sharding.use_mesh(mesh):
-        out = _jit_call(ours, jnp.asarray(z), jnp.asarray(zq))
+        out = _jit_call(ours, jax.device_put(z, batch), jax.device_put(zq, batch))
     _close(out, _nhwc(ref(_nchw(z), _nchw(zq))))

@@ -225,7 +225,12 @@ def test_sharding_annotations_on_a_mesh():
     assert blk.attn1.to_q.kernel.get_value().sharding.spec == P("fsdp", "tensor", None)
     assert blk.attn1.to_out[0].kernel.get_value().sharding.spec == P("tensor", None, "fsdp")
     assert blk.ff.net[0].proj.kernel.get_value().sharding.spec == P("fsdp", None, "tensor")
-    assert model.down_blocks[0].resnets[0].conv1.kernel.get_value().sharding.spec == P(None, None, None, "tensor")
+    # conv kernels: output channels over 'tensor', input channels over 'fsdp' (storage, ZeRO-3)
+    assert model.down_blocks[0].resnets[0].conv1.kernel.get_value().sharding.spec == P(None, None, "fsdp", "tensor")
+    assert model.conv_out.kernel.get_value().sharding.spec == P(None, None, "fsdp", None)
+    from illume_jax.models import vae
+    rgb_in = vae.abstract(vae.VAEConfig(block_out_channels=(32, 64), norm_num_groups=8), mesh)
+    assert rgb_in.encoder.conv_in.kernel.get_value().sharding.spec == P(None, None, None, "tensor")  # 3 % 2
 
 
 def test_num_attention_heads_and_head_dim_quirk():

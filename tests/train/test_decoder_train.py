@@ -188,3 +188,19 @@ def test_crops_carry_the_code_cells_under_them():
     context = jnp.ones((B, 8, 16))
     w2, c2 = dec.crop_with_codes(jnp.asarray(target), context, 32, 4, jax.random.key(0))
     assert w2.shape == (B, 32, 32, 3) and c2 is context
+
+
+def test_ema_and_conv_kernels_are_sharded_like_the_unet(tokenizer_workdir):
+    """On an fsdp mesh the EMA carries the UNet parameters' shardings (it was replicated: 9.6 GiB
+    on every chip at SDXL size) and conv kernels split their input channels over fsdp."""
+    from illume_jax import sharding
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 1}, devices=jax.devices()[:4])
+    trainer = dec.DecoderTrainer(micro_decoder(tokenizer_workdir), "/nonexistent-workdir", mesh, "unet")
+    ab = trainer.abstract
+    params = {jax.tree_util.keystr(p): x.sharding for p, x in jax.tree_util.tree_flatten_with_path(ab.params["unet"])[0]}
+    ema = {jax.tree_util.keystr(p): x.sharding for p, x in jax.tree_util.tree_flatten_with_path(ab.ema)[0]}
+    assert ema.keys() == params.keys() and all(ema[k] == params[k] for k in ema)
+    P = jax.sharding.PartitionSpec
+    conv1 = ab.ema["down_blocks"][1]["resnets"][0]["conv1"]["kernel"]
+    assert conv1.sharding.spec == P(None, None, "fsdp", "tensor")
+    assert any(s.spec != P() for s in ema.values())
