@@ -7,9 +7,9 @@ from `depth_to_space`), and the spatial norm's nearest resize uses torch's
 `src = floor(dst * in / out)` rule. A kernel's output channels carry 'conv_out' (tensor
 parallelism). Its input channels carry 'conv_in' (fsdp) for storage only: activations are
 batch-sharded over the same axis, so each conv all-gathers its kernel first (ZeRO-3) instead of
-splitting the 3x3 windows' reduction. Without it SDXL's conv kernels (a third of its weights, and
-their Adam moments and EMA) were replicated on every chip. Channels the fsdp size does not divide
-(an RGB conv_in) stay replicated.
+splitting the 3x3 windows' reduction. Without it SDXL's conv kernels (1.3 of its 9.6 GiB of
+weights, with their Adam moments) were replicated on every chip. Channels the fsdp size does not
+divide (an RGB conv_in) stay replicated.
 """
 from __future__ import annotations
 
