@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 from typing import Any
 
@@ -13,17 +12,6 @@ try:  # TFDS prints a progress bar per split and shard; our own logs say what is
     _tfds.disable_progress_bar()
 except ImportError:  # pragma: no cover - tensorflow-datasets is a dependency
     pass
-
-
-class _QuietCustomConfigWarning(logging.Filter):
-    """TFDS warns 'Using custom data configuration' for every builder made from a config;
-    ours always are (the config names the levels, tasks and sizes), so it is noise."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Using custom data configuration" not in record.getMessage()
-
-
-logging.getLogger("absl").addFilter(_QuietCustomConfigWarning())
 
 
 def _builder(config: Any, name: str, data_dir: str):

@@ -21,6 +21,18 @@ import tensorflow_datasets as tfds
 
 from illume_jax.data import shapecomp
 
+
+class _QuietCustomConfigWarning(logging.Filter):
+    """TFDS warns 'Using custom data configuration' for every builder made from a config; ours always
+    are (the config names the levels, tasks and sizes), so it is noise. Installed here, not in
+    data/build.py: spawned Grain workers re-create the builders and import only this module."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Using custom data configuration" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietCustomConfigWarning())
+
 _FEATURES = dict(
     id=tfds.features.Text(),
     task=tfds.features.Text(),

@@ -87,6 +87,21 @@ def test_jsonl_builder_skips_and_reports_bad_records(tmp_path):
         build.build_dataset(c, "empty", str(tmp_path / "data"))
 
 
+def test_builders_made_in_a_bare_process_do_not_warn_about_custom_configs(tmp_path):
+    """Spawned Grain workers re-create the builders after importing only data/tfds_builders.py; TFDS's
+    'Using custom data configuration' warning (one per builder per worker) must be filtered there."""
+    import subprocess
+    import sys
+    code = ("from illume_jax.data import tfds_builders as t\n"
+            f"t.ShapeComp(config=t.shapecomp_config((1,), ('caption',), 4), data_dir={str(tmp_path)!r})\n"
+            "import logging; logging.getLogger('absl').warning('canary')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert r.returncode == 0, r.stderr
+    assert "canary" in r.stderr  # absl warnings do reach stderr in such a process...
+    assert "Using custom data configuration" not in r.stderr  # ...but not this one
+
+
 def _iterator(setup, **kw):
     c, work, tok = setup
     return pipeline.make_train_iterator(c, kw.pop("stage", 0), tok, os.path.join(work, "data"), **kw)
