@@ -1,4 +1,4 @@
-"""launch/tpu_pod.sh and launch/gpu_cluster.sh: --dry-run prints every command and runs none; a
+"""launch/tpu_pod.sh, gpu_cluster.sh, sweep.sh and gpu_box.sh: --dry-run prints every command and runs none; a
 real run issues exactly those commands (gcloud / scontrol / srun / sbatch replaced by recorders on
 PATH); bad arguments fail with a message that names them."""
 import json
@@ -188,4 +188,54 @@ def test_sweep_runs_the_cross_product_and_prints_pod_commands(tmp_path):
 ])
 def test_sweep_bad_arguments(args, message):
     r = _run(["launch/sweep.sh", *args])
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def _fake_python(tmp_path):
+    """A `python` for launch/gpu_box.sh: records each `-m illume_jax` call, hangs in `train` (so
+    the box must end it), writes a metrics.json in `eval`; runs the real python for anything else."""
+    path, log = tmp_path / "fake_python", tmp_path / "calls.jsonl"
+    path.write_text(f"""#!/usr/bin/env python3
+import json, os, subprocess, sys, time
+args = sys.argv[1:]
+if args[:2] != ["-m", "illume_jax"]:
+    sys.exit(subprocess.call(["python3", *args]))
+with open({str(log)!r}, "a") as f:
+    f.write(json.dumps(args[2:]) + "\\n")
+workdir = [a for a in args if a.startswith("--workdir=")][0].split("=", 1)[1]
+if args[2] == "train":
+    time.sleep(60)
+else:
+    out = os.path.join(workdir, "eval", "level1_test")
+    os.makedirs(out)
+    json.dump(dict(geneval=dict(overall=0.625), pope=dict(mean=dict(accuracy=0.875, yes_ratio=0.5)),
+                   edit=dict(success=0.5), seconds=3.0), open(os.path.join(out, "metrics.json"), "w"))
+""")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path, log
+
+
+def test_gpu_box_ends_training_at_its_box_and_still_evaluates(tmp_path):
+    python, log = _fake_python(tmp_path)
+    workdir = tmp_path / "run"
+    r = _run(["launch/gpu_box.sh", f"--workdir={workdir}", f"--python={python}", "--train_s=2", "--eval_s=30",
+              "--", "--gen_scenes=4"])
+    assert r.returncode == 0, r.stderr
+    calls = _calls(log)
+    assert [c[0] for c in calls] == ["train", "eval"]
+    assert calls[0][1].startswith("--config=configs/illume_tiny.py:") and "device=gpu" in calls[0][1]
+    assert calls[1] == ["eval", f"--workdir={workdir}", "--gen_scenes=4"]
+    assert "train exit 124" in r.stdout  # the box, not the (hanging) trainer, ended training
+    assert "GenEval-style overall 0.625 | POPE-style accuracy 0.875 (yes-ratio 0.5 ) | editing success 0.5" in r.stdout
+    assert (workdir / "BOX_DONE").exists() and "eval exit 0" in (workdir / "box.log").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "--workdir=DIR is required"),
+    (["--workdir=w", "--train_s=soon"], "--train_s: expected a positive number of seconds"),
+    (["--workdir=w", "--python=no_such_python"], "--python=no_such_python: not found"),
+    (["--workdir=w", "--steps=3"], "unknown option '--steps=3'"),
+])
+def test_gpu_box_bad_arguments(args, message):
+    r = _run(["launch/gpu_box.sh", *args])
     assert r.returncode == 2 and message in r.stderr, r.stderr
