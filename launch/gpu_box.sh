@@ -52,14 +52,22 @@ grep -E "^stage|training done|Traceback|Error" "$workdir/train.log" | tail -8
 stamp "eval (box ${eval_s} s)"
 timeout -s TERM -k 20 "$eval_s" "$python" -m illume_jax eval --workdir="$workdir" "${extra[@]}" >"$workdir/eval.log" 2>&1
 stamp "eval exit $?"
+# metrics.json when the evaluation finished; else metrics.partial.json holds the suites it did finish.
 metrics="$workdir/eval/level1_test/metrics.json"
+[ -f "$metrics" ] || metrics="$workdir/eval/level1_test/metrics.partial.json"
 if [ -f "$metrics" ]; then
   "$python" - "$metrics" <<'EOF' | tee -a "$workdir/box.log"
 import json, sys
 r = json.load(open(sys.argv[1]))
-print("GenEval-style overall", round(r["geneval"]["overall"], 3), "| POPE-style accuracy",
-      round(r["pope"]["mean"]["accuracy"], 3), "(yes-ratio", round(r["pope"]["mean"]["yes_ratio"], 3), ")",
-      "| editing success", round(r["edit"]["success"], 3), "| eval", r["seconds"], "s")
+parts = [sys.argv[1].rsplit("/", 1)[1] + ":"]
+if "geneval" in r:
+    parts.append(f"GenEval-style overall {r['geneval']['overall']:.3f}")
+if "pope" in r:
+    parts.append(f"| POPE-style accuracy {r['pope']['mean']['accuracy']:.3f} "
+                 f"(yes-ratio {r['pope']['mean']['yes_ratio']:.3f})")
+if "edit" in r:
+    parts.append(f"| editing success {r['edit']['success']:.3f}")
+print(*parts, f"| eval {r['seconds']} s")
 EOF
 else
   tail -5 "$workdir/eval.log"

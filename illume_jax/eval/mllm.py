@@ -103,11 +103,14 @@ def pope_suite(model, *, level: int = 1, split: str = "test", scenes: int = 50, 
 
 
 def run_suites(model, *, level: int = 1, split: str = "test", gen_scenes: int = 32, samples_per_prompt: int = 2,
-               pope_scenes: int = 50, edit_pairs: int = 48, seed: int = 0, progress: bool = False
-               ) -> tuple[dict, dict]:
+               pope_scenes: int = 50, edit_pairs: int = 48, seed: int = 0, progress: bool = False,
+               on_suite=None) -> tuple[dict, dict]:
     """model: an `Illume`. Returns (results, samples): results = {'geneval': ..., 'pope': {split:
     metrics, 'mean': ...}, 'edit': {'success': ..., 'per_op': ...}}; samples holds every image,
     answer and verdict behind them (for the report and the public-harness files).
+
+    on_suite(name, results): called after each suite with the results so far, so a run that is
+    stopped (a time box, a preempted machine) keeps the suites it finished.
 
     split: 'test' (held out) or 'compositional' (levels >= 3: scenes with the colour-shape pairs
     that never occur in training, CLEVR-CoGenT style)."""
@@ -121,9 +124,13 @@ def run_suites(model, *, level: int = 1, split: str = "test", gen_scenes: int = 
     results["geneval"], samples["t2i"] = geneval_suite(model, level=level, split=split, scenes=gen_scenes,
                                                        samples_per_prompt=samples_per_prompt, seed=seed,
                                                        progress=progress)
+    if on_suite is not None:
+        on_suite("geneval", results)
     # -- POPE-style understanding ----------------------------------------------------------------
     results["pope"], samples["pope"] = pope_suite(model, level=level, split=split, scenes=pope_scenes,
                                                   progress=progress)
+    if on_suite is not None:
+        on_suite("pope", results)
     # -- editing ------------------------------------------------------------------------------
     pairs = [shapecomp.edit_pair(level, split, i) for i in range(edit_pairs)]
     edited = model.edit([shapecomp.render(p.before) for p in pairs], [p.instruction for p in pairs], seed=seed,
@@ -146,7 +153,22 @@ def run_suites(model, *, level: int = 1, split: str = "test", gen_scenes: int = 
                        "preservation": float(np.mean(preservation)), "l1_outside": float(np.mean(l1)),
                        "pairs": len(pairs)}
     results["level"], results["split"] = level, split
+    if on_suite is not None:
+        on_suite("edit", results)
     return results, samples
+
+
+def _headline(results: dict) -> str:
+    """The issue's three figures, as far as `results` has them."""
+    parts = []
+    if "geneval" in results:
+        parts.append(f"GenEval-style overall {results['geneval']['overall']:.3f}")
+    if "pope" in results:
+        m = results["pope"]["mean"]
+        parts.append(f"POPE-style accuracy {m['accuracy']:.3f} (yes-ratio {m['yes_ratio']:.3f})")
+    if "edit" in results:
+        parts.append(f"editing success {results['edit']['success']:.3f}")
+    return ", ".join(parts)
 
 
 def evaluate(model, *, level: int = 1, split: str = "test", gen_scenes: int = 32, samples_per_prompt: int = 2,
@@ -187,16 +209,27 @@ def evaluate_and_report(model, workdir: str, *, level: int = 1, split: str = "te
     `reconstructions` (tuples of images) add those sections (the demo passes every phase's)."""
     from illume_jax.eval import report
     out_dir = os.path.abspath(out_dir or os.path.join(workdir, "eval", f"level{level}_{split}"))
+    os.makedirs(out_dir, exist_ok=True)
+    partial = os.path.join(out_dir, "metrics.partial.json")
     t0 = time.perf_counter()
+
+    def on_suite(name: str, so_far: dict) -> None:  # the finished suites survive a stopped run
+        row = dict(so_far, seconds=round(time.perf_counter() - t0, 1), finished=[k for k in ("geneval", "pope", "edit") if k in so_far])
+        with open(partial + ".tmp", "w") as f:
+            json.dump(row, f, indent=1)
+        os.replace(partial + ".tmp", partial)
+        print(f"eval: {name} done after {row['seconds']} s: {_headline(so_far)}", flush=True)
+
     results, samples = run_suites(model, level=level, split=split, gen_scenes=gen_scenes,
                                   samples_per_prompt=samples_per_prompt, pope_scenes=pope_scenes,
-                                  edit_pairs=edit_pairs, seed=seed, progress=progress)
+                                  edit_pairs=edit_pairs, seed=seed, progress=progress, on_suite=on_suite)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     results["workdir"] = os.path.abspath(workdir)
-    os.makedirs(out_dir, exist_ok=True)
     results["files"] = report.write_public_formats(out_dir, samples)
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(results, f, indent=1)
+    if os.path.exists(partial):
+        os.remove(partial)
     results["files"]["report"] = report.write_report(
         os.path.join(out_dir, "report.html"), results, samples, title=title,
         subtitle=f"{workdir} · level {level}, split {split!r}, seed {seed}", extra_metrics=extra_metrics,

@@ -208,6 +208,9 @@ if args[2] == "train":
 else:
     out = os.path.join(workdir, "eval", "level1_test")
     os.makedirs(out)
+    if os.environ.get("FAKE_EVAL_STOPPED"):  # a run stopped after its first suite
+        json.dump(dict(geneval=dict(overall=0.25), seconds=9.0), open(os.path.join(out, "metrics.partial.json"), "w"))
+        sys.exit(124)
     json.dump(dict(geneval=dict(overall=0.625), pope=dict(mean=dict(accuracy=0.875, yes_ratio=0.5)),
                    edit=dict(success=0.5), seconds=3.0), open(os.path.join(out, "metrics.json"), "w"))
 """)
@@ -226,8 +229,14 @@ def test_gpu_box_ends_training_at_its_box_and_still_evaluates(tmp_path):
     assert calls[0][1].startswith("--config=configs/illume_tiny.py:") and "device=gpu" in calls[0][1]
     assert calls[1] == ["eval", f"--workdir={workdir}", "--gen_scenes=4"]
     assert "train exit 124" in r.stdout  # the box, not the (hanging) trainer, ended training
-    assert "GenEval-style overall 0.625 | POPE-style accuracy 0.875 (yes-ratio 0.5 ) | editing success 0.5" in r.stdout
+    assert ("metrics.json: GenEval-style overall 0.625 | POPE-style accuracy 0.875 (yes-ratio 0.500) "
+            "| editing success 0.500 | eval 3.0 s") in r.stdout
     assert (workdir / "BOX_DONE").exists() and "eval exit 0" in (workdir / "box.log").read_text()
+    # An evaluation stopped by its box: the suites it finished are still reported.
+    stopped = tmp_path / "stopped"
+    r = _run(["launch/gpu_box.sh", f"--workdir={stopped}", f"--python={python}", "--train_s=1"], FAKE_EVAL_STOPPED="1")
+    assert r.returncode == 0, r.stderr
+    assert "eval exit 124" in r.stdout and "metrics.partial.json: GenEval-style overall 0.250 | eval 9.0 s" in r.stdout
 
 
 @pytest.mark.parametrize("args, message", [

@@ -255,10 +255,31 @@ def test_api_generates_edits_and_answers(trained, tmp_path):
     assert set(results["pope"]) == {"random", "popular", "adversarial", "mean"}
     assert 0.0 <= results["edit"]["success"] <= 1.0 and results["edit"]["pairs"] == 2
     assert json.load(open(os.path.join(out, "metrics.json")))["geneval"] == results["geneval"]
+    assert not os.path.exists(os.path.join(out, "metrics.partial.json"))  # superseded by metrics.json
     _check_public_formats(out, results)
     _check_report(os.path.join(out, "report.html"), images=results["geneval"]["images"] + 3 * 6 + 2 * 3)
     with pytest.raises(ValueError, match="compositional.*level >= 3"):
         mllm_eval.run_suites(model, level=1, split="compositional")
+
+
+def test_a_stopped_evaluation_keeps_the_suites_it_finished(trained, tmp_path, monkeypatch):
+    from illume_jax.eval import mllm as mllm_eval
+    from illume_jax.infer.illume import Illume
+    _, full_dir, *_ = trained
+    model = Illume.load(full_dir)
+
+    def stopped(*args, **kwargs):  # stands in for a time box or a preemption during the last suite
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model, "edit", stopped)
+    out = str(tmp_path / "eval")
+    with pytest.raises(KeyboardInterrupt):
+        mllm_eval.evaluate_and_report(model, full_dir, gen_scenes=1, samples_per_prompt=1, pope_scenes=1,
+                                      edit_pairs=1, out_dir=out, progress=False)
+    partial = json.load(open(os.path.join(out, "metrics.partial.json")))
+    assert partial["finished"] == ["geneval", "pope"] and "edit" not in partial
+    assert 0.0 <= partial["geneval"]["overall"] <= 1.0 and set(partial["pope"]) >= {"random", "mean"}
+    assert not os.path.exists(os.path.join(out, "metrics.json"))
 
 
 def _check_public_formats(out, results):
