@@ -52,24 +52,8 @@ grep -E "^stage|training done|Traceback|Error" "$workdir/train.log" | tail -8
 stamp "eval (box ${eval_s} s)"
 timeout -s TERM -k 20 "$eval_s" "$python" -m illume_jax eval --workdir="$workdir" "${extra[@]}" >"$workdir/eval.log" 2>&1
 stamp "eval exit $?"
-# metrics.json when the evaluation finished; else metrics.partial.json holds the suites it did finish.
-metrics="$workdir/eval/level1_test/metrics.json"
-[ -f "$metrics" ] || metrics="$workdir/eval/level1_test/metrics.partial.json"
-if [ -f "$metrics" ]; then
-  "$python" - "$metrics" <<'EOF' | tee -a "$workdir/box.log"
-import json, sys
-r = json.load(open(sys.argv[1]))
-parts = [sys.argv[1].rsplit("/", 1)[1] + ":"]
-if "geneval" in r:
-    parts.append(f"GenEval-style overall {r['geneval']['overall']:.3f}")
-if "pope" in r:
-    parts.append(f"| POPE-style accuracy {r['pope']['mean']['accuracy']:.3f} "
-                 f"(yes-ratio {r['pope']['mean']['yes_ratio']:.3f})")
-if "edit" in r:
-    parts.append(f"| editing success {r['edit']['success']:.3f}")
-print(*parts, f"| eval {r['seconds']} s")
-EOF
-else
-  tail -5 "$workdir/eval.log"
-fi
+# eval prints "eval: <suite> done after N s: <headline>" after each suite (and keeps the finished
+# suites in eval/level1_test/metrics.partial.json when stopped): its last such line is the result.
+done_line=$(grep "^eval: .* done after" "$workdir/eval.log" | tail -1)
+if [ -n "$done_line" ]; then echo "$done_line" | tee -a "$workdir/box.log"; else tail -5 "$workdir/eval.log"; fi
 touch "$workdir/BOX_DONE"
