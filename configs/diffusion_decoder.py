@@ -115,7 +115,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         context_dim, pooled_dim = c.tokenizer.model.vit.hidden_size, 0
     if tiny:
         latent = a.latent_channels or 8
-        unet = tiny_unet(a.conditioning, code_channels, context_dim, pooled_dim, latent, a.unet_width or TINY_UNET_TOP)
+        unet = tiny_unet(a.conditioning, code_channels, context_dim, pooled_dim, latent,
+                         top_channels=a.unet_width or TINY_UNET_TOP)
         vae = tiny_vae(latent)
     elif plus:
         # bf16 compute (fp32 parameters) and per-block rematerialisation, as SDXL is trained (a

@@ -214,7 +214,8 @@ def evaluate_and_report(model, workdir: str, *, level: int = 1, split: str = "te
     t0 = time.perf_counter()
 
     def on_suite(name: str, so_far: dict) -> None:  # the finished suites survive a stopped run
-        row = dict(so_far, seconds=round(time.perf_counter() - t0, 1), finished=[k for k in ("geneval", "pope", "edit") if k in so_far])
+        finished = [k for k in ("geneval", "pope", "edit") if k in so_far]
+        row = dict(so_far, seconds=round(time.perf_counter() - t0, 1), finished=finished)
         with open(partial + ".tmp", "w") as f:
             json.dump(row, f, indent=1)
         os.replace(partial + ".tmp", partial)

@@ -72,7 +72,8 @@ def test_configs_validate():
     assert decoder_config.get_config("size=tiny,unet_width=64").model.unet.block_out_channels == (64, 64, 128)
     top = decoder_config.TINY_UNET_TOP
     assert decoder_config.get_config("size=tiny").model.unet.block_out_channels == (top, 64, 128)
-    for bad in ("size=tiny,unet_width=40", "size=official,unet_width=64", "size=tiny,conditioning=illume,unet_width=64"):
+    for bad in ("size=tiny,unet_width=40", "size=official,unet_width=64",
+                "size=tiny,conditioning=illume,unet_width=64"):
         with pytest.raises(ValueError, match="unet_width"):
             decoder_config.get_config(bad)
     with pytest.raises(ValueError, match="latent_channels"):
