@@ -21,6 +21,10 @@ Commands:
                  tokenizer in --workdir (--split=train, --num=0 means all, --min_size=16)
   train-decoder  train a diffusion decoder (configs/diffusion_decoder.py) on the codes of the trained
                  tokenizer in config.tokenizer_workdir (tiny: its VAE first); resumes from the workdir
+  eval-decoder   score the latest diffusion-decoder checkpoint in --workdir (no --config: the run's own)
+                 as its training does: decoder agreement and PSNR on --num=N validation scenes (default
+                 config.eval.num_images), optionally --guidance=S --sampler_steps=N --sampler=euler|ddim|dpm++2m
+                 -> <workdir>/unet/eval_step<S>[_overrides].json
 
 Official weights (no --config needed; see illume_jax/convert/official.py):
   convert        --from=official --kind=llm|dualvitok|mllm|sdxl-decoder --src=FILE_OR_DIR --dst=DIR
@@ -51,14 +55,15 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 COMMANDS = ("pipeline", "summarize", "train", "data", "aot", "train-tokenizer", "eval-tokenizer", "encode-dataset",
-            "train-decoder", "generate", "understand", "edit", "eval", "convert", "self-enhance")
+            "train-decoder", "eval-decoder", "generate", "understand", "edit", "eval", "convert", "self-enhance")
 INFERENCE = ("generate", "understand", "edit", "eval")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: configs/NAME.py[:key=value,...]",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics, tokenizer, data).")
 _DATASET = flags.DEFINE_string("dataset", None, "data inspect: dataset name from config.data.datasets.")
-_NUM = flags.DEFINE_integer("num", 3, "data inspect: number of examples to show.")
+_NUM = flags.DEFINE_integer("num", 3, "data inspect: number of examples to show; eval-tokenizer / eval-decoder: "
+                            "validation images to score (default: the config's).")
 _UNQUANTIZED = flags.DEFINE_bool("unquantized", False, "eval-tokenizer: also score images decoded from the "
                                  "un-quantised latents (unquantized_* figures).")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:4x4x4", "aot: TPU topology name, e.g. v5p:4x4x4 or v5e:2x2.")
@@ -74,7 +79,10 @@ _QUESTION = flags.DEFINE_multi_string("question", [], "understand: a question, p
 _INSTRUCTION = flags.DEFINE_multi_string("instruction", [], "edit: an instruction, paired with --image.")
 _OUT = flags.DEFINE_string("out", None, "generate / understand / edit: output folder (default <workdir>/outputs).")
 _SEED = flags.DEFINE_integer("seed", 0, "generate / edit / eval: sampling seed.")
-_GUIDANCE = flags.DEFINE_float("guidance", None, "generate / edit: CFG scale (default: the official 2.0 / 1.5).")
+_GUIDANCE = flags.DEFINE_float("guidance", None, "generate / edit: CFG scale (default: the official 2.0 / 1.5); "
+                               "eval-decoder: the decoder's CFG scale (default: its config's).")
+_SAMPLER_STEPS = flags.DEFINE_integer("sampler_steps", None, "eval-decoder: diffusion sampling steps.")
+_SAMPLER = flags.DEFINE_enum("sampler", None, ["euler", "ddim", "dpm++2m"], "eval-decoder: the diffusion sampler.")
 _DECODER = flags.DEFINE_string("diffusion_decoder", None, "generate / edit: a train-decoder workdir; images are "
                                "decoded by that diffusion decoder (2x) instead of the tokenizer's pixel decoder.")
 _LEVEL = flags.DEFINE_integer("level", 1, "eval: ShapeComp level of the held-out set.")
@@ -136,6 +144,25 @@ def _convert() -> None:
         sys.exit(1)
 
 
+def _eval_decoder() -> None:
+    if not _WORKDIR.value:
+        _usage("eval-decoder needs --workdir (a train-decoder workdir)")
+    if _CONFIG.value is not None:
+        _usage("eval-decoder reads the run's own config from its checkpoint; drop --config")
+    logging.set_verbosity(logging.WARNING)
+    from illume_jax.train import decoder
+    overrides = {k: f.value for k, f in (("guidance_scale", _GUIDANCE), ("steps", _SAMPLER_STEPS),
+                                         ("sampler", _SAMPLER)) if f.value is not None}
+    try:
+        row, path = decoder.evaluate_checkpoint(_WORKDIR.value, num=_NUM.value if _NUM.present else None,
+                                                eval_overrides=overrides)
+    except ValueError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)
+    print("eval-decoder:", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                     for k, v in sorted(row.items())), f"-> {path}", flush=True)
+
+
 def main(argv: list[str]) -> None:
     args = argv[1:]
     if not args or args[0] not in COMMANDS:
@@ -148,6 +175,9 @@ def main(argv: list[str]) -> None:
     if command == "convert":
         logging.set_verbosity(logging.WARNING)
         _convert()
+        return
+    if command == "eval-decoder":
+        _eval_decoder()
         return
     if command == "summarize":
         if not _WORKDIR.value:

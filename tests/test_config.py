@@ -74,6 +74,11 @@ def test_cli_rejects_bad_values_before_compiling(tmp_path):
     assert r.returncode != 0 and "config's root" in r.stderr
     r = run("summarize", f"--workdir={tmp_path}/none")
     assert r.returncode == 1 and "no such folder" in r.stderr
+    # eval-decoder reads the run's own config, and needs a trained decoder in --workdir.
+    r = run("eval-decoder", "--config=configs/diffusion_decoder.py", f"--workdir={tmp_path}")
+    assert r.returncode == 2 and "drop --config" in r.stderr
+    r = run("eval-decoder", f"--workdir={tmp_path}")
+    assert r.returncode == 1 and "no trained diffusion decoder" in r.stderr
 
 
 def test_demo_config_every_scale_and_part_validates():

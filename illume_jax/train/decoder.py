@@ -423,10 +423,12 @@ def _iterator(config: Any, batch_size: int, scale: int, seed: int):
                                           num_workers=config.data.num_workers, target_scale=scale)
 
 
-def load_decoder(workdir: str, mesh, *, with_tokenizer: bool = False) -> tuple[DecoderTrainer, DecoderState]:
+def load_decoder(workdir: str, mesh, *, with_tokenizer: bool = False,
+                 eval_overrides: dict | None = None) -> tuple[DecoderTrainer, DecoderState]:
     """A trained diffusion decoder (its UNet phase's latest checkpoint and config) for sampling.
     with_tokenizer: also load its frozen tokenizer, so `decode_images` can start from images (the
-    MLLM passes code maps to `decode_features` and needs none)."""
+    MLLM passes code maps to `decode_features` and needs none). eval_overrides: keys of the
+    config's `eval` block (guidance_scale, steps, sampler) to sample with instead of the saved ones."""
     import ml_collections as mlc
 
     from illume_jax.convert import weights
@@ -444,11 +446,43 @@ def load_decoder(workdir: str, mesh, *, with_tokenizer: bool = False) -> tuple[D
         ckpt.close()
         raise ValueError(f"no trained diffusion decoder in {workdir} (no UNet checkpoint): run train-decoder first")
     config = mlc.ConfigDict(json.loads(ckpt.restore_meta(step)["config"]))
+    unknown = set(eval_overrides or {}) - set(config.eval.keys())
+    if unknown:
+        ckpt.close()
+        raise ValueError(f"eval_overrides {sorted(unknown)}: not keys of the decoder's eval config "
+                         f"({sorted(config.eval.keys())})")
+    config.eval.update(eval_overrides or {})  # before the trainer: its program cache keys on the config
     trainer = DecoderTrainer(config, workdir, mesh, "unet",
                              tokenizer=FrozenTokenizer(config, mesh) if with_tokenizer else None)
     state = ckpt.restore_fields(step, trainer.abstract, ("step", "params", "ema", "rng"))  # no optimizer state
     ckpt.close()
     return trainer, state
+
+
+def evaluate_checkpoint(workdir: str, *, num: int | None = None, mesh=None,
+                        eval_overrides: dict | None = None) -> tuple[dict, str]:
+    """Scores the latest UNet checkpoint in `workdir` as training's evaluation does (EMA weights,
+    the same noise seeds per scene), on the first `num` validation scenes (default the config's
+    eval.num_images), and writes the row to <workdir>/unet/eval_step<S>[_<overrides>].json:
+    (row, path). Training evaluates few scenes to stay cheap; this gives a finished run its figure
+    on the whole split, or under another guidance scale / sampler / step count (eval_overrides)."""
+    workdir = os.path.abspath(workdir)
+    mesh = mesh or sharding.make_mesh({"data": -1})
+    trainer, state = load_decoder(workdir, mesh, with_tokenizer=True, eval_overrides=eval_overrides)
+    num = trainer.config.eval.num_images if num is None else num
+    if num <= 0:
+        raise ValueError(f"eval-decoder: --num={num}; expected a positive number of validation scenes")
+    step = int(state.step)
+    metrics = trainer.evaluate(state, num=num)
+    src = images_lib.image_source(trainer.config.data, "validation", trainer.config.data.get("data_dir", ""))
+    e = trainer.config.eval
+    row = dict(step=step, images=min(num, len(src)), guidance_scale=e.guidance_scale, sampler_steps=e.steps,
+               sampler=e.sampler or trainer.config.scheduler["_class_name"], **metrics)
+    suffix = "".join(f"_{k}{v}" for k, v in sorted((eval_overrides or {}).items()))
+    path = os.path.join(unet_dir(workdir), f"eval_step{step}{suffix}.json")
+    with open(path, "w") as f:
+        json.dump(row, f, indent=1)
+    return row, path
 
 
 def train_decoder(config: Any, workdir: str, *, mesh=None, stop_after_steps: int | None = None) -> dict:
