@@ -144,8 +144,8 @@ def test_decoder_training_end_to_end_and_exact_resume(tokenizer_workdir, tmp_pat
     assert path1.endswith("eval_step4_guidance_scale1.0_steps3.json")
     with pytest.raises(ValueError, match="num"):
         dec.evaluate_checkpoint(str(tmp_path / "full"), num=0, mesh=trainer.mesh)
-    with pytest.raises(ValueError, match="guidence"):
-        dec.evaluate_checkpoint(str(tmp_path / "full"), mesh=trainer.mesh, eval_overrides=dict(guidence=2.0))  # a typo: named
+    with pytest.raises(ValueError, match="guidence"):  # a misspelt key is named, not ignored
+        dec.evaluate_checkpoint(str(tmp_path / "full"), mesh=trainer.mesh, eval_overrides=dict(guidence=2.0))
 
     # Stopped inside the UNet phase and resumed: the same weights, EMA included. The restarted
     # runs reuse the first run's programs (the same config in one process): nothing recompiles.
