@@ -6,6 +6,7 @@
 #   bash launch/local.sh test [ARGS]     # the whole test suite (ARGS go to pytest)
 #   bash launch/local.sh train|data|aot|train-tokenizer|eval-tokenizer|encode-dataset|train-decoder --config=... [--workdir=...]
 #   bash launch/local.sh generate|understand|edit|eval|self-enhance --workdir=... [...]  (a trained MLLM)
+#   bash launch/local.sh eval-decoder --workdir=... [--num=N]  (a trained diffusion decoder)
 #   bash launch/local.sh convert --from=official|--to=official --kind=... --src=... --dst=...
 #
 # Creates .venv with Python 3.11 if missing and installs the package with the extras the
@@ -64,10 +65,10 @@ case "$cmd" in
     xdist=()
     [ "$workers" != "0" ] && xdist=(-n "$workers" --dist loadfile --no-loadscope-reorder)
     exec .venv/bin/python -m pytest -q "${xdist[@]}" "${@:-tests}" ;;
-  pipeline|summarize|train|data|aot|train-tokenizer|eval-tokenizer|encode-dataset|train-decoder|generate|understand|edit|eval|\
+  pipeline|summarize|train|data|aot|train-tokenizer|eval-tokenizer|encode-dataset|train-decoder|eval-decoder|generate|understand|edit|eval|\
   self-enhance|convert)
     exec .venv/bin/python -m illume_jax "$cmd" "$@" ;;
   *)
-    echo "error: unknown command '$cmd' (expected demo, test, pipeline, summarize, train, data, aot, train-tokenizer, encode-dataset," \
-         "train-decoder, generate, understand, edit, eval, self-enhance or convert)" >&2; exit 2 ;;
+    echo "error: unknown command '$cmd' (expected demo, test, pipeline, summarize, train, data, aot, train-tokenizer, eval-tokenizer, encode-dataset," \
+         "train-decoder, eval-decoder, generate, understand, edit, eval, self-enhance or convert)" >&2; exit 2 ;;
 esac
