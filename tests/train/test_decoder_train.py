@@ -134,13 +134,13 @@ def test_decoder_training_end_to_end_and_exact_resume(tokenizer_workdir, tmp_pat
     # eval-decoder re-scores the saved checkpoint exactly as the end of training did, and writes
     # the row; sampler overrides are applied and named in the file.
     row, path = dec.evaluate_checkpoint(str(tmp_path / "full"), mesh=trainer.mesh)
-    assert row["images"] == 8 and row["step"] == config.train.steps
-    for key in ("decoder_agreement", "val_psnr", "decoder_miss_shape"):
+    assert row["eval_scenes"] == 8 and row["step"] == config.train.steps
+    for key in ("decoder_agreement", "val_psnr", "decoder_miss_shape", "eval_scenes"):
         assert row[key] == pytest.approx(full["unet"][key], abs=1e-6), key
     assert json.load(open(path)) == row and path.endswith("unet/eval_step4.json")
     g1, path1 = dec.evaluate_checkpoint(str(tmp_path / "full"), num=4, mesh=trainer.mesh,
                                         eval_overrides=dict(guidance_scale=1.0, steps=3))
-    assert g1["images"] == 4 and g1["guidance_scale"] == 1.0 and g1["sampler_steps"] == 3
+    assert g1["eval_scenes"] == 4 and g1["guidance_scale"] == 1.0 and g1["sampler_steps"] == 3
     assert path1.endswith("eval_step4_guidance_scale1.0_steps3.json")
     with pytest.raises(ValueError, match="num"):
         dec.evaluate_checkpoint(str(tmp_path / "full"), num=0, mesh=trainer.mesh)
