@@ -11,9 +11,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from illume_jax.models.llm import LLM
+from illume_jax.infer.module_jit import module_jit
+from illume_jax.models.llm import LLM, LayerKVCache, unstack_layers_by_default
 
 
 def sample_token(logits: jax.Array, rng: jax.Array, temperature: float | jax.Array) -> jax.Array:
@@ -24,14 +24,16 @@ def sample_token(logits: jax.Array, rng: jax.Array, temperature: float | jax.Arr
     return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
-@functools.partial(nnx.jit, static_argnames=("cache_len",))
+@functools.partial(module_jit, static_argnames=("cache_len", "unstack_layers"))
 def generate(model: LLM, prompt: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *, cache_len: int,
              max_new_tokens: jax.Array | int, temperature: float | jax.Array = 0.0,
-             eos_id: int | jax.Array = -1) -> tuple[jax.Array, jax.Array]:
+             eos_id: int | jax.Array = -1, unstack_layers: bool | None = None) -> tuple[jax.Array, jax.Array]:
     """prompt [B,P] int32 (left-padded), prompt_mask [B,P] (1 = real token).
 
     Returns (tokens [B, cache_len - P] with new tokens then zeros, per-position logits of
     the whole buffer [B, cache_len, V] for checking). Rows stop after `eos_id`.
+    unstack_layers: steps on per-layer weights and cache buffers (`LLM.unstacked_layers`;
+    default: on CPU only), the same numbers.
     """
     B, P = prompt.shape
     n_new = cache_len - P
@@ -42,6 +44,10 @@ def generate(model: LLM, prompt: jax.Array, prompt_mask: jax.Array, rng: jax.Arr
     V = logits.shape[-1]
     all_logits = jnp.zeros((B, cache_len, V), jnp.float32).at[:, :P].set(logits)
     next_pos = positions[:, -1] + 1
+    layers = None
+    if unstack_layers_by_default() if unstack_layers is None else unstack_layers:
+        layers = model.unstacked_layers()
+        cache = LayerKVCache.from_stacked(cache)
 
     def cond(carry):
         i, _, _, _, _, done, _ = carry
@@ -54,7 +60,7 @@ def generate(model: LLM, prompt: jax.Array, prompt_mask: jax.Array, rng: jax.Arr
         out = out.at[:, i].set(tok)
         done = done | (tok == eos_id)
         step_logits, cache = model.decode(tok[:, None], cache, positions=pos[:, None],
-                                          segment_ids=jnp.ones((B, 1), jnp.int32))
+                                          segment_ids=jnp.ones((B, 1), jnp.int32), layers=layers)
         all_logits = jax.lax.dynamic_update_slice(all_logits, step_logits, (0, P + i, 0))
         return i + 1, step_logits[:, 0], pos + 1, out, cache, done, all_logits
 

@@ -29,6 +29,7 @@ from flax import nnx
 from illume_jax.data import images as images_lib
 from illume_jax.data import multimodal
 from illume_jax.infer import interleaved as il
+from illume_jax.infer.module_jit import module_jit
 from illume_jax.models import mllm
 
 
@@ -71,8 +72,8 @@ class Illume:
                                               self.resolution)
         self.anchors = [(self.resolution, self.resolution)]
         self.eos_id = int(text_tokenizer.eos_id)
-        self._decode = nnx.jit(lambda m, s, p: m.decode(s, p))
-        self._code_map = nnx.jit(lambda m, s, p: m.code_map(s, p))
+        self._decode = module_jit(lambda m, s, p: m.decode(s, p))
+        self._code_map = module_jit(lambda m, s, p: m.code_map(s, p))
         self.decoder = decoder  # (DecoderTrainer, DecoderState) of a trained diffusion decoder, or None
 
     # -- loading -------------------------------------------------------------------------------

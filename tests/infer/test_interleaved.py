@@ -176,6 +176,22 @@ def test_windowed_head_samples_what_the_full_vocabulary_samples(tiny):
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{phases} {sampling}")
 
 
+def test_guidance_on_hidden_states_equals_guidance_on_logits(tiny):
+    """The loop combines the CFG branches before the head (`guided_hidden`): the logits equal
+    `guided_scores` of both branches' logits up to rounding, and are exactly the conditional
+    logits at guidance 1 and in text mode."""
+    cfg, model = tiny
+    hidden = jax.random.normal(jax.random.key(6), (4, cfg.llm.d_model)) * 3
+    st = il.RowState.start(np.array([[2, 3, 3, 4]] * 2), True, True).replace(phase=jnp.asarray([il.TEXT, il.LEVEL1]))
+    full = model.llm.logits(hidden[:, None])[:, 0]
+    ref = np.asarray(il.guided_scores(full, st, 2.5))
+    ours = np.asarray(model.llm.head(il.guided_hidden(model.llm, hidden, st, 2.5)[:, None])[:, 0])
+    np.testing.assert_allclose(ours, ref, atol=1e-4 * np.abs(ref).max(), rtol=1e-5)
+    np.testing.assert_array_equal(ours[0], np.asarray(full[0]))                  # text mode: cond only
+    at_one = model.llm.head(il.guided_hidden(model.llm, hidden, st, 1.0)[:, None])[:, 0]
+    np.testing.assert_array_equal(np.asarray(at_one), np.asarray(full[:2]))
+
+
 # -- the jitted loop on a tiny MLLM ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -261,6 +277,23 @@ def test_jitted_generation_equals_the_eager_reference_with_cfg(tiny):
         mllm.parse_block(seq, grids, cfg.vocab)
     assert (np.asarray(final.phase) == il.DONE).all()
     assert (np.asarray(out)[:, -2:] == 0).all()  # finished rows emit padding
+
+
+def test_scanned_and_unstacked_loops_sample_the_same_tokens(tiny):
+    """The accelerator path (scan over the stacked layers and cache) and the CPU default (per-layer
+    weights and cache buffers) are the same sampler: same seed, same tokens. (The CPU default is
+    the one checked against the eager reference above.)"""
+    cfg, model = tiny
+    B = 2
+    prompts = _edit_like_prompts(cfg, 2 * B, np.random.default_rng(4))
+    grids = cfg.grids(32, 32)
+    state = il.RowState.start([[*grids[0], *grids[1]]] * B, True, True, phase=il.EXPECT_SOL0)
+    kw = dict(vocab=cfg.vocab, sampling=il.Sampling(temperature=(1.0, 1.0, 1.0), top_k=(0, 8, 20),
+                                                    guidance_scale=2.0),
+              max_new_tokens=mllm.block_length(grids) - 1, eos_id=EOS)
+    scanned, _ = il.generate(model, prompts, state, jax.random.key(5), unstack_layers=False, **kw)
+    unstacked, _ = il.generate(model, prompts, state, jax.random.key(5), unstack_layers=True, **kw)
+    np.testing.assert_array_equal(np.asarray(unstacked), np.asarray(scanned))
 
 
 def test_cfg_with_guidance_one_equals_plain_sampling(tiny):

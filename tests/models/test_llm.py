@@ -1,4 +1,4 @@
-"""LLM behaviour: cached decoding == full forward, packing, sharding, scan/remat, config errors."""
+"""LLM behaviour: cached decoding == full forward (scanned and unstacked layers), packing, sharding, scan/remat, config errors."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +7,7 @@ from flax import nnx
 
 from illume_jax import sharding
 from illume_jax.infer.generate import generate
-from illume_jax.models.llm import LLMConfig, create_llm
+from illume_jax.models.llm import LayerKVCache, LLMConfig, create_llm
 
 CFG = LLMConfig(vocab_size=128, text_vocab_size=100, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                 head_dim=8, mlp_dim=64, rope_theta=1e4, tie_embeddings=False)
@@ -23,13 +23,12 @@ def test_generate_matches_full_forward_and_compiles_once(model):
     # Left-padded batch: row 1 has a 3-token shorter prompt.
     prompt = jnp.asarray(rng.integers(1, 128, size=(2, 8)), jnp.int32)
     mask = jnp.asarray([[1] * 8, [0] * 3 + [1] * 5], jnp.int32)
-    before = generate._cache_size() if hasattr(generate, "_cache_size") else None
+    before = generate.pure._cache_size()
     toks, cached_logits = generate(model, prompt, mask, jax.random.key(0), cache_len=20, max_new_tokens=12)
     toks2, _ = generate(model, prompt, mask, jax.random.key(1), cache_len=20, max_new_tokens=7)
     np.testing.assert_array_equal(toks2[:, :7], toks[:, :7])  # greedy: independent of rng and length
     assert (np.asarray(toks2[:, 7:]) == 0).all()
-    if before is not None:
-        assert generate._cache_size() == before + 1
+    assert generate.pure._cache_size() == before + 1
 
     for row in range(2):
         start = 0 if row == 0 else 3
@@ -42,6 +41,45 @@ def test_generate_matches_full_forward_and_compiles_once(model):
         # Greedy tokens are the argmax of the full forward.
         P = 8 - start
         np.testing.assert_array_equal(np.asarray(toks[row]), np.asarray(jnp.argmax(full[P - 1:P + 11], -1)))
+
+
+def test_unstacked_decode_equals_the_scanned_one(model):
+    """Per-layer weights + LayerKVCache (the CPU decode loop) against the scan over the stacked
+    layers and cache: the same logits and the same cache, step after step, from the same prefill."""
+    rng = np.random.default_rng(3)
+    prompt = jnp.asarray(rng.integers(1, 128, size=(2, 6)), jnp.int32)
+    seg = jnp.asarray([[1] * 6, [0, 0] + [1] * 4], jnp.int32)
+    pos = jnp.maximum(jnp.cumsum(seg, 1) - 1, 0)
+
+    @nnx.jit(static_argnames=("unstack",))
+    def run(m, unstack):
+        logits, cache = m.decode(prompt, m.init_cache(2, 12), positions=pos, segment_ids=seg)
+        layers = None
+        if unstack:
+            layers, cache = m.unstacked_layers(), LayerKVCache.from_stacked(cache)
+        steps = []
+        for i in range(5):
+            tok = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)[:, None]
+            logits, cache = m.decode(tok, cache, positions=pos[:, -1:] + 1 + i, layers=layers)
+            steps.append(logits[:, 0])
+        k = cache.to_stacked().k if unstack else cache.k
+        return jnp.stack(steps, 1), k, cache.index
+
+    ref_logits, ref_k, ref_index = run(model, False)
+    logits, k, index = run(model, True)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(k), np.asarray(ref_k), atol=1e-6)
+    assert int(index) == int(ref_index) == 11
+    assert np.abs(np.asarray(k[:, :, 6:11])).min() > 0   # the steps wrote their slots
+
+
+def test_decode_rejects_a_cache_without_its_layers(model):
+    cache = model.init_cache(1, 4)
+    tok, pos = jnp.ones((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32)
+    with pytest.raises(ValueError, match="LayerKVCache of 2 layers needs layers="):
+        model.decode(tok, LayerKVCache.from_stacked(cache), positions=pos)
+    with pytest.raises(ValueError, match="layers= goes with a LayerKVCache"):
+        model.decode(tok, cache, positions=pos, layers=model.unstacked_layers())
 
 
 def test_packed_segments_equal_separate_forwards(model):
