@@ -2,6 +2,7 @@
 
   python bench/generate.py                          # tiny and small, batch 1 and 8 (CPU: ~10 minutes)
   python bench/generate.py --sizes small --batch 8 --no-torch
+  python bench/generate.py --sizes small --no-torch --compare-scan   # + the accelerator path (scanned layers)
 
 Workload: text-to-image at the ILLUME+ 256x256 layout (spec §4.6): the prompt ends with the
 resolution tags and <start_of_image>; 367 more tokens complete the 368-token block (9x9 semantic
@@ -10,14 +11,16 @@ unconditional prompt, temperature 1.0, top-k 2048 (the official T2I settings, sp
 official vocabulary layout (283,047 rows: Qwen2.5 text + 131,111 image / structure ids).
 
   - jax:   `infer.interleaved.generate`: prefill + one `lax.while_loop`, CFG as 2B rows of one
-           batch, per-row masks as array ops.
+           batch (combined before the head), per-row masks as array ops, layers unrolled over
+           per-layer weights (the CPU default; `--compare-scan` also times the scanned layers
+           that accelerators use, in the same process).
   - torch: `Qwen2ForCausalLM.generate(do_sample=True, top_k=2048)` with a LogitsProcessor doing
            what the official InterleavedLogitsProcessor does (spec §4.1): the state read from row
            0's last token, the unconditional branch as a second model call per token with its own
            KV cache, CFG in log-prob space, the structure masks. Same weights (our converter).
 Sizes: tiny = the tiny MLLM's LLM (d 128, 4 layers); small = d 512, 8 layers (GQA 8/2, MLP 1536).
 Figures: medians over --iters calls after a warm-up (compile) call, which is reported apart.
-Writes bench/results/generate_<backend>.json.
+Writes bench/results/generate_<backend>[_<tag>].json.
 """
 from __future__ import annotations
 
@@ -147,6 +150,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--tag", default="", help="results file suffix: generate_<backend>_<tag>.json")
+    ap.add_argument("--compare-scan", action="store_true",
+                    help="also time generate(unstack_layers=False): the scan over stacked layers")
     args = ap.parse_args()
 
     import jax
@@ -175,10 +181,10 @@ def main() -> None:
             sampling = il.Sampling(temperature=(1.0,) * 3, top_k=(2048,) * 3, guidance_scale=args.guidance)
             key = [0]
 
-            def run_jax():
+            def run_jax(unstack_layers=None):
                 key[0] += 1
                 out, _ = il.generate(model, prompts, state, jax.random.key(key[0]), vocab=v, sampling=sampling,
-                                     max_new_tokens=n_new, eos_id=151645)
+                                     max_new_tokens=n_new, eos_id=151645, unstack_layers=unstack_layers)
                 return np.asarray(out)
 
             t_jax, first, out = _median_s(run_jax, args.iters)
@@ -188,6 +194,9 @@ def main() -> None:
                        params_m=round(cfg.llm.num_params() / 1e6, 1),
                        jax_tokens_per_s=batch * n_new / t_jax, jax_images_per_s=batch / t_jax, jax_s=t_jax,
                        jax_compile_s=first - t_jax)
+            if args.compare_scan:
+                t_scan, _, _ = _median_s(lambda: run_jax(False), args.iters)
+                row.update(jax_scan_tokens_per_s=batch * n_new / t_scan, unstacked_vs_scan=t_scan / t_jax)
             if hf is not None:
                 import torch
                 from transformers import LogitsProcessorList
@@ -212,7 +221,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    path = os.path.join(ROOT, "bench", "results", f"generate_{jax.default_backend()}.json")
+    path = os.path.join(ROOT, "bench", "results", f"generate_{jax.default_backend()}{'_' + args.tag if args.tag else ''}.json")
     meta = dict(device=str(jax.devices()[0]), cpu_count=os.cpu_count())
     if not args.no_torch:
         import torch
