@@ -200,7 +200,7 @@ import json, os, sys, time
 args = sys.argv[1:]
 with open({str(log)!r}, "a") as f:
     f.write(json.dumps(args[2:]) + "\\n")
-if args[2] == "train":
+if args[2] in ("train", "train-tokenizer"):
     time.sleep(60)
 else:
     print("eval: geneval done after 9.0 s: GenEval-style overall 0.250", flush=True)
@@ -232,8 +232,24 @@ def test_gpu_box_ends_training_at_its_box_and_still_evaluates(tmp_path):
     assert "eval exit 124" in r.stdout and "eval: geneval done after 9.0 s: GenEval-style overall 0.250" in r.stdout
 
 
+def test_gpu_box_trains_the_tokenizer_first_when_asked(tmp_path):
+    python, log = _fake_python(tmp_path)
+    workdir = tmp_path / "run"
+    r = _run(["launch/gpu_box.sh", f"--workdir={workdir}", f"--python={python}", "--tokenizer_s=1", "--train_s=1",
+              "--eval_s=30"])
+    assert r.returncode == 0, r.stderr
+    calls = _calls(log)
+    assert [c[0] for c in calls] == ["train-tokenizer", "train", "eval"]
+    assert calls[0][1] == "--config=configs/dualvitok.py:size=tiny,pixel_grid=32,steps=1800,workers=8"
+    assert f"--workdir={workdir}/tokenizer" in calls[0] and "--config.model.pixel_decoder.ch=64" in calls[0]
+    assert calls[1][1].endswith(f",tokenizer={workdir}/tokenizer")   # the MLLM trains on it
+    assert "tokenizer exit 124" in r.stdout and "train exit 124" in r.stdout
+    assert (workdir / "BOX_DONE").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "--workdir=DIR is required"),
+    (["--workdir=w", "--tokenizer_s=-5"], "--tokenizer_s: expected a number of seconds"),
     (["--workdir=w", "--train_s=soon"], "--train_s: expected a positive number of seconds"),
     (["--workdir=w", "--python=no_such_python"], "--python=no_such_python: not found"),
     (["--workdir=w", "--steps=3"], "unknown option '--steps=3'"),
