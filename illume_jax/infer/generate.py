@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from illume_jax.infer.module_jit import module_jit
-from illume_jax.models.llm import LLM, LayerKVCache, unstack_layers_by_default
+from illume_jax.models.llm import LLM
 
 
 def sample_token(logits: jax.Array, rng: jax.Array, temperature: float | jax.Array) -> jax.Array:
@@ -44,10 +44,7 @@ def generate(model: LLM, prompt: jax.Array, prompt_mask: jax.Array, rng: jax.Arr
     V = logits.shape[-1]
     all_logits = jnp.zeros((B, cache_len, V), jnp.float32).at[:, :P].set(logits)
     next_pos = positions[:, -1] + 1
-    layers = None
-    if unstack_layers_by_default() if unstack_layers is None else unstack_layers:
-        layers = model.unstacked_layers()
-        cache = LayerKVCache.from_stacked(cache)
+    cache, layers = model.loop_cache(cache, unstack_layers)
 
     def cond(carry):
         i, _, _, _, _, done, _ = carry

@@ -41,10 +41,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import struct
 
 from illume_jax.infer.module_jit import module_jit
-from illume_jax.models.llm import LayerKVCache, unstack_layers_by_default
 from illume_jax.models.mllm import EOL, EOL0, EOL1, EOI, SOI, SOL0, SOL1, ImageVocab
 
 TEXT, EXPECT_SOL0, LEVEL0, EXPECT_SOL1, LEVEL1, EXPECT_EOI, DONE = range(7)
@@ -350,7 +349,7 @@ def generate(model, prompts: Prompts, state: RowState, rng: jax.Array, *, vocab:
 
     `model` is an `MLLM`. The loop ends when every conditional row is DONE or after
     max_new_tokens; finished rows emit `pad_id`. unstack_layers: run the steps on per-layer
-    weight copies and cache buffers (default: `unstack_layers_by_default()`); the tokens are the same."""
+    weight copies and cache buffers (`LLM.loop_cache`; default: on CPU only); the tokens are the same."""
     R, P = prompts.tokens.shape
     B = state.phase.shape[0]
     if R not in (B, 2 * B):
@@ -363,10 +362,7 @@ def generate(model, prompts: Prompts, state: RowState, rng: jax.Array, *, vocab:
                                      return_hidden=True)
     next_pos = positions[:, -1] + 1
     heads = code_heads(model.llm, vocab)
-    layers = None
-    if unstack_layers_by_default() if unstack_layers is None else unstack_layers:
-        layers = model.llm.unstacked_layers()
-        cache = LayerKVCache.from_stacked(cache)
+    cache, layers = model.llm.loop_cache(cache, unstack_layers)
 
     def cond(carry):
         i, _, _, _, _, st = carry

@@ -147,13 +147,6 @@ class LayerKVCache:
         return cls(k=tuple(cache.k[i] for i in range(L)), v=tuple(cache.v[i] for i in range(L)),
                    segment_ids=cache.segment_ids, index=cache.index)
 
-    def to_stacked(self) -> KVCache:
-        return KVCache(k=jnp.stack(self.k), v=jnp.stack(self.v), segment_ids=self.segment_ids, index=self.index)
-
-    @property
-    def max_len(self) -> int:
-        return self.k[0].shape[1]
-
 
 def unstack_layers_by_default() -> bool:
     """Whether decode loops run the layers unrolled over per-layer weight copies
@@ -346,6 +339,15 @@ class LLM(nnx.Module):
         graphdef, state = nnx.split(self.layers)
         return tuple(nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
                      for i in range(self.cfg.num_layers))
+
+    def loop_cache(self, cache: KVCache, unstack_layers: bool | None = None
+                   ) -> tuple[KVCache | LayerKVCache, tuple[DecoderLayer, ...] | None]:
+        """(cache, layers) for a decode loop's steps, from the prefill's cache: a `LayerKVCache`
+        and `unstacked_layers()` when unstacking (default: `unstack_layers_by_default()`), else
+        the cache as it is and None (scanned layers). Call once per loop, outside it."""
+        if unstack_layers_by_default() if unstack_layers is None else unstack_layers:
+            return LayerKVCache.from_stacked(cache), self.unstacked_layers()
+        return cache, None
 
     def decode(self, tokens: jax.Array | None, cache: KVCache | LayerKVCache, *, positions: jax.Array,
                segment_ids: jax.Array | None = None, inputs_embeds: jax.Array | None = None,

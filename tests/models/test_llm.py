@@ -62,7 +62,7 @@ def test_unstacked_decode_equals_the_scanned_one(model):
             tok = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)[:, None]
             logits, cache = m.decode(tok, cache, positions=pos[:, -1:] + 1 + i, layers=layers)
             steps.append(logits[:, 0])
-        k = cache.to_stacked().k if unstack else cache.k
+        k = jnp.stack(cache.k) if unstack else cache.k
         return jnp.stack(steps, 1), k, cache.index
 
     ref_logits, ref_k, ref_index = run(model, False)
