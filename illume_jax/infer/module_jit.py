@@ -2,8 +2,9 @@
 
 `nnx.jit` hands the module's state back out of every call so that mutations inside propagate,
 and that output is a copy of every parameter: 190 ms per call for the 169 M-parameter MLLM of
-`bench/generate.py` on 2 CPU cores (a third of a 16-step image's time at batch 1), against
-3.5 ms for `nnx.split` + `jax.jit`. Inference functions never mutate the model, so they take
+`bench/generate.py` on 2 CPU cores (~3% of a whole 367-token image at batch 1, paid by every
+call, and more for callers that make many short calls), against 3.5 ms for `nnx.split` +
+`jax.jit`. Inference functions never mutate the model, so they take
 the split state as an ordinary (non-donated) argument and return only their results.
 """
 from __future__ import annotations
