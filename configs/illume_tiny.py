@@ -11,6 +11,14 @@ Args:     --config=configs/illume_tiny.py:steps=400,batch=16,tokenizer=runs/dual
           device=cpu|gpu (cpu: fp32 and the per-example 'cpu' attention kernel; gpu: bfloat16 compute
           over fp32 weights and cuDNN attention),
           stages=0123 (which of the stages below run, by index; e.g. stages=3 trains only SFT, from scratch)
+          tower_lr=0 (0: the vision tower stays frozen until SFT, as the official stages 1-2; > 0: `base` and
+          `align` train it too, at this multiple of their learning rate -- the tiny ViT has had only a few
+          hundred SigLIP steps, where the official one comes from Qwen2-VL's understanding training)
+          text_steps=0 (> 0: a first stage 'scene_text' of that many steps, before the stages picked by
+          `stages`: the LLM alone learns captions and answers with each image replaced by its scene
+          description. It stands in for the official LLM's text pre-training, which already knows how to
+          look a named thing up in its context -- a circuit the from-scratch tiny LLM otherwise never
+          finds for existence questions; see the README's POPE section)
           (steps = stage-3 steps; the other stages scale from it)
 Hardware: 2 CPU cores. 64x64 images -> 8x8 semantic + 16x16 pixel codes: 350-token image blocks,
           sequences of 512 (understanding, text-to-image) and 768 (editing, reconstruction) tokens.
@@ -58,7 +66,7 @@ def sequence_lengths(pixel_grid: int) -> tuple[int, int]:
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
     a = common.parse_arg(arg, steps=400, batch=16, tokenizer="runs/dualvitok_tiny", levels="1", workers=0,
                          vocab=512, size="tiny", stages="0123", pixel_grid=16, examples=2000, device="cpu",
-                         lr_scale=1.0)
+                         lr_scale=1.0, tower_lr=0.0, text_steps=0)
     if a.size not in LLM_SIZES:
         raise ValueError(f"config argument size={a.size!r}: expected one of {sorted(LLM_SIZES)}")
     if a.device not in DEVICES:
@@ -84,15 +92,21 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
                   for t in ("caption", "qa", "t2i", "edit", "recon")},
         text_only=False, num_workers=a.workers, shuffle_seed=0, data_dir=""))
     s3 = a.steps
+    tower_lr = float(a.tower_lr)
+    if tower_lr < 0:
+        raise ValueError(f"config argument tower_lr={a.tower_lr!r}: expected a learning-rate multiple >= 0")
+    # Stages that would otherwise leave the tower frozen (see tower_lr above).
+    understand = (dict(trainable=("llm/.*", "projector/.*", "vision/.*"), lr_multipliers=(("vision/.*", tower_lr),))
+                  if tower_lr > 0 else dict(trainable=("llm/.*", "projector/.*")))
     stage = lambda name, steps, seq, lr, **kw: common.stage_config(  # noqa: E731
         name, steps=max(int(steps), 1), seq_len=seq, global_batch_size=a.batch, lr=lr * float(a.lr_scale), **kw)
     c.stages = [
-        stage("base", s3 // 2, one, lr=3e-3, warmup_steps=20, trainable=("llm/.*", "projector/.*"),
+        stage("base", s3 // 2, one, lr=3e-3, warmup_steps=20, **understand,
               mixture={"shapecomp_caption": 0.5, "shapecomp_qa": 0.5}),
         stage("embed_init", s3 // 4, two, lr=3e-3, warmup_steps=10,
               trainable=("projector/.*", "llm/embed/embedding"), new_vocab_only=True,
               mixture={"shapecomp_recon": 0.5, "shapecomp_caption": 0.5}),
-        stage("align", s3, one, lr=2e-3, warmup_steps=20, trainable=("llm/.*", "projector/.*"),
+        stage("align", s3, one, lr=2e-3, warmup_steps=20, **understand,
               mixture={"shapecomp_caption": 0.2, "shapecomp_qa": 0.3, "shapecomp_t2i": 0.5}),
         stage("sft", s3, two, lr=1e-3, warmup_steps=20, trainable=(".*",),
               lr_multipliers=(("vision/.*", 0.1),), cfg_dropout=0.1,
@@ -103,6 +117,16 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     if not picked or any(ch not in "0123" for ch in picked):
         raise ValueError(f"config argument stages={a.stages!r}: expected digits from 0123 (stage indices)")
     c.stages = [c.stages[int(ch)] for ch in picked]
+    if int(a.text_steps) > 0:
+        for t in ("caption", "qa"):  # the same built records as the image datasets, read as text
+            c.data.datasets[f"shapecomp_{t}_text"] = dict(kind="shapecomp", levels=levels, tasks=(t,), num_examples=n,
+                                                         text_only=True)
+        # Rows: a scene description (~40 tokens) + the longest QA record (~160).
+        c.stages.insert(0, stage("scene_text", int(a.text_steps), 256, lr=3e-3, warmup_steps=20,
+                                 trainable=("llm/.*",),
+                                 mixture={"shapecomp_caption_text": 0.3, "shapecomp_qa_text": 0.7}))
+    elif int(a.text_steps) < 0:
+        raise ValueError(f"config argument text_steps={a.text_steps!r}: expected a number of steps >= 0")
     # One self-enhancement round on top of the trained model (python -m illume_jax self-enhance).
     c.self_enhance = common.self_enhance_config(level=levels[-1])
     if len(c.stages) == 1:  # no stage before the last to start the round from

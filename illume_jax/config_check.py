@@ -139,6 +139,11 @@ def _validate_vision(config: Any) -> None:
     _check_keys("vision", v, set(common.vision_config().keys()))
     if config.data.text_only:
         _fail("data.text_only", config.data.text_only, "False for a multimodal config (config.vision is set)")
+    for name, ds in config.data.datasets.items():  # per-dataset text_only: images become scene descriptions
+        drawn = set(ds.get("tasks", ())) & {"t2i", "edit", "recon"}
+        if ds.get("text_only", False) and drawn:
+            _fail(f"data.datasets.{name}.text_only", True, f"only for understanding tasks (caption, qa): {sorted(drawn)} "
+                  "answer with an image, which a scene description cannot stand in for")
     if not v.tokenizer_workdir and v.tokenizer_model is None:
         _fail("vision.tokenizer_workdir", v.tokenizer_workdir, "a train-tokenizer workdir (DualViTok)")
     if v.max_images < 1:

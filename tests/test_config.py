@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from configs import illume_plus_3b, illume_plus_7b, tiny
@@ -210,3 +211,32 @@ def test_semantic_vq_token_grid():
     for bad, match in (("grid=8", "grid=8"), ("size=official,grid=32", "size=tiny")):
         with pytest.raises(ValueError, match=match):
             semantic_vq_illume.get_config(bad)
+
+
+def test_illume_tiny_tower_lr_trains_the_tower_in_the_understanding_stages():
+    """`tower_lr=0` (default) keeps the vision tower frozen until SFT; `tower_lr>0` puts it in `base`
+    and `align` at that LR multiple, and leaves `embed_init` (LLM frozen) and `sft` as they were."""
+    from configs import illume_tiny
+    from illume_jax import sharding
+    from illume_jax.train import optim, state as state_lib
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+
+    def labels(config, stage_index):
+        _, abs_params = state_lib.abstract_model(state_lib.model_config(config), mesh, config.seed)
+        flat = jax.tree_util.tree_flatten_with_path(optim.param_labels(abs_params, config.stages[stage_index])(
+            abs_params))[0]
+        groups = {}
+        for path, label in flat:
+            groups.setdefault(optim.path_str(path).split("/")[0], set()).add(label)
+        return groups
+
+    frozen = illume_tiny.get_config("tokenizer=/nonexistent")
+    tower = illume_tiny.get_config("tokenizer=/nonexistent,tower_lr=0.25")
+    for i in (0, 2):  # base, align
+        assert labels(frozen, i)["vision"] == {"frozen"}
+        assert labels(tower, i)["vision"] == {"lr1"} and labels(tower, i)["llm"] == {"lr0"}
+        assert tower.stages[i].lr_multipliers == (("vision/.*", 0.25),)
+    for i in (1, 3):  # embed_init, sft: untouched by the argument
+        assert tower.stages[i].to_dict() == frozen.stages[i].to_dict()
+    with pytest.raises(ValueError, match="tower_lr"):
+        illume_tiny.get_config("tower_lr=-1")

@@ -198,7 +198,10 @@ def check_stage_fits_images(config: Any, stage_index: int, mcfg: mllm.MLLMConfig
     tasks = set()
     for name in stage.mixture:
         ds = config.data.datasets.get(name)
-        tasks |= set(ds.get("tasks", ())) if ds is not None else set()
+        if ds is not None and not ds.get("text_only", False):  # text_only rows hold no image
+            tasks |= set(ds.get("tasks", ()))
+    if not tasks and all(config.data.datasets.get(n, {}).get("text_only", False) for n in stage.mixture):
+        return
     images = 2 if tasks & {"edit", "recon"} else 1
     if int(stage.seq_len) < images * block + 1:
         raise ValueError(

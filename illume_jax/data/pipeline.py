@@ -62,6 +62,22 @@ def _seed(*parts) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode())
 
 
+def scene_as_text(record: dict) -> dict:
+    """A record's images replaced by its scene description: every `<image>` of a human turn becomes
+    "Scene: <context>" (as a text-only config renders it) and the record keeps no images. For a
+    multimodal config's `text_only` datasets: the language model learns to look things up in a
+    described scene before it has to in an image. An image in an assistant turn cannot be
+    described away; such a record is kept as is and skipped downstream (`too_many_images`)."""
+    turns = json.loads(record["conversations"])
+    if any(t.get("from") == "gpt" and "<image>" in t.get("value", "") for t in turns):
+        return {**record, "images": []}
+    context = record["context"].decode() if isinstance(record["context"], bytes) else str(record["context"])
+    for t in turns:
+        if t.get("from") == "human":
+            t["value"] = t.get("value", "").replace("<image>", f"Scene: {context}")
+    return {**record, "conversations": json.dumps(turns), "images": []}
+
+
 def mixture_dataset(config: Any, stage_index: int, data_dir: str, *, seed: int, process_index: int = 0,
                     process_count: int = 1, sources: dict | None = None):
     """The stage's weighted, per-epoch-shuffled, endless mixture of records, this process's
@@ -82,8 +98,10 @@ def mixture_dataset(config: Any, stage_index: int, data_dir: str, *, seed: int, 
         if len(src) == 0:
             raise ValueError(f"dataset {name!r} is empty")
         # Each epoch gets its own permutation (grain's shuffle re-seeds per epoch).
-        datasets.append(grain.MapDataset.source(src).shuffle(seed=_seed(config.data.shuffle_seed, seed, name))
-                        .repeat())
+        ds = grain.MapDataset.source(src).shuffle(seed=_seed(config.data.shuffle_seed, seed, name)).repeat()
+        if config.data.datasets[name].get("text_only", False):
+            ds = ds.map(scene_as_text)
+        datasets.append(ds)
     weights = [float(stage.mixture[n]) for n in names]
     ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
     return ds[process_index::process_count], dict(zip(names, weights))   # disjoint per JAX process

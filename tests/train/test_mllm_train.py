@@ -114,6 +114,35 @@ def test_records_that_do_not_fit_are_skipped_and_counted():
     assert ex.skipped["too_many_images"] == 1
 
 
+def test_text_only_datasets_describe_the_scene_instead_of_showing_it():
+    """A multimodal config's `text_only` dataset: the human turn's image becomes "Scene: <context>"
+    (no image slot, no pixels), the answer is still the trained part; a record whose answer is an
+    image cannot be described and is skipped; a stage of only such data needs no room for a block."""
+    from illume_jax.data.multimodal import check_stage_fits_images
+    from illume_jax.data.pipeline import scene_as_text
+    cfg = _cfg()
+    ex = multimodal.MultimodalExample(CharTokenizer(), "plain", cfg, RES, seq_len=128, max_images=1)
+    turns = [{"from": "human", "value": "<image>\nIs there a red circle?"}, {"from": "gpt", "value": "yes"}]
+    rec = {**_record("qa", turns, 1), "context": b"a red circle"}
+    row = ex(scene_as_text(rec), np.random.default_rng(0))   # far too short for an image block
+    assert row is not None and not (row["token_slots"] != mllm.SLOT_TEXT).any() and not row["images"].any()
+    ids = np.concatenate([row["tokens"][:1], row["targets"]])
+    has = lambda s: any(list(ids[i:i + len(s)]) == CharTokenizer().encode(s) for i in range(len(ids)))  # noqa: E731
+    assert has("Scene: a red circle\nIs there a red circle?") and not has("<image>")
+    mask = np.concatenate([[0], row["loss_mask"]])
+    assert list(ids[mask > 0]) == CharTokenizer().encode("yes") + [CharTokenizer.eos_id]
+    t2i = [{"from": "human", "value": multimodal.t2i_prompt("a red circle")}, {"from": "gpt", "value": "<image>"}]
+    assert ex(scene_as_text({**_record("t2i", t2i, 1), "context": b"x"}), np.random.default_rng(0)) is None
+    assert ex.skipped["too_many_images"] == 1
+    config = illume_tiny.get_config("text_steps=5,tokenizer=/nonexistent")
+    assert config.stages[0].name == "scene_text" and config.stages[0].seq_len < mllm.block_length(cfg.grids(RES, RES))
+    config_check.validate(config)
+    check_stage_fits_images(config, 0, cfg)   # no image rows: nothing to fit
+    config.stages[0].mixture = {"shapecomp_qa_text": 0.5, "shapecomp_qa": 0.5}
+    with pytest.raises(ValueError, match="scene_text.*cannot hold 1 image block"):
+        check_stage_fits_images(config, 0, cfg)
+
+
 # -- training on micro sizes ------------------------------------------------------------------
 
 def micro_config(tokenizer_workdir, steps=4):
