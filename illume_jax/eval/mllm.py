@@ -80,7 +80,9 @@ def geneval_suite(model, *, level: int = 1, split: str = "test", scenes: int = 3
 def pope_suite(model, *, level: int = 1, split: str = "test", scenes: int = 50, progress: bool = False
                ) -> tuple[dict, list[dict]]:
     """POPE-style existence questions (random / popular / adversarial negatives) on held-out scenes:
-    ({split: metrics, 'mean': ...}, per-question samples)."""
+    ({split: metrics, 'mean': ...}, per-question samples). Besides POPE's accuracy / F1 / yes-ratio,
+    `auc`: of the log p(yes) - log p(no) margin (`scorer.margin_auc`), which tells a model that
+    answers a constant but has started to read the question (AUC > 0.5) from one that has not."""
     pope, samples = {}, []
     for pope_split in shapecomp.POPE_SPLITS:
         imgs, questions, labels, scene_ids = [], [], [], []
@@ -93,12 +95,15 @@ def pope_suite(model, *, level: int = 1, split: str = "test", scenes: int = 50, 
                 labels.append(q["answer"])
                 scene_ids.append(i)
         answers = model.understand(imgs, questions, progress=progress)
-        pope[pope_split] = dict(scorer.pope_metrics(answers, labels), questions=len(questions))
-        for img, q, a, label, i in zip(imgs, questions, answers, labels, scene_ids):
+        lp = model.answer_logprobs(imgs, questions, ("yes", "no"))
+        margins = lp[:, 0] - lp[:, 1]
+        pope[pope_split] = dict(scorer.pope_metrics(answers, labels), auc=scorer.margin_auc(margins, labels),
+                                questions=len(questions))
+        for img, q, a, label, i, m in zip(imgs, questions, answers, labels, scene_ids, margins):
             samples.append(dict(image=img, scene=i, split=pope_split, question=q, answer=a, label=label,
-                                correct=scorer.parse_yes_no(a) == label))
+                                correct=scorer.parse_yes_no(a) == label, yes_margin=float(m)))
     pope["mean"] = {k: float(np.mean([pope[s][k] for s in shapecomp.POPE_SPLITS]))
-                    for k in ("accuracy", "f1", "yes_ratio")}
+                    for k in ("accuracy", "f1", "yes_ratio", "auc")}
     return pope, samples
 
 
@@ -165,7 +170,8 @@ def _headline(results: dict) -> str:
         parts.append(f"GenEval-style overall {results['geneval']['overall']:.3f}")
     if "pope" in results:
         m = results["pope"]["mean"]
-        parts.append(f"POPE-style accuracy {m['accuracy']:.3f} (yes-ratio {m['yes_ratio']:.3f})")
+        auc = f", margin AUC {m['auc']:.3f}" if "auc" in m else ""
+        parts.append(f"POPE-style accuracy {m['accuracy']:.3f} (yes-ratio {m['yes_ratio']:.3f}{auc})")
     if "edit" in results:
         parts.append(f"editing success {results['edit']['success']:.3f}")
     return ", ".join(parts)

@@ -102,8 +102,12 @@ def metrics_rows(results: Mapping) -> list[tuple[str, str, str]]:
     p = results.get("pope")
     if p:
         for split, m in p.items():
-            rows.append(("POPE-style", f"{split}: accuracy / F1 / yes-ratio",
-                         f"{m['accuracy']:.3f} / {m['f1']:.3f} / {m['yes_ratio']:.3f}"))
+            if "auc" in m:  # results written before the margin AUC existed lack it
+                rows.append(("POPE-style", f"{split}: accuracy / F1 / yes-ratio / margin AUC",
+                             f"{m['accuracy']:.3f} / {m['f1']:.3f} / {m['yes_ratio']:.3f} / {m['auc']:.3f}"))
+            else:
+                rows.append(("POPE-style", f"{split}: accuracy / F1 / yes-ratio",
+                             f"{m['accuracy']:.3f} / {m['f1']:.3f} / {m['yes_ratio']:.3f}"))
     e = results.get("edit")
     if e:
         rows.append(("editing", "success", _fmt(e["success"])))

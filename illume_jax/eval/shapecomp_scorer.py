@@ -321,6 +321,18 @@ def pope_metrics(answers: Iterable[str], labels: Iterable[str]) -> dict:
             "yes_ratio": float(pred.mean())}
 
 
+def margin_auc(margins: Iterable[float], labels: Iterable[str]) -> float:
+    """The ROC AUC of a yes-minus-no score against yes/no labels: the chance that a 'yes' question
+    scores above a 'no' one (ties count half). 0.5 = the score ignores what is asked, whatever the
+    accuracy; it stays defined when the greedy answer is one constant, where accuracy reads 0.5."""
+    m = np.asarray(list(margins), np.float64)
+    gold = np.asarray([l == "yes" for l in labels])
+    if m.shape != gold.shape or not gold.any() or gold.all():
+        raise ValueError(f"margins ({m.size}) and labels ({gold.size}) must be equally long with both answers present")
+    pos, neg = m[gold], m[~gold]
+    return float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
+
+
 # -- editing grading -----------------------------------------------------------------------
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

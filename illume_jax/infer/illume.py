@@ -146,6 +146,11 @@ class Illume:
                           cells=jnp.asarray(np.stack([pad(r[2]) for r in rows])),
                           images=None if images is None else jnp.asarray(images))
 
+    def _image_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Checked uint8 images -> [N, 1, S, S, 3] in the model's range (one image per row)."""
+        S = self.resolution
+        return np.stack([images_lib.to_model_range(images_lib.fit_resolution(im, S)) for im in images])[:, None]
+
     def _image_prefix(self) -> list[int]:
         v = self.cfg.vocab
         return [v.height_tag(self.resolution), v.width_tag(self.resolution), v.soi]
@@ -223,7 +228,7 @@ class Illume:
         answers = []
         for start in _progress(range(0, len(images), batch_size), progress, len(images), batch_size, "understand"):
             chunk = [_check_image(im, f"images[{start + i}]") for i, im in enumerate(images[start:start + batch_size])]
-            pix = np.stack([images_lib.to_model_range(images_lib.fit_resolution(im, S)) for im in chunk])[:, None]
+            pix = self._image_batch(chunk)
             rows = [self._prompt(f"<image>\n{q}") for q in questions[start:start + batch_size]]
             state = il.RowState.start(np.tile([*grids[0], *grids[1]], (len(rows), 1)), False, True)
             tokens, _ = il.generate(self.model, self._batch(rows, pix), state, jax.random.key(seed + start),
@@ -236,6 +241,33 @@ class Illume:
                 known = getattr(self.text_tokenizer, "vocab_size", self.cfg.vocab.first_id)
                 answers.append(self.text_tokenizer.decode([i for i in ids if 0 < i < known]).strip())
         return answers
+
+
+    def answer_logprobs(self, images: Sequence[np.ndarray], questions: Sequence[str], answers: Sequence[str], *,
+                        batch_size: int = 16, progress: bool = False) -> np.ndarray:
+        """log p(each candidate answer's first token) as the reply to each (image, question):
+        [N, len(answers)]. Scores what `understand` would say without decoding it, e.g. the yes/no
+        margin of an existence question (an AUC above 0.5 means the model reads the question even
+        when its greedy answer is one constant)."""
+        if len(images) != len(questions):
+            raise ValueError(f"answer_logprobs: {len(images)} images but {len(questions)} questions")
+        first = []
+        for a in answers:
+            ids = self.text_tokenizer.encode(a)
+            if not ids:
+                raise ValueError(f"answer_logprobs: answer {a!r} encodes to no token")
+            first.append(ids[0])
+        if len(set(first)) != len(first):
+            raise ValueError(f"answer_logprobs: answers {list(answers)} share a first token ({first}); "
+                             "their first-token probabilities would not tell them apart")
+        out = []
+        for start in _progress(range(0, len(images), batch_size), progress, len(images), batch_size, "score"):
+            chunk = [_check_image(im, f"images[{start + i}]") for i, im in enumerate(images[start:start + batch_size])]
+            pix = self._image_batch(chunk)
+            rows = [self._prompt(f"<image>\n{q}") for q in questions[start:start + batch_size]]
+            lp = il.next_text_logprobs(self.model, self._batch(rows, pix), text_size=self.cfg.vocab.first_id)
+            out.append(np.asarray(lp)[:, first])
+        return np.concatenate(out) if out else np.zeros((0, len(answers)), np.float32)
 
 
 def _check_image(image, name: str) -> np.ndarray:

@@ -340,6 +340,28 @@ class Prompts:
     images: jax.Array | None = None
 
 
+def _prefill(model, prompts: Prompts, cache_len: int):
+    """The prompts through the model into a fresh cache of `cache_len` slots: (pre-norm hidden
+    states [R,P,D], cache, RoPE positions [R,P]; left padding gets no position of its own)."""
+    R = prompts.tokens.shape[0]
+    seg = prompts.mask.astype(jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
+    embeds = model.embed(prompts.tokens, prompts.slots, prompts.cells, prompts.images)
+    cache = model.llm.init_cache(R, cache_len)
+    hidden, cache = model.llm.decode(None, cache, positions=positions, segment_ids=seg, inputs_embeds=embeds,
+                                     return_hidden=True)
+    return hidden, cache, positions
+
+
+@functools.partial(module_jit, static_argnames=("text_size",))
+def next_text_logprobs(model, prompts: Prompts, *, text_size: int) -> jax.Array:
+    """log p(next token) over the text ids [0, text_size) after each prompt: [R, text_size] fp32.
+    The distribution greedy understanding decodes its first answer token from (image ids are
+    masked out there too), for threshold-free scores such as a yes/no margin's AUC."""
+    hidden, _, _ = _prefill(model, prompts, prompts.tokens.shape[1])
+    return jax.nn.log_softmax(model.llm.logits_window(hidden[:, -1], 0, text_size), axis=-1)
+
+
 @functools.partial(module_jit, static_argnames=("vocab", "sampling", "max_new_tokens", "eos_id", "pad_id",
                                                "unstack_layers"))
 def generate(model, prompts: Prompts, state: RowState, rng: jax.Array, *, vocab: ImageVocab, sampling: Sampling,
@@ -354,12 +376,7 @@ def generate(model, prompts: Prompts, state: RowState, rng: jax.Array, *, vocab:
     B = state.phase.shape[0]
     if R not in (B, 2 * B):
         raise ValueError(f"prompts: {R} rows for {B} outputs; expected {B} (no CFG) or {2 * B} (CFG)")
-    seg = prompts.mask.astype(jnp.int32)
-    positions = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
-    embeds = model.embed(prompts.tokens, prompts.slots, prompts.cells, prompts.images)
-    cache = model.llm.init_cache(R, P + max_new_tokens)
-    hidden, cache = model.llm.decode(None, cache, positions=positions, segment_ids=seg, inputs_embeds=embeds,
-                                     return_hidden=True)
+    hidden, cache, positions = _prefill(model, prompts, P + max_new_tokens)
     next_pos = positions[:, -1] + 1
     heads = code_heads(model.llm, vocab)
     cache, layers = model.llm.loop_cache(cache, unstack_layers)

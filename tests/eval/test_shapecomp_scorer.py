@@ -134,3 +134,13 @@ def test_bad_images_are_named():
         S.detect(np.zeros((8, 8), np.uint8))
     with pytest.raises(ValueError, match="uint8"):
         S.detect(np.zeros((8, 8, 3), np.float32))
+
+
+def test_margin_auc_is_the_chance_a_yes_question_outscores_a_no_one():
+    labels = ["yes", "no", "yes", "no"]
+    assert S.margin_auc([2.0, 1.0, 3.0, 0.0], labels) == 1.0       # every yes above every no
+    assert S.margin_auc([0.0, 1.0, 0.0, 3.0], labels) == 0.0
+    assert S.margin_auc([0.7] * 4, labels) == 0.5                   # a constant margin reads nothing
+    assert S.margin_auc([2.0, 1.0, 0.0, 3.0], labels) == 0.25       # 1 of the 4 yes-no pairs in order
+    with pytest.raises(ValueError, match="both answers"):
+        S.margin_auc([1.0, 2.0], ["yes", "yes"])

@@ -14,6 +14,7 @@ from configs import dualvitok as dualvitok_config
 from configs import illume_tiny
 from illume_jax import config_check
 from illume_jax.data import multimodal, shapecomp
+from illume_jax.infer import interleaved as il
 from illume_jax.models import mllm
 from illume_jax.train import loop
 
@@ -276,12 +277,32 @@ def test_api_generates_edits_and_answers(trained, tmp_path):
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     with pytest.raises(ValueError, match="uint8 RGB"):
         model.understand([src.astype(np.float32)], ["?"])
+    # The scored first token is the one greedy understanding emits, and its log-probability is
+    # the same whether the row is scored alone or left-padded next to a longer question.
+    qs = ["Is there a red circle in the image?", "How many?"]
+    first = [model.text_tokenizer.encode(a)[0] if a else None for a in model.understand([src, src], qs,
+                                                                                       max_new_tokens=1)]
+    vocab = np.arange(model.cfg.vocab.first_id)
+    full = np.asarray(il.next_text_logprobs(model.model, model._batch([model._prompt(f"<image>\n{q}") for q in qs],
+                                                                        model._image_batch([src, src])),
+                                            text_size=len(vocab)))
+    np.testing.assert_allclose(np.exp(full).sum(-1), 1.0, rtol=1e-4)
+    for row, f in zip(full, first):
+        if f is not None:   # a reply that decodes to text: its first id is the argmax
+            assert int(np.argmax(row)) == f
+    lp = model.answer_logprobs([src, src], qs, ("yes", "no"))
+    yes, no = (model.text_tokenizer.encode(a)[0] for a in ("yes", "no"))
+    np.testing.assert_allclose(lp, full[:, [yes, no]], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.answer_logprobs([src], qs[1:], ("yes", "no")), lp[1:], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="share a first token"):
+        model.answer_logprobs([src], qs[:1], ("yes", "yes"))
     out = str(tmp_path / "eval")
     results = mllm_eval.evaluate_and_report(model, full_dir, gen_scenes=2, samples_per_prompt=2, pope_scenes=1,
                                             edit_pairs=2, out_dir=out, extra_metrics={"tokenizer ceiling": 0.5},
                                             progress=False)
     assert 0.0 <= results["geneval"]["overall"] <= 1.0 and results["geneval"]["images"] >= 4
     assert set(results["pope"]) == {"random", "popular", "adversarial", "mean"}
+    assert all(0.0 <= m["auc"] <= 1.0 for m in results["pope"].values())
     assert 0.0 <= results["edit"]["success"] <= 1.0 and results["edit"]["pairs"] == 2
     assert json.load(open(os.path.join(out, "metrics.json")))["geneval"] == results["geneval"]
     assert not os.path.exists(os.path.join(out, "metrics.partial.json"))  # superseded by metrics.json
