@@ -67,7 +67,7 @@ def scene_as_text(record: dict) -> dict:
     "Scene: <context>" (as a text-only config renders it) and the record keeps no images. For a
     multimodal config's `text_only` datasets: the language model learns to look things up in a
     described scene before it has to in an image. An image in an assistant turn cannot be
-    described away; such a record is kept as is and skipped downstream (`too_many_images`)."""
+    described away: such a record loses its images and so is skipped downstream (`too_many_images`)."""
     turns = json.loads(record["conversations"])
     if any(t.get("from") == "gpt" and "<image>" in t.get("value", "") for t in turns):
         return {**record, "images": []}

@@ -242,7 +242,6 @@ class Illume:
                 answers.append(self.text_tokenizer.decode([i for i in ids if 0 < i < known]).strip())
         return answers
 
-
     def answer_logprobs(self, images: Sequence[np.ndarray], questions: Sequence[str], answers: Sequence[str], *,
                         batch_size: int = 16, progress: bool = False) -> np.ndarray:
         """log p(each candidate answer's first token) as the reply to each (image, question):
