@@ -1,4 +1,6 @@
 """ShapeComp: determinism, level ranges, splits, records, bad arguments."""
+from collections import Counter
+
 import numpy as np
 import pytest
 
@@ -118,3 +120,29 @@ def test_qa_turn_order_does_not_give_the_answer_away():
     assert 0.35 < np.mean(first) < 0.65, np.mean(first)
     again = records.conversation_records(1, "train", 7, tasks=("qa",))[0]["conversations"]
     assert again == records.conversation_records(1, "train", 7, tasks=("qa", "caption"))[1]["conversations"]
+
+
+
+def _near_negatives(scene, items) -> int:
+    """How many "no" existence questions name a present shape or a present colour."""
+    shapes, colors = {o.shape for o in scene.objects}, {o.color for o in scene.objects}
+    names = [q["question"].split(" in the image")[0].split()[-2:] for q in items
+             if q["kind"] == "existence" and q["answer"] == "no"]
+    return sum(shape in shapes or colour in colors for colour, shape in names)
+
+
+def test_training_qa_draws_negatives_all_three_pope_ways():
+    """The training QA's existence negatives come from every POPE way, about a third of scenes each
+    (the spec's understanding data). Random negatives alone rarely share a present object's shape or
+    colour, so a model trained on them can answer without binding colour to shape."""
+    kinds, near, near_if_random = Counter(), 0, 0
+    for i in range(300):
+        s = sc.make_scene(1, "train", i)
+        items = sc.questions(s)
+        negative = {q["negative"] for q in items if q["kind"] == "existence"}
+        assert len(negative) == 1
+        kinds[negative.pop()] += 1
+        near += _near_negatives(s, items)
+        near_if_random += _near_negatives(s, sc.existence_questions(s, "random"))
+    assert set(kinds) == set(sc.POPE_SPLITS) and min(kinds.values()) > 70, kinds
+    assert near > 1.2 * near_if_random, (near, near_if_random)

@@ -82,5 +82,12 @@ def attribute_questions(scene: Scene) -> list[dict]:
 
 
 def questions(scene: Scene) -> list[dict]:
-    """All questions for a scene: existence (random negatives) + attributes."""
-    return existence_questions(scene, "random") + attribute_questions(scene)
+    """All questions for a scene (the training QA): existence + attributes.
+
+    The existence negatives of each scene are drawn one of the three POPE ways, picked per scene, as
+    the ShapeComp spec's understanding data says. Random negatives alone almost never name a present
+    shape in an absent colour, so a model trained on them can answer by shape or colour alone; it
+    never has to bind the two, which is what the adversarial split asks."""
+    rng = scene_rng(scene.level, scene.split, scene.index, salt="qa-negatives")
+    negative = POPE_SPLITS[int(rng.integers(len(POPE_SPLITS)))]
+    return existence_questions(scene, negative) + attribute_questions(scene)
