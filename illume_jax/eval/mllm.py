@@ -118,31 +118,53 @@ def run_suites(model, *, level: int = 1, split: str = "test", gen_scenes: int = 
     stopped (a time box, a preempted machine) keeps the suites it finished.
 
     split: 'test' (held out) or 'compositional' (levels >= 3: scenes with the colour-shape pairs
-    that never occur in training, CLEVR-CoGenT style)."""
+    that never occur in training, CLEVR-CoGenT style).
+
+    gen_scenes / pope_scenes / edit_pairs = 0 skips that suite (e.g. POPE alone for a model trained
+    only on understanding); its key is then absent from the results."""
+    sizes = dict(gen_scenes=gen_scenes, pope_scenes=pope_scenes, edit_pairs=edit_pairs)
+    for name, n in sizes.items():
+        if n < 0:
+            raise ValueError(f"{name}={n}: expected a count >= 0 (0 skips that suite)")
+    if not any(sizes.values()):
+        raise ValueError("gen_scenes, pope_scenes and edit_pairs are all 0: nothing to evaluate")
     if split not in ("test", "compositional"):
         raise ValueError(f"split={split!r}: expected 'test' or 'compositional' (held-out splits only)")
     if split == "compositional" and level < 3:
         raise ValueError(f"split='compositional' needs level >= 3 (held-out colour-shape pairs), got level={level}")
-    results: dict = {}
+    results: dict = dict(level=level, split=split)
     samples: dict = dict(level=level, split=split)
     # -- GenEval-style generation --------------------------------------------------------------
-    results["geneval"], samples["t2i"] = geneval_suite(model, level=level, split=split, scenes=gen_scenes,
-                                                       samples_per_prompt=samples_per_prompt, seed=seed,
-                                                       progress=progress)
-    if on_suite is not None:
-        on_suite("geneval", results)
+    if gen_scenes:
+        results["geneval"], samples["t2i"] = geneval_suite(model, level=level, split=split, scenes=gen_scenes,
+                                                           samples_per_prompt=samples_per_prompt, seed=seed,
+                                                           progress=progress)
+        if on_suite is not None:
+            on_suite("geneval", results)
     # -- POPE-style understanding ----------------------------------------------------------------
-    results["pope"], samples["pope"] = pope_suite(model, level=level, split=split, scenes=pope_scenes,
-                                                  progress=progress)
-    if on_suite is not None:
-        on_suite("pope", results)
-    # -- editing ------------------------------------------------------------------------------
-    pairs = [shapecomp.edit_pair(level, split, i) for i in range(edit_pairs)]
-    edited = model.edit([shapecomp.render(p.before) for p in pairs], [p.instruction for p in pairs], seed=seed,
-                        progress=progress)
+    if pope_scenes:
+        results["pope"], samples["pope"] = pope_suite(model, level=level, split=split, scenes=pope_scenes,
+                                                      progress=progress)
+        if on_suite is not None:
+            on_suite("pope", results)
+    if edit_pairs:
+        results["edit"], samples["edit"] = edit_suite(model, level=level, split=split, pairs=edit_pairs,
+                                                      seed=seed, progress=progress)
+        if on_suite is not None:
+            on_suite("edit", results)
+    return results, samples
+
+
+def edit_suite(model, *, level: int = 1, split: str = "test", pairs: int = 48, seed: int = 0,
+               progress: bool = False) -> tuple[dict, list]:
+    """Editing success on `pairs` held-out edit pairs: ({'success', 'per_op', 'preservation',
+    'l1_outside', 'pairs'}, one sample per pair)."""
+    edit_pairs = [shapecomp.edit_pair(level, split, i) for i in range(pairs)]
+    edited = model.edit([shapecomp.render(p.before) for p in edit_pairs], [p.instruction for p in edit_pairs],
+                        seed=seed, progress=progress)
     per_op, preservation, l1 = defaultdict(list), [], []
-    samples["edit"] = []
-    for pair, img in zip(pairs, edited):
+    rows = []
+    for pair, img in zip(edit_pairs, edited):
         # Success = the target scene is exactly what the image shows (instruction followed,
         # untouched objects preserved, nothing extra): the scorer's 'instruction' verdict.
         g = scorer.grade_edit(img, pair.before, pair.after, pair.edited, pair.untouched,
@@ -150,17 +172,14 @@ def run_suites(model, *, level: int = 1, split: str = "test", gen_scenes: int = 
         per_op[pair.op].append(bool(g["instruction"]))
         preservation.append(g["preservation"])
         l1.append(g["l1_outside"])
-        samples["edit"].append(dict(before=shapecomp.render(pair.before), edited=img,
-                                    target=shapecomp.render(pair.after), instruction=pair.instruction, op=pair.op,
-                                    success=bool(g["instruction"]), preservation=float(g["preservation"])))
-    results["edit"] = {"success": float(np.mean([x for v in per_op.values() for x in v])),
-                       "per_op": {op: float(np.mean(v)) for op, v in sorted(per_op.items())},
-                       "preservation": float(np.mean(preservation)), "l1_outside": float(np.mean(l1)),
-                       "pairs": len(pairs)}
-    results["level"], results["split"] = level, split
-    if on_suite is not None:
-        on_suite("edit", results)
-    return results, samples
+        rows.append(dict(before=shapecomp.render(pair.before), edited=img, target=shapecomp.render(pair.after),
+                         instruction=pair.instruction, op=pair.op, success=bool(g["instruction"]),
+                         preservation=float(g["preservation"])))
+    result = {"success": float(np.mean([x for v in per_op.values() for x in v])),
+              "per_op": {op: float(np.mean(v)) for op, v in sorted(per_op.items())},
+              "preservation": float(np.mean(preservation)), "l1_outside": float(np.mean(l1)),
+              "pairs": len(edit_pairs)}
+    return result, rows
 
 
 def _headline(results: dict) -> str:
@@ -187,7 +206,7 @@ def evaluate(model, *, level: int = 1, split: str = "test", gen_scenes: int = 32
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         from PIL import Image
-        t2i, edits = samples["t2i"], samples["edit"]
+        t2i, edits = samples.get("t2i", []), samples.get("edit", [])
         for k in range(min(16, len(t2i))):
             Image.fromarray(t2i[k]["image"]).save(os.path.join(out_dir, f"t2i_{k:02d}.png"))
         for k in range(min(8, len(edits))):
@@ -242,6 +261,7 @@ def evaluate_and_report(model, workdir: str, *, level: int = 1, split: str = "te
         subtitle=f"{workdir} · level {level}, split {split!r}, seed {seed}", extra_metrics=extra_metrics,
         curves=report.read_curves(os.path.join(workdir, "metrics.jsonl")) if curves is None else curves,
         reconstructions=reconstructions)
-    results["files"]["overview"] = report.write_overview(os.path.join(out_dir, "overview.png"), samples,
-                                                         reconstructions)
+    if samples.get("t2i") or samples.get("edit") or reconstructions:  # a POPE-only run has no pictures to show
+        results["files"]["overview"] = report.write_overview(os.path.join(out_dir, "overview.png"), samples,
+                                                             reconstructions)
     return results

@@ -332,6 +332,34 @@ def test_a_stopped_evaluation_keeps_the_suites_it_finished(trained, tmp_path, mo
     assert not os.path.exists(os.path.join(out, "metrics.json"))
 
 
+def test_evaluation_runs_only_the_suites_asked_for(trained, tmp_path, monkeypatch):
+    """gen_scenes / edit_pairs = 0: POPE alone (a model trained on understanding only), with its
+    metrics.json, POPE files and report, and no generation or editing call at all."""
+    from illume_jax.eval import mllm as mllm_eval
+    from illume_jax.infer.illume import Illume
+    _, full_dir, *_ = trained
+    model = Illume.load(full_dir)
+
+    def unasked(*args, **kwargs):
+        raise AssertionError("a skipped suite ran")
+
+    monkeypatch.setattr(model, "edit", unasked)
+    monkeypatch.setattr(model, "generate", unasked)
+    out = str(tmp_path / "eval")
+    results = mllm_eval.evaluate_and_report(model, full_dir, gen_scenes=0, pope_scenes=1, edit_pairs=0, out_dir=out,
+                                            progress=False)
+    assert "geneval" not in results and "edit" not in results and results["level"] == 1
+    assert json.load(open(os.path.join(out, "metrics.json")))["pope"] == results["pope"]
+    assert sorted(os.listdir(os.path.join(out, "pope"))) == ["adversarial_answers.jsonl", "adversarial_questions.jsonl",
+                                                            "images", "popular_answers.jsonl", "popular_questions.jsonl",
+                                                            "random_answers.jsonl", "random_questions.jsonl"]
+    assert "overview" not in results["files"] and os.path.exists(results["files"]["report"])
+    for kw, match in ((dict(gen_scenes=0, pope_scenes=0, edit_pairs=0), "nothing to evaluate"),
+                      (dict(pope_scenes=-1), "pope_scenes=-1")):
+        with pytest.raises(ValueError, match=match):
+            mllm_eval.run_suites(model, **kw)
+
+
 def _check_public_formats(out, results):
     """GenEval's folder layout (one folder per prompt, its metadata line, samples/NNNN.png) and
     POPE's question / answer files (equal length, labels yes/no, images present)."""
