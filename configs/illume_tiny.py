@@ -19,6 +19,9 @@ Args:     --config=configs/illume_tiny.py:steps=400,batch=16,tokenizer=runs/dual
           description. It stands in for the official LLM's text pre-training, which already knows how to
           look a named thing up in its context -- a circuit the from-scratch tiny LLM otherwise never
           finds for existence questions; see the README's POPE section)
+          qa_negatives=mixed (how the QA records draw their existence negatives: mixed = one of the three
+          POPE ways per scene, as the ShapeComp spec says; random = the data before 2026-12-05, which
+          the README's POPE table compares with)
           (steps = stage-3 steps; the other stages scale from it)
 Hardware: 2 CPU cores. 64x64 images -> 8x8 semantic + 16x16 pixel codes: 350-token image blocks,
           sequences of 512 (understanding, text-to-image) and 768 (editing, reconstruction) tokens.
@@ -66,7 +69,7 @@ def sequence_lengths(pixel_grid: int) -> tuple[int, int]:
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
     a = common.parse_arg(arg, steps=400, batch=16, tokenizer="runs/dualvitok_tiny", levels="1", workers=0,
                          vocab=512, size="tiny", stages="0123", pixel_grid=16, examples=2000, device="cpu",
-                         lr_scale=1.0, tower_lr=0.0, text_steps=0)
+                         lr_scale=1.0, tower_lr=0.0, text_steps=0, qa_negatives="mixed")
     if a.size not in LLM_SIZES:
         raise ValueError(f"config argument size={a.size!r}: expected one of {sorted(LLM_SIZES)}")
     if a.device not in DEVICES:
@@ -91,6 +94,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         datasets={f"shapecomp_{t}": dict(kind="shapecomp", levels=levels, tasks=(t,), num_examples=n)
                   for t in ("caption", "qa", "t2i", "edit", "recon")},
         text_only=False, num_workers=a.workers, shuffle_seed=0, data_dir=""))
+    from illume_jax.data.shapecomp import QA_NEGATIVES  # light: numpy only
+    if a.qa_negatives not in QA_NEGATIVES:
+        raise ValueError(f"config argument qa_negatives={a.qa_negatives!r}: expected one of {QA_NEGATIVES}")
+    c.data.datasets.shapecomp_qa.qa_negatives = a.qa_negatives
     s3 = a.steps
     tower_lr = float(a.tower_lr)
     if tower_lr < 0:
@@ -120,7 +127,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     if int(a.text_steps) > 0:
         for t in ("caption", "qa"):  # the same built records as the image datasets, read as text
             c.data.datasets[f"shapecomp_{t}_text"] = dict(kind="shapecomp", levels=levels, tasks=(t,), num_examples=n,
-                                                         text_only=True)
+                                                         text_only=True, qa_negatives=a.qa_negatives)
         # Rows: a scene description (~40 tokens) + the longest QA record (~160).
         c.stages.insert(0, stage("scene_text", int(a.text_steps), 256, lr=3e-3, warmup_steps=20,
                                  trainable=("llm/.*",),

@@ -20,7 +20,8 @@ def _builder(config: Any, name: str, data_dir: str):
         raise ValueError(f"dataset {name!r} is not in config.data.datasets {sorted(datasets.keys())}")
     ds = datasets[name]
     if ds.kind == "shapecomp":
-        cfg = tfds_builders.shapecomp_config(ds.levels, ds.tasks, int(ds.num_examples))
+        cfg = tfds_builders.shapecomp_config(ds.levels, ds.tasks, int(ds.num_examples),
+                                             ds.get("qa_negatives", "mixed"))
         return tfds_builders.ShapeComp(config=cfg, data_dir=data_dir, file_format="array_record")
     if ds.kind == "jsonl":
         if not ds.get("path"):

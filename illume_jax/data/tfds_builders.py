@@ -55,20 +55,30 @@ class ShapeCompConfig(tfds.core.BuilderConfig):
     levels: tuple[int, ...] = (0,)
     tasks: tuple[str, ...] = ("caption", "qa")
     num_train: int = 1000   # scenes per level in 'train'; validation/test get a tenth
+    qa_negatives: str = "mixed"  # how QA existence negatives are drawn (shapecomp.questions)
 
 
-def shapecomp_config(levels, tasks, num_train: int) -> ShapeCompConfig:
+def shapecomp_config(levels, tasks, num_train: int, qa_negatives: str = "mixed") -> ShapeCompConfig:
     levels, tasks = tuple(int(l) for l in levels), tuple(tasks)
     for level in levels:
         shapecomp.get_level(level)
+    if qa_negatives not in shapecomp.QA_NEGATIVES:
+        raise ValueError(f"shapecomp dataset qa_negatives={qa_negatives!r}: expected one of {shapecomp.QA_NEGATIVES}")
     name = f"levels{''.join(map(str, levels))}_{'-'.join(tasks)}_{num_train}"
-    return ShapeCompConfig(name=name, levels=levels, tasks=tasks, num_train=num_train)
+    if qa_negatives != "mixed" and "qa" in tasks:  # the other tasks' records do not depend on it
+        name += f"_{qa_negatives}neg"
+    return ShapeCompConfig(name=name, levels=levels, tasks=tasks, num_train=num_train, qa_negatives=qa_negatives)
 
 
 class ShapeComp(tfds.core.GeneratorBasedBuilder):
     """Procedural ShapeComp records; splits train / validation / test (+ compositional at level >= 3)."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    # A change to the records bumps the version, so data already built in a workdir is not reused.
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.1.0": "QA existence negatives drawn the three POPE ways (one per scene); 1.0.0 drew them at random "
+                 "(qa_negatives='random' rebuilds those records).",
+    }
     BUILDER_CONFIGS = [shapecomp_config((0, 1), ("caption", "qa"), 1000)]
 
     def _info(self):
@@ -87,7 +97,8 @@ class ShapeComp(tfds.core.GeneratorBasedBuilder):
         c = self.builder_config
         for level in c.levels:
             for i in range(n):
-                for rec in shapecomp.conversation_records(level, split, i, tasks=c.tasks):
+                for rec in shapecomp.conversation_records(level, split, i, tasks=c.tasks,
+                                                           qa_negatives=c.qa_negatives):
                     yield rec["id"], dict(id=rec["id"], task=rec["task"], images=rec["images"],
                                           conversations=json.dumps(rec["conversations"]), context=rec["context"])
 

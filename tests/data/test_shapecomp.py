@@ -146,3 +146,27 @@ def test_training_qa_draws_negatives_all_three_pope_ways():
         near_if_random += _near_negatives(s, sc.existence_questions(s, "random"))
     assert set(kinds) == set(sc.POPE_SPLITS) and min(kinds.values()) > 70, kinds
     assert near > 1.2 * near_if_random, (near, near_if_random)
+
+
+def test_qa_negatives_knob_picks_the_way_and_names_bad_values(tmp_path):
+    """`qa_negatives` draws every scene's negatives one way ('random' is the data before the mixed
+    default); the built dataset gets its own name, so a workdir never reuses records of another kind."""
+    from configs import illume_tiny
+    from illume_jax.data import tfds_builders
+    from illume_jax.data.shapecomp import records
+    for i in range(20):
+        s = sc.make_scene(1, "train", i)
+        exist = sc.existence_questions(s, "random")
+        assert sc.questions(s, "random")[:len(exist)] == exist
+        rec = records.conversation_records(1, "train", i, tasks=("qa",), qa_negatives="adversarial")[0]
+        asked = {t["value"].removeprefix("<image>\n") for t in rec["conversations"][::2]}
+        assert {q["question"] for q in sc.existence_questions(s, "adversarial")} <= asked
+    with pytest.raises(ValueError, match="'hard'.*mixed"):
+        sc.questions(sc.make_scene(1, "train", 0), "hard")
+    with pytest.raises(ValueError, match="qa_negatives='hard'"):
+        illume_tiny.get_config("qa_negatives=hard")
+    names = {tfds_builders.shapecomp_config((1,), ("qa",), 8, neg).name for neg in sc.QA_NEGATIVES}
+    assert len(names) == len(sc.QA_NEGATIVES)
+    assert tfds_builders.shapecomp_config((1,), ("t2i",), 8, "random").name == "levels1_t2i_8"
+    c = illume_tiny.get_config("qa_negatives=random,text_steps=10")
+    assert c.data.datasets.shapecomp_qa.qa_negatives == c.data.datasets.shapecomp_qa_text.qa_negatives == "random"

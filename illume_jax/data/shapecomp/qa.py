@@ -81,13 +81,21 @@ def attribute_questions(scene: Scene) -> list[dict]:
     return out
 
 
-def questions(scene: Scene) -> list[dict]:
+QA_NEGATIVES = ("mixed",) + POPE_SPLITS
+
+
+def questions(scene: Scene, negatives: str = "mixed") -> list[dict]:
     """All questions for a scene (the training QA): existence + attributes.
 
-    The existence negatives of each scene are drawn one of the three POPE ways, picked per scene, as
-    the ShapeComp spec's understanding data says. Random negatives alone almost never name a present
-    shape in an absent colour, so a model trained on them can answer by shape or colour alone; it
-    never has to bind the two, which is what the adversarial split asks."""
-    rng = scene_rng(scene.level, scene.split, scene.index, salt="qa-negatives")
-    negative = POPE_SPLITS[int(rng.integers(len(POPE_SPLITS)))]
-    return existence_questions(scene, negative) + attribute_questions(scene)
+    negatives="mixed" (the default): each scene's existence negatives are drawn one of the three POPE
+    ways, picked per scene, as the ShapeComp spec's understanding data says. Random negatives alone
+    almost never name a present shape in an absent colour, so a model trained on them can answer by
+    shape or colour alone and never has to bind the two, which is what the adversarial split asks.
+    One of POPE_SPLITS draws every scene's negatives that way (the README's ablation uses "random",
+    the data before 2026-12-05)."""
+    if negatives not in QA_NEGATIVES:
+        raise ValueError(f"qa negatives={negatives!r}: expected one of {QA_NEGATIVES}")
+    if negatives == "mixed":
+        rng = scene_rng(scene.level, scene.split, scene.index, salt="qa-negatives")
+        negatives = POPE_SPLITS[int(rng.integers(len(POPE_SPLITS)))]
+    return existence_questions(scene, negatives) + attribute_questions(scene)

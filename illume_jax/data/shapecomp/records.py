@@ -29,7 +29,9 @@ def _turns(*pairs: tuple[str, str]) -> list[dict]:
     return out
 
 
-def conversation_records(level: int, split: str, index: int, tasks: Iterable[str] = TASKS) -> list[dict]:
+def conversation_records(level: int, split: str, index: int, tasks: Iterable[str] = TASKS,
+                         qa_negatives: str = "mixed") -> list[dict]:
+    """qa_negatives: how the QA record's existence negatives are drawn (`qa.questions`)."""
     tasks = tuple(tasks)
     for t in tasks:
         if t not in TASKS:
@@ -49,7 +51,7 @@ def conversation_records(level: int, split: str, index: int, tasks: Iterable[str
         # Shuffled: `qa.questions` lists present objects before absent ones (and a true relation
         # before a false one), so in that order the first answer was always "yes", and a model
         # asked one question (POPE-style) learned to answer "yes" without looking at the image.
-        items = qa.questions(scene)
+        items = qa.questions(scene, qa_negatives)
         order = scene_rng(level, split, index, salt="qa-order").permutation(len(items))
         items = [items[i] for i in order]
         turns = _turns(*[(q["question"], q["answer"]) for q in items])
