@@ -8,7 +8,8 @@
 #        [--tokenizer_s=0] [--tokenizer_config=configs/dualvitok.py:ARGS] [--python=python3]
 #        [-- extra eval flags, e.g. --gen_scenes=16]
 #
-# Default config: the 32x32-tokenizer ShapeComp MLLM of the README's H200 section (--config names
+# Default config: the 32x32-tokenizer ShapeComp MLLM of the README's H200 section, with the scene_text
+# stage first (text_steps=1500: what first made POPE move on CPU) (--config names
 # the tokenizer workdir: tokenizer=DIR). --tokenizer_s=N first trains that tokenizer from scratch
 # (32x32 pixel grid, the 2x wider pixel decoder, cosine LR) in <workdir>/tokenizer for at most N s,
 # and the MLLM uses it: for a machine that starts with nothing but the code. Writes
@@ -21,7 +22,7 @@ cd "$(dirname "$0")/.."
 usage() { sed -n '2,18p' "$0"; exit 2; }
 source launch/lib.sh   # die
 
-config="configs/illume_tiny.py:steps=1600,batch=32,size=medium,pixel_grid=32,examples=3000,device=gpu,lr_scale=0.5,workers=8"
+config="configs/illume_tiny.py:steps=1600,batch=32,size=medium,pixel_grid=32,examples=3000,device=gpu,lr_scale=0.5,workers=8,text_steps=1500"
 workdir="" train_s=480 eval_s=240 tokenizer_s=0 python=python3
 tokenizer_config="configs/dualvitok.py:size=tiny,pixel_grid=32,steps=1800,workers=8"
 extra=()
