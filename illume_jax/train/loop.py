@@ -18,6 +18,7 @@ from absl import logging
 from illume_jax import sharding
 from illume_jax.train import checkpoint as ckpt_lib
 from illume_jax.train import metrics as metrics_lib
+from illume_jax.train import optim as optim_lib
 from illume_jax.train import state as state_lib
 from illume_jax.train import step as step_lib
 
@@ -168,7 +169,8 @@ def train(config: Any, workdir: str, *, make_iterator: Callable[[int], Any] | No
             stage_step, step = int(state.stage_step), int(state.step)
             if stage_step < stage.steps:
                 print(f"stage {si} {stage.name!r}: steps {stage_step}..{stage.steps} "
-                      f"(global {step}..{offsets[si] + stage.steps})", flush=True)
+                      f"(global {step}..{offsets[si] + stage.steps}); "
+                      f"{optim_lib.trainable_summary(abs_state.params, stage)}", flush=True)
 
             def save(force: bool):
                 ckpt.save(step, state, iterator, dict(stage_index=si, stage_name=stage.name, step=step,

@@ -8,6 +8,7 @@ pass their raw gradients through: see shared/reference/nnx_patterns.md §3).
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Callable
 
@@ -107,6 +108,16 @@ def _zero_old_vocab_rows(text_vocab_size: int) -> optax.GradientTransformation:
 def frozen_mask(params, stage: Any):
     """A pytree of Python bools like `params`: True where the stage does not train the parameter."""
     return jax.tree.map(lambda label: label == "frozen", param_labels(params, stage)(params))
+
+
+def trainable_summary(params, stage: Any) -> str:
+    """'trains 1,234,567 of 4,567,890 parameters' for a stage (params may be abstract): the stage header
+    says it, so a `trainable` override that froze or opened more than meant shows at once."""
+    frozen = jax.tree.leaves(frozen_mask(params, stage))
+    sizes = [math.prod(x.shape) for x in jax.tree.leaves(params)]
+    trained = sum(n for n, f in zip(sizes, frozen) if not f)
+    rows = " (of the embedding and head, only the new vocabulary rows)" if stage.new_vocab_only else ""
+    return f"trains {trained:,} of {sum(sizes):,} parameters{rows}"
 
 
 def drop_frozen(grads, frozen):

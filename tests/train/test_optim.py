@@ -107,3 +107,17 @@ def test_frozen_gradients_are_not_computed_and_not_in_the_grad_norm():
 def config_graphdef(config, mesh):
     graphdef, _, _ = step_lib.abstract_state(config, 0, mesh)
     return graphdef
+
+
+def test_stage_header_counts_the_trainable_parameters():
+    """The stage header's 'trains X of Y parameters' is the sum of the unfrozen arrays' sizes."""
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    config = tiny_config(_stage(trainable=("layers/mlp/.*",)))
+    _, _, abstract = state_lib.abstract_state(config, 0, mesh)
+    sizes = {k: v.size for k, v in _flat(state_lib.create_state(config, 0, mesh)[2].params).items()}
+    mlp = sum(n for k, n in sizes.items() if k.startswith("layers/mlp/"))
+    assert 0 < mlp < sum(sizes.values())
+    assert optim.trainable_summary(abstract.params, config.stages[0]) == (
+        f"trains {mlp:,} of {sum(sizes.values()):,} parameters")
+    rows = tiny_config(_stage(trainable=("embed/.*",), new_vocab_only=True)).stages[0]
+    assert optim.trainable_summary(abstract.params, rows).endswith("only the new vocabulary rows)")
