@@ -148,7 +148,7 @@ def test_training_qa_draws_negatives_all_three_pope_ways():
     assert near > 1.2 * near_if_random, (near, near_if_random)
 
 
-def test_qa_negatives_knob_picks_the_way_and_names_bad_values(tmp_path):
+def test_qa_negatives_knob_picks_the_way_and_names_bad_values():
     """`qa_negatives` draws every scene's negatives one way ('random' is the data before the mixed
     default); the built dataset gets its own name, so a workdir never reuses records of another kind."""
     from configs import illume_tiny
