@@ -97,7 +97,7 @@ def bench_jax(cfg, batch: int, seq: int, steps: int) -> dict:
     b = sharding.global_batch(mesh, dict(
         tokens=tokens[:, :-1], targets=tokens[:, 1:], loss_mask=np.ones((batch, seq), np.float32),
         segment_ids=np.ones((batch, seq), np.int32),
-        positions=np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq))))
+        positions=np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)), sources=np.ones((batch, seq), np.int32)))
     state, metrics = train_step(state, b)
     jax.block_until_ready(metrics["loss"])
     compile_s = time.perf_counter() - t0

@@ -131,6 +131,7 @@ class MultimodalExample:
 
     Output (T = seq_len, M = max_images):
       tokens, targets [T] int32; loss_mask [T] f32; segment_ids (1 real, 0 padding), positions [T];
+      sources [T] int32 (the record's mixture `source` on real tokens: data/pipeline.tag_source);
       token_slots, token_cells, target_slots, target_cells [T] int32; images [M,S,S,3] f32 in [-1,1].
     """
 
@@ -179,7 +180,7 @@ class MultimodalExample:
         pad = lambda a, dtype: np.pad(a, (0, T - len(a))).astype(dtype)
         return dict(tokens=pad(ids[:-1], np.int32), targets=pad(ids[1:], np.int32),
                     loss_mask=pad(mask[1:], np.float32), segment_ids=pad(np.ones(L), np.int32),
-                    positions=pad(np.arange(L), np.int32),
+                    positions=pad(np.arange(L), np.int32), sources=pad(np.full(L, int(record.get("source", 0))), np.int32),
                     token_slots=pad(slots[:-1], np.int32), token_cells=pad(cells[:-1], np.int32),
                     target_slots=pad(slots[1:], np.int32), target_cells=pad(cells[1:], np.int32),
                     images=pix)

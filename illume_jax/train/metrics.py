@@ -41,6 +41,8 @@ class MetricsLogger:
     def log(self, step: int, extra: dict | None = None) -> dict | None:
         """Averages the pending metrics, adds throughput, writes them. Returns the row.
 
+        `loss/<dataset>` is averaged weighted by `tokens/<dataset>` (the train step's per-dataset split).
+
         Throughput: `tokens` (LLM) and `images` (tokenizers) per-step counts become per-second rates.
         """
         if not self._pending:
@@ -54,6 +56,14 @@ class MetricsLogger:
         row = {"step": int(step)}
         for k in host[-1]:
             vals = np.asarray([h[k] for h in host], np.float64)
+            counts = k.startswith("loss/") and "tokens/" + k[5:] in host[-1]
+            if counts:
+                # A dataset's loss over the window: weighted by its tokens in each step, so steps
+                # the mixture gave it no rows count for nothing (and none at all leaves it out).
+                weights = np.asarray([h["tokens/" + k[5:]] for h in host], np.float64)
+                if weights.sum() > 0:
+                    row[k] = float((vals * weights).sum() / weights.sum())
+                continue
             row[k] = float(vals.sum() if k in ("nan_skipped",) else vals.mean())
         for count, rate in (("tokens", "trained_tokens_per_s"), ("images", "images_per_s")):
             if count in host[-1]:
@@ -90,9 +100,10 @@ class MetricsLogger:
     @staticmethod
     def _line(row: dict) -> str:
         if "text_loss" in row:   # the LLM engine's row
+            by_dataset = ", ".join(f"{k[5:]} {v:.3f}" for k, v in row.items() if k.startswith("loss/"))
             return (f"step {row['step']}: loss {row['loss']:.4f} (text {row['text_loss']:.4f}, image "
                     f"{row['image_loss']:.4f}) grad_norm {row['grad_norm']:.3f} lr {row['lr']:.2e} "
-                    f"{row['trained_tokens_per_s']:.0f} tok/s")
+                    f"{row['trained_tokens_per_s']:.0f} tok/s" + (f" | {by_dataset}" if by_dataset else ""))
         skip = {"step", "phase", "steps_per_s", "lr", "images", "tokens"}
         parts = [f"{k} {v:.4g}" for k, v in row.items() if k not in skip and isinstance(v, (int, float))]
         return f"{row.get('phase', '')} step {row['step']}: " + ", ".join(parts)

@@ -4,7 +4,9 @@
 donated, so the second call reuses the first compilation and peak memory holds one state.
 Batches are dicts of [B,T] arrays: tokens, targets, loss_mask, segment_ids, positions.
 The loss is the token cross-entropy (fp32 logsumexp) averaged over trained tokens; it is
-also split into text tokens (targets < text_vocab_size) and image/structure tokens.
+also split into text tokens (targets < text_vocab_size) and image/structure tokens, and by the
+mixture dataset each token came from (`sources`): `loss/<dataset>` and `tokens/<dataset>`, so a
+multi-task stage shows which task gains or loses while the total moves little.
 """
 from __future__ import annotations
 
@@ -18,14 +20,19 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from illume_jax import sharding
+from illume_jax.data.pipeline import mixture_names
 from illume_jax.train import optim
 from illume_jax.train.state import TrainState, abstract_state
 
-BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "sources")
+SUM_KEYS = ("nll", "tokens", "text_nll", "text_tokens", "image_nll", "image_tokens")
 
 
-def token_losses(params, graphdef, batch: dict, text_vocab_size: int) -> tuple[jax.Array, dict]:
-    """Summed NLL over trained tokens (the differentiated quantity) and per-modality sums.
+def token_losses(params, graphdef, batch: dict, text_vocab_size: int,
+                 num_sources: int = 0) -> tuple[jax.Array, dict]:
+    """Summed NLL over trained tokens (the differentiated quantity) and per-modality sums; with
+    `num_sources` > 0 also per-dataset sums `source_nll`, `source_tokens` [num_sources] (source
+    id s = 1..num_sources counts at s - 1; 0 and ids past the end count nowhere).
 
     Multimodal batches (with 'images') run the MLLM: projected image features at the
     continuous slots; their discrete slots already hold code ids (`VisionTokenizer.prepare`)."""
@@ -43,13 +50,18 @@ def token_losses(params, graphdef, batch: dict, text_vocab_size: int) -> tuple[j
     text = mask - image
     sums = dict(nll=jnp.sum(nll * mask), tokens=jnp.sum(mask), text_nll=jnp.sum(nll * text),
                 text_tokens=jnp.sum(text), image_nll=jnp.sum(nll * image), image_tokens=jnp.sum(image))
+    if num_sources:
+        # [B,T,K] one-hot contracted over tokens: a few K-wide matmul-free reductions, no scatter.
+        onehot = jax.nn.one_hot(batch["sources"], num_sources + 1, dtype=jnp.float32)[..., 1:]
+        sums["source_nll"] = jnp.einsum("bt,btk->k", jax.lax.stop_gradient(nll) * mask, onehot)
+        sums["source_tokens"] = jnp.einsum("bt,btk->k", mask, onehot)
     return sums["nll"], sums
 
 
-def _grads(params, graphdef, batch, text_vocab_size: int, grad_accum: int):
+def _grads(params, graphdef, batch, text_vocab_size: int, grad_accum: int, num_sources: int = 0):
     grad_fn = jax.value_and_grad(token_losses, has_aux=True)
     if grad_accum == 1:
-        (_, sums), grads = grad_fn(params, graphdef, batch, text_vocab_size)
+        (_, sums), grads = grad_fn(params, graphdef, batch, text_vocab_size, num_sources)
         return grads, sums
 
     def split(x):
@@ -59,20 +71,24 @@ def _grads(params, graphdef, batch, text_vocab_size: int, grad_accum: int):
 
     def body(carry, mb):
         g_acc, s_acc = carry
-        (_, sums), g = grad_fn(params, graphdef, mb, text_vocab_size)
+        (_, sums), g = grad_fn(params, graphdef, mb, text_vocab_size, num_sources)
         return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, sums)), None
 
     zeros_g = jax.tree.map(jnp.zeros_like, params)
-    zeros_s = {k: jnp.zeros((), jnp.float32) for k in
-               ("nll", "tokens", "text_nll", "text_tokens", "image_nll", "image_tokens")}
+    zeros_s = {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
+    if num_sources:
+        zeros_s.update(source_nll=jnp.zeros((num_sources,), jnp.float32),
+                       source_tokens=jnp.zeros((num_sources,), jnp.float32))
     (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), micro)
     return grads, sums
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTransformation,
-               text_vocab_size: int, grad_accum: int, lr_fn: Callable, frozen=None) -> tuple[TrainState, dict]:
-    """frozen: a pytree of Python bools like the params (True = the stage does not train it), or None."""
-    grads, sums = _grads(state.params, graphdef, batch, text_vocab_size, grad_accum)
+               text_vocab_size: int, grad_accum: int, lr_fn: Callable, frozen=None,
+               source_names: tuple[str, ...] = ()) -> tuple[TrainState, dict]:
+    """frozen: a pytree of Python bools like the params (True = the stage does not train it), or None.
+    source_names: the stage's mixture datasets in `sources` order (data/pipeline.mixture_names)."""
+    grads, sums = _grads(state.params, graphdef, batch, text_vocab_size, grad_accum, len(source_names))
     if frozen is not None:  # the grad-norm metric and the NaN guard see what the optimizer sees
         grads = optim.drop_frozen(grads, frozen)
     # Gradients of the summed NLL / trained tokens = gradient of the mean over the whole
@@ -95,6 +111,9 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTr
         tokens=sums["tokens"], text_loss=sums["text_nll"] / jnp.maximum(sums["text_tokens"], 1.0),
         text_tokens=sums["text_tokens"], image_loss=sums["image_nll"] / jnp.maximum(sums["image_tokens"], 1.0),
         image_tokens=sums["image_tokens"])
+    for i, name in enumerate(source_names):
+        metrics[f"loss/{name}"] = sums["source_nll"][i] / jnp.maximum(sums["source_tokens"][i], 1.0)
+        metrics[f"tokens/{name}"] = sums["source_tokens"][i]
     return new_state, metrics
 
 
@@ -130,7 +149,7 @@ def make_train_step(config: Any, stage_index: int, mesh: Mesh, graphdef=None, tx
     frozen = optim.frozen_mask(abs_state.params, stage)
     kw = dict(graphdef=graphdef, tx=tx, text_vocab_size=config.model.text_vocab_size,
               grad_accum=config.optim.grad_accum, lr_fn=lambda s: optim.learning_rate(config, stage_index, s),
-              frozen=frozen)
+              frozen=frozen, source_names=tuple(mixture_names(stage)))
     key = ("train_step", config.to_json(), stage_index, mesh_key(mesh))
     if "vision" not in config:
         jitted = reuse_programs(key, lambda: jax.jit(

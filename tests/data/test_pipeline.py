@@ -110,7 +110,7 @@ def _iterator(setup, **kw):
 def test_batches_are_packed_consistently(setup):
     c, _, tok = setup
     b = next(_iterator(setup))
-    assert set(b) == {"tokens", "targets", "loss_mask", "segment_ids", "positions"}
+    assert set(b) == {"tokens", "targets", "loss_mask", "segment_ids", "positions", "sources"}
     assert all(v.shape == (4, 64) for v in b.values())
     seg, pos, toks, tgt = b["segment_ids"], b["positions"], b["tokens"], b["targets"]
     for r in range(4):
@@ -174,9 +174,21 @@ def test_mixture_weights_are_respected(setup):
     c3.data.datasets["b"] = dict(kind="shapecomp", levels=(0,), tasks=("qa",), num_examples=1)
     c3.stages[0].mixture = {"a": 0.8, "b": 0.2}
     it = pipeline.make_train_iterator(c3, 0, tok, "", sources=src)
-    text = "".join(tok.decode(next(it)["tokens"][r].tolist()) for _ in range(10) for r in range(4))
+    batches = [next(it) for _ in range(10)]
+    text = "".join(tok.decode(b["tokens"][r].tolist()) for b in batches for r in range(4))
     na, nb = text.count("<|user|>a"), text.count("<|user|>b")
     assert 0.7 < na / (na + nb) < 0.9
+    # Every packed conversation's tokens carry its dataset's 1-based mixture position, padding 0.
+    names = pipeline.mixture_names(c3.stages[0])
+    for b in batches:
+        seg, srcs = b["segment_ids"], b["sources"]
+        assert (srcs[seg == 0] == 0).all()
+        for r in range(4):
+            for s_id in set(seg[r]) - {0}:
+                tags = set(srcs[r][seg[r] == s_id])
+                assert len(tags) == 1
+                user = tok.decode(b["tokens"][r][seg[r] == s_id].tolist()).split("<|user|>")[1][0]
+                assert names[tags.pop() - 1] == user
 
 
 def test_pipeline_config_errors(setup):

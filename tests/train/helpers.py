@@ -29,7 +29,8 @@ def synthetic_batch(rng: np.random.Generator, batch: int, seq: int, vocab: int, 
     toks = (start + np.arange(seq + 1)[None]) % vocab
     b = dict(tokens=toks[:, :-1].astype(np.int32), targets=toks[:, 1:].astype(np.int32),
              loss_mask=np.ones((batch, seq), np.float32), segment_ids=np.ones((batch, seq), np.int32),
-             positions=np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy())
+             positions=np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
+             sources=np.ones((batch, seq), np.int32))
     return b
 
 

@@ -228,6 +228,12 @@ def test_four_stages_train_and_resume_exactly(trained):
     assert stopped["preempted"] and stopped["stopped_at"] == 3 and not resumed["preempted"]
     assert full["step"] == resumed["step"] == sum(s.steps for s in config.stages)
     assert np.isfinite(full["loss"]) and full["image_tokens"] > 0 and full["text_tokens"] > 0
+    # The loss split by the last stage's datasets covers every trained token of its rows.
+    from illume_jax.data.pipeline import mixture_names
+    names = mixture_names(config.stages[-1])
+    assert len(names) > 1 and {k for k in full if k.startswith("tokens/")} == {f"tokens/{n}" for n in names}
+    np.testing.assert_allclose(sum(full[f"tokens/{n}"] for n in names), full["tokens"], rtol=1e-6)
+    assert all(np.isfinite(full[k]) for k in full if k.startswith("loss/"))
     from illume_jax.infer.illume import Illume
     a, b = Illume.load(full_dir), Illume.load(resumed_dir)
     for x, y in zip(jax.tree.leaves(nnx.state(a.model, nnx.Param)), jax.tree.leaves(nnx.state(b.model, nnx.Param))):

@@ -2,8 +2,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from illume_jax import sharding
+from illume_jax.data import pipeline
 from illume_jax.train import state as state_lib, step as step_lib
 from train.helpers import synthetic_batch, tiny_config
 
@@ -46,6 +48,38 @@ def test_gradient_accumulation_equals_one_big_batch():
         # still catches a wrong update. The scale of the gradient is checked by grad_norm above.
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(results[0][2])):
             np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_loss_splits_by_mixture_dataset_and_survives_accumulation():
+    """`loss/<name>` is the mean NLL of that dataset's trained tokens, whatever the micro-batching;
+    padding (source 0) counts in no dataset, a zero-weight dataset gets no metric."""
+    mesh = _mesh1()
+    batch = synthetic_batch(np.random.default_rng(5), 8, 16, 64)
+    batch["sources"][:3] = 2               # rows 0-2 from the second dataset, 3-7 from the first...
+    batch["sources"][7, 10:] = 0           # ...but the tail of row 7 is padding
+    batch["loss_mask"][1, :6] = 0.0
+    results = []
+    for accum in (1, 4):
+        config = tiny_config(grad_accum=accum)
+        config.data.datasets["other"] = dict(config.data.datasets["synthetic"])
+        config.stages[0].mixture = {"synthetic": 0.7, "skipped": 0.0, "other": 0.3}
+        state, step = _state_and_step(config, mesh)
+        results.append(step(state, sharding.global_batch(mesh, batch))[1])
+    # The reference: per-token NLL of the same (seeded) initial model, summed by hand.
+    graphdef, _, state = state_lib.create_state(tiny_config(), 0, mesh)
+    logits = nnx.merge(graphdef, state.params)(jnp.asarray(batch["tokens"]), positions=jnp.asarray(batch["positions"]),
+                                               segment_ids=jnp.asarray(batch["segment_ids"]))
+    nll = np.asarray(jax.nn.logsumexp(logits, -1)
+                     - jnp.take_along_axis(logits, jnp.asarray(batch["targets"])[..., None], -1)[..., 0])
+    for m in results:
+        assert {k for k in m if "/" in k} == {"loss/synthetic", "tokens/synthetic", "loss/other", "tokens/other"}
+        # Source ids follow the stage's mixture order (ml_collections keeps its keys sorted).
+        assert pipeline.mixture_names(config.stages[0]) == ["other", "synthetic"]
+        for name, sid in (("other", 1), ("synthetic", 2)):
+            sel = batch["loss_mask"] * (batch["sources"] == sid)
+            assert float(m[f"tokens/{name}"]) == sel.sum() > 0
+            np.testing.assert_allclose(float(m[f"loss/{name}"]), (nll * sel).sum() / sel.sum(), rtol=1e-5)
+        assert float(m["tokens/synthetic"]) + float(m["tokens/other"]) == float(m["tokens"]) - 6
 
 
 def test_nan_guard_skips_the_update():
