@@ -51,7 +51,7 @@ def token_losses(params, graphdef, batch: dict, text_vocab_size: int,
     sums = dict(nll=jnp.sum(nll * mask), tokens=jnp.sum(mask), text_nll=jnp.sum(nll * text),
                 text_tokens=jnp.sum(text), image_nll=jnp.sum(nll * image), image_tokens=jnp.sum(image))
     if num_sources:
-        # [B,T,K] one-hot contracted over tokens: a few K-wide matmul-free reductions, no scatter.
+        # A [B,T,K] one-hot contracted over the tokens: K sums, no scatter (TPU-friendly).
         onehot = jax.nn.one_hot(batch["sources"], num_sources + 1, dtype=jnp.float32)[..., 1:]
         sums["source_nll"] = jnp.einsum("bt,btk->k", jax.lax.stop_gradient(nll) * mask, onehot)
         sums["source_tokens"] = jnp.einsum("bt,btk->k", mask, onehot)
