@@ -56,8 +56,7 @@ class MetricsLogger:
         row = {"step": int(step)}
         for k in host[-1]:
             vals = np.asarray([h[k] for h in host], np.float64)
-            counts = k.startswith("loss/") and "tokens/" + k[5:] in host[-1]
-            if counts:
+            if k.startswith("loss/") and "tokens/" + k[5:] in host[-1]:
                 # A dataset's loss over the window: weighted by its tokens in each step, so steps
                 # the mixture gave it no rows count for nothing (and none at all leaves it out).
                 weights = np.asarray([h["tokens/" + k[5:]] for h in host], np.float64)

@@ -2,7 +2,7 @@
 
 `make_train_step` returns the jitted step with explicit in/out shardings and the state
 donated, so the second call reuses the first compilation and peak memory holds one state.
-Batches are dicts of [B,T] arrays: tokens, targets, loss_mask, segment_ids, positions.
+Batches are dicts of [B,T] arrays: tokens, targets, loss_mask, segment_ids, positions, sources.
 The loss is the token cross-entropy (fp32 logsumexp) averaged over trained tokens; it is
 also split into text tokens (targets < text_vocab_size) and image/structure tokens, and by the
 mixture dataset each token came from (`sources`): `loss/<dataset>` and `tokens/<dataset>`, so a
