@@ -100,6 +100,10 @@ def stage_config(name: str, **overrides) -> mlc.ConfigDict:
         # Only the embedding/head rows >= model.text_vocab_size change (ILLUME stage 1).
         new_vocab_only=False,
         mixture={},              # dataset name (in config.data.datasets) -> sampling weight
+        # 'token': the loss is the mean NLL over every trained token (the official recipe);
+        # 'dataset': each mixture dataset's mean token NLL x its mixture weight, so an image
+        # block's hundreds of tokens do not drown a short answer (train/step.py).
+        loss_weighting="token",
         # Multimodal stages: probability that a text-to-image / edit record becomes its
         # unconditional form (CFG training; the official value is 0.1).
         cfg_dropout=0.0,

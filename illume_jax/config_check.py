@@ -12,6 +12,7 @@ from configs import common
 from illume_jax.models.llm import LLMConfig
 
 SCHEDULES = ("cosine", "linear", "constant")
+LOSS_WEIGHTINGS = ("token", "dataset")  # a stage's loss_weighting (train/step.py)
 TOKENIZER_KINDS = ("sentencepiece", "hf")
 CHAT_TEMPLATES = ("plain", "qwen2", "vicuna")
 DATASET_KINDS = ("shapecomp", "jsonl")
@@ -105,6 +106,8 @@ def validate(config: Any) -> LLMConfig:
                 _fail(f"{key}.mixture.{ds}", w, "a weight >= 0")
         if sum(st.mixture.values()) <= 0:
             _fail(f"{key}.mixture", dict(st.mixture), "weights with a positive sum")
+        if st.get("loss_weighting", "token") not in LOSS_WEIGHTINGS:
+            _fail(f"{key}.loss_weighting", st.loss_weighting, f"one of {LOSS_WEIGHTINGS}")
         if not 0.0 <= st.cfg_dropout < 1.0:
             _fail(f"{key}.cfg_dropout", st.cfg_dropout, "a probability in [0, 1)")
     if "vision" in config:

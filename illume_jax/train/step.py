@@ -3,10 +3,14 @@
 `make_train_step` returns the jitted step with explicit in/out shardings and the state
 donated, so the second call reuses the first compilation and peak memory holds one state.
 Batches are dicts of [B,T] arrays: tokens, targets, loss_mask, segment_ids, positions, sources.
-The loss is the token cross-entropy (fp32 logsumexp) averaged over trained tokens; it is
-also split into text tokens (targets < text_vocab_size) and image/structure tokens, and by the
-mixture dataset each token came from (`sources`): `loss/<dataset>` and `tokens/<dataset>`, so a
-multi-task stage shows which task gains or loses while the total moves little.
+The loss is the token cross-entropy (fp32 logsumexp) averaged over trained tokens (a stage's
+`loss_weighting="token"`, the official one), or (`"dataset"`) each mixture dataset's mean token
+NLL weighted by its mixture weight, so a dataset's share of the gradient is its share of the
+mixture rather than of the tokens (a 350-token image block otherwise outweighs a 5-token answer
+70 to 1). Either way the metrics also split it into text tokens (targets < text_vocab_size) and
+image/structure tokens, and by the mixture dataset each token came from (`sources`):
+`loss/<dataset>` and `tokens/<dataset>` (token means), so a multi-task stage shows which task
+gains or loses while the total moves little.
 """
 from __future__ import annotations
 
@@ -25,14 +29,15 @@ from illume_jax.train import optim
 from illume_jax.train.state import TrainState, abstract_state
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "sources")
-SUM_KEYS = ("nll", "tokens", "text_nll", "text_tokens", "image_nll", "image_tokens")
+SUM_KEYS = ("objective", "weight", "nll", "tokens", "text_nll", "text_tokens", "image_nll", "image_tokens")
 
 
 def token_losses(params, graphdef, batch: dict, text_vocab_size: int,
                  num_sources: int = 0) -> tuple[jax.Array, dict]:
-    """Summed NLL over trained tokens (the differentiated quantity) and per-modality sums; with
-    `num_sources` > 0 also per-dataset sums `source_nll`, `source_tokens` [num_sources] (source
-    id s = 1..num_sources counts at s - 1; 0 and ids past the end count nowhere).
+    """The differentiated quantity `objective` = sum of NLL x `batch["loss_weight"]` (default: the
+    loss mask, i.e. the summed NLL over trained tokens), its `weight` sum, and per-modality sums;
+    with `num_sources` > 0 also per-dataset sums `source_nll`, `source_tokens` [num_sources]
+    (source id s = 1..num_sources counts at s - 1; 0 and ids past the end count nowhere).
 
     Multimodal batches (with 'images') run the MLLM: projected image features at the
     continuous slots; their discrete slots already hold code ids (`VisionTokenizer.prepare`)."""
@@ -48,14 +53,30 @@ def token_losses(params, graphdef, batch: dict, text_vocab_size: int,
     mask = batch["loss_mask"].astype(jnp.float32)
     image = (batch["targets"] >= text_vocab_size).astype(jnp.float32) * mask
     text = mask - image
-    sums = dict(nll=jnp.sum(nll * mask), tokens=jnp.sum(mask), text_nll=jnp.sum(nll * text),
+    weight = batch.get("loss_weight", mask)
+    sums = dict(objective=jnp.sum(nll * weight), weight=jnp.sum(weight),
+                nll=jnp.sum(nll * mask), tokens=jnp.sum(mask), text_nll=jnp.sum(nll * text),
                 text_tokens=jnp.sum(text), image_nll=jnp.sum(nll * image), image_tokens=jnp.sum(image))
     if num_sources:
         # A [B,T,K] one-hot contracted over the tokens: K sums, no scatter (TPU-friendly).
         onehot = jax.nn.one_hot(batch["sources"], num_sources + 1, dtype=jnp.float32)[..., 1:]
         sums["source_nll"] = jnp.einsum("bt,btk->k", jax.lax.stop_gradient(nll) * mask, onehot)
         sums["source_tokens"] = jnp.einsum("bt,btk->k", mask, onehot)
-    return sums["nll"], sums
+    return sums["objective"], sums
+
+
+def dataset_balanced_weights(batch: dict, dataset_weights: tuple[float, ...]) -> jax.Array:
+    """Per-token loss weights [B,T] that make the objective sum over datasets of (mixture weight x
+    that dataset's mean token NLL), the weights renormalised over the datasets present in this global
+    batch (they sum to 1; 0 if nothing is trained). Computed on the whole global batch before any
+    micro-batching, so gradient accumulation leaves the objective exactly as it is. Tokens of source 0
+    (padding, untagged records) weigh nothing."""
+    mask = batch["loss_mask"].astype(jnp.float32)
+    onehot = jax.nn.one_hot(batch["sources"], len(dataset_weights) + 1, dtype=jnp.float32)[..., 1:]
+    counts = jnp.einsum("bt,btk->k", mask, onehot)
+    w = jnp.asarray(dataset_weights, jnp.float32) * (counts > 0)
+    w = w / jnp.maximum(jnp.sum(w), 1e-30)
+    return mask * jnp.einsum("btk,k->bt", onehot, w / jnp.maximum(counts, 1.0))
 
 
 def _grads(params, graphdef, batch, text_vocab_size: int, grad_accum: int, num_sources: int = 0):
@@ -85,17 +106,22 @@ def _grads(params, graphdef, batch, text_vocab_size: int, grad_accum: int, num_s
 
 def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTransformation,
                text_vocab_size: int, grad_accum: int, lr_fn: Callable, frozen=None,
-               source_names: tuple[str, ...] = ()) -> tuple[TrainState, dict]:
+               source_names: tuple[str, ...] = (), dataset_weights: tuple[float, ...] | None = None
+               ) -> tuple[TrainState, dict]:
     """frozen: a pytree of Python bools like the params (True = the stage does not train it), or None.
-    source_names: the stage's mixture datasets in `sources` order (data/pipeline.mixture_names)."""
+    source_names: the stage's mixture datasets in `sources` order (data/pipeline.mixture_names).
+    dataset_weights: their mixture weights, in that order, for `loss_weighting="dataset"`; None: the
+    mean over trained tokens."""
+    if dataset_weights is not None:
+        batch = {**batch, "loss_weight": dataset_balanced_weights(batch, dataset_weights)}
     grads, sums = _grads(state.params, graphdef, batch, text_vocab_size, grad_accum, len(source_names))
     if frozen is not None:  # the grad-norm metric and the NaN guard see what the optimizer sees
         grads = optim.drop_frozen(grads, frozen)
-    # Gradients of the summed NLL / trained tokens = gradient of the mean over the whole
-    # global batch, however it was split into micro-batches.
-    denom = jnp.maximum(sums["tokens"], 1.0)
+    # Gradients of the weighted NLL sum / the weight sum = gradient of the weighted mean over the
+    # whole global batch, however it was split into micro-batches (the weights are data).
+    denom = jnp.where(sums["weight"] > 0, sums["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    loss = sums["nll"] / denom
+    loss = sums["objective"] / denom
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
@@ -149,7 +175,9 @@ def make_train_step(config: Any, stage_index: int, mesh: Mesh, graphdef=None, tx
     frozen = optim.frozen_mask(abs_state.params, stage)
     kw = dict(graphdef=graphdef, tx=tx, text_vocab_size=config.model.text_vocab_size,
               grad_accum=config.optim.grad_accum, lr_fn=lambda s: optim.learning_rate(config, stage_index, s),
-              frozen=frozen, source_names=tuple(mixture_names(stage)))
+              frozen=frozen, source_names=tuple(mixture_names(stage)),
+              dataset_weights=(tuple(float(stage.mixture[n]) for n in mixture_names(stage))
+                               if stage.get("loss_weighting", "token") == "dataset" else None))
     key = ("train_step", config.to_json(), stage_index, mesh_key(mesh))
     if "vision" not in config:
         jitted = reuse_programs(key, lambda: jax.jit(

@@ -2,7 +2,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
+from optax.tree import norm as optax_norm
 
 from illume_jax import sharding
 from illume_jax.data import pipeline
@@ -80,6 +82,72 @@ def test_loss_splits_by_mixture_dataset_and_survives_accumulation():
             assert float(m[f"tokens/{name}"]) == sel.sum() > 0
             np.testing.assert_allclose(float(m[f"loss/{name}"]), (nll * sel).sum() / sel.sum(), rtol=1e-5)
         assert float(m["tokens/synthetic"]) + float(m["tokens/other"]) == float(m["tokens"]) - 6
+
+
+def test_dataset_weighting_balances_the_datasets_exactly_under_accumulation():
+    """loss_weighting='dataset': the objective is sum_s (w_s / W) x mean NLL of dataset s over the
+    datasets present (W renormalises), its gradient is that objective's, and micro-batching changes
+    neither; the per-dataset metrics stay token means."""
+    mesh = _mesh1()
+    batch = synthetic_batch(np.random.default_rng(6), 8, 16, 64)
+    batch["sources"][:2] = 1               # 'other' (0.2): two rows ...
+    batch["sources"][2:] = 2               # ... 'synthetic' (0.3): six, about 3x the tokens ...
+    batch["sources"][7, 12:] = 0           # ... an untagged tail, which weighs nothing; and 'third'
+                                           # (0.5) is absent from this batch
+    batch["loss_mask"][3, :9] = 0.0
+
+    def config(accum):
+        c = tiny_config(grad_accum=accum)
+        for extra in ("other", "third"):
+            c.data.datasets[extra] = dict(c.data.datasets["synthetic"])
+        c.stages[0].mixture = {"other": 0.2, "synthetic": 0.3, "third": 0.5}
+        c.stages[0].loss_weighting = "dataset"
+        return c
+
+    graphdef, _, ref_state = state_lib.create_state(tiny_config(), 0, mesh)
+    sel = [batch["loss_mask"] * (batch["sources"] == s) for s in (1, 2)]
+
+    def objective(params):  # written from the definition, not from the step's weights
+        logits = nnx.merge(graphdef, params)(jnp.asarray(batch["tokens"]), positions=jnp.asarray(batch["positions"]),
+                                             segment_ids=jnp.asarray(batch["segment_ids"]))
+        nll = (jax.nn.logsumexp(logits, -1)
+               - jnp.take_along_axis(logits, jnp.asarray(batch["targets"])[..., None], -1)[..., 0])
+        means = [jnp.sum(nll * m) / m.sum() for m in sel]
+        token_mean = sum(jnp.sum(nll * m) for m in sel) / sum(m.sum() for m in sel)
+        return (0.2 * means[0] + 0.3 * means[1]) / 0.5, (means, token_mean)
+
+    (want, (means, _)), grads = jax.value_and_grad(objective, has_aux=True)(ref_state.params)
+    token_grads = jax.grad(lambda p: objective(p)[1][1])(ref_state.params)
+    # At init every token's NLL is near ln V, so the two objectives differ in their gradients.
+    assert float(optax_norm(jax.tree.map(jnp.subtract, grads, token_grads))) > 0.1 * float(optax_norm(grads))
+    results = []
+    for accum in (1, 4):
+        state, step = _state_and_step(config(accum), mesh)
+        state, m = step(state, sharding.global_batch(mesh, batch))
+        np.testing.assert_allclose(float(m["loss"]), float(want), rtol=1e-5)
+        np.testing.assert_allclose(float(m["grad_norm"]), float(optax_norm(grads)), rtol=1e-4)
+        np.testing.assert_allclose(float(m["loss/other"]), float(means[0]), rtol=1e-5)
+        np.testing.assert_allclose(float(m["loss/synthetic"]), float(means[1]), rtol=1e-5)
+        assert "loss/third" not in m or float(m["tokens/third"]) == 0
+        results.append(state.params)
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_dataset_weights_are_zero_for_untagged_tokens_and_sum_to_one():
+    batch = dict(loss_mask=jnp.ones((2, 4)), sources=jnp.asarray([[1, 1, 0, 2], [2, 2, 2, 0]]))
+    w = step_lib.dataset_balanced_weights(batch, (1.0, 3.0, 5.0))
+    np.testing.assert_allclose(np.asarray(w), [[0.125, 0.125, 0, 0.1875], [0.1875, 0.1875, 0.1875, 0]], rtol=1e-6)
+    none = step_lib.dataset_balanced_weights(dict(batch, loss_mask=jnp.zeros((2, 4))), (1.0, 3.0, 5.0))
+    assert float(jnp.sum(none)) == 0.0
+
+
+def test_unknown_loss_weighting_is_refused_by_name():
+    from illume_jax import config_check
+    c = tiny_config()
+    c.stages[0].loss_weighting = "per_row"
+    with pytest.raises(ValueError, match=r"stages\[0\]\.loss_weighting.*'token', 'dataset'"):
+        config_check.validate(c)
 
 
 def test_nan_guard_skips_the_update():
