@@ -113,14 +113,17 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         stage("embed_init", s3 // 4, two, lr=3e-3, warmup_steps=10,
               trainable=("projector/.*", "llm/embed/embedding"), new_vocab_only=True,
               mixture={"shapecomp_recon": 0.5, "shapecomp_caption": 0.5}),
-        stage("align", s3, one, lr=2e-3, warmup_steps=20, **understand,
+        # align and sft weight the loss by dataset: by tokens, a text-to-image record's ~350 image
+        # tokens outweigh a caption's or answer's few, and understanding got 3% of align's gradient
+        # (README, "Through stages 1-3": POPE-style 0.72 -> 0.83 at the end of sft).
+        stage("align", s3, one, lr=2e-3, warmup_steps=20, **understand, loss_weighting="dataset",
               mixture={"shapecomp_caption": 0.2, "shapecomp_qa": 0.3, "shapecomp_t2i": 0.5}),
         # sft's editing rows are a task no earlier stage trained (their loss opens at 6-7 nats,
         # text-to-image at ~1.8). With a 20-step warmup the peak LR met that transient (a logged
         # rerun: caption loss 0.75 -> 2.85 nats in 20 steps) and the POPE-style score ended at 0.49;
         # ramping over a quarter of the stage: caption peak 1.27, POPE-style 0.72, the same final
         # image loss (README, "Through stages 1-3").
-        stage("sft", s3, two, lr=1e-3, warmup_steps=s3 // 4, trainable=(".*",),
+        stage("sft", s3, two, lr=1e-3, warmup_steps=s3 // 4, trainable=(".*",), loss_weighting="dataset",
               lr_multipliers=(("vision/.*", 0.1),), cfg_dropout=0.1,
               mixture={"shapecomp_caption": 0.1, "shapecomp_qa": 0.3, "shapecomp_t2i": 0.35,
                        "shapecomp_edit": 0.25}),
