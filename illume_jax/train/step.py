@@ -32,6 +32,12 @@ BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "sou
 SUM_KEYS = ("objective", "weight", "nll", "tokens", "text_nll", "text_tokens", "image_nll", "image_tokens")
 
 
+def _source_onehot(sources: jax.Array, num_sources: int) -> jax.Array:
+    """[B,T,num_sources] float one-hot of the 1-based source ids (0 and ids past the end: all zero),
+    contracted over the tokens by the callers: K sums, no scatter (TPU-friendly)."""
+    return jax.nn.one_hot(sources, num_sources + 1, dtype=jnp.float32)[..., 1:]
+
+
 def token_losses(params, graphdef, batch: dict, text_vocab_size: int,
                  num_sources: int = 0) -> tuple[jax.Array, dict]:
     """The differentiated quantity `objective` = sum of NLL x `batch["loss_weight"]` (default: the
@@ -58,8 +64,7 @@ def token_losses(params, graphdef, batch: dict, text_vocab_size: int,
                 nll=jnp.sum(nll * mask), tokens=jnp.sum(mask), text_nll=jnp.sum(nll * text),
                 text_tokens=jnp.sum(text), image_nll=jnp.sum(nll * image), image_tokens=jnp.sum(image))
     if num_sources:
-        # A [B,T,K] one-hot contracted over the tokens: K sums, no scatter (TPU-friendly).
-        onehot = jax.nn.one_hot(batch["sources"], num_sources + 1, dtype=jnp.float32)[..., 1:]
+        onehot = _source_onehot(batch["sources"], num_sources)
         sums["source_nll"] = jnp.einsum("bt,btk->k", jax.lax.stop_gradient(nll) * mask, onehot)
         sums["source_tokens"] = jnp.einsum("bt,btk->k", mask, onehot)
     return sums["objective"], sums
@@ -72,7 +77,7 @@ def dataset_balanced_weights(batch: dict, dataset_weights: tuple[float, ...]) ->
     micro-batching, so gradient accumulation leaves the objective exactly as it is. Tokens of source 0
     (padding, untagged records) weigh nothing."""
     mask = batch["loss_mask"].astype(jnp.float32)
-    onehot = jax.nn.one_hot(batch["sources"], len(dataset_weights) + 1, dtype=jnp.float32)[..., 1:]
+    onehot = _source_onehot(batch["sources"], len(dataset_weights))
     counts = jnp.einsum("bt,btk->k", mask, onehot)
     w = jnp.asarray(dataset_weights, jnp.float32) * (counts > 0)
     w = w / jnp.maximum(jnp.sum(w), 1e-30)
