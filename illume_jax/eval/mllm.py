@@ -82,10 +82,12 @@ def pope_suite(model, *, level: int = 1, split: str = "test", scenes: int = 50, 
     """POPE-style existence questions (random / popular / adversarial negatives) on held-out scenes:
     ({split: metrics, 'mean': ...}, per-question samples). Besides POPE's accuracy / F1 / yes-ratio,
     `auc`: of the log p(yes) - log p(no) margin (`scorer.margin_auc`), which tells a model that
-    answers a constant but has started to read the question (AUC > 0.5) from one that has not."""
+    answers a constant but has started to read the question (AUC > 0.5) from one that has not.
+    `by_kind`: accuracy per what the asked object shares with the scene (shapecomp.EXISTENCE_KINDS):
+    a model that answers from one attribute fails one of the `absent_*_present` kinds."""
     pope, samples = {}, []
     for pope_split in shapecomp.POPE_SPLITS:
-        imgs, questions, labels, scene_ids = [], [], [], []
+        imgs, questions, labels, scene_ids, kinds = [], [], [], [], []
         for i in range(scenes):
             scene = shapecomp.make_scene(level, split, i)
             img = shapecomp.render(scene)
@@ -94,14 +96,18 @@ def pope_suite(model, *, level: int = 1, split: str = "test", scenes: int = 50, 
                 questions.append(q["question"])
                 labels.append(q["answer"])
                 scene_ids.append(i)
+                kinds.append(q["asks"])
         answers = model.understand(imgs, questions, progress=progress)
         lp = model.answer_logprobs(imgs, questions, ("yes", "no"))
         margins = lp[:, 0] - lp[:, 1]
+        correct = [scorer.parse_yes_no(a) == label for a, label in zip(answers, labels)]
+        by_kind = {k: dict(accuracy=float(np.mean([c for c, kk in zip(correct, kinds) if kk == k])),
+                           questions=kinds.count(k)) for k in shapecomp.EXISTENCE_KINDS if k in kinds}
         pope[pope_split] = dict(scorer.pope_metrics(answers, labels), auc=scorer.margin_auc(margins, labels),
-                                questions=len(questions))
-        for img, q, a, label, i, m in zip(imgs, questions, answers, labels, scene_ids, margins):
+                                questions=len(questions), by_kind=by_kind)
+        for img, q, a, label, i, m, ok, k in zip(imgs, questions, answers, labels, scene_ids, margins, correct, kinds):
             samples.append(dict(image=img, scene=i, split=pope_split, question=q, answer=a, label=label,
-                                correct=scorer.parse_yes_no(a) == label, yes_margin=float(m)))
+                                correct=ok, yes_margin=float(m), asks=k))
     pope["mean"] = {k: float(np.mean([pope[s][k] for s in shapecomp.POPE_SPLITS]))
                     for k in ("accuracy", "f1", "yes_ratio", "auc")}
     return pope, samples

@@ -108,6 +108,10 @@ def metrics_rows(results: Mapping) -> list[tuple[str, str, str]]:
             else:
                 rows.append(("POPE-style", f"{split}: accuracy / F1 / yes-ratio",
                              f"{m['accuracy']:.3f} / {m['f1']:.3f} / {m['yes_ratio']:.3f}"))
+            if m.get("by_kind"):  # what the asked object shares with the scene (shapecomp.EXISTENCE_KINDS)
+                rows.append(("POPE-style", f"{split}: accuracy by asked object",
+                             ", ".join(f"{k.replace('_', ' ')} {v['accuracy']:.2f} (n={v['questions']})"
+                                       for k, v in m["by_kind"].items())))
     e = results.get("edit")
     if e:
         rows.append(("editing", "success", _fmt(e["success"])))

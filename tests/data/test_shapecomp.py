@@ -62,6 +62,32 @@ def test_pope_questions_balanced_per_split_and_truthful():
         assert yes == no > 0
 
 
+def test_existence_questions_say_what_the_asked_object_shares_with_the_scene():
+    """`asks` (read by the POPE suite's per-kind accuracy): present, or absent with its shape and/or
+    colour on other objects. The adversarial split asks only about absent objects that share one."""
+    seen = {negative: Counter() for negative in sc.POPE_SPLITS}
+    for negative in sc.POPE_SPLITS:
+        for i in range(100):
+            s = sc.make_scene(1, "test", i)
+            for q in sc.existence_questions(s, negative):
+                color, shape = q["object"].split(" ")
+                assert q["question"] == f"Is there {'an' if color[0] in 'aeiou' else 'a'} {q['object']} in the image?"
+                same_shape = any(o.shape == shape for o in s.objects)
+                same_color = any(o.color == color for o in s.objects)
+                if q["answer"] == "yes":
+                    assert q["asks"] == "present"
+                else:
+                    assert q["asks"] == {(True, True): "absent_shape_and_color_present",
+                                         (True, False): "absent_shape_present",
+                                         (False, True): "absent_color_present",
+                                         (False, False): "absent_unrelated"}[same_shape, same_color], (q, s)
+                seen[negative][q["asks"]] += 1
+    assert set(seen["adversarial"]) <= set(sc.EXISTENCE_KINDS) - {"absent_unrelated"}
+    assert seen["adversarial"]["absent_color_present"] > 0 and seen["adversarial"]["absent_shape_present"] > 0
+    assert seen["random"]["absent_unrelated"] > seen["random"]["absent_color_present"]
+    assert sc.existence_kind(s, s.objects[0].name) == "present"
+
+
 def test_captions_and_relations_follow_the_scene():
     for i in range(100):
         s = sc.make_scene(1, "train", i)

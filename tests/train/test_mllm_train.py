@@ -309,6 +309,12 @@ def test_api_generates_edits_and_answers(trained, tmp_path):
     assert 0.0 <= results["geneval"]["overall"] <= 1.0 and results["geneval"]["images"] >= 4
     assert set(results["pope"]) == {"random", "popular", "adversarial", "mean"}
     assert all(0.0 <= m["auc"] <= 1.0 for m in results["pope"].values())
+    for split in ("random", "popular", "adversarial"):  # the per-kind accuracies partition the split's questions
+        m = results["pope"][split]
+        assert sum(k["questions"] for k in m["by_kind"].values()) == m["questions"]
+        np.testing.assert_allclose(sum(k["accuracy"] * k["questions"] for k in m["by_kind"].values()),
+                                   m["accuracy"] * m["questions"], atol=1e-9)
+        assert m["by_kind"]["present"]["questions"] == m["questions"] // 2
     assert 0.0 <= results["edit"]["success"] <= 1.0 and results["edit"]["pairs"] == 2
     assert json.load(open(os.path.join(out, "metrics.json")))["geneval"] == results["geneval"]
     assert not os.path.exists(os.path.join(out, "metrics.partial.json"))  # superseded by metrics.json

@@ -16,6 +16,11 @@ from illume_jax.data.shapecomp.scene import Scene, make_scene, object_relations,
 from illume_jax.data.shapecomp.text import _a, plural
 
 POPE_SPLITS = ("random", "popular", "adversarial")
+# What an existence question's object shares with the scene (`existence_kind`): an absent object
+# whose shape and colour are both there, on different objects, can only be answered by binding
+# the two; one that shares only its colour (or only its shape) by checking the other attribute.
+EXISTENCE_KINDS = ("present", "absent_shape_and_color_present", "absent_shape_present", "absent_color_present",
+                   "absent_unrelated")
 
 
 @functools.lru_cache(maxsize=None)
@@ -25,9 +30,21 @@ def popular_objects(level: int) -> tuple[str, ...]:
     return tuple(name for name, _ in counts.most_common())
 
 
+def existence_kind(scene: Scene, name: str) -> str:
+    """Which of EXISTENCE_KINDS the object 'colour shape' is in `scene`."""
+    color, shape = name.split(" ", 1)
+    if any(o.name == name for o in scene.objects):
+        return "present"
+    has_shape, has_color = (any(o.shape == shape for o in scene.objects),
+                            any(o.color == color for o in scene.objects))
+    return ("absent_shape_and_color_present" if has_shape and has_color else "absent_shape_present" if has_shape
+            else "absent_color_present" if has_color else "absent_unrelated")
+
+
 def existence_questions(scene: Scene, negative: str, n: int = 3) -> list[dict]:
     """n present + n absent 'Is there a ... in the image?' questions (fewer if the scene has
-    fewer distinct present objects; always balanced)."""
+    fewer distinct present objects; always balanced). Each names its `object` and what that object
+    shares with the scene (`asks`, one of EXISTENCE_KINDS)."""
     if negative not in POPE_SPLITS:
         raise ValueError(f"negative={negative!r}: expected one of {POPE_SPLITS}")
     lv = world.get_level(scene.level)
@@ -47,11 +64,9 @@ def existence_questions(scene: Scene, negative: str, n: int = 3) -> list[dict]:
     negatives = list(dict.fromkeys(pool))
     k = min(n, len(present))
     positives = [present[i] for i in rng.permutation(len(present))[:k]]
-    out = [dict(question=f"Is there {_a(x)} {x} in the image?", answer="yes", kind="existence", negative=negative)
-           for x in positives]
-    out += [dict(question=f"Is there {_a(x)} {x} in the image?", answer="no", kind="existence", negative=negative)
-            for x in negatives[:k]]
-    return out
+    return [dict(question=f"Is there {_a(x)} {x} in the image?", answer="yes" if x in present else "no",
+                 kind="existence", negative=negative, object=x, asks=existence_kind(scene, x))
+            for x in positives + negatives[:k]]
 
 
 def attribute_questions(scene: Scene) -> list[dict]:
