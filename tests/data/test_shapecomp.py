@@ -70,6 +70,7 @@ def test_existence_questions_say_what_the_asked_object_shares_with_the_scene():
         for i in range(100):
             s = sc.make_scene(1, "test", i)
             for q in sc.existence_questions(s, negative):
+                assert type(q["object"]) is str
                 color, shape = q["object"].split(" ")
                 assert q["question"] == f"Is there {'an' if color[0] in 'aeiou' else 'a'} {q['object']} in the image?"
                 same_shape = any(o.shape == shape for o in s.objects)

@@ -65,7 +65,7 @@ def existence_questions(scene: Scene, negative: str, n: int = 3) -> list[dict]:
     k = min(n, len(present))
     positives = [present[i] for i in rng.permutation(len(present))[:k]]
     return [dict(question=f"Is there {_a(x)} {x} in the image?", answer="yes" if x in present else "no",
-                 kind="existence", negative=negative, object=x, asks=existence_kind(scene, x))
+                 kind="existence", negative=negative, object=str(x), asks=existence_kind(scene, x))
             for x in positives + negatives[:k]]
 
 
