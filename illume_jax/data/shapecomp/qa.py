@@ -50,8 +50,6 @@ def existence_questions(scene: Scene, negative: str, n: int = 3) -> list[dict]:
     lv = world.get_level(scene.level)
     rng = scene_rng(scene.level, scene.split, scene.index, salt=f"pope-{negative}")
     present = sorted({o.name for o in scene.objects})
-    present_shapes = {o.shape for o in scene.objects}
-    present_colors = {o.color for o in scene.objects}
     all_names = [f"{c} {s}" for c in lv.colors for s in lv.shapes]
     absent = [x for x in all_names if x not in present]
     if negative == "random":
@@ -59,7 +57,7 @@ def existence_questions(scene: Scene, negative: str, n: int = 3) -> list[dict]:
     elif negative == "popular":
         pool = [x for x in popular_objects(scene.level) if x in absent] + list(rng.permutation(absent))
     else:
-        near = [x for x in absent if x.split(" ", 1)[1] in present_shapes or x.split(" ", 1)[0] in present_colors]
+        near = [x for x in absent if existence_kind(scene, x) != "absent_unrelated"]
         pool = list(rng.permutation(near)) + list(rng.permutation(absent))
     negatives = list(dict.fromkeys(pool))
     k = min(n, len(present))
