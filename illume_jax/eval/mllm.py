@@ -14,6 +14,7 @@ import os
 import re
 import time
 from collections import defaultdict
+from typing import Sequence
 
 import numpy as np
 
@@ -77,6 +78,22 @@ def geneval_suite(model, *, level: int = 1, split: str = "test", scenes: int = 3
     return results, samples
 
 
+def existence_items(level: int, split: str, scenes: int, pope_split: str) -> list[tuple[int, shapecomp.Scene, dict]]:
+    """(scene index, scene, question) of the POPE-style suite's questions of one split, scene by scene."""
+    out = []
+    for i in range(scenes):
+        scene = shapecomp.make_scene(level, split, i)
+        out += [(i, scene, q) for q in shapecomp.existence_questions(scene, pope_split)]
+    return out
+
+
+def accuracy_by_kind(correct: Sequence[bool], kinds: Sequence[str]) -> dict:
+    """{kind: accuracy, questions} over shapecomp.EXISTENCE_KINDS (what the asked object shares with the scene)."""
+    correct, kinds = np.asarray(correct, bool), list(kinds)
+    return {k: dict(accuracy=float(np.mean(correct[np.asarray(kinds) == k])), questions=kinds.count(k))
+            for k in shapecomp.EXISTENCE_KINDS if k in kinds}
+
+
 def pope_suite(model, *, level: int = 1, split: str = "test", scenes: int = 50, progress: bool = False
                ) -> tuple[dict, list[dict]]:
     """POPE-style existence questions (random / popular / adversarial negatives) on held-out scenes:
@@ -87,24 +104,17 @@ def pope_suite(model, *, level: int = 1, split: str = "test", scenes: int = 50, 
     a model that answers from one attribute fails one of the `absent_*_present` kinds."""
     pope, samples = {}, []
     for pope_split in shapecomp.POPE_SPLITS:
-        imgs, questions, labels, scene_ids, kinds = [], [], [], [], []
-        for i in range(scenes):
-            scene = shapecomp.make_scene(level, split, i)
-            img = shapecomp.render(scene)
-            for q in shapecomp.existence_questions(scene, pope_split):
-                imgs.append(img)
-                questions.append(q["question"])
-                labels.append(q["answer"])
-                scene_ids.append(i)
-                kinds.append(q["asks"])
+        items = existence_items(level, split, scenes, pope_split)
+        renders = {i: shapecomp.render(scene) for i, scene, _ in items}
+        imgs = [renders[i] for i, _, _ in items]
+        questions, labels = [q["question"] for _, _, q in items], [q["answer"] for _, _, q in items]
+        scene_ids, kinds = [i for i, _, _ in items], [q["asks"] for _, _, q in items]
         answers = model.understand(imgs, questions, progress=progress)
         lp = model.answer_logprobs(imgs, questions, ("yes", "no"))
         margins = lp[:, 0] - lp[:, 1]
         correct = [scorer.parse_yes_no(a) == label for a, label in zip(answers, labels)]
-        by_kind = {k: dict(accuracy=float(np.mean([c for c, kk in zip(correct, kinds) if kk == k])),
-                           questions=kinds.count(k)) for k in shapecomp.EXISTENCE_KINDS if k in kinds}
         pope[pope_split] = dict(scorer.pope_metrics(answers, labels), auc=scorer.margin_auc(margins, labels),
-                                questions=len(questions), by_kind=by_kind)
+                                questions=len(questions), by_kind=accuracy_by_kind(correct, kinds))
         for img, q, a, label, i, m, ok, k in zip(imgs, questions, answers, labels, scene_ids, margins, correct, kinds):
             samples.append(dict(image=img, scene=i, split=pope_split, question=q, answer=a, label=label,
                                 correct=ok, yes_margin=float(m), asks=k))

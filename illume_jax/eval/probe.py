@@ -26,6 +26,7 @@ import numpy as np
 
 from illume_jax.data import chat, shapecomp
 from illume_jax.data.shapecomp import text as sc_text
+from illume_jax.eval import mllm
 from illume_jax.eval import shapecomp_scorer as scorer
 from illume_jax.infer.module_jit import module_jit
 
@@ -80,23 +81,16 @@ def existence_in_text(llm, tokenizer, template: str, *, level: int = 1, split: s
     The answer is the larger of log p(yes) and log p(no) (no decoding)."""
     out = {}
     for pope_split in shapecomp.POPE_SPLITS:
-        contexts, questions, labels, kinds = [], [], [], []
-        for i in range(scenes):
-            scene = shapecomp.make_scene(level, split, i)
-            context = sc_text.dense_caption(scene)
-            for q in shapecomp.existence_questions(scene, pope_split):
-                contexts.append(context)
-                questions.append(q["question"])
-                labels.append(q["answer"])
-                kinds.append(q["asks"])
-        lp = text_answer_logprobs(llm, tokenizer, template, contexts, questions, ("yes", "no"), batch_size=batch_size)
+        items = mllm.existence_items(level, split, scenes, pope_split)
+        labels = [q["answer"] for _, _, q in items]
+        lp = text_answer_logprobs(llm, tokenizer, template, [sc_text.dense_caption(scene) for _, scene, _ in items],
+                                  [q["question"] for _, _, q in items], ("yes", "no"), batch_size=batch_size)
         margins = lp[:, 0] - lp[:, 1]
         said = np.where(margins > 0, "yes", "no")
         correct = said == np.asarray(labels)
-        by_kind = {k: dict(accuracy=float(np.mean(correct[np.asarray(kinds) == k])), questions=kinds.count(k))
-                   for k in shapecomp.EXISTENCE_KINDS if k in kinds}
         out[pope_split] = dict(accuracy=float(np.mean(correct)), yes_ratio=float(np.mean(said == "yes")),
-                               auc=scorer.margin_auc(margins, labels), questions=len(labels), by_kind=by_kind)
+                               auc=scorer.margin_auc(margins, labels), questions=len(labels),
+                               by_kind=mllm.accuracy_by_kind(correct, [q["asks"] for _, _, q in items]))
     out["mean"] = {k: float(np.mean([out[s][k] for s in shapecomp.POPE_SPLITS])) for k in ("accuracy", "yes_ratio", "auc")}
     return out
 
