@@ -105,7 +105,7 @@ def pope_suite(model, *, level: int = 1, split: str = "test", scenes: int = 50, 
     pope, samples = {}, []
     for pope_split in shapecomp.POPE_SPLITS:
         items = existence_items(level, split, scenes, pope_split)
-        renders = {i: shapecomp.render(scene) for i, scene, _ in items}
+        renders = {i: shapecomp.render(scene) for i, scene in {i: scene for i, scene, _ in items}.items()}  # once a scene
         imgs = [renders[i] for i, _, _ in items]
         questions, labels = [q["question"] for _, _, q in items], [q["answer"] for _, _, q in items]
         scene_ids, kinds = [i for i, _, _ in items], [q["asks"] for _, _, q in items]
