@@ -79,6 +79,22 @@ class HFTokenizer:
         return self.tok.token_to_id(piece)
 
 
+def answer_first_tokens(tokenizer: TextTokenizer, answers: Sequence[str], caller: str) -> list[int]:
+    """The first token id of each candidate answer, for scoring answers by their first-token
+    probability; raises when an answer encodes to nothing or two answers share a first token
+    (their probabilities would not tell them apart). `caller` names the function in the error."""
+    first = []
+    for a in answers:
+        ids = tokenizer.encode(a)
+        if not ids:
+            raise ValueError(f"{caller}: answer {a!r} encodes to no token")
+        first.append(ids[0])
+    if len(set(first)) != len(first):
+        raise ValueError(f"{caller}: answers {list(answers)} share a first token ({first}); "
+                         "their first-token probabilities would not tell them apart")
+    return first
+
+
 def train_sentencepiece(sentences: Iterable[str], vocab_size: int) -> bytes:
     """A BPE model over `sentences`; single-threaded and unshuffled so it is reproducible."""
     model = io.BytesIO()

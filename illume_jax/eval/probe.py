@@ -26,6 +26,7 @@ import numpy as np
 
 from illume_jax.data import chat, shapecomp
 from illume_jax.data.shapecomp import text as sc_text
+from illume_jax.data.tokenizers import answer_first_tokens
 from illume_jax.eval import mllm
 from illume_jax.eval import shapecomp_scorer as scorer
 from illume_jax.infer.module_jit import module_jit
@@ -41,13 +42,6 @@ def render_question(tokenizer, template: str, context: str, question: str) -> np
     return ids[:int(np.argmax(mask))]
 
 
-def _first_token(tokenizer, answer: str) -> int:
-    ids = tokenizer.encode(answer)
-    if not ids:
-        raise ValueError(f"answer {answer!r} encodes to no token")
-    return ids[0]
-
-
 def text_answer_logprobs(llm, tokenizer, template: str, contexts: Sequence[str], questions: Sequence[str],
                          answers: Sequence[str] = ("yes", "no"), *, batch_size: int = 64) -> np.ndarray:
     """log p(each answer's first token) after each (context, question), text only: [N, len(answers)].
@@ -56,9 +50,7 @@ def text_answer_logprobs(llm, tokenizer, template: str, contexts: Sequence[str],
     causal attention keeps a row's logits independent of the padding after it."""
     if len(contexts) != len(questions):
         raise ValueError(f"text_answer_logprobs: {len(contexts)} contexts but {len(questions)} questions")
-    first = [_first_token(tokenizer, a) for a in answers]
-    if len(set(first)) != len(first):
-        raise ValueError(f"text_answer_logprobs: answers {list(answers)} share a first token ({first})")
+    first = answer_first_tokens(tokenizer, answers, "text_answer_logprobs")
     rows = [render_question(tokenizer, template, c, q) for c, q in zip(contexts, questions)]
     if not rows:
         return np.zeros((0, len(answers)), np.float32)

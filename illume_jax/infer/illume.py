@@ -28,6 +28,7 @@ from flax import nnx
 
 from illume_jax.data import images as images_lib
 from illume_jax.data import multimodal
+from illume_jax.data.tokenizers import answer_first_tokens
 from illume_jax.infer import interleaved as il
 from illume_jax.infer.module_jit import module_jit
 from illume_jax.models import mllm
@@ -250,15 +251,7 @@ class Illume:
         when its greedy answer is one constant)."""
         if len(images) != len(questions):
             raise ValueError(f"answer_logprobs: {len(images)} images but {len(questions)} questions")
-        first = []
-        for a in answers:
-            ids = self.text_tokenizer.encode(a)
-            if not ids:
-                raise ValueError(f"answer_logprobs: answer {a!r} encodes to no token")
-            first.append(ids[0])
-        if len(set(first)) != len(first):
-            raise ValueError(f"answer_logprobs: answers {list(answers)} share a first token ({first}); "
-                             "their first-token probabilities would not tell them apart")
+        first = answer_first_tokens(self.text_tokenizer, answers, "answer_logprobs")
         out = []
         for start in _progress(range(0, len(images), batch_size), progress, len(images), batch_size, "score"):
             chunk = [_check_image(im, f"images[{start + i}]") for i, im in enumerate(images[start:start + batch_size])]
