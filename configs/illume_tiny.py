@@ -22,6 +22,8 @@ Args:     --config=configs/illume_tiny.py:steps=400,batch=16,tokenizer=runs/dual
           qa_negatives=mixed (how the QA records draw their existence negatives: mixed = one of the three
           POPE ways per scene, as the ShapeComp spec says; random = the data before 2026-12-05, which
           the README's POPE table compares with)
+          base_steps=0 (> 0: `base` runs that many steps instead of steps // 2; the README's POPE-style
+          runs give it 1,500 after 1,200 text steps, where steps=400 keeps the later stages short)
           (steps = stage-3 steps; the other stages scale from it)
 Hardware: 2 CPU cores. 64x64 images -> 8x8 semantic + 16x16 pixel codes: 350-token image blocks,
           sequences of 512 (understanding, text-to-image) and 768 (editing, reconstruction) tokens.
@@ -69,7 +71,7 @@ def sequence_lengths(pixel_grid: int) -> tuple[int, int]:
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
     a = common.parse_arg(arg, steps=400, batch=16, tokenizer="runs/dualvitok_tiny", levels="1", workers=0,
                          vocab=512, size="tiny", stages="0123", pixel_grid=16, examples=2000, device="cpu",
-                         lr_scale=1.0, tower_lr=0.0, text_steps=0, qa_negatives="mixed")
+                         lr_scale=1.0, tower_lr=0.0, text_steps=0, qa_negatives="mixed", base_steps=0)
     if a.size not in LLM_SIZES:
         raise ValueError(f"config argument size={a.size!r}: expected one of {sorted(LLM_SIZES)}")
     if a.device not in DEVICES:
@@ -99,6 +101,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         raise ValueError(f"config argument qa_negatives={a.qa_negatives!r}: expected one of {QA_NEGATIVES}")
     c.data.datasets.shapecomp_qa.qa_negatives = a.qa_negatives
     s3 = a.steps
+    if int(a.base_steps) < 0:
+        raise ValueError(f"config argument base_steps={a.base_steps!r}: expected a number of steps >= 0 (0: steps // 2)")
+    base_steps = int(a.base_steps) or s3 // 2
     tower_lr = float(a.tower_lr)
     if tower_lr < 0:
         raise ValueError(f"config argument tower_lr={a.tower_lr!r}: expected a learning-rate multiple >= 0")
@@ -108,7 +113,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     stage = lambda name, steps, seq, lr, **kw: common.stage_config(  # noqa: E731
         name, steps=max(int(steps), 1), seq_len=seq, global_batch_size=a.batch, lr=lr * float(a.lr_scale), **kw)
     c.stages = [
-        stage("base", s3 // 2, one, lr=3e-3, warmup_steps=20, **understand,
+        stage("base", base_steps, one, lr=3e-3, warmup_steps=20, **understand,
               mixture={"shapecomp_caption": 0.5, "shapecomp_qa": 0.5}),
         stage("embed_init", s3 // 4, two, lr=3e-3, warmup_steps=10,
               trainable=("projector/.*", "llm/embed/embedding"), new_vocab_only=True,

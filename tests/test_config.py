@@ -185,6 +185,13 @@ def test_illume_tiny_rows_follow_the_tokenizer_grid():
             check_stage_fits_images(mismatched, i, model_config(mismatched))
     with pytest.raises(ValueError, match="device"):
         illume_tiny.get_config("device=tpu")
+    # base_steps sets `base` alone (0: steps // 2); the text stage goes first when asked for.
+    c = illume_tiny.get_config("steps=400,base_steps=1500,text_steps=1200,tokenizer=/nonexistent")
+    assert [(st.name, st.steps) for st in c.stages] == [("scene_text", 1200), ("base", 1500), ("embed_init", 100),
+                                                        ("align", 400), ("sft", 400)]
+    assert illume_tiny.get_config("steps=400,tokenizer=/nonexistent").stages[0].steps == 200
+    with pytest.raises(ValueError, match="base_steps"):
+        illume_tiny.get_config("base_steps=-1")
 
 
 def test_semantic_vq_token_grid():
