@@ -4,29 +4,34 @@ ShapeComp's descriptions do (size, colour, shape, position; colour right before 
 either the colour of one of the two shapes or the shape of one of the two colours. Both objects
 differ in colour and shape, so an answer read from the attributes alone is right half the time.
 
-  python bench/lookup_lr.py --lr 3e-3 3e-4 --steps 3000 [--seed N --tag seedN]   # the README's figures (~4 min per LR)
+  python bench/lookup_lr.py --lr 3e-3 3e-4 --steps 3000 [--seed N --tag seedN] [--optimizer stages]   # the README's figures (~4 min per LR)
 Prints held-out accuracy per lookup every --every steps and writes bench/results/lookup_lr.json
 (one entry per learning rate: {step: [loss, colour_of_shape, shape_of_colour]}; --tag adds a suffix).
 
 The model is `configs/illume_tiny.py`'s LLM shape (size=tiny: 4 layers, 128 wide) over a 64-token
 vocabulary; only the answer token is trained. The learning rate follows a stage's schedule
-(`train.optim.schedule`: a 20-step warmup, then a cosine to 0.1x), the optimizer is plain AdamW with
-optax's defaults (b2 0.999, no weight decay, no clipping), not the stages' b2 0.95 and norm-1 clipping
-(`configs/common.py:optim_config`); the README's figures were measured so.
+(`train.optim.schedule`: a 20-step warmup, then a cosine to 0.1x). The optimizer is, by default, plain
+AdamW with optax's defaults (b2 0.999, no weight decay, no clipping), as the README's first figures were
+measured; `--optimizer stages` uses the stages' own (`train.optim.make_optimizer` over
+`configs/common.py:optim_config`: b2 0.95, norm-1 clipping).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
 import numpy as np
 import optax
 from flax import nnx
 
+# Run as a script from anywhere: `configs` is a top-level folder, not part of the installed package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import common
 from configs.illume_tiny import LLM_SIZES
 from illume_jax.models.llm import LLMConfig, create_llm
@@ -57,13 +62,23 @@ def make_batch(rng: np.random.Generator, n: int):
     return ids, where, answer, kind
 
 
-def train(lr: float, steps: int, batch: int, every: int, seed: int) -> dict:
+def make_tx(kind: str, lr: float, steps: int, params) -> optax.GradientTransformation:
+    """'adamw': optax's AdamW defaults (b2 0.999, no clipping), the README's first figures; 'stages':
+    `train.optim.make_optimizer` with `configs/common.py:optim_config()` (b2 0.95, global-norm clip 1.0),
+    exactly what a training stage of that LR and length would use."""
+    stage = common.stage_config("lookup", steps=steps, lr=lr, warmup_steps=20)
+    if kind == "adamw":
+        return optax.adamw(optim.schedule(stage), weight_decay=0.0)
+    config = mlc.ConfigDict(dict(stages=[stage], optim=common.optim_config(), model=dict(text_vocab_size=64)))
+    return optim.make_optimizer(config, 0, params)
+
+
+def train(lr: float, steps: int, batch: int, every: int, seed: int, optimizer: str = "adamw") -> dict:
     cfg = LLMConfig(**LLM_SIZES["tiny"], vocab_size=64, text_vocab_size=64, remat="none", scan_layers=False)
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     model = create_llm(cfg, mesh, seed=seed)
     with use_mesh(mesh):
-        schedule = optim.schedule(common.stage_config("lookup", steps=steps, lr=lr, warmup_steps=20))
-        opt = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=0.0), wrt=nnx.Param)
+        opt = nnx.Optimizer(model, make_tx(optimizer, lr, steps, nnx.state(model, nnx.Param)), wrt=nnx.Param)
 
         def loss_fn(m, ids, where, answer):
             rows = jnp.arange(ids.shape[0])
@@ -102,15 +117,17 @@ def main():
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--optimizer", choices=("adamw", "stages"), default="adamw",
+                   help="adamw: optax defaults (b2 0.999, no clipping); stages: the training stages' optimizer")
     p.add_argument("--tag", default="", help="results file suffix: bench/results/lookup_lr[_TAG].json")
     a = p.parse_args()
     if a.steps < 1 or a.batch < 1 or a.every < 1 or min(a.lr) <= 0:
         p.error("--steps, --batch, --every must be >= 1 and every --lr > 0")
-    results = {f"{lr:g}": train(lr, a.steps, a.batch, a.every, a.seed) for lr in a.lr}
+    results = {f"{lr:g}": train(lr, a.steps, a.batch, a.every, a.seed, a.optimizer) for lr in a.lr}
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"lookup_lr{'_' + a.tag if a.tag else ''}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
-        json.dump(dict(steps=a.steps, batch=a.batch, seed=a.seed, curves=results), f, indent=1)
+        json.dump(dict(steps=a.steps, batch=a.batch, seed=a.seed, optimizer=a.optimizer, curves=results), f, indent=1)
     print(f"wrote {out}")
 
 
