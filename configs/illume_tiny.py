@@ -22,6 +22,8 @@ Args:     --config=configs/illume_tiny.py:steps=400,batch=16,tokenizer=runs/dual
           qa_negatives=mixed (how the QA records draw their existence negatives: mixed = one of the three
           POPE ways per scene, as the ShapeComp spec says; random = the data before 2026-12-05, which
           the README's POPE table compares with)
+          qa_lookups=0 (1: the QA records ask every object's colour by its shape and shape by its colour,
+          the binding POPE's adversarial negatives need; the README's "Through stages 1-3" measures it)
           base_steps=0 (> 0: `base` runs that many steps instead of steps // 2; the README's POPE-style
           runs give it 1,500 after 1,200 text steps, where steps=400 keeps the later stages short)
           (steps = stage-3 steps; the other stages scale from it)
@@ -71,7 +73,8 @@ def sequence_lengths(pixel_grid: int) -> tuple[int, int]:
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
     a = common.parse_arg(arg, steps=400, batch=16, tokenizer="runs/dualvitok_tiny", levels="1", workers=0,
                          vocab=512, size="tiny", stages="0123", pixel_grid=16, examples=2000, device="cpu",
-                         lr_scale=1.0, tower_lr=0.0, text_steps=0, qa_negatives="mixed", base_steps=0)
+                         lr_scale=1.0, tower_lr=0.0, text_steps=0, qa_negatives="mixed", base_steps=0,
+                         qa_lookups=0)
     if a.size not in LLM_SIZES:
         raise ValueError(f"config argument size={a.size!r}: expected one of {sorted(LLM_SIZES)}")
     if a.device not in DEVICES:
@@ -100,6 +103,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     if a.qa_negatives not in QA_NEGATIVES:
         raise ValueError(f"config argument qa_negatives={a.qa_negatives!r}: expected one of {QA_NEGATIVES}")
     c.data.datasets.shapecomp_qa.qa_negatives = a.qa_negatives
+    if int(a.qa_lookups) not in (0, 1):
+        raise ValueError(f"config argument qa_lookups={a.qa_lookups!r}: expected 0 or 1")
+    c.data.datasets.shapecomp_qa.qa_lookups = bool(int(a.qa_lookups))
     s3 = a.steps
     if int(a.base_steps) < 0:
         raise ValueError(f"config argument base_steps={a.base_steps!r}: expected a number of steps >= 0 (0: steps // 2)")
@@ -140,7 +146,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     if int(a.text_steps) > 0:
         for t in ("caption", "qa"):  # the same built records as the image datasets, read as text
             c.data.datasets[f"shapecomp_{t}_text"] = dict(kind="shapecomp", levels=levels, tasks=(t,), num_examples=n,
-                                                         text_only=True, qa_negatives=a.qa_negatives)
+                                                         text_only=True, qa_negatives=a.qa_negatives,
+                                                         qa_lookups=bool(int(a.qa_lookups)))
         # Rows: a scene description (~40 tokens) + the longest QA record (~160).
         c.stages.insert(0, stage("scene_text", int(a.text_steps), 256, lr=3e-3, warmup_steps=20,
                                  trainable=("llm/.*",),

@@ -56,9 +56,11 @@ class ShapeCompConfig(tfds.core.BuilderConfig):
     tasks: tuple[str, ...] = ("caption", "qa")
     num_train: int = 1000   # scenes per level in 'train'; validation/test get a tenth
     qa_negatives: str = "mixed"  # how QA existence negatives are drawn (shapecomp.questions)
+    qa_lookups: bool = False     # QA asks every colour-of-a-shape and shape-of-a-colour lookup
 
 
-def shapecomp_config(levels, tasks, num_train: int, qa_negatives: str = "mixed") -> ShapeCompConfig:
+def shapecomp_config(levels, tasks, num_train: int, qa_negatives: str = "mixed",
+                     qa_lookups: bool = False) -> ShapeCompConfig:
     levels, tasks = tuple(int(l) for l in levels), tuple(tasks)
     for level in levels:
         shapecomp.get_level(level)
@@ -67,7 +69,10 @@ def shapecomp_config(levels, tasks, num_train: int, qa_negatives: str = "mixed")
     name = f"levels{''.join(map(str, levels))}_{'-'.join(tasks)}_{num_train}"
     if qa_negatives != "mixed" and "qa" in tasks:  # the other tasks' records do not depend on it
         name += f"_{qa_negatives}neg"
-    return ShapeCompConfig(name=name, levels=levels, tasks=tasks, num_train=num_train, qa_negatives=qa_negatives)
+    if qa_lookups and "qa" in tasks:
+        name += "_lookups"
+    return ShapeCompConfig(name=name, levels=levels, tasks=tasks, num_train=num_train, qa_negatives=qa_negatives,
+                           qa_lookups=bool(qa_lookups))
 
 
 class ShapeComp(tfds.core.GeneratorBasedBuilder):
@@ -98,7 +103,8 @@ class ShapeComp(tfds.core.GeneratorBasedBuilder):
         for level in c.levels:
             for i in range(n):
                 for rec in shapecomp.conversation_records(level, split, i, tasks=c.tasks,
-                                                           qa_negatives=c.qa_negatives):
+                                                           qa_negatives=c.qa_negatives,
+                                                           qa_lookups=c.qa_lookups):
                     yield rec["id"], dict(id=rec["id"], task=rec["task"], images=rec["images"],
                                           conversations=json.dumps(rec["conversations"]), context=rec["context"])
 

@@ -131,6 +131,11 @@ def load_or_train_tokenizer(config: Any, workdir: str) -> TextTokenizer:
         # The cached model is reused only if it was trained on the same corpus and size.
         corpus_spec = dict(levels=levels, scenes_per_level=SCENES_PER_LEVEL, vocab_size=tc.vocab_size) \
             if levels else None
+        # QA records that ask the lookups (`qa_lookups`) add their wording.
+        lookups = any(ds.get("qa_lookups", False) for ds in config.data.datasets.values()
+                      if ds.get("kind") == "shapecomp")
+        if corpus_spec is not None and lookups:
+            corpus_spec["qa_lookups"] = True
         # Multimodal configs add the generation / editing wordings to the corpus.
         corpus_tasks = tuple(tc.get("corpus_tasks", ("caption", "qa", "edit")))
         if corpus_spec is not None and corpus_tasks != ("caption", "qa", "edit"):
@@ -141,7 +146,8 @@ def load_or_train_tokenizer(config: Any, workdir: str) -> TextTokenizer:
                 tok = SentencePieceTokenizer(f.read())
         else:
             from illume_jax.data.shapecomp import text_corpus
-            proto = train_sentencepiece(text_corpus(levels, "train", SCENES_PER_LEVEL, corpus_tasks), tc.vocab_size)
+            proto = train_sentencepiece(text_corpus(levels, "train", SCENES_PER_LEVEL, corpus_tasks, lookups),
+                                        tc.vocab_size)
             os.makedirs(folder, exist_ok=True)
             tmp = model_path + ".tmp"
             with open(tmp, "wb") as f:

@@ -197,3 +197,39 @@ def test_qa_negatives_knob_picks_the_way_and_names_bad_values():
     assert tfds_builders.shapecomp_config((1,), ("t2i",), 8, "random").name == "levels1_t2i_8"
     c = illume_tiny.get_config("qa_negatives=random,text_steps=10")
     assert c.data.datasets.shapecomp_qa.qa_negatives == c.data.datasets.shapecomp_qa_text.qa_negatives == "random"
+
+
+def test_qa_lookups_ask_every_object_by_shape_and_by_colour():
+    """`qa_lookups`: every uniquely shaped object is asked its colour, every uniquely coloured one its
+    shape, with the scene's answers; shared shapes / colours are never asked (ambiguous). Off, the records
+    are the default ones; on, the built dataset, the config's datasets and the tokenizer corpus follow."""
+    from configs import illume_tiny
+    from illume_jax.data import tfds_builders
+    from illume_jax.data.shapecomp import records
+    seen = Counter()
+    for i in range(200):
+        s = sc.make_scene(1, "train", i)
+        shapes, colors = Counter(o.shape for o in s.objects), Counter(o.color for o in s.objects)
+        items = sc.attribute_questions(s, lookups=True)
+        by_shape = {q["question"]: q["answer"] for q in items if q["kind"] == "color"}
+        by_color = {q["question"]: q["answer"] for q in items if q["kind"] == "shape"}
+        assert by_shape == {f"What color is the {o.shape}?": o.color for o in s.objects if shapes[o.shape] == 1}
+        assert by_color == {f"What shape is the {o.color} object?": o.shape for o in s.objects
+                            if colors[o.color] == 1}
+        assert not any(q["kind"] == "shape" for q in sc.attribute_questions(s))
+        assert sc.questions(s, "random", lookups=False) == sc.questions(s, "random")
+        seen[len(by_shape), len(by_color)] += 1
+    assert seen[2, 2] > 20 and seen[1, 0] + seen[0, 1] + seen[0, 0] + seen[1, 1] > 0, seen
+    rec = records.conversation_records(1, "train", 3, tasks=("qa",), qa_lookups=True)[0]
+    asked = {t["value"].removeprefix("<image>\n") for t in rec["conversations"][::2]}
+    assert {q["question"] for q in sc.attribute_questions(sc.make_scene(1, "train", 3), True)} <= asked
+    assert tfds_builders.shapecomp_config((1,), ("qa",), 8, "random", True).name == "levels1_qa_8_randomneg_lookups"
+    assert tfds_builders.shapecomp_config((1,), ("caption",), 8, "mixed", True).name == "levels1_caption_8"
+    c = illume_tiny.get_config("qa_lookups=1,text_steps=10")
+    assert c.data.datasets.shapecomp_qa.qa_lookups and c.data.datasets.shapecomp_qa_text.qa_lookups
+    assert not illume_tiny.get_config("text_steps=10").data.datasets.shapecomp_qa_text.qa_lookups
+    with pytest.raises(ValueError, match="qa_lookups=2"):
+        illume_tiny.get_config("qa_lookups=2")
+    corpus = set(records.text_corpus([1], "train", 30, ("qa",), qa_lookups=True))
+    assert any(line.startswith("What shape is the ") for line in corpus)
+    assert not any(line.startswith("What shape is the ") for line in records.text_corpus([1], "train", 30, ("qa",)))

@@ -67,8 +67,14 @@ def existence_questions(scene: Scene, negative: str, n: int = 3) -> list[dict]:
             for x in positives + negatives[:k]]
 
 
-def attribute_questions(scene: Scene) -> list[dict]:
-    """Counting, colour, relation (one true, one false) and size questions."""
+def attribute_questions(scene: Scene, lookups: bool = False) -> list[dict]:
+    """Counting, colour, relation (one true, one false) and size questions.
+
+    lookups=True asks, in place of one colour question, the colour of every uniquely shaped object and
+    the shape of every uniquely coloured one: answers that need the object found by one attribute and
+    the other read off it, the binding POPE's adversarial negatives test (descriptions name the colour
+    right before the shape, so copying them never needs it). The README's "Through stages 1-3" measures
+    what it does."""
     rng = scene_rng(scene.level, scene.split, scene.index, salt="attr-qa")
     objs = scene.objects
     shapes = Counter(o.shape for o in objs)
@@ -77,7 +83,12 @@ def attribute_questions(scene: Scene) -> list[dict]:
     out.append(dict(question=f"How many {plural(shape)} are there?", answer=world.COUNT_WORDS[shapes[shape]],
                     kind="counting"))
     unique = [o for o in objs if shapes[o.shape] == 1]
-    if unique:
+    if lookups:
+        colors = Counter(o.color for o in objs)
+        out += [dict(question=f"What color is the {o.shape}?", answer=o.color, kind="color") for o in unique]
+        out += [dict(question=f"What shape is the {o.color} object?", answer=o.shape, kind="shape")
+                for o in objs if colors[o.color] == 1]
+    elif unique:
         o = unique[int(rng.integers(len(unique)))]
         out.append(dict(question=f"What color is the {o.shape}?", answer=o.color, kind="color"))
     if len(unique) >= 2:
@@ -97,7 +108,7 @@ def attribute_questions(scene: Scene) -> list[dict]:
 QA_NEGATIVES = ("mixed",) + POPE_SPLITS
 
 
-def questions(scene: Scene, negatives: str = "mixed") -> list[dict]:
+def questions(scene: Scene, negatives: str = "mixed", lookups: bool = False) -> list[dict]:
     """All questions for a scene (the training QA): existence + attributes.
 
     negatives="mixed" (the default): each scene's existence negatives are drawn one of the three POPE
@@ -105,10 +116,10 @@ def questions(scene: Scene, negatives: str = "mixed") -> list[dict]:
     almost never name a present shape in an absent colour, so a model trained on them can answer by
     shape or colour alone and never has to bind the two, which is what the adversarial split asks.
     One of POPE_SPLITS draws every scene's negatives that way (the README's ablation uses "random",
-    the data before 2026-12-05)."""
+    the data before 2026-12-05). lookups: see `attribute_questions`."""
     if negatives not in QA_NEGATIVES:
         raise ValueError(f"qa negatives={negatives!r}: expected one of {QA_NEGATIVES}")
     if negatives == "mixed":
         rng = scene_rng(scene.level, scene.split, scene.index, salt="qa-negatives")
         negatives = POPE_SPLITS[int(rng.integers(len(POPE_SPLITS)))]
-    return existence_questions(scene, negatives) + attribute_questions(scene)
+    return existence_questions(scene, negatives) + attribute_questions(scene, lookups)

@@ -30,8 +30,9 @@ def _turns(*pairs: tuple[str, str]) -> list[dict]:
 
 
 def conversation_records(level: int, split: str, index: int, tasks: Iterable[str] = TASKS,
-                         qa_negatives: str = "mixed") -> list[dict]:
-    """qa_negatives: how the QA record's existence negatives are drawn (`qa.questions`)."""
+                         qa_negatives: str = "mixed", qa_lookups: bool = False) -> list[dict]:
+    """qa_negatives: how the QA record's existence negatives are drawn; qa_lookups: whether it asks
+    every object's colour by its shape and shape by its colour (`qa.questions`)."""
     tasks = tuple(tasks)
     for t in tasks:
         if t not in TASKS:
@@ -51,7 +52,7 @@ def conversation_records(level: int, split: str, index: int, tasks: Iterable[str
         # Shuffled: `qa.questions` lists present objects before absent ones (and a true relation
         # before a false one), so in that order the first answer was always "yes", and a model
         # asked one question (POPE-style) learned to answer "yes" without looking at the image.
-        items = qa.questions(scene, qa_negatives)
+        items = qa.questions(scene, qa_negatives, qa_lookups)
         order = scene_rng(level, split, index, salt="qa-order").permutation(len(items))
         items = [items[i] for i in order]
         turns = _turns(*[(q["question"], q["answer"]) for q in items])
@@ -76,11 +77,12 @@ def conversation_records(level: int, split: str, index: int, tasks: Iterable[str
 
 
 def text_corpus(levels: Iterable[int], split: str, n: int,
-                tasks: Iterable[str] = ("caption", "qa", "edit")) -> Iterator[str]:
-    """Every piece of text of n scenes per level (for training a tokenizer)."""
+                tasks: Iterable[str] = ("caption", "qa", "edit"), qa_lookups: bool = False) -> Iterator[str]:
+    """Every piece of text of n scenes per level (for training a tokenizer); qa_lookups adds the lookup
+    questions' wording (`qa.attribute_questions`)."""
     for level in levels:
         for i in range(n):
-            for rec in conversation_records(level, split, i, tasks=tasks):
+            for rec in conversation_records(level, split, i, tasks=tasks, qa_lookups=qa_lookups):
                 yield f"Scene: {rec['context']}"  # how text-only stages present the image
                 for turn in rec["conversations"]:
                     yield turn["value"].replace("<image>\n", "").replace("<image>", "").replace("{resolution_tag}", "")
