@@ -19,6 +19,9 @@ Args:     --config=configs/illume_tiny.py:steps=400,batch=16,tokenizer=runs/dual
           description. It stands in for the official LLM's text pre-training, which already knows how to
           look a named thing up in its context -- a circuit the from-scratch tiny LLM otherwise never
           finds for existence questions; see the README's POPE section)
+          text_lr=0 (> 0: the peak learning rate of 'scene_text' itself, whatever lr_scale says; 0: 3e-3 x
+          lr_scale. The binding POPE's adversarial split needs formed at 3e-4 over 3,000 steps, not at 3e-3:
+          README, "A long, slow scene_text")
           qa_negatives=mixed (how the QA records draw their existence negatives: mixed = one of the three
           POPE ways per scene, as the ShapeComp spec says; random = the data before 2026-12-05, which
           the README's POPE table compares with)
@@ -74,7 +77,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     a = common.parse_arg(arg, steps=400, batch=16, tokenizer="runs/dualvitok_tiny", levels="1", workers=0,
                          vocab=512, size="tiny", stages="0123", pixel_grid=16, examples=2000, device="cpu",
                          lr_scale=1.0, tower_lr=0.0, text_steps=0, qa_negatives="mixed", base_steps=0,
-                         qa_lookups=0)
+                         qa_lookups=0, text_lr=0.0)
     if a.size not in LLM_SIZES:
         raise ValueError(f"config argument size={a.size!r}: expected one of {sorted(LLM_SIZES)}")
     if a.device not in DEVICES:
@@ -143,6 +146,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     if not picked or any(ch not in "0123" for ch in picked):
         raise ValueError(f"config argument stages={a.stages!r}: expected digits from 0123 (stage indices)")
     c.stages = [c.stages[int(ch)] for ch in picked]
+    if float(a.text_lr) < 0 or (float(a.text_lr) > 0 and int(a.text_steps) <= 0):
+        raise ValueError(f"config argument text_lr={a.text_lr!r}: expected a learning rate > 0 for a 'scene_text' "
+                         f"stage (text_steps > 0; got {a.text_steps!r}), or 0 (3e-3 x lr_scale)")
     if int(a.text_steps) > 0:
         for t in ("caption", "qa"):  # the same built records as the image datasets, read as text
             c.data.datasets[f"shapecomp_{t}_text"] = dict(kind="shapecomp", levels=levels, tasks=(t,), num_examples=n,
@@ -152,6 +158,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         c.stages.insert(0, stage("scene_text", int(a.text_steps), 256, lr=3e-3, warmup_steps=20,
                                  trainable=("llm/.*",),
                                  mixture={"shapecomp_caption_text": 0.3, "shapecomp_qa_text": 0.7}))
+        if float(a.text_lr) > 0:
+            c.stages[0].lr = float(a.text_lr)
     elif int(a.text_steps) < 0:
         raise ValueError(f"config argument text_steps={a.text_steps!r}: expected a number of steps >= 0")
     # One self-enhancement round on top of the trained model (python -m illume_jax self-enhance).

@@ -192,6 +192,13 @@ def test_illume_tiny_rows_follow_the_tokenizer_grid():
     assert illume_tiny.get_config("steps=400,tokenizer=/nonexistent").stages[0].steps == 200
     with pytest.raises(ValueError, match="base_steps"):
         illume_tiny.get_config("base_steps=-1")
+    # text_lr sets the text stage's peak LR alone; lr_scale keeps scaling the others.
+    c = illume_tiny.get_config("text_steps=300,text_lr=3e-4,lr_scale=0.5,tokenizer=/nonexistent")
+    assert c.stages[0].lr == 3e-4 and c.stages[1].lr == 1.5e-3
+    assert illume_tiny.get_config("text_steps=300,lr_scale=0.5,tokenizer=/nonexistent").stages[0].lr == 1.5e-3
+    for bad in ("text_lr=3e-4", "text_steps=10,text_lr=-1"):
+        with pytest.raises(ValueError, match="text_lr"):
+            illume_tiny.get_config(bad)
 
 
 def test_semantic_vq_token_grid():
