@@ -20,13 +20,14 @@ Args:     --config=configs/illume_tiny.py:steps=400,batch=16,tokenizer=runs/dual
           look a named thing up in its context -- a circuit the from-scratch tiny LLM otherwise never
           finds for existence questions; see the README's POPE section)
           text_lr=0 (> 0: the peak learning rate of 'scene_text' itself, whatever lr_scale says; 0: 3e-3 x
-          lr_scale. The binding POPE's adversarial split needs formed at 3e-4 over 3,000 steps, not at 3e-3:
-          README, "A long, slow scene_text")
+          lr_scale. With qa_lookups=1, 3e-4 over 3,000 steps bound colour to shape in text, where 3e-3 did
+          not; `base` did not carry it to images: README, "A long, slow scene_text")
           qa_negatives=mixed (how the QA records draw their existence negatives: mixed = one of the three
           POPE ways per scene, as the ShapeComp spec says; random = the data before 2026-12-05, which
           the README's POPE table compares with)
           qa_lookups=0 (1: the QA records ask every object's colour by its shape and shape by its colour,
-          the binding POPE's adversarial negatives need; the README's "Through stages 1-3" measures it)
+          the binding POPE's adversarial negatives need; measured in the README's "Through stages 1-3" and
+          "A long, slow scene_text")
           base_steps=0 (> 0: `base` runs that many steps instead of steps // 2; the README's POPE-style
           runs give it 1,500 after 1,200 text steps, where steps=400 keeps the later stages short)
           (steps = stage-3 steps; the other stages scale from it)

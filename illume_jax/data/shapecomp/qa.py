@@ -73,8 +73,8 @@ def attribute_questions(scene: Scene, lookups: bool = False) -> list[dict]:
     lookups=True asks, in place of one colour question, the colour of every uniquely shaped object and
     the shape of every uniquely coloured one: answers that need the object found by one attribute and
     the other read off it, the binding POPE's adversarial negatives test (descriptions name the colour
-    right before the shape, so copying them never needs it). The README's "Through stages 1-3" measures
-    what it does."""
+    right before the shape, so copying them never needs it). The README's "A long, slow scene_text"
+    measures what it does (and why four lookups in one record give all but the first away)."""
     rng = scene_rng(scene.level, scene.split, scene.index, salt="attr-qa")
     objs = scene.objects
     shapes = Counter(o.shape for o in objs)
