@@ -109,7 +109,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.data.datasets.shapecomp_qa.qa_negatives = a.qa_negatives
     if int(a.qa_lookups) not in (0, 1):
         raise ValueError(f"config argument qa_lookups={a.qa_lookups!r}: expected 0 or 1")
-    c.data.datasets.shapecomp_qa.qa_lookups = bool(int(a.qa_lookups))
+    qa_lookups = bool(int(a.qa_lookups))
+    c.data.datasets.shapecomp_qa.qa_lookups = qa_lookups
     s3 = a.steps
     if int(a.base_steps) < 0:
         raise ValueError(f"config argument base_steps={a.base_steps!r}: expected a number of steps >= 0 (0: steps // 2)")
@@ -154,7 +155,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         for t in ("caption", "qa"):  # the same built records as the image datasets, read as text
             c.data.datasets[f"shapecomp_{t}_text"] = dict(kind="shapecomp", levels=levels, tasks=(t,), num_examples=n,
                                                          text_only=True, qa_negatives=a.qa_negatives,
-                                                         qa_lookups=bool(int(a.qa_lookups)))
+                                                         qa_lookups=qa_lookups)
         # Rows: a scene description (~40 tokens) + the longest QA record (~160).
         c.stages.insert(0, stage("scene_text", int(a.text_steps), 256, lr=3e-3, warmup_steps=20,
                                  trainable=("llm/.*",),
