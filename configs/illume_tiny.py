@@ -30,6 +30,9 @@ Args:     --config=configs/illume_tiny.py:steps=400,batch=16,tokenizer=runs/dual
           "A long, slow scene_text")
           base_steps=0 (> 0: `base` runs that many steps instead of steps // 2; the README's POPE-style
           runs give it 1,500 after 1,200 text steps, where steps=400 keeps the later stages short)
+          base_text=0 (0 <= f < 1, with text_steps > 0: `base` draws this share of its records from the
+          scene-description datasets of 'scene_text', so the route that looks things up in words stays
+          trained while the image one forms; README, "Keeping the text records in base")
           (steps = stage-3 steps; the other stages scale from it)
 Hardware: 2 CPU cores. 64x64 images -> 8x8 semantic + 16x16 pixel codes: 350-token image blocks,
           sequences of 512 (understanding, text-to-image) and 768 (editing, reconstruction) tokens.
@@ -78,7 +81,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     a = common.parse_arg(arg, steps=400, batch=16, tokenizer="runs/dualvitok_tiny", levels="1", workers=0,
                          vocab=512, size="tiny", stages="0123", pixel_grid=16, examples=2000, device="cpu",
                          lr_scale=1.0, tower_lr=0.0, text_steps=0, qa_negatives="mixed", base_steps=0,
-                         qa_lookups=0, text_lr=0.0)
+                         qa_lookups=0, text_lr=0.0, base_text=0.0)
     if a.size not in LLM_SIZES:
         raise ValueError(f"config argument size={a.size!r}: expected one of {sorted(LLM_SIZES)}")
     if a.device not in DEVICES:
@@ -121,11 +124,19 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     # Stages that would otherwise leave the tower frozen (see tower_lr above).
     understand = (dict(trainable=("llm/.*", "projector/.*", "vision/.*"), lr_multipliers=(("vision/.*", tower_lr),))
                   if tower_lr > 0 else dict(trainable=("llm/.*", "projector/.*")))
+    base_text = float(a.base_text)
+    if not 0 <= base_text < 1 or (base_text > 0 and (int(a.text_steps) <= 0 or "0" not in a.stages)):
+        raise ValueError(f"config argument base_text={a.base_text!r}: expected a share 0 <= f < 1 of `base`'s "
+                         f"records, > 0 only with a 'scene_text' stage (text_steps > 0; got {a.text_steps!r}) "
+                         f"and `base` among the stages (stages={a.stages!r})")
+    base_mixture = {"shapecomp_caption": 0.5 * (1 - base_text), "shapecomp_qa": 0.5 * (1 - base_text)}
+    if base_text > 0:  # in scene_text's own proportions (below)
+        base_mixture.update(shapecomp_caption_text=0.3 * base_text, shapecomp_qa_text=0.7 * base_text)
     stage = lambda name, steps, seq, lr, **kw: common.stage_config(  # noqa: E731
         name, steps=max(int(steps), 1), seq_len=seq, global_batch_size=a.batch, lr=lr * float(a.lr_scale), **kw)
     c.stages = [
         stage("base", base_steps, one, lr=3e-3, warmup_steps=20, **understand,
-              mixture={"shapecomp_caption": 0.5, "shapecomp_qa": 0.5}),
+              mixture=base_mixture),
         stage("embed_init", s3 // 4, two, lr=3e-3, warmup_steps=10,
               trainable=("projector/.*", "llm/embed/embedding"), new_vocab_only=True,
               mixture={"shapecomp_recon": 0.5, "shapecomp_caption": 0.5}),

@@ -199,6 +199,16 @@ def test_illume_tiny_rows_follow_the_tokenizer_grid():
     for bad in ("text_lr=3e-4", "text_steps=10,text_lr=-1"):
         with pytest.raises(ValueError, match="text_lr"):
             illume_tiny.get_config(bad)
+    # base_text moves that share of base's records to the text datasets, in scene_text's proportions.
+    c = illume_tiny.get_config("text_steps=300,base_text=0.5,tokenizer=/nonexistent")
+    base = c.stages[1]
+    assert base.name == "base" and dict(base.mixture) == pytest.approx(
+        {"shapecomp_caption": 0.25, "shapecomp_qa": 0.25, "shapecomp_caption_text": 0.15, "shapecomp_qa_text": 0.35})
+    assert all(n in c.data.datasets for n in base.mixture)
+    for bad in ("base_text=0.5", "text_steps=10,base_text=1", "text_steps=10,base_text=-0.1",
+                "text_steps=10,base_text=0.5,stages=123"):
+        with pytest.raises(ValueError, match="base_text"):
+            illume_tiny.get_config(bad)
 
 
 def test_semantic_vq_token_grid():

@@ -1,5 +1,5 @@
-"""Looking inside the language model: existence questions answered from a scene described in words,
-and the attention of every head.
+"""Looking inside the model: existence questions answered from a scene described in words, the
+attention of every head, and what the vision tower's features say about each object.
 
 The POPE-style suite (`eval.mllm.pope_suite`) scores the whole MLLM from images. These probes take the
 images out: the `scene_text` stage trains the LLM on each scene's description in place of the image
@@ -15,6 +15,10 @@ finds the same word in the description.
     probe.existence_in_text(llm, tok, template, scenes=60)      # {split: accuracy, yes_ratio, auc, by_kind}
     ids = probe.render_question(tok, template, context, "Is there a red circle in the image?")
     maps = probe.attention_maps(llm, ids)                        # [layers, heads, T, T]
+    probe.object_features(m.model, train_scenes=1200)            # {features: shape / colour accuracy}
+
+`object_features` asks the other half of the question: is an object's shape in the image features the LLM
+reads at all, or only in the words `scene_text` gave it?
 """
 from __future__ import annotations
 
@@ -116,3 +120,86 @@ def top_attended(maps: np.ndarray, pieces: Sequence[str], position: int, k: int 
         raise ValueError(f"top_attended: {len(pieces)} pieces for maps over {maps.shape[-1]} positions")
     return [[", ".join(f"{pieces[t]}@{t}:{head[position, t]:.2f}" for t in np.argsort(-head[position])[:k])
              for head in layer] for layer in maps]
+
+
+def object_windows(features: np.ndarray, centres: Sequence[tuple[float, float]], resolution: int,
+                   window_px: float) -> np.ndarray:
+    """features [g*g, C] of one image (a g x g grid over resolution² pixels) -> [len(centres), k*k*C]:
+    for each object centre (cx, cy in pixels), the k x k cells around the cell holding it, in raster
+    order, zero outside the image; k is window_px in cells, rounded to an odd number (at least 1)."""
+    g = int(round(np.sqrt(features.shape[0])))
+    if g * g != features.shape[0]:
+        raise ValueError(f"object_windows: {features.shape[0]} feature rows are not a square grid")
+    cell = resolution / g
+    k = max(1, int(round(window_px / cell)))
+    k += 1 - k % 2
+    h = k // 2
+    grid = np.pad(features.reshape(g, g, -1), ((h, h), (h, h), (0, 0)))
+    out = []
+    for cx, cy in centres:
+        x, y = min(int(cx / cell), g - 1), min(int(cy / cell), g - 1)
+        out.append(grid[y:y + k, x:x + k].reshape(-1))
+    return np.stack(out)
+
+
+def ridge_classifier_accuracy(train_x: np.ndarray, train_y: Sequence[str], test_x: np.ndarray,
+                              test_y: Sequence[str], ridge: float = 1e-2) -> np.ndarray:
+    """Per test row, whether a one-vs-rest ridge regression on standardised features (closed form: no
+    training loop, no seed) names its class. A linear read-out: what it cannot find, a linear layer on
+    these features (the projector's first) does not get for free either."""
+    mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
+    a = np.c_[(train_x - mu) / sd, np.ones(len(train_x))]
+    b = np.c_[(test_x - mu) / sd, np.ones(len(test_x))]
+    classes = np.array(sorted(set(train_y)))
+    targets = np.where(np.asarray(train_y)[:, None] == classes[None], 1.0, -1.0)
+    w = np.linalg.solve(a.T @ a + ridge * len(a) * np.eye(a.shape[1]), a.T @ targets)
+    return classes[np.argmax(b @ w, axis=1)] == np.asarray(test_y)
+
+
+def object_features(model, *, level: int = 1, train_scenes: int = 1200, test_scenes: int = 300,
+                    window_px: float = 20.0, batch_size: int = 50) -> dict:
+    """How well a linear read-out of the MLLM's image features names each object's shape and colour.
+    Per object of ShapeComp `level` scenes: the features of the cells around its centre (`object_windows`,
+    about window_px wide) from the tower's semantic (ViT merger) and pixel (encoder) grids, each alone and
+    after the projector, and the raw pixels as the yardstick; ridge classifiers fit on the train split's
+    objects and scored on the test split's. -> {features: {shape, color, both, shape_by_size, dims}},
+    plus the objects counted and the chance levels."""
+    from illume_jax.data.shapecomp.render import render
+    from illume_jax.data.shapecomp.scene import make_scene
+    from illume_jax.data.shapecomp import world
+
+    @jax.jit
+    def features(images):
+        sem, pix = model.vision(images)
+        return sem, pix, model.projector.semantic(sem), model.projector.pixel(pix)
+
+    names = ("semantic", "pixel", "semantic, projected", "pixel, projected")
+    res = world.get_level(level).resolution
+
+    def collect(split, n):
+        rows = {k: [] for k in names + ("raw pixels",)}
+        shapes, colors, sizes = [], [], []
+        for start in range(0, n, batch_size):
+            scenes = [make_scene(level, split, i) for i in range(start, min(n, start + batch_size))]
+            images = np.stack([render(s) for s in scenes]).astype(np.float32) / 127.5 - 1
+            out = [np.asarray(f, np.float32) for f in features(jnp.asarray(images))]
+            for b, scene in enumerate(scenes):
+                centres = [(o.cx, o.cy) for o in scene.objects]
+                for name, f in zip(names, out):
+                    rows[name].append(object_windows(f[b], centres, res, window_px))
+                rows["raw pixels"].append(object_windows(images[b].reshape(res * res, 3), centres, res, window_px))
+                shapes += [o.shape for o in scene.objects]
+                colors += [o.color for o in scene.objects]
+                sizes += [o.size for o in scene.objects]
+        return {k: np.concatenate(v) for k, v in rows.items()}, np.array(shapes), np.array(colors), np.array(sizes)
+
+    (xa, sa, ca, _), (xb, sb, cb, zb) = collect("train", train_scenes), collect("test", test_scenes)
+    out = dict(objects=dict(train=len(sa), test=len(sb)),
+               chance=dict(shape=1 / len(set(sa)), color=1 / len(set(ca))))
+    for name in names + ("raw pixels",):
+        shape_ok = ridge_classifier_accuracy(xa[name], sa, xb[name], sb)
+        color_ok = ridge_classifier_accuracy(xa[name], ca, xb[name], cb)
+        out[name] = dict(shape=float(shape_ok.mean()), color=float(color_ok.mean()),
+                         both=float((shape_ok & color_ok).mean()), dims=int(xa[name].shape[1]),
+                         shape_by_size={str(z): float(shape_ok[zb == z].mean()) for z in sorted(set(zb))})
+    return out
