@@ -15,7 +15,7 @@ finds the same word in the description.
     probe.existence_in_text(llm, tok, template, scenes=60)      # {split: accuracy, yes_ratio, auc, by_kind}
     ids = probe.render_question(tok, template, context, "Is there a red circle in the image?")
     maps = probe.attention_maps(llm, ids)                        # [layers, heads, T, T]
-    probe.object_features(m.model, train_scenes=1200)            # {features: shape / colour accuracy}
+    probe.object_features(probe.mllm_image_features(m.model))    # {features: shape / colour accuracy}
 
 `object_features` asks the other half of the question: is an object's shape in the image features the LLM
 reads at all, or only in the words `scene_text` gave it?
@@ -156,38 +156,53 @@ def ridge_classifier_accuracy(train_x: np.ndarray, train_y: Sequence[str], test_
     return classes[np.argmax(b @ w, axis=1)] == np.asarray(test_y)
 
 
-def object_features(model, *, level: int = 1, train_scenes: int = 1200, test_scenes: int = 300,
+def mllm_image_features(model):
+    """The MLLM's image features by name, for `object_features`: the tower's semantic (ViT merger) and
+    pixel (encoder) grids, each also after its projector (what the LLM reads)."""
+    @jax.jit
+    def features(images):
+        sem, pix = model.vision(images)
+        return {"semantic": sem, "pixel": pix, "semantic, projected": model.projector.semantic(sem),
+                "pixel, projected": model.projector.pixel(pix)}
+    return features
+
+
+def tower_image_features(tower):
+    """A `models.mllm.DualVisionTower`'s semantic and pixel grids by name, for `object_features` (e.g.
+    a tokenizer's freshly pre-trained ViT, before any MLLM exists)."""
+    @jax.jit
+    def features(images):
+        sem, pix = tower(images)
+        return {"semantic": sem, "pixel": pix}
+    return features
+
+
+def object_features(features, *, level: int = 1, train_scenes: int = 1200, test_scenes: int = 300,
                     window_px: float = 20.0, batch_size: int = 50) -> dict:
-    """How well a linear read-out of the MLLM's image features names each object's shape and colour.
-    Per object of ShapeComp `level` scenes: the features of the cells around its centre (`object_windows`,
-    about window_px wide) from the tower's semantic (ViT merger) and pixel (encoder) grids, each alone and
-    after the projector, and the raw pixels as the yardstick; ridge classifiers fit on the train split's
-    objects and scored on the test split's. -> {features: {shape, color, both, shape_by_size, dims}},
-    plus the objects counted and the chance levels."""
+    """How well a linear read-out of image features names each object's shape and colour. `features`:
+    images [N,H,W,3] in [-1,1] -> {name: [N, g*g, C]} (`mllm_image_features`, `tower_image_features`).
+    Per object of ShapeComp `level` scenes: the cells around its centre (`object_windows`, about
+    window_px wide) of each named grid, and of the raw pixels as the yardstick; ridge classifiers fit on
+    the train split's objects and scored on the test split's.
+    -> {name: {shape, color, both, shape_by_size, dims}}, plus the objects counted and the chance levels."""
     from illume_jax.data.shapecomp.render import render
     from illume_jax.data.shapecomp.scene import make_scene
     from illume_jax.data.shapecomp import world
 
-    @jax.jit
-    def features(images):
-        sem, pix = model.vision(images)
-        return sem, pix, model.projector.semantic(sem), model.projector.pixel(pix)
-
-    names = ("semantic", "pixel", "semantic, projected", "pixel, projected")
     res = world.get_level(level).resolution
 
     def collect(split, n):
-        rows = {k: [] for k in names + ("raw pixels",)}
+        rows: dict[str, list] = {}
         shapes, colors, sizes = [], [], []
         for start in range(0, n, batch_size):
             scenes = [make_scene(level, split, i) for i in range(start, min(n, start + batch_size))]
             images = np.stack([render(s) for s in scenes]).astype(np.float32) / 127.5 - 1
-            out = [np.asarray(f, np.float32) for f in features(jnp.asarray(images))]
+            named = {k: np.asarray(f, np.float32) for k, f in features(jnp.asarray(images)).items()}
+            named["raw pixels"] = images.reshape(len(scenes), res * res, 3)
             for b, scene in enumerate(scenes):
                 centres = [(o.cx, o.cy) for o in scene.objects]
-                for name, f in zip(names, out):
-                    rows[name].append(object_windows(f[b], centres, res, window_px))
-                rows["raw pixels"].append(object_windows(images[b].reshape(res * res, 3), centres, res, window_px))
+                for name, f in named.items():
+                    rows.setdefault(name, []).append(object_windows(f[b], centres, res, window_px))
                 shapes += [o.shape for o in scene.objects]
                 colors += [o.color for o in scene.objects]
                 sizes += [o.size for o in scene.objects]
@@ -196,7 +211,7 @@ def object_features(model, *, level: int = 1, train_scenes: int = 1200, test_sce
     (xa, sa, ca, _), (xb, sb, cb, zb) = collect("train", train_scenes), collect("test", test_scenes)
     out = dict(objects=dict(train=len(sa), test=len(sb)),
                chance=dict(shape=1 / len(set(sa)), color=1 / len(set(ca))))
-    for name in names + ("raw pixels",):
+    for name in xa:
         shape_ok = ridge_classifier_accuracy(xa[name], sa, xb[name], sb)
         color_ok = ridge_classifier_accuracy(xa[name], ca, xb[name], cb)
         out[name] = dict(shape=float(shape_ok.mean()), color=float(color_ok.mean()),

@@ -156,10 +156,16 @@ def test_object_features_probe_runs_on_a_tiny_mllm():
     rows = 100 + 7 + 32 + tok.semantic_codes + tok.pixel_codes + 5
     cfg = mllm.MLLMConfig.create(common.llm_config(text_vocab_size=100, vocab_size=rows, d_model=32, num_heads=2,
                                                    num_kv_heads=1, mlp_dim=64), tok)
-    out = probe.object_features(mllm.create_mllm(cfg), train_scenes=40, test_scenes=20, batch_size=20)
+    model = mllm.create_mllm(cfg)
+    out = probe.object_features(probe.mllm_image_features(model), train_scenes=40, test_scenes=20, batch_size=20)
     assert out["objects"]["train"] >= 40 and out["objects"]["test"] >= 20
     for name in ("semantic", "pixel", "semantic, projected", "pixel, projected", "raw pixels"):
         assert 0 <= out[name]["shape"] <= 1 and 0 <= out[name]["both"] <= min(out[name]["shape"], out[name]["color"])
         assert set(out[name]["shape_by_size"]) <= {"small", "large"}
     assert out["raw pixels"]["dims"] == 21 * 21 * 3
     assert out["raw pixels"]["color"] > 3 * out["chance"]["color"]
+    # The tower alone: the same unprojected grids, scored the same.
+    alone = probe.object_features(probe.tower_image_features(model.vision), train_scenes=40, test_scenes=20,
+                                  batch_size=20)
+    assert set(alone) == {"objects", "chance", "semantic", "pixel", "raw pixels"}
+    assert alone["pixel"] == out["pixel"] and alone["raw pixels"] == out["raw pixels"]
