@@ -7,8 +7,8 @@ MLLM's tower: a ridge read-out of every ShapeComp object's shape and colour from
   python bench/tower_probe.py --workdir W --step 3000 --shape_steps 600                    # after a supervised check
 
 `--vit_from`: a ViT saved by `train-tokenizer`'s SigLIP phase (`<workdir>/vit_pretrain/final_vit`), put in
-the tower's place (e.g. a longer SigLIP run than the tokenizer's: `pretrain_steps=`). `--shape_steps N`: first trains the ViT N steps (Adam 1e-3,
-batch 64, 2,000 level-1 training scenes) on a supervised shape-presence head (6 sigmoids over its mean-
+the tower's place (e.g. a longer SigLIP run than the tokenizer's: `pretrain_steps=`). `--shape_steps N`:
+first trains the ViT N steps (Adam 1e-3, batch 64, 2,000 level-1 training scenes) on a supervised shape-presence head (6 sigmoids over its mean-
 and max-pooled features): not part of any recipe, a check of whether this ViT's architecture can hold
 shape where its objective does not ask for it. Prints the probe and writes it to --out (JSON).
 """
@@ -31,8 +31,6 @@ from illume_jax.data.shapecomp import world
 from illume_jax.data.shapecomp.render import render
 from illume_jax.data.shapecomp.scene import make_scene
 from illume_jax.eval import probe
-from illume_jax.models import dualvitok as dvt
-from illume_jax.models import vit as vit_lib
 from illume_jax.train import checkpoint as ckpt_lib
 
 
@@ -49,18 +47,14 @@ def train_shape_head(tower, steps: int, scenes: int = 2000, batch: int = 64, lr:
     images = np.stack([render(make_scene(1, "train", i)) for i in range(scenes)]).astype(np.float32) / 127.5 - 1
     labels = np.array([[float(any(o.shape == s for o in make_scene(1, "train", i).objects)) for s in shapes]
                        for i in range(scenes)], np.float32)
-    c = tower.cfg.vit
-    graph, params, rest = nnx.split(tower.vit, nnx.Param, ...)
-    hidden = c.hidden_size
-    head = dict(w=jnp.zeros((2 * hidden, len(shapes))), b=jnp.zeros((len(shapes),)))
+    # The ViT's parameters train; everything else of the tower (the pixel encoder) stays as it is.
+    graph, params, rest = nnx.split(tower, nnx.All(nnx.Param, nnx.PathContains("vit")), ...)
+    head = dict(w=jnp.zeros((2 * tower.cfg.vit.hidden_size, len(shapes))), b=jnp.zeros((len(shapes),)))
     tx = optax.adam(lr)
     opt = tx.init((params, head))
 
     def semantic(p, x):
-        size = dvt.semantic_input_size(x.shape[1], x.shape[2], c.patch_size * c.spatial_merge_size)
-        patches, positions, _ = vit_lib.patchify_qwen2(dvt.scale_for_vit(x, size), c.patch_size,
-                                                       c.temporal_patch_size, c.spatial_merge_size)
-        return nnx.merge(graph, p, rest)(patches, positions, trainable_from=0)
+        return nnx.merge(graph, p, rest).semantic_features(x)
 
     @jax.jit
     def step(p, h, o, x, y):
@@ -82,7 +76,7 @@ def train_shape_head(tower, steps: int, scenes: int = 2000, batch: int = 64, lr:
             log.append(dict(step=s + 1, loss=float(loss), presence_accuracy=float(acc)))
             print(f"shape head step {s + 1}: loss {float(loss):.3f}, presence accuracy {float(acc):.3f} "
                   f"({time.time() - t0:.0f} s)", flush=True)
-    nnx.update(tower.vit, params)
+    nnx.update(tower, params)
     return log
 
 

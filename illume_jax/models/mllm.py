@@ -280,15 +280,18 @@ class DualVisionTower(nnx.Module):
         self.vit = vit.Qwen2VisionTransformer(cfg.vit, rngs=rngs)
         self.pixel_encoder = movq.MoVQEncoder(cfg.pixel_encoder, rngs=rngs)
 
-    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """images [N,H,W,3] in [-1,1] -> (semantic [N,h1*w1,hidden], pixel [N,h2*w2,z])."""
+    def semantic_features(self, images: jax.Array) -> jax.Array:
+        """images [N,H,W,3] in [-1,1] -> the ViT merger's features [N,h1*w1,hidden]."""
         c = self.cfg.vit
         size = dvt.semantic_input_size(images.shape[1], images.shape[2], c.patch_size * c.spatial_merge_size)
         x = dvt.scale_for_vit(images, size)
         patches, positions, _ = vit.patchify_qwen2(x, c.patch_size, c.temporal_patch_size, c.spatial_merge_size)
-        sem = self.vit(patches.astype(jnp.dtype(c.dtype)), positions, trainable_from=self.trainable_from)
+        return self.vit(patches.astype(jnp.dtype(c.dtype)), positions, trainable_from=self.trainable_from)
+
+    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """images [N,H,W,3] in [-1,1] -> (semantic [N,h1*w1,hidden], pixel [N,h2*w2,z])."""
         pix = self.pixel_encoder(images)
-        return sem, pix.reshape(pix.shape[0], -1, pix.shape[-1])
+        return self.semantic_features(images), pix.reshape(pix.shape[0], -1, pix.shape[-1])
 
 
 class MixedProjector(nnx.Module):

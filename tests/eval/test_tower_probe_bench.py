@@ -1,24 +1,14 @@
 """bench/tower_probe.py: a SigLIP-phase ViT loads into the tower bit for bit, and the supervised
 shape check trains the tower's ViT (its parameters move, the pixel encoder's do not)."""
-import importlib.util
-import os
-
 import jax
 import numpy as np
 from flax import nnx
 
+from bench import tower_probe  # the repository root is on sys.path (tests/conftest.py)
 from configs import common
 from configs import dualvitok as dualvitok_config
 from illume_jax.models import mllm
 from illume_jax.train import checkpoint as ckpt_lib
-
-
-def _bench():
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "tower_probe.py")
-    spec = importlib.util.spec_from_file_location("tower_probe", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _tower(seed):
@@ -30,16 +20,15 @@ def _tower(seed):
 
 
 def test_vit_loads_and_the_shape_check_trains_only_the_vit(tmp_path):
-    b = _bench()
     source, tower = _tower(1), _tower(0)
     path = str(tmp_path / "final_vit")
     ckpt_lib.save_tree(path, nnx.state(source.vit, nnx.Param))  # the SigLIP phase's final_vit layout
-    b.load_vit(tower.vit, path)
+    tower_probe.load_vit(tower.vit, path)
     for x, y in zip(jax.tree.leaves(nnx.state(tower.vit, nnx.Param)), jax.tree.leaves(nnx.state(source.vit, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     vit_before = [np.asarray(x).copy() for x in jax.tree.leaves(nnx.state(tower.vit, nnx.Param))]
     pix_before = [np.asarray(x).copy() for x in jax.tree.leaves(nnx.state(tower.pixel_encoder, nnx.Param))]
-    log = b.train_shape_head(tower, steps=3, scenes=16, batch=8)
+    log = tower_probe.train_shape_head(tower, steps=3, scenes=16, batch=8)
     assert [r["step"] for r in log] == [1, 3] and all(np.isfinite(r["loss"]) for r in log)
     vit_after = jax.tree.leaves(nnx.state(tower.vit, nnx.Param))
     assert any(not np.array_equal(a, np.asarray(c)) for a, c in zip(vit_before, vit_after))
