@@ -22,6 +22,7 @@ reads at all, or only in the words `scene_text` gave it?
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -156,25 +157,31 @@ def ridge_classifier_accuracy(train_x: np.ndarray, train_y: Sequence[str], test_
     return classes[np.argmax(b @ w, axis=1)] == np.asarray(test_y)
 
 
+def _mllm_grids(model, images):
+    sem, pix = model.vision(images)
+    return {"semantic": sem, "pixel": pix, "semantic, projected": model.projector.semantic(sem),
+            "pixel, projected": model.projector.pixel(pix)}
+
+
+def _tower_grids(tower, images):
+    sem, pix = tower(images)
+    return {"semantic": sem, "pixel": pix}
+
+
+# The parameters go in as arguments (module_jit), not as constants folded into the program.
+_mllm_features, _tower_features = module_jit(_mllm_grids), module_jit(_tower_grids)
+
+
 def mllm_image_features(model):
     """The MLLM's image features by name, for `object_features`: the tower's semantic (ViT merger) and
     pixel (encoder) grids, each also after its projector (what the LLM reads)."""
-    @jax.jit
-    def features(images):
-        sem, pix = model.vision(images)
-        return {"semantic": sem, "pixel": pix, "semantic, projected": model.projector.semantic(sem),
-                "pixel, projected": model.projector.pixel(pix)}
-    return features
+    return functools.partial(_mllm_features, model)
 
 
 def tower_image_features(tower):
     """A `models.mllm.DualVisionTower`'s semantic and pixel grids by name, for `object_features` (e.g.
     a tokenizer's freshly pre-trained ViT, before any MLLM exists)."""
-    @jax.jit
-    def features(images):
-        sem, pix = tower(images)
-        return {"semantic": sem, "pixel": pix}
-    return features
+    return functools.partial(_tower_features, tower)
 
 
 def object_features(features, *, level: int = 1, train_scenes: int = 1200, test_scenes: int = 300,
