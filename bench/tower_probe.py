@@ -3,13 +3,13 @@ MLLM's tower: a ridge read-out of every ShapeComp object's shape and colour from
 (semantic ViT grid, pixel-encoder grid, both after the projector, raw pixels as the yardstick).
 
   python bench/tower_probe.py --workdir runs/pope_slow_text --step 4500                    # the tower as trained
-  python bench/tower_probe.py --workdir W --step 3000 --vit_from T/vit_pretrain/final_vit  # another ViT in its place
+  python bench/tower_probe.py --workdir W --step 3000 --vit_from T                         # another ViT in its place
   python bench/tower_probe.py --workdir W --step 3000 --shape_steps 600                    # after a supervised check
 
-`--vit_from`: a ViT saved by `train-tokenizer`'s SigLIP phase (`<workdir>/vit_pretrain/final_vit`), put in
-the tower's place (e.g. a longer SigLIP run than the tokenizer's: `pretrain_steps=`). `--shape_steps N`:
-first trains the ViT N steps (Adam 1e-3, batch 64, 2,000 level-1 training scenes) on a supervised shape-presence head (6 sigmoids over its mean-
-and max-pooled features): not part of any recipe, a check of whether this ViT's architecture can hold
+`--vit_from T`: the ViT that `train-tokenizer`'s SigLIP phase saved in workdir T, put in the tower's
+place (e.g. a longer SigLIP run than the tokenizer's: `pretrain_steps=`). `--shape_steps N`: first
+trains the ViT N steps (Adam 1e-3, batch 64, 2,000 level-1 training scenes) on a supervised
+shape-presence head (6 sigmoids over its mean- and max-pooled features): not part of any recipe, a check of whether this ViT's architecture can hold
 shape where its objective does not ask for it. Prints the probe and writes it to --out (JSON).
 """
 from __future__ import annotations
@@ -31,22 +31,15 @@ from illume_jax.data.shapecomp import world
 from illume_jax.data.shapecomp.render import render
 from illume_jax.data.shapecomp.scene import make_scene
 from illume_jax.eval import probe
-from illume_jax.train import checkpoint as ckpt_lib
-
-
-def load_vit(vit_module, path: str) -> None:
-    """A ViT saved by the SigLIP phase (`<tokenizer workdir>/vit_pretrain/final_vit`) into `vit_module`."""
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
-                            nnx.state(vit_module, nnx.Param))
-    nnx.update(vit_module, ckpt_lib.restore_tree(os.path.abspath(path), abstract))
+from illume_jax.train.tokenizer import load_pretrained_vit
 
 
 def train_shape_head(tower, steps: int, scenes: int = 2000, batch: int = 64, lr: float = 1e-3, seed: int = 0) -> list:
     """Trains the tower's ViT (and a linear head) to say which of the level's shapes are in a scene."""
     shapes = list(world.get_level(1).shapes)
-    images = np.stack([render(make_scene(1, "train", i)) for i in range(scenes)]).astype(np.float32) / 127.5 - 1
-    labels = np.array([[float(any(o.shape == s for o in make_scene(1, "train", i).objects)) for s in shapes]
-                       for i in range(scenes)], np.float32)
+    train = [make_scene(1, "train", i) for i in range(scenes)]
+    images = np.stack([render(sc) for sc in train]).astype(np.float32) / 127.5 - 1
+    labels = np.array([[float(any(o.shape == s for o in sc.objects)) for s in shapes] for sc in train], np.float32)
     # The ViT's parameters train; everything else of the tower (the pixel encoder) stays as it is.
     graph, params, rest = nnx.split(tower, nnx.All(nnx.Param, nnx.PathContains("vit")), ...)
     head = dict(w=jnp.zeros((2 * tower.cfg.vit.hidden_size, len(shapes))), b=jnp.zeros((len(shapes),)))
@@ -84,7 +77,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="a `train` workdir of an MLLM (configs/illume_tiny.py)")
     p.add_argument("--step", type=int, default=None, help="its checkpoint (default: the latest)")
-    p.add_argument("--vit_from", default="", help="a SigLIP-phase ViT to put in the tower's place")
+    p.add_argument("--vit_from", default="", help="a train-tokenizer workdir whose SigLIP-phase ViT takes the tower's place")
     p.add_argument("--shape_steps", type=int, default=0, help="supervised shape-presence steps first (a check)")
     p.add_argument("--train_scenes", type=int, default=1200)
     p.add_argument("--test_scenes", type=int, default=300)
@@ -94,7 +87,7 @@ def main() -> None:
     m = Illume.load(a.workdir, step=a.step)
     tower = m.model.vision
     if a.vit_from:
-        load_vit(tower.vit, a.vit_from)
+        load_pretrained_vit(tower.vit, a.vit_from)
     log = train_shape_head(tower, a.shape_steps) if a.shape_steps > 0 else []
     # The projector was trained on the original ViT; with another one only the tower's own grids mean anything.
     features = probe.tower_image_features(tower) if (a.vit_from or a.shape_steps) else probe.mllm_image_features(m.model)

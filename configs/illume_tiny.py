@@ -32,7 +32,7 @@ Args:     --config=configs/illume_tiny.py:steps=400,batch=16,tokenizer=runs/dual
           runs give it 1,500 after 1,200 text steps, where steps=400 keeps the later stages short)
           base_text=0 (0 <= f < 1, with text_steps > 0: `base` draws this share of its records from the
           scene-description datasets of 'scene_text', so the route that looks things up in words stays
-          trained while the image one forms; README, "Keeping the text records in base")
+          trained while the image one forms; README, "The LLM looks shapes up")
           (steps = stage-3 steps; the other stages scale from it)
 Hardware: 2 CPU cores. 64x64 images -> 8x8 semantic + 16x16 pixel codes: 350-token image blocks,
           sequences of 512 (understanding, text-to-image) and 768 (editing, reconstruction) tokens.

@@ -1,5 +1,5 @@
-"""bench/tower_probe.py: a SigLIP-phase ViT loads into the tower bit for bit, and the supervised
-shape check trains the tower's ViT (its parameters move, the pixel encoder's do not)."""
+"""bench/tower_probe.py: the supervised shape check trains the tower's ViT (its parameters move, the
+pixel encoder's do not); a SigLIP-phase ViT (what --vit_from loads) goes into the tower bit for bit."""
 import jax
 import numpy as np
 from flax import nnx
@@ -9,6 +9,7 @@ from configs import common
 from configs import dualvitok as dualvitok_config
 from illume_jax.models import mllm
 from illume_jax.train import checkpoint as ckpt_lib
+from illume_jax.train.tokenizer import load_pretrained_vit, pretrained_vit_path
 
 
 def _tower(seed):
@@ -21,9 +22,8 @@ def _tower(seed):
 
 def test_vit_loads_and_the_shape_check_trains_only_the_vit(tmp_path):
     source, tower = _tower(1), _tower(0)
-    path = str(tmp_path / "final_vit")
-    ckpt_lib.save_tree(path, nnx.state(source.vit, nnx.Param))  # the SigLIP phase's final_vit layout
-    tower_probe.load_vit(tower.vit, path)
+    ckpt_lib.save_tree(pretrained_vit_path(str(tmp_path)), nnx.state(source.vit, nnx.Param))  # as the SigLIP phase
+    load_pretrained_vit(tower.vit, str(tmp_path))
     for x, y in zip(jax.tree.leaves(nnx.state(tower.vit, nnx.Param)), jax.tree.leaves(nnx.state(source.vit, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     vit_before = [np.asarray(x).copy() for x in jax.tree.leaves(nnx.state(tower.vit, nnx.Param))]
