@@ -29,11 +29,16 @@ def _seed(*parts) -> int:
 class ShapeCompImages:
     """Scenes `index` of each level in `levels`, rendered on access (a pure function of the index)."""
 
-    def __init__(self, levels: Sequence[int], split: str, num_per_level: int, target_scale: int = 1):
+    def __init__(self, levels: Sequence[int], split: str, num_per_level: int, target_scale: int = 1,
+                 shape_twins: bool = False):
         """target_scale > 1 adds 'target': the same scene rendered exactly at that many times the
-        resolution (the super-resolution target of the diffusion decoder)."""
+        resolution (the super-resolution target of the diffusion decoder). shape_twins adds
+        'twin_image' / 'twin_caption': the scene with one object's shape changed
+        (`shapecomp.shape_twin`); both captions are then the dense ones, so the pair differs in
+        exactly one word (a short caption might not name the changed object)."""
         self.levels = tuple(int(l) for l in levels)
         self.target_scale = int(target_scale)
+        self.shape_twins = bool(shape_twins)
         for level in self.levels:
             shapecomp.get_level(level)
         shapecomp.world.check_split(split)
@@ -47,8 +52,12 @@ class ShapeCompImages:
     def __getitem__(self, i: int) -> dict:
         level, index = self.levels[i // self.num], i % self.num
         scene = shapecomp.make_scene(level, self.split, index)
-        caption = shapecomp.dense_caption(scene) if index % 2 == 0 else shapecomp.short_caption(scene)
+        dense = index % 2 == 0 or self.shape_twins
+        caption = shapecomp.dense_caption(scene) if dense else shapecomp.short_caption(scene)
         rec = {"image": shapecomp.render(scene), "caption": caption, "id": f"shapecomp-L{level}-{self.split}-{index}"}
+        if self.shape_twins:
+            twin = shapecomp.shape_twin(scene)
+            rec["twin_image"], rec["twin_caption"] = shapecomp.render(twin), shapecomp.dense_caption(twin)
         if self.target_scale > 1:
             rec["target"] = shapecomp.render(shapecomp.scaled(scene, self.target_scale))
         return rec
@@ -137,7 +146,8 @@ class CaptionVocab:
 
 
 class _Prepare:
-    """Record -> {'image': float32 [S,S,3] in [-1,1] (+ 'text' ids)}; a picklable class so
+    """Record -> {'image': float32 [S,S,3] in [-1,1] (+ 'text' ids, + 'twin_image' / 'twin_text'
+    for a record with a shape twin)}; a picklable class so
     Grain worker processes can run it."""
 
     def __init__(self, resolution: int, vocab: CaptionVocab | None, text_len: int, target_scale: int = 1):
@@ -155,6 +165,10 @@ class _Prepare:
                                            else fit_resolution(rec["image"], big))
         if self.vocab is not None:
             out["text"] = self.vocab.encode(rec["caption"], self.text_len)
+        if "twin_image" in rec:  # a shape twin (ShapeCompImages(shape_twins=True)): same size, already square
+            out["twin_image"] = to_model_range(fit_resolution(rec["twin_image"], self.resolution))
+            if self.vocab is not None:
+                out["twin_text"] = self.vocab.encode(rec["twin_caption"], self.text_len)
         return out
 
 

@@ -90,17 +90,28 @@ def make_siglip(config: Any, *, rngs: nnx.Rngs, vocab_size: int | None = None) -
 
 
 def retrieval_accuracy(model: SigLIP, config: Any, vocab, n: int = 128) -> dict:
-    """Image -> caption top-1 accuracy among `n` validation scenes (chance = 1/n, but identical
-    captions count as correct)."""
+    """On `n` validation scenes: val_i2t_acc, image -> caption top-1 accuracy among them (chance
+    = 1/n, but identical captions count as correct); val_twin_acc, how often an image's dense
+    caption scores above its shape twin's (`shapecomp.shape_twin`: one object's shape changed,
+    chance 0.5) -- whether the image embedding knows the shapes, which colour alone cannot tell."""
+    from illume_jax.data import shapecomp
     from illume_jax.data.images import ShapeCompImages, to_model_range
     src = ShapeCompImages(config.data.levels, "validation", max(n // len(config.data.levels), 1))
     recs = [src[i] for i in range(len(src))]
+    scenes = [src.scene(i) for i in range(len(src))]
     imgs = jnp.asarray(np.stack([to_model_range(r["image"]) for r in recs]))
-    ids = jnp.asarray(np.stack([vocab.encode(r["caption"], config.vit_pretrain.text_len) for r in recs]))
-    zi, zt = nnx.jit(lambda m, a, b: (m.embed_images(a), m.embed_text(b)))(model, imgs, ids)
-    best = np.asarray(jnp.argmax(zi @ zt.T, axis=1))
+    encode = lambda texts: np.stack([vocab.encode(t, config.vit_pretrain.text_len) for t in texts])  # noqa: E731
+    ids = encode([r["caption"] for r in recs]
+                 + [shapecomp.dense_caption(s) for s in scenes]
+                 + [shapecomp.dense_caption(shapecomp.shape_twin(s)) for s in scenes])
+    zi, zt = nnx.jit(lambda m, a, b: (m.embed_images(a), m.embed_text(b)))(model, imgs, jnp.asarray(ids))
+    zt_caption, zt_dense, zt_twin = np.split(np.asarray(zt), 3)
+    zi = np.asarray(zi)
+    best = np.argmax(zi @ zt_caption.T, axis=1)
     captions = [r["caption"] for r in recs]
-    return {"val_i2t_acc": float(np.mean([captions[j] == captions[i] for i, j in enumerate(best)]))}
+    twin_right = np.sum(zi * zt_dense, axis=1) > np.sum(zi * zt_twin, axis=1)
+    return {"val_i2t_acc": float(np.mean([captions[j] == captions[i] for i, j in enumerate(best)])),
+            "val_twin_acc": float(np.mean(twin_right))}
 
 
 def feature_distance(model, x: jax.Array, y: jax.Array, config: Any) -> jax.Array:

@@ -125,7 +125,13 @@ def pretrain_vit(config: Any, workdir: str, mesh, *, stop_after_steps: int | Non
     parameters to `<workdir>/vit_pretrain/final_vit` for the tokenizer phase."""
     from illume_jax.models import siglip
     p = config.vit_pretrain
-    _check_batch("vit_pretrain.batch_size", p.batch_size, mesh)
+    twins = bool(p.get("shape_twins", False))
+    if twins and p.batch_size % 2:
+        raise ValueError(f"config.vit_pretrain.batch_size={p.batch_size}: shape_twins needs an even batch "
+                         "(half scenes, half their twins)")
+    # With twins a record carries two images, so batch_size / 2 records make batch_size images.
+    records = p.batch_size // 2 if twins else p.batch_size
+    _check_batch("vit_pretrain.batch_size" + (" / 2 (shape_twins)" if twins else ""), records, mesh)
     if config.data.source != "shapecomp":
         raise ValueError("config.vit_pretrain.steps > 0 needs captions: config.data.source must be 'shapecomp'")
     vocab = images_lib.CaptionVocab(config.data.levels)
@@ -143,17 +149,22 @@ def pretrain_vit(config: Any, workdir: str, mesh, *, stop_after_steps: int | Non
     init = InitProgram(lambda: fresh(nnx.state(make(), nnx.Param)), mesh, out_sh, abs_state)
 
     def step(state: TokenizerState, batch):
+        images, text = batch["image"], batch["text"]
+        if twins:  # the twins join the batch: each is a negative of its scene and of every other caption
+            images = jnp.concatenate([images, batch["twin_image"]], axis=0)
+            text = jnp.concatenate([text, batch["twin_text"]], axis=0)
+
         def loss_fn(params):
-            return nnx.merge(graphdef, params).loss(batch["image"], batch["text"])
+            return nnx.merge(graphdef, params).loss(images, text)
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         return (state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state),
-                dict(metrics, loss=loss, images=jnp.asarray(batch["image"].shape[0], jnp.float32)))
+                dict(metrics, loss=loss, images=jnp.asarray(images.shape[0], jnp.float32)))
 
     jitted = _mesh_jit(step, mesh, out_shardings=(out_sh, None), donate_argnums=(0,))
-    src = images_lib.ShapeCompImages(config.data.levels, "train", config.data.num_examples)
-    it = images_lib.make_image_iterator(src, batch_size=p.batch_size, resolution=config.data.resolution,
+    src = images_lib.ShapeCompImages(config.data.levels, "train", config.data.num_examples, shape_twins=twins)
+    it = images_lib.make_image_iterator(src, batch_size=records, resolution=config.data.resolution,
                                         seed=config.seed + 1, process_index=jax.process_index(),
                                         process_count=jax.process_count(), vocab=vocab, text_len=p.text_len,
                                         num_workers=config.data.num_workers)

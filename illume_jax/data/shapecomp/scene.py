@@ -107,6 +107,27 @@ def scaled(scene: Scene, factor: int) -> Scene:
     return dataclasses.replace(scene, resolution=scene.resolution * factor, objects=objs)
 
 
+def shape_twin(scene: Scene) -> Scene:
+    """The scene with one object's shape changed and everything else (colours, sizes, places,
+    rotations, background) kept: a negative that only shape can tell apart. The object and its
+    new shape are a pure function of the scene's (level, split, index); the new (colour, shape)
+    kind is allowed in the split and not already in the scene, so the twin's description always
+    differs from the original's in that one shape word."""
+    lv = world.get_level(scene.level)
+    rng = scene_rng(scene.level, scene.split, scene.index, salt="twin")
+    kinds = {(o.color, o.shape) for o in scene.objects}
+    for i in rng.permutation(len(scene.objects)):
+        obj = scene.objects[int(i)]
+        options = [s for s in lv.shapes
+                   if (obj.color, s) not in kinds and _pairs_allowed(lv, scene.split, s, obj.color)]
+        if options:
+            new = dataclasses.replace(obj, shape=options[int(rng.integers(len(options)))])
+            objects = scene.objects[:int(i)] + (new,) + scene.objects[int(i) + 1:]
+            return dataclasses.replace(scene, objects=objects)
+    raise ValueError(f"scene level {scene.level} {scene.split} {scene.index}: no object can change shape "
+                     "without repeating a kind already in the scene")
+
+
 POSITION_THRESHOLD = 0.1   # GenEval's shrink factor on the summed box extents
 
 
