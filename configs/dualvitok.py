@@ -2,7 +2,7 @@
 
 Launch:   python -m illume_jax train-tokenizer --config=configs/dualvitok.py:size=tiny --workdir=runs/dualvitok_tiny
 Args:     size=tiny|official, steps, batch, pretrain_steps (tiny SigLIP pre-training of the ViT), levels,
-          shape_twins=0|1 (1: SigLIP batches of scene / one-shape-changed twin pairs, so that the ViT must see shape),
+          shape_twins=k (SigLIP batches of scenes each with k one-shape-changed twins, so that the ViT must see shape),
           pixel_grid=16|32 (tiny only: the pixel code grid of a 64² image; 32 = one fewer down block),
           supervision=semantic|pixel  semantic (default): the spec's tokenizer, level-0 codes from a frozen
                      text-aligned ViT trained to reconstruct its features. pixel: the ILLUME tokenizer
@@ -100,7 +100,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     ))
     c.data = tokenizer_data(a.levels, resolution=64 if tiny else 256, workers=a.workers)
     pretrain = (400 if tiny else 0) if a.pretrain_steps < 0 else a.pretrain_steps
-    c.vit_pretrain = vit_pretrain_config(steps=0 if pixel_only else pretrain, shape_twins=bool(a.shape_twins))
+    c.vit_pretrain = vit_pretrain_config(steps=0 if pixel_only else pretrain, shape_twins=int(a.shape_twins))
     c.train = tokenizer_train_config(
         steps=a.steps or (1200 if tiny else 200_000), batch_size=a.batch or (16 if tiny else 256), lr=1e-4 * (
             10 if tiny else 1),
@@ -140,12 +140,12 @@ def tokenizer_data(levels: str, resolution: int, workers: int = 0) -> mlc.Config
     ))
 
 
-def vit_pretrain_config(steps: int, shape_twins: bool = False) -> mlc.ConfigDict:
+def vit_pretrain_config(steps: int, shape_twins: int = 0) -> mlc.ConfigDict:
     return mlc.ConfigDict(dict(
         steps=steps, batch_size=64, lr=1e-3, b1=0.9, b2=0.95, clip_norm=1.0, warmup_steps=20, weight_decay=0.0,
         text_len=24, text_dim=64, text_layers=2, text_heads=4, embed_dim=64,
-        # True: half of every batch are shape twins of the other half (each scene with one object's
-        # shape changed, captions differing in that word; batch_size still counts images). ShapeComp
+        # k > 0: every scene of a batch comes with k shape twins (one object's shape changed, captions
+        # differing in that word; batch_size still counts images, 1 + k per scene). ShapeComp
         # captions are otherwise told apart by colour alone, and the ViT learns little shape.
         shape_twins=shape_twins))
 

@@ -30,15 +30,18 @@ class ShapeCompImages:
     """Scenes `index` of each level in `levels`, rendered on access (a pure function of the index)."""
 
     def __init__(self, levels: Sequence[int], split: str, num_per_level: int, target_scale: int = 1,
-                 shape_twins: bool = False):
+                 shape_twins: int = 0):
         """target_scale > 1 adds 'target': the same scene rendered exactly at that many times the
-        resolution (the super-resolution target of the diffusion decoder). shape_twins adds
-        'twin_image' / 'twin_caption': the scene with one object's shape changed
-        (`shapecomp.shape_twin`); both captions are then the dense ones, so the pair differs in
-        exactly one word (a short caption might not name the changed object)."""
+        resolution (the super-resolution target of the diffusion decoder). shape_twins = k > 0 adds
+        'twin_image' [k,S,S,3] / 'twin_caption' (k strings): k versions of the scene with one
+        object's shape changed (`shapecomp.shape_twins`); all captions are then the dense ones, so
+        each twin differs from the scene in exactly one word (a short caption might not name the
+        changed object)."""
         self.levels = tuple(int(l) for l in levels)
         self.target_scale = int(target_scale)
-        self.shape_twins = bool(shape_twins)
+        if not isinstance(shape_twins, (int, np.integer)) or isinstance(shape_twins, bool) or shape_twins < 0:
+            raise ValueError(f"shape_twins={shape_twins!r}: expected an int >= 0 (twins per scene)")
+        self.shape_twins = int(shape_twins)
         for level in self.levels:
             shapecomp.get_level(level)
         shapecomp.world.check_split(split)
@@ -56,8 +59,9 @@ class ShapeCompImages:
         caption = shapecomp.dense_caption(scene) if dense else shapecomp.short_caption(scene)
         rec = {"image": shapecomp.render(scene), "caption": caption, "id": f"shapecomp-L{level}-{self.split}-{index}"}
         if self.shape_twins:
-            twin = shapecomp.shape_twin(scene)
-            rec["twin_image"], rec["twin_caption"] = shapecomp.render(twin), shapecomp.dense_caption(twin)
+            twins = shapecomp.shape_twins(scene, self.shape_twins)
+            rec["twin_image"] = np.stack([shapecomp.render(t) for t in twins])
+            rec["twin_caption"] = [shapecomp.dense_caption(t) for t in twins]
         if self.target_scale > 1:
             rec["target"] = shapecomp.render(shapecomp.scaled(scene, self.target_scale))
         return rec
@@ -146,8 +150,8 @@ class CaptionVocab:
 
 
 class _Prepare:
-    """Record -> {'image': float32 [S,S,3] in [-1,1] (+ 'text' ids, + 'twin_image' / 'twin_text'
-    for a record with a shape twin)}; a picklable class so
+    """Record -> {'image': float32 [S,S,3] in [-1,1] (+ 'text' ids, + 'twin_image' [k,S,S,3] /
+    'twin_text' [k,L] for a record with k shape twins)}; a picklable class so
     Grain worker processes can run it."""
 
     def __init__(self, resolution: int, vocab: CaptionVocab | None, text_len: int, target_scale: int = 1):
@@ -165,10 +169,11 @@ class _Prepare:
                                            else fit_resolution(rec["image"], big))
         if self.vocab is not None:
             out["text"] = self.vocab.encode(rec["caption"], self.text_len)
-        if "twin_image" in rec:  # a shape twin (ShapeCompImages(shape_twins=True)): same size, already square
-            out["twin_image"] = to_model_range(fit_resolution(rec["twin_image"], self.resolution))
+        if "twin_image" in rec:  # shape twins (ShapeCompImages(shape_twins=k)): [k,S,S,3], k captions
+            out["twin_image"] = np.stack([to_model_range(fit_resolution(t, self.resolution))
+                                          for t in rec["twin_image"]])
             if self.vocab is not None:
-                out["twin_text"] = self.vocab.encode(rec["twin_caption"], self.text_len)
+                out["twin_text"] = np.stack([self.vocab.encode(t, self.text_len) for t in rec["twin_caption"]])
         return out
 
 

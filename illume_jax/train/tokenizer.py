@@ -125,13 +125,14 @@ def pretrain_vit(config: Any, workdir: str, mesh, *, stop_after_steps: int | Non
     parameters to `<workdir>/vit_pretrain/final_vit` for the tokenizer phase."""
     from illume_jax.models import siglip
     p = config.vit_pretrain
-    twins = bool(p.get("shape_twins", False))
-    if twins and p.batch_size % 2:
-        raise ValueError(f"config.vit_pretrain.batch_size={p.batch_size}: shape_twins needs an even batch "
-                         "(half scenes, half their twins)")
-    # With twins a record carries two images, so batch_size / 2 records make batch_size images.
-    records = p.batch_size // 2 if twins else p.batch_size
-    _check_batch("vit_pretrain.batch_size" + (" / 2 (shape_twins)" if twins else ""), records, mesh)
+    twins = int(p.get("shape_twins", 0))
+    if twins < 0 or p.batch_size % (1 + twins):
+        raise ValueError(f"config.vit_pretrain.batch_size={p.batch_size}, shape_twins={twins}: expected "
+                         f"shape_twins >= 0 and a batch that is a multiple of 1 + shape_twins = {1 + twins} "
+                         "(each scene comes with its twins)")
+    # With k twins a record carries 1 + k images, so batch_size / (1 + k) records make batch_size images.
+    records = p.batch_size // (1 + twins)
+    _check_batch("vit_pretrain.batch_size" + (f" / {1 + twins} (shape_twins)" if twins else ""), records, mesh)
     if config.data.source != "shapecomp":
         raise ValueError("config.vit_pretrain.steps > 0 needs captions: config.data.source must be 'shapecomp'")
     vocab = images_lib.CaptionVocab(config.data.levels)
@@ -151,8 +152,8 @@ def pretrain_vit(config: Any, workdir: str, mesh, *, stop_after_steps: int | Non
     def step(state: TokenizerState, batch):
         images, text = batch["image"], batch["text"]
         if twins:  # the twins join the batch: each is a negative of its scene and of every other caption
-            images = jnp.concatenate([images, batch["twin_image"]], axis=0)
-            text = jnp.concatenate([text, batch["twin_text"]], axis=0)
+            images = jnp.concatenate([images, batch["twin_image"].reshape((-1,) + images.shape[1:])], axis=0)
+            text = jnp.concatenate([text, batch["twin_text"].reshape((-1,) + text.shape[1:])], axis=0)
 
         def loss_fn(params):
             return nnx.merge(graphdef, params).loss(images, text)

@@ -101,27 +101,37 @@ def test_captions_and_relations_follow_the_scene():
                 assert meta["include"][1]["position"][0] in sc.object_relations(a, b)
 
 
-def test_shape_twin_changes_one_shape_and_nothing_else():
+def test_shape_twins_change_one_shape_and_nothing_else():
     held = set(world.HELD_OUT_PAIRS)
     for level in range(4):
         for split in ("train", "compositional"):
             for i in range(60):
                 scene = sc.make_scene(level, split, i)
-                twin = sc.shape_twin(scene)
-                assert twin == sc.shape_twin(scene)  # a pure function of the scene
-                changed = [k for k, (a, b) in enumerate(zip(scene.objects, twin.objects)) if a != b]
-                assert len(changed) == 1
-                a, b = scene.objects[changed[0]], twin.objects[changed[0]]
-                assert a.shape != b.shape and b.shape in world.get_level(level).shapes
-                assert dataclasses.replace(b, shape=a.shape) == a and twin.background == scene.background
-                # A kind new to the scene, and never a held-out pair outside the compositional split.
-                assert (b.color, b.shape) not in {(o.color, o.shape) for o in scene.objects}
-                if split == "train" and level >= 3:
-                    assert (b.color, b.shape) not in held
-                # The dense captions differ in exactly that one word, and so do the pictures.
-                old, new = sc.dense_caption(scene).split(), sc.dense_caption(twin).split()
-                assert len(old) == len(new) and [(x, y) for x, y in zip(old, new) if x != y] == [(a.shape, b.shape)]
-                assert (sc.render(scene) != sc.render(twin)).any()
+                twins = sc.shape_twins(scene, 3)
+                assert twins == sc.shape_twins(scene, 3) and len(set(twins)) == 3  # pure, and all different
+                assert twins[0] == sc.shape_twin(scene) and twins[:2] == sc.shape_twins(scene, 2)
+                for twin in twins:
+                    _check_one_shape_changed(scene, twin, held)
+    with pytest.raises(ValueError, match="only 3 shape twins exist, 4 asked"):
+        sc.shape_twins(sc.make_scene(0, "train", 0), 4)   # one object, 4 shapes
+    with pytest.raises(ValueError, match="k=0"):
+        sc.shape_twins(sc.make_scene(0, "train", 0), 0)
+
+
+def _check_one_shape_changed(scene, twin, held):
+    changed = [k for k, (a, b) in enumerate(zip(scene.objects, twin.objects)) if a != b]
+    assert len(changed) == 1
+    a, b = scene.objects[changed[0]], twin.objects[changed[0]]
+    assert a.shape != b.shape and b.shape in world.get_level(scene.level).shapes
+    assert dataclasses.replace(b, shape=a.shape) == a and twin.background == scene.background
+    # A kind new to the scene, and never a held-out pair outside the compositional split.
+    assert (b.color, b.shape) not in {(o.color, o.shape) for o in scene.objects}
+    if scene.split == "train" and scene.level >= 3:
+        assert (b.color, b.shape) not in held
+    # The dense captions differ in exactly that one word, and so do the pictures.
+    old, new = sc.dense_caption(scene).split(), sc.dense_caption(twin).split()
+    assert len(old) == len(new) and [(x, y) for x, y in zip(old, new) if x != y] == [(a.shape, b.shape)]
+    assert (sc.render(scene) != sc.render(twin)).any()
 
 
 def test_edit_pairs_change_exactly_one_thing():

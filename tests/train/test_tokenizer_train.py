@@ -184,30 +184,33 @@ def test_fine_tuning_starts_from_a_runs_weights(tmp_path):
 
 
 def test_siglip_pretraining_with_shape_twins(tmp_path):
-    """shape_twins: each record brings its one-shape-changed twin, the step trains on both halves
+    """shape_twins=k: each record brings k one-shape-changed twins, the step trains on all of them
     (batch_size counts images), and the evaluation says how often the own caption beats the twin's."""
     from illume_jax.data import images as images_lib
     vocab = images_lib.CaptionVocab((1,))
-    it = images_lib.make_image_iterator(images_lib.ShapeCompImages((1,), "train", 16, shape_twins=True),
+    it = images_lib.make_image_iterator(images_lib.ShapeCompImages((1,), "train", 16, shape_twins=2),
                                         batch_size=4, resolution=64, seed=0, vocab=vocab)
     batch = next(it)
-    assert batch["twin_image"].shape == batch["image"].shape == (4, 64, 64, 3)
-    assert ((batch["text"] != batch["twin_text"]).sum(1) == 1).all()  # one word apart
-    assert (np.abs(batch["image"] - batch["twin_image"]).reshape(4, -1).max(1) > 0).all()
+    assert batch["image"].shape == (4, 64, 64, 3) and batch["twin_image"].shape == (4, 2, 64, 64, 3)
+    assert batch["twin_text"].shape == (4, 2, 24)
+    assert ((batch["text"][:, None] != batch["twin_text"]).sum(-1) == 1).all()  # one word apart
+    assert (np.abs(batch["image"][:, None] - batch["twin_image"]).reshape(8, -1).max(1) > 0).all()
+    with pytest.raises(ValueError, match="shape_twins=True"):
+        images_lib.ShapeCompImages((1,), "train", 16, shape_twins=True)
 
     config = micro_dualvitok()
-    config.vit_pretrain.update(shape_twins=True, steps=2, batch_size=16)
+    config.vit_pretrain.update(shape_twins=1, steps=2, batch_size=16)
     mesh = tok.sharding.make_mesh(dict(config.mesh))
     out = tok.pretrain_vit(config, str(tmp_path / "twins"), mesh)
     assert out["step"] == 2 and out["images"] == 16 and np.isfinite(out["loss"])
     assert 0.0 <= out["val_twin_acc"] <= 1.0 and 0.0 <= out["val_i2t_acc"] <= 1.0
     assert os.path.exists(tok.pretrained_vit_path(str(tmp_path / "twins")))
-    config.vit_pretrain.batch_size = 12   # 6 records: even, but not a multiple of 8 data-parallel devices
+    config.vit_pretrain.batch_size = 12   # 6 records: a multiple of 2, not of 8 data-parallel devices
     if tok.sharding.data_parallel_size(mesh) == 8:
-        with pytest.raises(ValueError, match="shape_twins"):
-            tok.pretrain_vit(config, str(tmp_path / "three"), mesh)
-    config.vit_pretrain.batch_size = 7
-    with pytest.raises(ValueError, match="shape_twins needs an even batch"):
+        with pytest.raises(ValueError, match="/ 2 \\(shape_twins\\)"):
+            tok.pretrain_vit(config, str(tmp_path / "six"), mesh)
+    config.vit_pretrain.update(batch_size=16, shape_twins=2)
+    with pytest.raises(ValueError, match="multiple of 1 \\+ shape_twins = 3"):
         tok.pretrain_vit(config, str(tmp_path / "odd"), mesh)
 
 

@@ -7,7 +7,7 @@ from illume_jax.data.shapecomp.qa import (EXISTENCE_KINDS, POPE_SPLITS, QA_NEGAT
 from illume_jax.data.shapecomp.records import TASKS, WORDS, conversation_records, text_corpus
 from illume_jax.data.shapecomp.render import object_mask, png_bytes, render
 from illume_jax.data.shapecomp.scene import (Obj, Scene, make_scene, object_relations, relations_between, scaled,
-                                             shape_twin)
+                                             shape_twin, shape_twins)
 from illume_jax.data.shapecomp.text import available_tags, dense_caption, prompt_for, short_caption
 from illume_jax.data.shapecomp.world import LEVELS, SPLITS, get_level
 
@@ -15,6 +15,6 @@ __all__ = [
     "OPS", "EditPair", "edit_pair", "EXISTENCE_KINDS", "existence_kind", "POPE_SPLITS", "QA_NEGATIVES",
     "attribute_questions", "existence_questions", "questions",
     "TASKS", "WORDS", "conversation_records", "text_corpus", "object_mask", "png_bytes", "render", "Obj", "Scene",
-    "make_scene", "scaled", "shape_twin", "object_relations", "relations_between", "available_tags", "dense_caption",
+    "make_scene", "scaled", "shape_twin", "shape_twins", "object_relations", "relations_between", "available_tags", "dense_caption",
     "prompt_for", "short_caption", "LEVELS", "SPLITS", "get_level",
 ]

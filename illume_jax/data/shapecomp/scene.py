@@ -107,25 +107,45 @@ def scaled(scene: Scene, factor: int) -> Scene:
     return dataclasses.replace(scene, resolution=scene.resolution * factor, objects=objs)
 
 
-def shape_twin(scene: Scene) -> Scene:
-    """The scene with one object's shape changed and everything else (colours, sizes, places,
-    rotations, background) kept: a negative that only shape can tell apart. The object and its
-    new shape are a pure function of the scene's (level, split, index); the new (colour, shape)
-    kind is allowed in the split and not already in the scene, so the twin's description always
-    differs from the original's in that one shape word."""
+def shape_twins(scene: Scene, k: int) -> list[Scene]:
+    """`k` different twins of the scene, each with one object's shape changed and everything else
+    (colours, sizes, places, rotations, background) kept: negatives that only shape can tell
+    apart. Objects take turns in an order drawn from the scene's (level, split, index), so the
+    twins are a pure function of it; each new (colour, shape) kind is allowed in the split and not
+    already in the scene, so every twin's description differs from the original's in exactly one
+    shape word, and no two twins are the same."""
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k={k!r}: expected a positive int")
     lv = world.get_level(scene.level)
     rng = scene_rng(scene.level, scene.split, scene.index, salt="twin")
     kinds = {(o.color, o.shape) for o in scene.objects}
-    for i in rng.permutation(len(scene.objects)):
-        obj = scene.objects[int(i)]
-        options = [s for s in lv.shapes
-                   if (obj.color, s) not in kinds and _pairs_allowed(lv, scene.split, s, obj.color)]
-        if options:
-            new = dataclasses.replace(obj, shape=options[int(rng.integers(len(options)))])
-            objects = scene.objects[:int(i)] + (new,) + scene.objects[int(i) + 1:]
-            return dataclasses.replace(scene, objects=objects)
-    raise ValueError(f"scene level {scene.level} {scene.split} {scene.index}: no object can change shape "
-                     "without repeating a kind already in the scene")
+    used: set[tuple[int, str]] = set()
+    twins: list[Scene] = []
+    order = [int(i) for i in rng.permutation(len(scene.objects))]
+    while len(twins) < k:
+        progress = False
+        for i in order:
+            obj = scene.objects[i]
+            options = [s for s in lv.shapes if (i, s) not in used and (obj.color, s) not in kinds
+                       and _pairs_allowed(lv, scene.split, s, obj.color)]
+            if not options:
+                continue
+            shape = options[int(rng.integers(len(options)))]
+            used.add((i, shape))
+            twins.append(dataclasses.replace(scene, objects=scene.objects[:i]
+                                             + (dataclasses.replace(obj, shape=shape),) + scene.objects[i + 1:]))
+            progress = True
+            if len(twins) == k:
+                break
+        if not progress:
+            raise ValueError(f"scene level {scene.level} {scene.split} {scene.index}: only {len(twins)} "
+                             f"shape twins exist, {k} asked")
+    return twins
+
+
+def shape_twin(scene: Scene) -> Scene:
+    """The first of `shape_twins(scene, k)` (the same for every k)."""
+    return shape_twins(scene, 1)[0]
 
 
 POSITION_THRESHOLD = 0.1   # GenEval's shrink factor on the summed box extents
