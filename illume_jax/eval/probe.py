@@ -16,6 +16,7 @@ finds the same word in the description.
     ids = probe.render_question(tok, template, context, "Is there a red circle in the image?")
     maps = probe.attention_maps(llm, ids)                        # [layers, heads, T, T]
     probe.object_features(probe.mllm_image_features(m.model))    # {features: shape / colour accuracy}
+    probe.image_lookups(m.answer_logprobs)                        # "What shape is the red object?" from the image
 
 `object_features` asks the other half of the question: is an object's shape in the image features the LLM
 reads at all, or only in the words `scene_text` gave it?
@@ -89,6 +90,48 @@ def existence_in_text(llm, tokenizer, template: str, *, level: int = 1, split: s
                                auc=scorer.margin_auc(margins, labels), questions=len(labels),
                                by_kind=mllm.accuracy_by_kind(correct, [q["asks"] for _, _, q in items]))
     out["mean"] = {k: float(np.mean([out[s][k] for s in shapecomp.POPE_SPLITS])) for k in ("accuracy", "yes_ratio", "auc")}
+    return out
+
+
+def image_lookups(answer_logprobs, *, level: int = 1, split: str = "test", scenes: int = 150,
+                  batch_size: int = 50) -> dict:
+    """The two lookups of the QA records (`qa_lookups=1`) asked of the image: "What shape is the
+    <colour> object?" for every object of a colour unique in its scene, "What color is the <shape>?"
+    for every object of a unique shape. Whether the model reads an object's shape off the image, which
+    the existence suite can hide (its answers can come from the colour alone). `answer_logprobs`:
+    (images uint8 [N,H,W,3] list, questions, candidate answers) -> [N, len(answers)], e.g.
+    `Illume.answer_logprobs`; the answer is the best of the level's shapes / colours.
+    -> {'shape_of_color' / 'color_of_shape': {accuracy, questions, chance, by_size}}."""
+    from collections import Counter
+
+    from illume_jax.data.shapecomp.render import render
+    from illume_jax.data.shapecomp.scene import make_scene
+    from illume_jax.data.shapecomp import world
+
+    lv = world.get_level(level)
+    items: dict[str, list] = {"shape_of_color": [], "color_of_shape": []}
+    for i in range(scenes):
+        scene = make_scene(level, split, i)
+        image = render(scene)
+        shapes, colors = Counter(o.shape for o in scene.objects), Counter(o.color for o in scene.objects)
+        for o in scene.objects:
+            if colors[o.color] == 1:
+                items["shape_of_color"].append((image, f"What shape is the {o.color} object?", o.shape, o.size))
+            if shapes[o.shape] == 1:
+                items["color_of_shape"].append((image, f"What color is the {o.shape}?", o.color, o.size))
+    out = {}
+    for kind, rows in items.items():
+        candidates = list(lv.shapes if kind == "shape_of_color" else lv.colors)
+        said = []
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            lp = np.asarray(answer_logprobs([r[0] for r in chunk], [r[1] for r in chunk], candidates))
+            said += [candidates[j] for j in np.argmax(lp, axis=1)]
+        correct = np.array([a == r[2] for a, r in zip(said, rows)], bool)
+        sizes = np.array([r[3] for r in rows])
+        out[kind] = dict(accuracy=float(correct.mean()) if len(rows) else float("nan"), questions=len(rows),
+                         chance=1 / len(candidates),
+                         by_size={str(z): float(correct[sizes == z].mean()) for z in sorted(set(sizes))})
     return out
 
 

@@ -169,3 +169,40 @@ def test_object_features_probe_runs_on_a_tiny_mllm():
                                   batch_size=20)
     assert set(alone) == {"objects", "chance", "semantic", "pixel", "raw pixels"}
     assert alone["pixel"] == out["pixel"] and alone["raw pixels"] == out["raw pixels"]
+
+
+def test_image_lookups_ask_every_unique_object_and_score_the_best_answer():
+    """An oracle that knows each image's scene answers every lookup right; one that always says the
+    first candidate is right exactly where that is the answer."""
+    from illume_jax.data.shapecomp.render import render
+    from illume_jax.data.shapecomp import world
+
+    scenes = [shapecomp.make_scene(1, "test", i) for i in range(30)]
+    by_image = {render(s).tobytes(): s for s in scenes}
+    asked = []
+
+    def oracle(images, questions, answers):
+        out = np.full((len(images), len(answers)), -5.0)
+        for n, (image, q) in enumerate(zip(images, questions)):
+            scene = by_image[np.asarray(image).tobytes()]
+            asked.append(q)
+            word = q.rstrip("?").split()[4]   # What shape is the <colour> object / What color is the <shape>
+            obj = next(o for o in scene.objects if word in (o.color, o.shape))
+            out[n, answers.index(obj.shape if q.startswith("What shape") else obj.color)] = -0.1
+        return out
+
+    right = probe.image_lookups(oracle, scenes=30, batch_size=7)
+    expected = {k: 0 for k in ("shape_of_color", "color_of_shape")}
+    for s in scenes:
+        colors = [o.color for o in s.objects]
+        shapes = [o.shape for o in s.objects]
+        expected["shape_of_color"] += sum(colors.count(c) == 1 for c in colors)
+        expected["color_of_shape"] += sum(shapes.count(x) == 1 for x in shapes)
+    assert {k: v["questions"] for k, v in right.items()} == expected and len(asked) == sum(expected.values())
+    assert all(v["accuracy"] == 1.0 and set(v["by_size"]) == {"small", "large"} for v in right.values())
+    first = probe.image_lookups(lambda im, q, a: np.tile(np.arange(len(a))[::-1], (len(im), 1)), scenes=30)
+    lv = world.get_level(1)
+    share = np.mean([o.shape == lv.shapes[0] for s in scenes for o in s.objects
+                     if [x.color for x in s.objects].count(o.color) == 1])
+    assert first["shape_of_color"]["accuracy"] == pytest.approx(share)
+    assert first["shape_of_color"]["chance"] == pytest.approx(1 / len(lv.shapes))
