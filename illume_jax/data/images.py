@@ -30,18 +30,20 @@ class ShapeCompImages:
     """Scenes `index` of each level in `levels`, rendered on access (a pure function of the index)."""
 
     def __init__(self, levels: Sequence[int], split: str, num_per_level: int, target_scale: int = 1,
-                 shape_twins: int = 0):
+                 shape_twins: int = 0, dense_captions: bool = False):
         """target_scale > 1 adds 'target': the same scene rendered exactly at that many times the
         resolution (the super-resolution target of the diffusion decoder). shape_twins = k > 0 adds
         'twin_image' [k,S,S,3] / 'twin_caption' (k strings): k versions of the scene with one
         object's shape changed (`shapecomp.shape_twins`); all captions are then the dense ones, so
         each twin differs from the scene in exactly one word (a short caption might not name the
-        changed object)."""
+        changed object). dense_captions: every caption the dense one (else every other one is a
+        short GenEval-style caption)."""
         self.levels = tuple(int(l) for l in levels)
         self.target_scale = int(target_scale)
         if not isinstance(shape_twins, (int, np.integer)) or isinstance(shape_twins, bool) or shape_twins < 0:
             raise ValueError(f"shape_twins={shape_twins!r}: expected an int >= 0 (twins per scene)")
         self.shape_twins = int(shape_twins)
+        self.dense_captions = bool(dense_captions)
         for level in self.levels:
             shapecomp.get_level(level)
         shapecomp.world.check_split(split)
@@ -55,7 +57,7 @@ class ShapeCompImages:
     def __getitem__(self, i: int) -> dict:
         level, index = self.levels[i // self.num], i % self.num
         scene = shapecomp.make_scene(level, self.split, index)
-        dense = index % 2 == 0 or self.shape_twins
+        dense = index % 2 == 0 or self.shape_twins or self.dense_captions
         caption = shapecomp.dense_caption(scene) if dense else shapecomp.short_caption(scene)
         rec = {"image": shapecomp.render(scene), "caption": caption, "id": f"shapecomp-L{level}-{self.split}-{index}"}
         if self.shape_twins:

@@ -7,6 +7,13 @@ small text transformer over word-level caption ids, trained with the sigmoid los
 (Zhai et al. 2023): every image-caption pair of the batch is a binary problem, positives on
 the diagonal; logits = exp(t) * cos + b with t, b learned (init log 10 and -10).
 
+A contrastive loss over pooled embeddings asks only for what tells a batch's captions apart; on
+ShapeComp that is mostly colour. Two additions make the ViT see shape (`config.vit_pretrain`):
+`shape_twins` (negatives that differ from a scene in one object's shape, `train/tokenizer.py`) and
+`caption_weight`, a captioning loss in the manner of CapPa (Tschannen et al. 2023): a small causal
+decoder that cross-attends to the ViT's token grid predicts the dense caption word by word, so each
+object's size, colour, shape and place must be readable from the tokens around it.
+
 After pre-training the tokenizer copies `vit` and freezes it; `feature_distance` serves as
 the offline perceptual loss (see `train/tokenizer.py`).
 """
@@ -21,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from illume_jax.models import vit
+from illume_jax.modules.attention import attend
 from illume_jax.modules.linear import Dense
 
 
@@ -40,9 +48,82 @@ def image_tokens(model, images: jax.Array, config: Any) -> jax.Array:
     return clip_vit_tokens(model, images, config.model.image_size)
 
 
+class CaptionBlock(nnx.Module):
+    """Pre-norm decoder block: causal self-attention over the words, cross-attention to the image
+    tokens, GELU MLP."""
+
+    def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs):
+        if dim % heads:
+            raise ValueError(f"caption decoder: width {dim} is not a multiple of {heads} heads")
+        H = dim // heads
+        dt = dict(rngs=rngs, use_bias=True)
+        self.norm1 = vit.LayerNorm(dim, eps=1e-6)
+        self.qkv = Dense((dim,), (3, heads, H), axes=("embed", None, "heads", "head_dim"), **dt)
+        self.self_out = Dense((heads, H), (dim,), axes=("heads", "head_dim", "embed"), **dt)
+        self.norm2 = vit.LayerNorm(dim, eps=1e-6)
+        self.q = Dense((dim,), (heads, H), axes=("embed", "heads", "head_dim"), **dt)
+        self.kv = Dense((dim,), (2, heads, H), axes=("embed", None, "heads", "head_dim"), **dt)
+        self.cross_out = Dense((heads, H), (dim,), axes=("heads", "head_dim", "embed"), **dt)
+        self.norm3 = vit.LayerNorm(dim, eps=1e-6)
+        self.mlp = vit.VisionMLP(dim, 4 * dim, "gelu", dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+
+    def __call__(self, x: jax.Array, image: jax.Array, words: jax.Array) -> jax.Array:
+        qkv = self.qkv(self.norm1(x))
+        x = x + self.self_out(attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], q_segment_ids=words, causal=True))
+        kv = self.kv(image)
+        ones = jnp.ones(image.shape[:2], jnp.int32)
+        x = x + self.cross_out(attend(self.q(self.norm2(x)), kv[:, :, 0], kv[:, :, 1], causal=False,
+                                      q_segment_ids=jnp.ones(x.shape[:2], jnp.int32), kv_segment_ids=ones))
+        return x + self.mlp(self.norm3(x))
+
+
+class CaptionDecoder(nnx.Module):
+    """Predicts caption word t from a start vector, words < t and the image tokens (teacher forcing)."""
+
+    def __init__(self, vocab_size: int, image_width: int, dim: int, layers: int, heads: int, max_len: int, *,
+                 rngs: nnx.Rngs):
+        self.embed = nnx.Embed(vocab_size, dim, rngs=rngs,
+                               embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), (None, "embed")))
+        self.start = nnx.Param(jax.random.normal(rngs.params(), (dim,)) * 0.02, out_sharding=("embed",))
+        self.positions = nnx.Param(jax.random.normal(rngs.params(), (max_len, dim)) * 0.02,
+                                   out_sharding=(None, "embed"))
+        self.image_in = Dense((image_width,), (dim,), axes=("embed", None), use_bias=True, rngs=rngs)
+        self.blocks = nnx.List([CaptionBlock(dim, heads, rngs=rngs) for _ in range(layers)])
+        self.norm = vit.LayerNorm(dim, eps=1e-6)
+        self.head = Dense((dim,), (vocab_size,), axes=("embed", None), rngs=rngs)
+
+    def __call__(self, image_tokens: jax.Array, ids: jax.Array) -> jax.Array:
+        """image_tokens [B,S,W], ids [B,L] (0 = padding) -> logits [B,L,V] for ids[:, t]."""
+        B, L = ids.shape
+        if L > self.positions.shape[0]:
+            raise ValueError(f"caption of {L} words: the decoder was built for at most {self.positions.shape[0]}")
+        prev = jnp.concatenate([jnp.broadcast_to(self.start[...], (B, 1, self.start.shape[0])),
+                                self.embed(ids[:, :-1])], axis=1)
+        x = prev + self.positions[...][:L]
+        # The start slot and every real word's slot form segment 1; padding after the caption its own.
+        words = jnp.concatenate([jnp.ones((B, 1), jnp.int32), (ids[:, :-1] != 0).astype(jnp.int32)], axis=1)
+        image = self.image_in(image_tokens)
+        for block in self.blocks:
+            x = block(x, image, words)
+        return self.head(self.norm(x))
+
+
+def caption_loss(logits: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean cross-entropy and argmax accuracy over the real (non-padding) words."""
+    mask = (ids != 0).astype(jnp.float32)
+    ce = -jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), ids[..., None], axis=-1)[..., 0]
+    n = jnp.maximum(mask.sum(), 1.0)
+    return (ce * mask).sum() / n, ((jnp.argmax(logits, -1) == ids) * mask).sum() / n
+
+
 class SigLIP(nnx.Module):
     def __init__(self, config: Any, vocab_size: int, *, rngs: nnx.Rngs):
         p = config.vit_pretrain
+        self.siglip_weight = float(p.get("siglip_weight", 1.0))
+        self.caption_weight = float(p.get("caption_weight", 0.0))
+        if self.siglip_weight < 0 or self.caption_weight < 0 or self.siglip_weight + self.caption_weight == 0:
+            raise ValueError(f"config.vit_pretrain.siglip_weight={self.siglip_weight}, caption_weight="
+                             f"{self.caption_weight}: expected weights >= 0, not both 0")
         self.config = config
         self.vit = _vit_for(config, rngs)
         width = config.model.vit.hidden_size
@@ -56,6 +137,8 @@ class SigLIP(nnx.Module):
         self.text_proj = Dense((p.text_dim,), (p.embed_dim,), axes=("embed", None), rngs=rngs)
         self.logit_scale = nnx.Param(jnp.asarray(math.log(10.0)), out_sharding=())
         self.logit_bias = nnx.Param(jnp.asarray(-10.0), out_sharding=())
+        self.captioner = CaptionDecoder(vocab_size, width, p.caption_dim, p.caption_layers, p.caption_heads,
+                                        p.text_len, rngs=rngs) if self.caption_weight > 0 else None
 
     def embed_images(self, images: jax.Array) -> jax.Array:
         tokens = image_tokens(self.vit, images, self.config)
@@ -74,12 +157,20 @@ class SigLIP(nnx.Module):
         return z / jnp.linalg.norm(z, axis=-1, keepdims=True)
 
     def loss(self, images: jax.Array, text: jax.Array) -> tuple[jax.Array, dict]:
-        zi, zt = self.embed_images(images), self.embed_text(text)
+        tokens = image_tokens(self.vit, images, self.config)
+        z = self.image_proj(tokens.mean(1))
+        zi, zt = z / jnp.linalg.norm(z, axis=-1, keepdims=True), self.embed_text(text)
         logits = jnp.exp(self.logit_scale[...]) * zi @ zt.T + self.logit_bias[...]
         labels = 2.0 * jnp.eye(logits.shape[0]) - 1.0
-        loss = -jnp.mean(jnp.sum(jax.nn.log_sigmoid(labels * logits), axis=-1))
+        contrastive = -jnp.mean(jnp.sum(jax.nn.log_sigmoid(labels * logits), axis=-1))
         acc = jnp.mean(jnp.argmax(logits, axis=1) == jnp.arange(logits.shape[0]))
-        return loss, {"i2t_acc": acc}
+        metrics = {"i2t_acc": acc, "siglip_loss": contrastive}
+        loss = self.siglip_weight * contrastive
+        if self.captioner is not None:
+            cap, cap_acc = caption_loss(self.captioner(tokens, text), text)
+            loss = loss + self.caption_weight * cap
+            metrics.update(caption_loss=cap, caption_acc=cap_acc)
+        return loss, metrics
 
 
 def make_siglip(config: Any, *, rngs: nnx.Rngs, vocab_size: int | None = None) -> SigLIP:
@@ -110,8 +201,24 @@ def retrieval_accuracy(model: SigLIP, config: Any, vocab, n: int = 128) -> dict:
     best = np.argmax(zi @ zt_caption.T, axis=1)
     captions = [r["caption"] for r in recs]
     twin_right = np.sum(zi * zt_dense, axis=1) > np.sum(zi * zt_twin, axis=1)
-    return {"val_i2t_acc": float(np.mean([captions[j] == captions[i] for i, j in enumerate(best)])),
-            "val_twin_acc": float(np.mean(twin_right))}
+    out = {"val_i2t_acc": float(np.mean([captions[j] == captions[i] for i, j in enumerate(best)])),
+           "val_twin_acc": float(np.mean(twin_right))}
+    if getattr(model, "captioner", None) is not None:
+        out.update(caption_accuracy(model, config, vocab, imgs, ids[len(recs):2 * len(recs)]))
+    return out
+
+
+def caption_accuracy(model: SigLIP, config: Any, vocab, images: jax.Array, ids: np.ndarray) -> dict:
+    """Teacher-forced argmax accuracy of the caption decoder on dense captions `ids` of `images`:
+    over all words (val_caption_acc) and over the shape words alone (val_caption_shape_acc: is each
+    object's shape read off the image, given the words before it, size and colour included)."""
+    from illume_jax.data.shapecomp import world
+    logits = nnx.jit(lambda m, a, b: m.captioner(image_tokens(m.vit, a, config), b))(model, images, jnp.asarray(ids))
+    said = np.asarray(jnp.argmax(logits, -1))
+    shape_ids = np.isin(ids, [vocab.index[s] for s in world.SHAPES if s in vocab.index])
+    real = ids != 0
+    return {"val_caption_acc": float(np.mean(said[real] == ids[real])),
+            "val_caption_shape_acc": float(np.mean(said[shape_ids] == ids[shape_ids]))}
 
 
 def feature_distance(model, x: jax.Array, y: jax.Array, config: Any) -> jax.Array:

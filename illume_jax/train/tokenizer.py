@@ -164,7 +164,8 @@ def pretrain_vit(config: Any, workdir: str, mesh, *, stop_after_steps: int | Non
                 dict(metrics, loss=loss, images=jnp.asarray(images.shape[0], jnp.float32)))
 
     jitted = _mesh_jit(step, mesh, out_shardings=(out_sh, None), donate_argnums=(0,))
-    src = images_lib.ShapeCompImages(config.data.levels, "train", config.data.num_examples, shape_twins=twins)
+    src = images_lib.ShapeCompImages(config.data.levels, "train", config.data.num_examples, shape_twins=twins,
+                                     dense_captions=float(p.get("caption_weight", 0.0)) > 0)
     it = images_lib.make_image_iterator(src, batch_size=records, resolution=config.data.resolution,
                                         seed=config.seed + 1, process_index=jax.process_index(),
                                         process_count=jax.process_count(), vocab=vocab, text_len=p.text_len,

@@ -185,7 +185,8 @@ def test_fine_tuning_starts_from_a_runs_weights(tmp_path):
 
 def test_siglip_pretraining_with_shape_twins(tmp_path):
     """shape_twins=k: each record brings k one-shape-changed twins, the step trains on all of them
-    (batch_size counts images), and the evaluation says how often the own caption beats the twin's."""
+    (batch_size counts images), and the evaluation says how often the own caption beats the twin's;
+    with caption_weight the captioning loss joins the sum and its accuracies the evaluation."""
     from illume_jax.data import images as images_lib
     vocab = images_lib.CaptionVocab((1,))
     it = images_lib.make_image_iterator(images_lib.ShapeCompImages((1,), "train", 16, shape_twins=2),
@@ -198,12 +199,15 @@ def test_siglip_pretraining_with_shape_twins(tmp_path):
     with pytest.raises(ValueError, match="shape_twins=True"):
         images_lib.ShapeCompImages((1,), "train", 16, shape_twins=True)
 
-    config = micro_dualvitok()
-    config.vit_pretrain.update(shape_twins=1, steps=2, batch_size=16)
+    config = micro_dualvitok()   # with the captioning loss too (caption_weight > 0)
+    config.vit_pretrain.update(shape_twins=1, steps=2, batch_size=16, caption_weight=0.5, caption_dim=16,
+                               caption_heads=2, caption_layers=1)
     mesh = tok.sharding.make_mesh(dict(config.mesh))
     out = tok.pretrain_vit(config, str(tmp_path / "twins"), mesh)
     assert out["step"] == 2 and out["images"] == 16 and np.isfinite(out["loss"])
-    assert 0.0 <= out["val_twin_acc"] <= 1.0 and 0.0 <= out["val_i2t_acc"] <= 1.0
+    assert out["loss"] == pytest.approx(out["siglip_loss"] + 0.5 * out["caption_loss"], rel=1e-4)
+    for key in ("val_twin_acc", "val_i2t_acc", "val_caption_acc", "val_caption_shape_acc", "caption_acc"):
+        assert 0.0 <= out[key] <= 1.0, key
     assert os.path.exists(tok.pretrained_vit_path(str(tmp_path / "twins")))
     config.vit_pretrain.batch_size = 12   # 6 records: a multiple of 2, not of 8 data-parallel devices
     if tok.sharding.data_parallel_size(mesh) == 8:
