@@ -141,7 +141,9 @@ class SigLIP(nnx.Module):
                                         p.text_len, rngs=rngs) if self.caption_weight > 0 else None
 
     def embed_images(self, images: jax.Array) -> jax.Array:
-        tokens = image_tokens(self.vit, images, self.config)
+        return self._pooled(image_tokens(self.vit, images, self.config))
+
+    def _pooled(self, tokens: jax.Array) -> jax.Array:
         z = self.image_proj(tokens.mean(1))
         return z / jnp.linalg.norm(z, axis=-1, keepdims=True)
 
@@ -157,9 +159,8 @@ class SigLIP(nnx.Module):
         return z / jnp.linalg.norm(z, axis=-1, keepdims=True)
 
     def loss(self, images: jax.Array, text: jax.Array) -> tuple[jax.Array, dict]:
-        tokens = image_tokens(self.vit, images, self.config)
-        z = self.image_proj(tokens.mean(1))
-        zi, zt = z / jnp.linalg.norm(z, axis=-1, keepdims=True), self.embed_text(text)
+        tokens = image_tokens(self.vit, images, self.config)   # once, for both losses
+        zi, zt = self._pooled(tokens), self.embed_text(text)
         logits = jnp.exp(self.logit_scale[...]) * zi @ zt.T + self.logit_bias[...]
         labels = 2.0 * jnp.eye(logits.shape[0]) - 1.0
         contrastive = -jnp.mean(jnp.sum(jax.nn.log_sigmoid(labels * logits), axis=-1))

@@ -15,6 +15,6 @@ __all__ = [
     "OPS", "EditPair", "edit_pair", "EXISTENCE_KINDS", "existence_kind", "POPE_SPLITS", "QA_NEGATIVES",
     "attribute_questions", "existence_questions", "questions",
     "TASKS", "WORDS", "conversation_records", "text_corpus", "object_mask", "png_bytes", "render", "Obj", "Scene",
-    "make_scene", "scaled", "shape_twin", "shape_twins", "object_relations", "relations_between", "available_tags", "dense_caption",
-    "prompt_for", "short_caption", "LEVELS", "SPLITS", "get_level",
+    "make_scene", "scaled", "shape_twin", "shape_twins", "object_relations", "relations_between", "available_tags",
+    "dense_caption", "prompt_for", "short_caption", "LEVELS", "SPLITS", "get_level",
 ]
