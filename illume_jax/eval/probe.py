@@ -102,23 +102,22 @@ def image_lookups(answer_logprobs, *, level: int = 1, split: str = "test", scene
     (images uint8 [N,H,W,3] list, questions, candidate answers) -> [N, len(answers)], e.g.
     `Illume.answer_logprobs`; the answer is the best of the level's shapes / colours.
     -> {'shape_of_color' / 'color_of_shape': {accuracy, questions, chance, by_size}}."""
-    from collections import Counter
-
+    from illume_jax.data.shapecomp.qa import attribute_questions
     from illume_jax.data.shapecomp.render import render
     from illume_jax.data.shapecomp.scene import make_scene
     from illume_jax.data.shapecomp import world
 
     lv = world.get_level(level)
     items: dict[str, list] = {"shape_of_color": [], "color_of_shape": []}
+    kinds = {"shape": "shape_of_color", "color": "color_of_shape"}
     for i in range(scenes):
         scene = make_scene(level, split, i)
         image = render(scene)
-        shapes, colors = Counter(o.shape for o in scene.objects), Counter(o.color for o in scene.objects)
-        for o in scene.objects:
-            if colors[o.color] == 1:
-                items["shape_of_color"].append((image, f"What shape is the {o.color} object?", o.shape, o.size))
-            if shapes[o.shape] == 1:
-                items["color_of_shape"].append((image, f"What color is the {o.shape}?", o.color, o.size))
+        # The training records' own wording; each answer names one object (its attribute is unique).
+        for q in attribute_questions(scene, lookups=True):
+            if q["kind"] in kinds:
+                obj = next(o for o in scene.objects if q["answer"] == getattr(o, q["kind"]))
+                items[kinds[q["kind"]]].append((image, q["question"], q["answer"], obj.size))
     out = {}
     for kind, rows in items.items():
         candidates = list(lv.shapes if kind == "shape_of_color" else lv.colors)

@@ -158,6 +158,13 @@ class SigLIP(nnx.Module):
         z = self.text_proj(pooled)
         return z / jnp.linalg.norm(z, axis=-1, keepdims=True)
 
+    def evaluation_outputs(self, images: jax.Array, text: jax.Array, captions: jax.Array):
+        """Image embeddings, text embeddings and (with a captioner, else None) the caption logits
+        for `captions` of `images`: the ViT runs once for both."""
+        tokens = image_tokens(self.vit, images, self.config)
+        logits = self.captioner(tokens, captions) if self.captioner is not None else None
+        return self._pooled(tokens), self.embed_text(text), logits
+
     def loss(self, images: jax.Array, text: jax.Array) -> tuple[jax.Array, dict]:
         tokens = image_tokens(self.vit, images, self.config)   # once, for both losses
         zi, zt = self._pooled(tokens), self.embed_text(text)
@@ -196,7 +203,9 @@ def retrieval_accuracy(model: SigLIP, config: Any, vocab, n: int = 128) -> dict:
     ids = encode([r["caption"] for r in recs]
                  + [shapecomp.dense_caption(s) for s in scenes]
                  + [shapecomp.dense_caption(shapecomp.shape_twin(s)) for s in scenes])
-    zi, zt = nnx.jit(lambda m, a, b: (m.embed_images(a), m.embed_text(b)))(model, imgs, jnp.asarray(ids))
+    dense_ids = ids[len(recs):2 * len(recs)]
+    zi, zt, logits = nnx.jit(lambda m, a, b, c: m.evaluation_outputs(a, b, c))(
+        model, imgs, jnp.asarray(ids), jnp.asarray(dense_ids))
     zt_caption, zt_dense, zt_twin = np.split(np.asarray(zt), 3)
     zi = np.asarray(zi)
     best = np.argmax(zi @ zt_caption.T, axis=1)
@@ -204,18 +213,17 @@ def retrieval_accuracy(model: SigLIP, config: Any, vocab, n: int = 128) -> dict:
     twin_right = np.sum(zi * zt_dense, axis=1) > np.sum(zi * zt_twin, axis=1)
     out = {"val_i2t_acc": float(np.mean([captions[j] == captions[i] for i, j in enumerate(best)])),
            "val_twin_acc": float(np.mean(twin_right))}
-    if getattr(model, "captioner", None) is not None:
-        out.update(caption_accuracy(model, config, vocab, imgs, ids[len(recs):2 * len(recs)]))
+    if logits is not None:
+        out.update(caption_accuracy(np.asarray(logits), dense_ids, vocab))
     return out
 
 
-def caption_accuracy(model: SigLIP, config: Any, vocab, images: jax.Array, ids: np.ndarray) -> dict:
-    """Teacher-forced argmax accuracy of the caption decoder on dense captions `ids` of `images`:
-    over all words (val_caption_acc) and over the shape words alone (val_caption_shape_acc: is each
+def caption_accuracy(logits: np.ndarray, ids: np.ndarray, vocab) -> dict:
+    """Teacher-forced argmax accuracy of the caption decoder's `logits` on dense captions `ids`: over
+    all words (val_caption_acc) and over the shape words alone (val_caption_shape_acc: is each
     object's shape read off the image, given the words before it, size and colour included)."""
     from illume_jax.data.shapecomp import world
-    logits = nnx.jit(lambda m, a, b: m.captioner(image_tokens(m.vit, a, config), b))(model, images, jnp.asarray(ids))
-    said = np.asarray(jnp.argmax(logits, -1))
+    said = np.argmax(logits, -1)
     shape_ids = np.isin(ids, [vocab.index[s] for s in world.SHAPES if s in vocab.index])
     real = ids != 0
     return {"val_caption_acc": float(np.mean(said[real] == ids[real])),

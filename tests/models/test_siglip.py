@@ -26,8 +26,8 @@ class BagOfWords(nnx.Module):
         counts = counts.at[:, 0].set(0.0)   # padding
         return counts / jnp.linalg.norm(counts, axis=-1, keepdims=True)
 
-    def embed_images(self, images):
-        return self.image_rows[...][: images.shape[0]]
+    def evaluation_outputs(self, images, text, captions):   # SigLIP's evaluation interface
+        return self.image_rows[...][: images.shape[0]], self.embed_text(text), None
 
 
 def test_retrieval_and_twin_accuracy_score_the_right_pairs():
