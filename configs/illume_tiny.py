@@ -33,6 +33,11 @@ Args:     --config=configs/illume_tiny.py:steps=400,batch=16,tokenizer=runs/dual
           base_text=0 (0 <= f < 1, with text_steps > 0: `base` draws this share of its records from the
           scene-description datasets of 'scene_text', so the route that looks things up in words stays
           trained while the image one forms; README, "The LLM looks shapes up")
+          qa_turns=0 (> 0: the image QA records ask at most this many questions each, a scene's questions
+          spread over several records; 0: all in one conversation, where earlier answers give the later
+          ones away in words. The scene-description QA of 'scene_text' stays whole. With qa_turns > 0
+          `base` weights its loss by dataset, as align and sft do: a one-answer record has ~2 label
+          tokens against a caption's ~20, and by tokens image QA would get ~1% of the gradient)
           (steps = stage-3 steps; the other stages scale from it)
 Hardware: 2 CPU cores. 64x64 images -> 8x8 semantic + 16x16 pixel codes: 350-token image blocks,
           sequences of 512 (understanding, text-to-image) and 768 (editing, reconstruction) tokens.
@@ -81,7 +86,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     a = common.parse_arg(arg, steps=400, batch=16, tokenizer="runs/dualvitok_tiny", levels="1", workers=0,
                          vocab=512, size="tiny", stages="0123", pixel_grid=16, examples=2000, device="cpu",
                          lr_scale=1.0, tower_lr=0.0, text_steps=0, qa_negatives="mixed", base_steps=0,
-                         qa_lookups=0, text_lr=0.0, base_text=0.0)
+                         qa_lookups=0, text_lr=0.0, base_text=0.0, qa_turns=0)
     if a.size not in LLM_SIZES:
         raise ValueError(f"config argument size={a.size!r}: expected one of {sorted(LLM_SIZES)}")
     if a.device not in DEVICES:
@@ -114,6 +119,11 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         raise ValueError(f"config argument qa_lookups={a.qa_lookups!r}: expected 0 or 1")
     qa_lookups = bool(int(a.qa_lookups))
     c.data.datasets.shapecomp_qa.qa_lookups = qa_lookups
+    if int(a.qa_turns) < 0:
+        raise ValueError(f"config argument qa_turns={a.qa_turns!r}: expected questions per QA record >= 1, "
+                         f"or 0 (all of a scene's in one)")
+    qa_turns = int(a.qa_turns)
+    c.data.datasets.shapecomp_qa.qa_turns = qa_turns
     s3 = a.steps
     if int(a.base_steps) < 0:
         raise ValueError(f"config argument base_steps={a.base_steps!r}: expected a number of steps >= 0 (0: steps // 2)")
@@ -136,7 +146,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         name, steps=max(int(steps), 1), seq_len=seq, global_batch_size=a.batch, lr=lr * float(a.lr_scale), **kw)
     c.stages = [
         stage("base", base_steps, one, lr=3e-3, warmup_steps=20, **understand,
-              mixture=base_mixture),
+              mixture=base_mixture, loss_weighting="dataset" if qa_turns else "token"),
         stage("embed_init", s3 // 4, two, lr=3e-3, warmup_steps=10,
               trainable=("projector/.*", "llm/embed/embedding"), new_vocab_only=True,
               mixture={"shapecomp_recon": 0.5, "shapecomp_caption": 0.5}),

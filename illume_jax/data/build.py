@@ -21,7 +21,8 @@ def _builder(config: Any, name: str, data_dir: str):
     ds = datasets[name]
     if ds.kind == "shapecomp":
         cfg = tfds_builders.shapecomp_config(ds.levels, ds.tasks, int(ds.num_examples),
-                                             ds.get("qa_negatives", "mixed"), ds.get("qa_lookups", False))
+                                             ds.get("qa_negatives", "mixed"), ds.get("qa_lookups", False),
+                                             ds.get("qa_turns", 0))
         return tfds_builders.ShapeComp(config=cfg, data_dir=data_dir, file_format="array_record")
     if ds.kind == "jsonl":
         if not ds.get("path"):

@@ -57,10 +57,11 @@ class ShapeCompConfig(tfds.core.BuilderConfig):
     num_train: int = 1000   # scenes per level in 'train'; validation/test get a tenth
     qa_negatives: str = "mixed"  # how QA existence negatives are drawn (shapecomp.questions)
     qa_lookups: bool = False     # QA asks every colour-of-a-shape and shape-of-a-colour lookup
+    qa_turns: int = 0            # questions per QA record (0: all of a scene's in one)
 
 
 def shapecomp_config(levels, tasks, num_train: int, qa_negatives: str = "mixed",
-                     qa_lookups: bool = False) -> ShapeCompConfig:
+                     qa_lookups: bool = False, qa_turns: int = 0) -> ShapeCompConfig:
     levels, tasks = tuple(int(l) for l in levels), tuple(tasks)
     for level in levels:
         shapecomp.get_level(level)
@@ -71,8 +72,12 @@ def shapecomp_config(levels, tasks, num_train: int, qa_negatives: str = "mixed",
         name += f"_{qa_negatives}neg"
     if qa_lookups and "qa" in tasks:
         name += "_lookups"
+    if isinstance(qa_turns, bool) or int(qa_turns) != qa_turns or qa_turns < 0:
+        raise ValueError(f"shapecomp dataset qa_turns={qa_turns!r}: expected an int >= 0 (0: one QA record per scene)")
+    if qa_turns and "qa" in tasks:
+        name += f"_turns{int(qa_turns)}"
     return ShapeCompConfig(name=name, levels=levels, tasks=tasks, num_train=num_train, qa_negatives=qa_negatives,
-                           qa_lookups=bool(qa_lookups))
+                           qa_lookups=bool(qa_lookups), qa_turns=int(qa_turns))
 
 
 class ShapeComp(tfds.core.GeneratorBasedBuilder):
@@ -104,7 +109,7 @@ class ShapeComp(tfds.core.GeneratorBasedBuilder):
             for i in range(n):
                 for rec in shapecomp.conversation_records(level, split, i, tasks=c.tasks,
                                                            qa_negatives=c.qa_negatives,
-                                                           qa_lookups=c.qa_lookups):
+                                                           qa_lookups=c.qa_lookups, qa_turns=c.qa_turns):
                     yield rec["id"], dict(id=rec["id"], task=rec["task"], images=rec["images"],
                                           conversations=json.dumps(rec["conversations"]), context=rec["context"])
 

@@ -267,3 +267,49 @@ def test_qa_lookups_ask_every_object_by_shape_and_by_colour():
     corpus = set(records.text_corpus([1], "train", 30, ("qa",), qa_lookups=True))
     assert any(line.startswith("What shape is the ") for line in corpus)
     assert not any(line.startswith("What shape is the ") for line in records.text_corpus([1], "train", 30, ("qa",)))
+
+
+def test_qa_turns_spread_a_scenes_questions_over_records():
+    """`qa_turns=k`: the same shuffled questions, in records of at most k, each record with the image in
+    its first turn and an id of its own; 0 is the one-conversation record. The builder's name, the config's
+    image QA dataset (not the scene-description one) and `base`'s loss weighting follow; bad values are
+    named errors."""
+    from configs import illume_tiny
+    from illume_jax.data import tfds_builders
+    from illume_jax.data.shapecomp import records
+    pairs = lambda rec: [(h["value"].removeprefix("<image>\n"), g["value"])  # noqa: E731
+                         for h, g in zip(rec["conversations"][::2], rec["conversations"][1::2])]
+    for i in range(20):
+        whole = records.conversation_records(1, "train", i, tasks=("qa",), qa_lookups=True)
+        assert whole == records.conversation_records(1, "train", i, tasks=("qa",), qa_lookups=True, qa_turns=0)
+        (one,) = whole
+        for k in (1, 3):
+            cut = records.conversation_records(1, "train", i, tasks=("qa",), qa_lookups=True, qa_turns=k)
+            assert [r["id"] for r in cut] == [f"shapecomp-L1-train-{i}-qa-{j}" for j in range(len(cut))]
+            assert sum((pairs(r) for r in cut), []) == pairs(one)  # same questions, same order, nothing lost
+            assert all(len(pairs(r)) == k for r in cut[:-1]) and 1 <= len(pairs(cut[-1])) <= k
+            for r in cut:
+                values = [t["value"] for t in r["conversations"]]
+                assert values[0].startswith("<image>\n") and sum(v.count("<image>") for v in values) == 1
+                assert r["images"] == one["images"] and r["context"] == one["context"] and r["task"] == "qa"
+        assert len(records.conversation_records(1, "train", i, tasks=("qa",), qa_turns=1)) == len(pairs(
+            records.conversation_records(1, "train", i, tasks=("qa",))[0]))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="qa_turns"):
+            records.conversation_records(1, "train", 0, tasks=("qa",), qa_turns=bad)
+        with pytest.raises(ValueError, match="qa_turns"):
+            tfds_builders.shapecomp_config((1,), ("qa",), 8, "random", True, bad)
+    assert tfds_builders.shapecomp_config((1,), ("qa",), 8, "random", True, 1).name == \
+        "levels1_qa_8_randomneg_lookups_turns1"
+    assert tfds_builders.shapecomp_config((1,), ("caption",), 8, "mixed", False, 1).name == "levels1_caption_8"
+    c = illume_tiny.get_config("qa_turns=1,text_steps=10,base_text=0.5")
+    assert c.data.datasets.shapecomp_qa.qa_turns == 1 and not c.data.datasets.shapecomp_qa_text.get("qa_turns", 0)
+    base = next(s for s in c.stages if s.name == "base")
+    assert base.loss_weighting == "dataset"
+    from illume_jax.data import build  # the built dataset is the cut one
+    assert build._builder(c, "shapecomp_qa", "/nonexistent").builder_config.qa_turns == 1
+    default = illume_tiny.get_config("text_steps=10")
+    assert default.data.datasets.shapecomp_qa.qa_turns == 0
+    assert next(s for s in default.stages if s.name == "base").loss_weighting == "token"
+    with pytest.raises(ValueError, match="qa_turns=-1"):
+        illume_tiny.get_config("qa_turns=-1")

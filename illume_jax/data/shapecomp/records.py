@@ -4,7 +4,8 @@ Each record: {'id', 'task', 'level', 'images': [png bytes], 'conversations':
 [{'from': 'human'|'gpt', 'value': str}, ...], 'context': str}. Human turns hold `<image>`
 placeholders; `context` is the dense scene description, which a text-only stage puts in
 place of the image. QA records are multi-turn: one conversation per scene, every question a
-turn (so the image is encoded once, as in LLaVA's multi-question samples).
+turn (so the image is encoded once, as in LLaVA's multi-question samples), unless `qa_turns`
+cuts it into several.
 """
 from __future__ import annotations
 
@@ -30,10 +31,18 @@ def _turns(*pairs: tuple[str, str]) -> list[dict]:
 
 
 def conversation_records(level: int, split: str, index: int, tasks: Iterable[str] = TASKS,
-                         qa_negatives: str = "mixed", qa_lookups: bool = False) -> list[dict]:
+                         qa_negatives: str = "mixed", qa_lookups: bool = False, qa_turns: int = 0) -> list[dict]:
     """qa_negatives: how the QA record's existence negatives are drawn; qa_lookups: whether it asks
-    every object's colour by its shape and shape by its colour (`qa.questions`)."""
+    every object's colour by its shape and shape by its colour (`qa.questions`).
+
+    qa_turns: 0 puts all of a scene's questions in one QA record; k > 0 cuts the same shuffled questions
+    into records of at most k (ids `...-qa-0`, `-qa-1`, ...), each with the image. In one long
+    conversation the earlier answers give the later ones away: "Is there a red circle? yes" answers
+    "What shape is the red object?" from the text, so the image never has to be read for it; with
+    qa_turns=1 every answer comes from the image alone, as in POPE."""
     tasks = tuple(tasks)
+    if isinstance(qa_turns, bool) or not isinstance(qa_turns, int) or qa_turns < 0:
+        raise ValueError(f"qa_turns={qa_turns!r}: expected an int >= 0 (0: one QA record per scene)")
     for t in tasks:
         if t not in TASKS:
             raise ValueError(f"tasks: {t!r} is not one of {TASKS}")
@@ -55,10 +64,12 @@ def conversation_records(level: int, split: str, index: int, tasks: Iterable[str
         items = qa.questions(scene, qa_negatives, qa_lookups)
         order = scene_rng(level, split, index, salt="qa-order").permutation(len(items))
         items = [items[i] for i in order]
-        turns = _turns(*[(q["question"], q["answer"]) for q in items])
-        turns[0]["value"] = "<image>\n" + turns[0]["value"]
-        out.append(dict(id=f"{base}-qa-0", task="qa", level=level, images=[image], conversations=turns,
-                        context=dense))
+        per_record = qa_turns or len(items)
+        for j, start in enumerate(range(0, len(items), per_record)):
+            turns = _turns(*[(q["question"], q["answer"]) for q in items[start:start + per_record]])
+            turns[0]["value"] = "<image>\n" + turns[0]["value"]
+            out.append(dict(id=f"{base}-qa-{j}", task="qa", level=level, images=[image], conversations=turns,
+                            context=dense))
     if "t2i" in tasks:
         prompt = text.short_caption(scene)
         out.append(dict(id=f"{base}-t2i-0", task="t2i", level=level, images=[image],
