@@ -81,6 +81,9 @@ def main() -> None:
     p.add_argument("--shape_steps", type=int, default=0, help="supervised shape-presence steps first (a check)")
     p.add_argument("--train_scenes", type=int, default=1200)
     p.add_argument("--test_scenes", type=int, default=300)
+    p.add_argument("--window_px", type=float, default=20.0,
+                   help="pixels of grid around each object's centre read out (1: only the cell holding the centre, "
+                        "what one image token carries)")
     p.add_argument("--out", default="", help="JSON output (default: bench/results/tower_probe.json)")
     a = p.parse_args()
     from illume_jax import Illume
@@ -91,7 +94,8 @@ def main() -> None:
     log = train_shape_head(tower, a.shape_steps) if a.shape_steps > 0 else []
     # The projector was trained on the original ViT; with another one only the tower's own grids mean anything.
     features = probe.tower_image_features(tower) if (a.vit_from or a.shape_steps) else probe.mllm_image_features(m.model)
-    out = probe.object_features(features, train_scenes=a.train_scenes, test_scenes=a.test_scenes)
+    out = probe.object_features(features, train_scenes=a.train_scenes, test_scenes=a.test_scenes,
+                                 window_px=a.window_px)
     for name, v in out.items():
         if name in ("objects", "chance"):
             print(name, v)
@@ -99,7 +103,7 @@ def main() -> None:
             print(f"{name:22s} shape {v['shape']:.3f} (" + ", ".join(f"{k} {x:.2f}" for k, x in v["shape_by_size"].items())
                   + f")  colour {v['color']:.3f}  both {v['both']:.3f}  [{v['dims']} dims]")
     path = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tower_probe.json")
-    record = dict(workdir=a.workdir, step=a.step, vit_from=a.vit_from, shape_steps=a.shape_steps,
+    record = dict(workdir=a.workdir, step=a.step, vit_from=a.vit_from, shape_steps=a.shape_steps, window_px=a.window_px,
                   shape_head_log=log, probe=out)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

@@ -132,6 +132,9 @@ def vision_config(**overrides) -> mlc.ConfigDict:
         resolution=64,            # square image side fed to the tower and the tokenizer
         max_images=2,             # images per training row (an edit has two)
         vit_trainable_from=0,     # ViT blocks below this get no gradient (official stage 3: 16)
+        # k > 1: each image token's projector input is the k x k cells around it (zero-padded), not the
+        # cell alone (1: the official per-token MixedProjector); models/mllm.py `neighbourhoods`.
+        projector_window=1,
         tag_step=64,              # resolution tags <height_64> ... <height_1024> (spec §3.2)
         max_side=1024,
     ))

@@ -38,6 +38,9 @@ Args:     --config=configs/illume_tiny.py:steps=400,batch=16,tokenizer=runs/dual
           ones away in words. The scene-description QA of 'scene_text' stays whole. With qa_turns > 0
           `base` weights its loss by dataset, as align and sft do: a one-answer record has ~2 label
           tokens against a caption's ~20, and by tokens image QA would get ~1% of the gradient)
+          projector_window=1 (odd k > 1: the projector reads each image token's k x k neighbourhood of cells,
+          not the cell alone -- not the official projector; one tiny-tower token names an object's colour
+          but not its shape: README, "Shape is in no single image token")
           (steps = stage-3 steps; the other stages scale from it)
 Hardware: 2 CPU cores. 64x64 images -> 8x8 semantic + 16x16 pixel codes: 350-token image blocks,
           sequences of 512 (understanding, text-to-image) and 768 (editing, reconstruction) tokens.
@@ -86,7 +89,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     a = common.parse_arg(arg, steps=400, batch=16, tokenizer="runs/dualvitok_tiny", levels="1", workers=0,
                          vocab=512, size="tiny", stages="0123", pixel_grid=16, examples=2000, device="cpu",
                          lr_scale=1.0, tower_lr=0.0, text_steps=0, qa_negatives="mixed", base_steps=0,
-                         qa_lookups=0, text_lr=0.0, base_text=0.0, qa_turns=0)
+                         qa_lookups=0, text_lr=0.0, base_text=0.0, qa_turns=0,
+                         projector_window=1)
     if a.size not in LLM_SIZES:
         raise ValueError(f"config argument size={a.size!r}: expected one of {sorted(LLM_SIZES)}")
     if a.device not in DEVICES:
@@ -101,7 +105,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.model = common.llm_config(text_vocab_size=a.vocab, vocab_size=rows, remat="none",
                                 **DEVICES[a.device], **LLM_SIZES[a.size])
     c.vision = common.vision_config(tokenizer_workdir=a.tokenizer, tokenizer_model=tok, resolution=64,
-                                    max_images=2)
+                                    max_images=2, projector_window=int(a.projector_window))
     c.tokenizer = mlc.ConfigDict(dict(kind="sentencepiece", path="", vocab_size=a.vocab, chat_template="plain",
                                       corpus_tasks=("caption", "qa", "edit", "t2i", "recon")))
     levels = tuple(int(ch) for ch in a.levels)

@@ -224,8 +224,14 @@ class MLLMConfig:
     vocab: ImageVocab
     # ViT blocks below this index get no gradient (official stage 3: tune_vit_from_layer=16).
     vit_trainable_from: int = 0
+    # Cells per side each image token's projector reads (`neighbourhoods`); 1 is the official projector.
+    projector_window: int = 1
 
     def __post_init__(self):
+        if isinstance(self.projector_window, bool) or not isinstance(self.projector_window, int) \
+                or self.projector_window < 1 or self.projector_window % 2 == 0:
+            raise ValueError(f"config.vision.projector_window={self.projector_window!r}: expected an odd int >= 1 "
+                             f"(cells per side around each image token)")
         if self.vocab.first_id != self.llm.text_vocab_size:
             raise ValueError(f"the image vocabulary starts at {self.vocab.first_id} but config.model.text_vocab_size "
                              f"is {self.llm.text_vocab_size}; they must be equal")
@@ -241,13 +247,14 @@ class MLLMConfig:
 
     @classmethod
     def create(cls, llm_config: Any, tokenizer_config: Any, *, vit_trainable_from: int = 0,
-               tag_step: int = 64, max_side: int = 1024) -> "MLLMConfig":
+               projector_window: int = 1, tag_step: int = 64, max_side: int = 1024) -> "MLLMConfig":
         llm = llm_config if isinstance(llm_config, LLMConfig) else LLMConfig.from_config(llm_config)
         tok = tokenizer_config if isinstance(tokenizer_config, dvt.DualViTokConfig) \
             else dvt.DualViTokConfig.from_config(tokenizer_config)
         vocab = ImageVocab(first_id=llm.text_vocab_size, semantic_codes=tok.semantic_codes,
                            pixel_codes=tok.pixel_codes, tag_step=tag_step, max_side=max_side)
-        return cls(llm=llm, tokenizer=tok, vocab=vocab, vit_trainable_from=vit_trainable_from)
+        return cls(llm=llm, tokenizer=tok, vocab=vocab, vit_trainable_from=vit_trainable_from,
+                   projector_window=projector_window)
 
     def grids(self, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int]]:
         return dvt.token_grids(h, w, self.tokenizer)
@@ -294,10 +301,32 @@ class DualVisionTower(nnx.Module):
         return self.semantic_features(images), pix.reshape(pix.shape[0], -1, pix.shape[-1])
 
 
+def neighbourhoods(x: jax.Array, h: int, w: int, k: int) -> jax.Array:
+    """x [N, h*w, C] (a raster grid of cells) -> [N, h*w, k*k*C]: each cell's k x k neighbours (k odd), in
+    raster order, zeros outside the grid. k=1 returns x.
+
+    Why: a ShapeComp object's shape is a pattern over several cells; one cell of the tiny towers names it
+    at about chance while naming its colour at ~0.9 (README, "Shape is in no single image token"). The
+    LLM finds an object by colour in one token, so it reads shape only if that token carries it. A
+    locality-preserving projector (Honeybee's C-Abstractor is the convolutional version) puts it there."""
+    if k == 1:
+        return x
+    n, c = x.shape[0], x.shape[-1]
+    r = k // 2
+    grid = jnp.pad(x.reshape(n, h, w, c), ((0, 0), (r, r), (r, r), (0, 0)))
+    parts = [grid[:, dy:dy + h, dx:dx + w] for dy in range(k) for dx in range(k)]
+    return jnp.concatenate(parts, axis=-1).reshape(n, h * w, k * k * c)
+
+
 class MixedProjector(nnx.Module):
-    def __init__(self, semantic_dim: int, pixel_dim: int, d_model: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.semantic = MLP2(semantic_dim, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.pixel = MLP2(pixel_dim, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    """The official two-branch projector (a GELU MLP per branch). window > 1 (not official) feeds each branch
+    the window x window cells around every token (`neighbourhoods`): fc1 is then window² times wider."""
+
+    def __init__(self, semantic_dim: int, pixel_dim: int, d_model: int, *, dtype, param_dtype, rngs: nnx.Rngs,
+                 window: int = 1):
+        self.window = window
+        self.semantic = MLP2(semantic_dim * window ** 2, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.pixel = MLP2(pixel_dim * window ** 2, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 class MLLM(nnx.Module):
@@ -310,14 +339,16 @@ class MLLM(nnx.Module):
         self.vision = DualVisionTower(cfg.tokenizer, trainable_from=cfg.vit_trainable_from, rngs=rngs)
         self.projector = MixedProjector(cfg.tokenizer.vit.hidden_size, cfg.tokenizer.pixel_encoder.z_channels,
                                         cfg.llm.d_model, dtype=cfg.llm.compute_dtype,
-                                        param_dtype=cfg.llm.weight_dtype, rngs=rngs)
+                                        param_dtype=cfg.llm.weight_dtype, rngs=rngs, window=cfg.projector_window)
 
     def image_features(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """images [B,M,H,W,3] -> projected (semantic [B, M*n0, D], pixel [B, M*n1, D])."""
         B, M = images.shape[:2]
         sem, pix = self.vision(images.reshape(B * M, *images.shape[2:]))
-        sem = self.projector.semantic(sem.astype(self.cfg.llm.compute_dtype))
-        pix = self.projector.pixel(pix.astype(self.cfg.llm.compute_dtype))
+        (h1, w1), (h2, w2) = self.cfg.grids(images.shape[2], images.shape[3])
+        k = self.cfg.projector_window
+        sem = self.projector.semantic(neighbourhoods(sem.astype(self.cfg.llm.compute_dtype), h1, w1, k))
+        pix = self.projector.pixel(neighbourhoods(pix.astype(self.cfg.llm.compute_dtype), h2, w2, k))
         return sem.reshape(B, -1, sem.shape[-1]), pix.reshape(B, -1, pix.shape[-1])
 
     def embed(self, tokens: jax.Array, slots: jax.Array | None = None, cells: jax.Array | None = None,

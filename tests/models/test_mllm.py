@@ -144,3 +144,51 @@ def test_embed_splices_projected_features_at_the_slots(tiny_model):
     logits = model(jnp.asarray(tokens), slots=jnp.asarray(slots), cells=jnp.asarray(cells), images=images)
     ref = model.llm(inputs_embeds=jnp.asarray(x))
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def _windows_reference(x, h, w, k):
+    """[N, h*w, C] -> [N, h*w, k*k*C] by loops: each cell's k x k neighbours in raster order, zero outside."""
+    n, _, c = x.shape
+    grid = x.reshape(n, h, w, c)
+    out = np.zeros((n, h * w, k * k * c), x.dtype)
+    for y in range(h):
+        for xx in range(w):
+            parts = []
+            for dy in range(-(k // 2), k // 2 + 1):
+                for dx in range(-(k // 2), k // 2 + 1):
+                    inside = 0 <= y + dy < h and 0 <= xx + dx < w
+                    parts.append(grid[:, y + dy, xx + dx] if inside else np.zeros((n, c), x.dtype))
+            out[:, y * w + xx] = np.concatenate(parts, axis=-1)
+    return out
+
+
+def test_neighbourhoods_gather_each_cells_window():
+    x = np.random.default_rng(0).normal(size=(2, 3 * 5, 4)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(mllm.neighbourhoods(jnp.asarray(x), 3, 5, 1)), x)
+    for k in (3, 5):
+        np.testing.assert_array_equal(np.asarray(mllm.neighbourhoods(jnp.asarray(x), 3, 5, k)),
+                                      _windows_reference(x, 3, 5, k))
+
+
+def test_projector_window_feeds_each_token_its_neighbourhood(tiny_model):
+    """projector_window=3: fc1 is 9x wider and each projected token is the MLP of its 3x3 cells (zeros past
+    the edge), for both branches; an even or zero window is a named error."""
+    import dataclasses
+    cfg, _ = tiny_model
+    cfg3 = dataclasses.replace(cfg, projector_window=3)
+    model = mllm.create_mllm(cfg3)
+    images = jax.random.uniform(jax.random.key(1), (1, 1, 32, 32, 3), minval=-1, maxval=1)
+    sem, pix = (np.asarray(a) for a in model.image_features(images))
+    raw_sem, raw_pix = (np.asarray(a) for a in model.vision(images[:, 0]))
+    (h1, w1), (h2, w2) = cfg3.grids(32, 32)
+    gelu = lambda v: np.asarray(jax.nn.gelu(jnp.asarray(v), approximate=False))  # noqa: E731
+    for got, raw, (h, w), branch in ((sem, raw_sem, (h1, w1), model.projector.semantic),
+                                     (pix, raw_pix, (h2, w2), model.projector.pixel)):
+        k1, b1 = np.asarray(branch.fc1.kernel[...]), np.asarray(branch.fc1.bias[...])
+        k2, b2 = np.asarray(branch.fc2.kernel[...]), np.asarray(branch.fc2.bias[...])
+        assert k1.shape[0] == 9 * raw.shape[-1]
+        want = gelu(_windows_reference(raw, h, w, 3) @ k1 + b1) @ k2 + b2
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    for bad in (0, 2):
+        with pytest.raises(ValueError, match="projector_window"):
+            dataclasses.replace(cfg, projector_window=bad)
