@@ -200,12 +200,9 @@ def ridge_classifier_accuracy(train_x: np.ndarray, train_y: Sequence[str], test_
 
 
 def _mllm_grids(model, images):
-    from illume_jax.models.mllm import neighbourhoods
     sem, pix = model.vision(images)
-    (h1, w1), (h2, w2) = model.cfg.grids(images.shape[1], images.shape[2])
-    k = model.cfg.projector_window
-    return {"semantic": sem, "pixel": pix, "semantic, projected": model.projector.semantic(neighbourhoods(sem, h1, w1, k)),
-            "pixel, projected": model.projector.pixel(neighbourhoods(pix, h2, w2, k))}
+    sem_p, pix_p = model.project(sem, pix, images.shape[1], images.shape[2])
+    return {"semantic": sem, "pixel": pix, "semantic, projected": sem_p, "pixel, projected": pix_p}
 
 
 def _tower_grids(tower, images):

@@ -345,11 +345,16 @@ class MLLM(nnx.Module):
         """images [B,M,H,W,3] -> projected (semantic [B, M*n0, D], pixel [B, M*n1, D])."""
         B, M = images.shape[:2]
         sem, pix = self.vision(images.reshape(B * M, *images.shape[2:]))
-        (h1, w1), (h2, w2) = self.cfg.grids(images.shape[2], images.shape[3])
-        k = self.cfg.projector_window
-        sem = self.projector.semantic(neighbourhoods(sem.astype(self.cfg.llm.compute_dtype), h1, w1, k))
-        pix = self.projector.pixel(neighbourhoods(pix.astype(self.cfg.llm.compute_dtype), h2, w2, k))
+        sem, pix = self.project(sem, pix, images.shape[2], images.shape[3])
         return sem.reshape(B, -1, sem.shape[-1]), pix.reshape(B, -1, pix.shape[-1])
+
+    def project(self, sem: jax.Array, pix: jax.Array, height: int, width: int) -> tuple[jax.Array, jax.Array]:
+        """The tower's grids of height x width images (semantic [N,h1*w1,hidden], pixel [N,h2*w2,z]) -> the
+        LLM's width, each token from its `projector_window` neighbourhood."""
+        (h1, w1), (h2, w2) = self.cfg.grids(height, width)
+        k, dtype = self.cfg.projector_window, self.cfg.llm.compute_dtype
+        return (self.projector.semantic(neighbourhoods(sem.astype(dtype), h1, w1, k)),
+                self.projector.pixel(neighbourhoods(pix.astype(dtype), h2, w2, k)))
 
     def embed(self, tokens: jax.Array, slots: jax.Array | None = None, cells: jax.Array | None = None,
               images: jax.Array | None = None) -> jax.Array:
