@@ -72,12 +72,11 @@ def shapecomp_config(levels, tasks, num_train: int, qa_negatives: str = "mixed",
         name += f"_{qa_negatives}neg"
     if qa_lookups and "qa" in tasks:
         name += "_lookups"
-    if isinstance(qa_turns, bool) or int(qa_turns) != qa_turns or qa_turns < 0:
-        raise ValueError(f"shapecomp dataset qa_turns={qa_turns!r}: expected an int >= 0 (0: one QA record per scene)")
+    qa_turns = shapecomp.check_qa_turns(qa_turns)
     if qa_turns and "qa" in tasks:
-        name += f"_turns{int(qa_turns)}"
+        name += f"_turns{qa_turns}"
     return ShapeCompConfig(name=name, levels=levels, tasks=tasks, num_train=num_train, qa_negatives=qa_negatives,
-                           qa_lookups=bool(qa_lookups), qa_turns=int(qa_turns))
+                           qa_lookups=bool(qa_lookups), qa_turns=qa_turns)
 
 
 class ShapeComp(tfds.core.GeneratorBasedBuilder):

@@ -51,7 +51,8 @@ def model_config(config: Any):
                          f"{v.get('tokenizer_workdir')!r} and no vision.tokenizer_model to fall back on")
     tok_model = {k: val for k, val in dict(tok_model).items()}
     return MLLMConfig.create(config.model, tok_model, vit_trainable_from=int(v.get("vit_trainable_from", 0)),
-                             projector_window=int(v.get("projector_window", 1)), tag_step=int(v.get("tag_step", 64)), max_side=int(v.get("max_side", 1024)))
+                             projector_window=int(v.get("projector_window", 1)), tag_step=int(v.get("tag_step", 64)),
+                             max_side=int(v.get("max_side", 1024)))
 
 
 def build_model(cfg, rngs: nnx.Rngs):

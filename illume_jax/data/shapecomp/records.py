@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator
 
+import numpy as np
+
 from illume_jax.data.shapecomp import qa, text, world
 from illume_jax.data.shapecomp.edit import edit_pair
 from illume_jax.data.shapecomp.render import png_bytes, render
@@ -30,6 +32,13 @@ def _turns(*pairs: tuple[str, str]) -> list[dict]:
     return out
 
 
+def check_qa_turns(qa_turns) -> int:
+    """qa_turns as an int >= 0, or a ValueError that names it (records and the dataset builder share it)."""
+    if isinstance(qa_turns, bool) or not isinstance(qa_turns, (int, np.integer)) or qa_turns < 0:
+        raise ValueError(f"qa_turns={qa_turns!r}: expected an int >= 0 (0: one QA record per scene)")
+    return int(qa_turns)
+
+
 def conversation_records(level: int, split: str, index: int, tasks: Iterable[str] = TASKS,
                          qa_negatives: str = "mixed", qa_lookups: bool = False, qa_turns: int = 0) -> list[dict]:
     """qa_negatives: how the QA record's existence negatives are drawn; qa_lookups: whether it asks
@@ -41,8 +50,7 @@ def conversation_records(level: int, split: str, index: int, tasks: Iterable[str
     "What shape is the red object?" from the text, so the image never has to be read for it; with
     qa_turns=1 every answer comes from the image alone, as in POPE."""
     tasks = tuple(tasks)
-    if isinstance(qa_turns, bool) or not isinstance(qa_turns, int) or qa_turns < 0:
-        raise ValueError(f"qa_turns={qa_turns!r}: expected an int >= 0 (0: one QA record per scene)")
+    qa_turns = check_qa_turns(qa_turns)
     for t in tasks:
         if t not in TASKS:
             raise ValueError(f"tasks: {t!r} is not one of {TASKS}")
