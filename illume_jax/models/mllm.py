@@ -324,7 +324,6 @@ class MixedProjector(nnx.Module):
 
     def __init__(self, semantic_dim: int, pixel_dim: int, d_model: int, *, dtype, param_dtype, rngs: nnx.Rngs,
                  window: int = 1):
-        self.window = window
         self.semantic = MLP2(semantic_dim * window ** 2, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.pixel = MLP2(pixel_dim * window ** 2, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
