@@ -50,7 +50,7 @@ def cell_labels(images: np.ndarray, grids, level: int = 1) -> tuple[np.ndarray, 
     background = len(shapes)
     outs = [np.full((len(images), h * w), background, np.int32) for h, w in grids]
     for n, image in enumerate(images):
-        dets = [d for d in shapecomp_scorer.detect(image, **options) if d.shape in shapes]
+        dets = shapecomp_scorer.detect(image, **options)  # only the level's shapes
         if not dets:
             continue
         for (h, w), out in zip(grids, outs):
