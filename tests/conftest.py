@@ -70,3 +70,20 @@ def pytest_collection_modifyitems(config, items):
         path = item.nodeid.split("::")[0]
         return _SLOW_MODULES.index(path) if path in _SLOW_MODULES else len(_SLOW_MODULES)
     items.sort(key=rank)  # stable: the order within a module is kept
+
+
+@pytest.fixture
+def tiny_tokenizer_mllm():
+    """A factory: seed -> an MLLM with a 32-wide, 2-head LLM over the tiny DualViTok (the vision tower
+    of configs/dualvitok.py:size=tiny), its vocabulary sized for that tokenizer's codes."""
+    from configs import common
+    from configs import dualvitok as dualvitok_config
+    from illume_jax.models import mllm
+
+    def make(seed: int = 0):
+        tok = dualvitok_config.model_config("tiny")
+        rows = 100 + 7 + 32 + tok.semantic_codes + tok.pixel_codes + 5
+        cfg = mllm.MLLMConfig.create(common.llm_config(text_vocab_size=100, vocab_size=rows, d_model=32, num_heads=2,
+                                                       num_kv_heads=1, mlp_dim=64), tok)
+        return mllm.create_mllm(cfg, seed=seed)
+    return make

@@ -145,18 +145,10 @@ def test_ridge_classifier_reads_a_linear_code_and_not_noise():
     assert noise.mean() < 0.6
 
 
-def test_object_features_probe_runs_on_a_tiny_mllm():
+def test_object_features_probe_runs_on_a_tiny_mllm(tiny_tokenizer_mllm):
     """Every feature set is scored; the raw-pixel yardstick reads colour (the centre cell's colour is
     a linear function of its pixels) far above chance even from 40 training scenes."""
-    from configs import common
-    from configs import dualvitok as dualvitok_config
-    from illume_jax.models import mllm
-
-    tok = dualvitok_config.model_config("tiny")
-    rows = 100 + 7 + 32 + tok.semantic_codes + tok.pixel_codes + 5
-    cfg = mllm.MLLMConfig.create(common.llm_config(text_vocab_size=100, vocab_size=rows, d_model=32, num_heads=2,
-                                                   num_kv_heads=1, mlp_dim=64), tok)
-    model = mllm.create_mllm(cfg)
+    model = tiny_tokenizer_mllm()
     out = probe.object_features(probe.mllm_image_features(model), train_scenes=40, test_scenes=20, batch_size=20)
     assert out["objects"]["train"] >= 40 and out["objects"]["test"] >= 20
     for name in ("semantic", "pixel", "semantic, projected", "pixel, projected", "raw pixels"):

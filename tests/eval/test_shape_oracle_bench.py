@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 
 from bench import shape_oracle  # the repository root is on sys.path (tests/conftest.py)
-from configs import common
-from configs import dualvitok as dualvitok_config
 from illume_jax.data.shapecomp import world
 from illume_jax.data.shapecomp.render import object_mask, render
 from illume_jax.data.shapecomp.scene import make_scene
@@ -50,14 +48,11 @@ def test_cell_labels_reject_bad_input():
         shape_oracle.cell_labels(np.zeros((1, 64, 64, 3), np.uint8), ((7, 7),))
 
 
-def test_patched_image_features_add_one_shape_vector_per_object_cell(monkeypatch):
+def test_patched_image_features_add_one_shape_vector_per_object_cell(monkeypatch, tiny_tokenizer_mllm):
     # monkeypatch restores the class's own method after the test
     monkeypatch.setattr(mllm.MLLM, "image_features", mllm.MLLM.image_features)
-    tok = dualvitok_config.model_config("tiny")
-    rows = 100 + 7 + 32 + tok.semantic_codes + tok.pixel_codes + 5
-    cfg = mllm.MLLMConfig.create(common.llm_config(text_vocab_size=100, vocab_size=rows, d_model=32, num_heads=2,
-                                                   num_kv_heads=1, mlp_dim=64), tok)
-    model = mllm.create_mllm(cfg, seed=0)
+    model = tiny_tokenizer_mllm(0)
+    cfg = model.cfg
     scenes = _scenes(2)
     images = jnp.asarray(np.stack([render(s) for s in scenes]).astype(np.float32) / 127.5 - 1)[:, None]  # [B, M=1, ...]
     plain = [np.asarray(x) for x in model.image_features(images)]

@@ -5,23 +5,12 @@ import numpy as np
 from flax import nnx
 
 from bench import tower_probe  # the repository root is on sys.path (tests/conftest.py)
-from configs import common
-from configs import dualvitok as dualvitok_config
-from illume_jax.models import mllm
 from illume_jax.train import checkpoint as ckpt_lib
 from illume_jax.train.tokenizer import load_pretrained_vit, pretrained_vit_path
 
 
-def _tower(seed):
-    tok = dualvitok_config.model_config("tiny")
-    rows = 100 + 7 + 32 + tok.semantic_codes + tok.pixel_codes + 5
-    cfg = mllm.MLLMConfig.create(common.llm_config(text_vocab_size=100, vocab_size=rows, d_model=32, num_heads=2,
-                                                   num_kv_heads=1, mlp_dim=64), tok)
-    return mllm.create_mllm(cfg, seed=seed).vision
-
-
-def test_vit_loads_and_the_shape_check_trains_only_the_vit(tmp_path):
-    source, tower = _tower(1), _tower(0)
+def test_vit_loads_and_the_shape_check_trains_only_the_vit(tmp_path, tiny_tokenizer_mllm):
+    source, tower = tiny_tokenizer_mllm(1).vision, tiny_tokenizer_mllm(0).vision
     ckpt_lib.save_tree(pretrained_vit_path(str(tmp_path)), nnx.state(source.vit, nnx.Param))  # as the SigLIP phase
     load_pretrained_vit(tower.vit, str(tmp_path))
     for x, y in zip(jax.tree.leaves(nnx.state(tower.vit, nnx.Param)), jax.tree.leaves(nnx.state(source.vit, nnx.Param))):
