@@ -30,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from illume_jax.data.shapecomp import world  # noqa: E402
+from illume_jax.data.shapecomp.render import cell_owners  # noqa: E402
 from illume_jax.eval import shapecomp_scorer  # noqa: E402
 from illume_jax.models import mllm  # noqa: E402
 
@@ -53,17 +54,10 @@ def cell_labels(images: np.ndarray, grids, level: int = 1) -> tuple[np.ndarray, 
         dets = shapecomp_scorer.detect(image, **options)  # only the level's shapes
         if not dets:
             continue
-        for (h, w), out in zip(grids, outs):
-            ch, cw = H // h, W // w
-            cover = np.stack([d.mask.reshape(h, ch, w, cw).sum((1, 3)) for d in dets])  # [objects, h, w]
-            owner, held = cover.argmax(0), cover.max(0) >= max(1, ch * cw // 4)
-            label = np.full((h, w), background, np.int32)
-            for k, d in enumerate(dets):
-                label[held & (owner == k)] = shapes.index(d.shape)
-            for d in dets:
-                cx, cy = d.centroid
-                label[min(int(cy / ch), h - 1), min(int(cx / cw), w - 1)] = shapes.index(d.shape)
-            out[n] = label.reshape(-1)
+        masks = np.stack([d.mask for d in dets])
+        label = np.array([shapes.index(d.shape) for d in dets] + [background], np.int32)
+        for (h, w), out in zip(grids, outs):  # a cell is an object's if it covers a quarter of it
+            out[n] = label[cell_owners(masks, [d.centroid for d in dets], (h, w), (H // h) * (W // w) // 4)]
     return tuple(outs)
 
 

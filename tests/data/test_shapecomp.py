@@ -313,3 +313,40 @@ def test_qa_turns_spread_a_scenes_questions_over_records():
     assert next(s for s in default.stages if s.name == "base").loss_weighting == "token"
     with pytest.raises(ValueError, match="qa_turns=-1"):
         illume_tiny.get_config("qa_turns=-1")
+
+
+def test_cell_labels_name_the_visible_object_under_each_cell():
+    """Per-cell labels (the ViT's dense supervision) follow the rendered image: every cell's label is
+    the shape / colour of the object owning most of its visible pixels, background where no object
+    pixel falls, each object's centre cell is its own, and an object drawn later wins where it covers
+    an earlier one."""
+    shapes, colours = list(world.SHAPES), list(world.COLORS)
+    for i in range(6):
+        scene = sc.make_scene(1, "train", i)
+        image = sc.render(scene)
+        shape, colour = sc.cell_labels(scene, (8, 8))
+        assert shape.shape == colour.shape == (64,) and shape.dtype == np.int32
+        cells = image.reshape(8, 8, 8, 8, 3).transpose(0, 2, 1, 3, 4).reshape(64, 64, 3)
+        empty = (cells == np.asarray(scene.background, np.uint8)).all(-1).all(-1)
+        assert (shape[empty] == len(shapes)).all() and (colour[empty] == len(colours)).all()
+        centre = [min(int(o.cy // 8), 7) * 8 + min(int(o.cx // 8), 7) for o in scene.objects]
+        for j, o in enumerate(scene.objects):   # its centre cell, unless a later object's centre shares it
+            if centre[j] not in centre[j + 1:]:
+                assert shapes[shape[centre[j]]] == o.shape and colours[colour[centre[j]]] == o.color
+        for k in np.flatnonzero(shape < len(shapes)):   # an object's label: its colour is what the cell shows most
+            counts = [(cells[k] == np.asarray(world.COLORS[c], np.uint8)).all(-1).sum() for c in colours]
+            assert counts[colour[k]] > 0
+    # Occlusion: two objects at one place; the second, drawn on top, owns the cells they share.
+    base = sc.make_scene(1, "train", 0)
+    a = dataclasses.replace(base.objects[0], shape="square", color="red", cx=32.0, cy=32.0, r=16, rotation=0.0)
+    b = dataclasses.replace(a, shape="circle", color="blue", r=8)
+    shape, colour = sc.cell_labels(dataclasses.replace(base, objects=(a, b)), (8, 8))
+    assert shapes[shape[4 * 8 + 4]] == "circle" and colours[colour[4 * 8 + 4]] == "blue"
+    assert shapes[shape[2 * 8 + 2]] == "square"          # the square's corner, outside the circle
+    assert shape[0] == len(shapes) and colour[0] == len(colours)   # a corner: background
+    # A coarser grid over the same scene; grids that do not tile the image are named.
+    assert sc.cell_labels(base, (4, 4))[0].shape == (16,)
+    with pytest.raises(ValueError, match="7x7 grid"):
+        sc.cell_labels(base, (7, 7))
+    with pytest.raises(ValueError, match="cell_owners"):
+        sc.cell_owners(np.zeros((1, 10, 10), bool), [], (8, 8), 1)

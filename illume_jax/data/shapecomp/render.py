@@ -83,3 +83,50 @@ def png_bytes(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG", optimize=False)
     return buf.getvalue()
+
+
+# -- per-cell labels (dense supervision of a ViT's token grid) ------------------------------------------
+
+def cell_owners(masks: np.ndarray, centres, grid: tuple[int, int], min_pixels: int) -> np.ndarray:
+    """Which object each cell of an h x w grid over the image belongs to: masks [K,H,W] bool (one per
+    object, visible pixels), centres K (x, y) pixel positions -> [h*w] int32 in raster order, the object
+    index or -1 (background). A cell goes to the object covering most of its pixels if that is at least
+    `min_pixels`; the cell holding an object's centre always goes to it, so small objects keep a cell."""
+    masks = np.asarray(masks, bool)
+    h, w = grid
+    if masks.ndim != 3 or masks.shape[1] % h or masks.shape[2] % w:
+        raise ValueError(f"cell_owners: masks must be [K, H, W] with H, W multiples of the {h}x{w} grid, "
+                         f"got {masks.shape}")
+    K, H, W = masks.shape
+    owner = np.full((h, w), -1, np.int32)
+    if K == 0:
+        return owner.reshape(-1)
+    ch, cw = H // h, W // w
+    cover = masks.reshape(K, h, ch, w, cw).sum((2, 4))  # [K, h, w] pixels of each object in each cell
+    held = cover.max(0) >= max(int(min_pixels), 1)
+    owner[held] = cover.argmax(0)[held]
+    for k, (cx, cy) in enumerate(centres):
+        owner[min(max(int(cy / ch), 0), h - 1), min(max(int(cx / cw), 0), w - 1)] = k
+    return owner.reshape(-1)
+
+
+def cell_labels(scene: Scene, grid: tuple[int, int], min_pixels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The scene graph's answer for every cell of an h x w grid over the rendered image (`cell_owners`
+    on the visible pixels, later objects drawn over earlier ones): ([h*w] index in `world.SHAPES`,
+    [h*w] index in `world.COLORS`), int32, background = len(SHAPES) / len(COLORS). min_pixels
+    defaults to 3/32 of a cell (6 of an 8x8 cell)."""
+    res = scene.resolution
+    h, w = grid
+    if h < 1 or w < 1 or res % h or res % w:
+        raise ValueError(f"cell_labels: a {h}x{w} grid does not tile the {res}x{res} scene")
+    top = np.full((res, res), -1, np.int32)
+    for k, obj in enumerate(scene.objects):
+        top[object_mask(obj, res)] = k
+    masks = (top[None] == np.arange(len(scene.objects))[:, None, None])   # [K, res, res] visible pixels
+    if min_pixels is None:
+        min_pixels = max(1, round(3 * (res // h) * (res // w) / 32))
+    owner = cell_owners(masks, [(o.cx, o.cy) for o in scene.objects], grid, min_pixels)
+    colours = list(world.COLORS)
+    shape = np.array([world.SHAPES.index(o.shape) for o in scene.objects] + [len(world.SHAPES)], np.int32)
+    colour = np.array([colours.index(o.color) for o in scene.objects] + [len(colours)], np.int32)
+    return shape[owner], colour[owner]   # owner -1 picks the background entry
