@@ -77,7 +77,7 @@ def model_config(size: str, pixel_grid: int = 16) -> mlc.ConfigDict:
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
     a = common.parse_arg(arg, size="tiny", steps=0, batch=0, pretrain_steps=-1, levels="1", workers=0,
                          supervision="semantic", pixel_grid=16, shape_twins=0,
-                         caption_weight=0.0)
+                         caption_weight=0.0, dense_weight=0.0)
     tiny = a.size == "tiny"
     if a.size not in ("tiny", "official"):
         raise ValueError(f"config argument size={a.size!r}: expected 'tiny' or 'official'")
@@ -103,7 +103,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.data = tokenizer_data(a.levels, resolution=64 if tiny else 256, workers=a.workers)
     pretrain = (400 if tiny else 0) if a.pretrain_steps < 0 else a.pretrain_steps
     c.vit_pretrain = vit_pretrain_config(steps=0 if pixel_only else pretrain, shape_twins=int(a.shape_twins),
-                                         caption_weight=float(a.caption_weight))
+                                         caption_weight=float(a.caption_weight), dense_weight=float(a.dense_weight))
     c.train = tokenizer_train_config(
         steps=a.steps or (1200 if tiny else 200_000), batch_size=a.batch or (16 if tiny else 256), lr=1e-4 * (
             10 if tiny else 1),
@@ -143,9 +143,12 @@ def tokenizer_data(levels: str, resolution: int, workers: int = 0) -> mlc.Config
     ))
 
 
-def vit_pretrain_config(steps: int, shape_twins: int = 0, caption_weight: float = 0.0) -> mlc.ConfigDict:
+def vit_pretrain_config(steps: int, shape_twins: int = 0, caption_weight: float = 0.0,
+                        dense_weight: float = 0.0) -> mlc.ConfigDict:
     return mlc.ConfigDict(dict(
         steps=steps, batch_size=64, lr=1e-3, b1=0.9, b2=0.95, clip_norm=1.0, warmup_steps=20, weight_decay=0.0,
+        schedule="constant",     # after warm-up: 'constant' | 'cosine' | 'linear' decay to lr * end_lr_ratio
+        end_lr_ratio=1.0,
         text_len=24, text_dim=64, text_layers=2, text_heads=4, embed_dim=64,
         # k > 0: every scene of a batch comes with k shape twins (one object's shape changed, captions
         # differing in that word; batch_size still counts images, 1 + k per scene). ShapeComp
@@ -154,7 +157,12 @@ def vit_pretrain_config(steps: int, shape_twins: int = 0, caption_weight: float 
         # Loss = siglip_weight * sigmoid contrastive + caption_weight * captioning (a causal decoder
         # cross-attending to the ViT's tokens predicts the dense caption: CapPa-style, so each object's
         # shape must be readable where it is; with caption_weight > 0 every caption is the dense one).
-        siglip_weight=1.0, caption_weight=caption_weight, caption_dim=64, caption_layers=2, caption_heads=4))
+        siglip_weight=1.0, caption_weight=caption_weight, caption_dim=64, caption_layers=2, caption_heads=4,
+        # + dense_weight * per-token cross-entropy: linear heads on every token of the ViT's grid name the
+        # shape and colour of the object under its cell (`shapecomp.cell_labels`), object cells counting
+        # dense_object_weight x background ones. The multimodal LLM reads tokens one at a time; pooled and
+        # caption losses leave single tokens' shape near chance (README, "Told the shape ...").
+        dense_weight=dense_weight, dense_object_weight=4.0))
 
 
 def tokenizer_train_config(*, steps: int, batch_size: int, lr: float, trainable, loss_weights, perceptual: str,

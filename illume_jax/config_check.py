@@ -254,6 +254,24 @@ def validate_tokenizer(config: Any, *, training: bool = True):
               "model_init.vit_from, or model_init.weights_from naming a train-tokenizer run)")
     if config.vit_pretrain.steps > 0 and d.source != "shapecomp":
         _fail("vit_pretrain.steps", config.vit_pretrain.steps, "0 unless data.source='shapecomp' (captions needed)")
+    vp = config.vit_pretrain
+    if vp.schedule not in SCHEDULES:
+        _fail("vit_pretrain.schedule", vp.schedule, f"one of {SCHEDULES}")
+    if not 0 <= vp.end_lr_ratio <= 1:
+        _fail("vit_pretrain.end_lr_ratio", vp.end_lr_ratio, "a number in [0, 1]")
+    for key in ("siglip_weight", "caption_weight", "dense_weight"):
+        if vp[key] < 0:
+            _fail(f"vit_pretrain.{key}", vp[key], "a weight >= 0")
+    if vp.siglip_weight + vp.caption_weight + vp.dense_weight == 0:
+        _fail("vit_pretrain.siglip_weight", vp.siglip_weight, "> 0 when caption_weight and dense_weight are 0")
+    if vp.dense_object_weight <= 0:
+        _fail("vit_pretrain.dense_object_weight", vp.dense_object_weight, "> 0")
+    if vp.steps > 0 and vp.dense_weight > 0:
+        from illume_jax.models.siglip import token_grid
+        rows, cols = token_grid(config)
+        if d.resolution % rows or d.resolution % cols:
+            _fail("vit_pretrain.dense_weight", vp.dense_weight, f"0 unless the ViT's {rows}x{cols} token grid "
+                  f"tiles data.resolution={d.resolution} (each token is labelled by its cell of the image)")
     for pattern in t.trainable:
         try:
             re.compile(pattern)

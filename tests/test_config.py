@@ -6,7 +6,8 @@ import sys
 import jax
 import pytest
 
-from configs import illume_plus_3b, illume_plus_7b, tiny
+from configs import dualvitok, illume_plus_3b, illume_plus_7b, tiny
+from illume_jax import config_check
 from illume_jax.config_check import validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -264,3 +265,20 @@ def test_illume_tiny_tower_lr_trains_the_tower_in_the_understanding_stages():
         assert tower.stages[i].to_dict() == frozen.stages[i].to_dict()
     with pytest.raises(ValueError, match="tower_lr"):
         illume_tiny.get_config("tower_lr=-1")
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda c: c.vit_pretrain.update(schedule="exp"), r"config.vit_pretrain.schedule='exp'"),
+    (lambda c: c.vit_pretrain.update(end_lr_ratio=2.0), r"config.vit_pretrain.end_lr_ratio=2.0"),
+    (lambda c: c.vit_pretrain.update(dense_weight=-1.0), r"config.vit_pretrain.dense_weight=-1.0: expected a weight"),
+    (lambda c: c.vit_pretrain.update(siglip_weight=0.0), r"config.vit_pretrain.siglip_weight=0.0: expected > 0 when"),
+    (lambda c: c.vit_pretrain.update(dense_weight=1.0, dense_object_weight=0.0), r"dense_object_weight=0.0"),
+    (lambda c: c.vit_pretrain.update(dense_weight=1.0) or c.data.update(resolution=68),
+     r"config.vit_pretrain.dense_weight=1.0: expected 0 unless the ViT's 8x8 token grid tiles data.resolution=68"),
+])
+def test_tokenizer_vit_pretrain_losses_are_checked(mutate, match):
+    c = dualvitok.get_config("size=tiny")
+    config_check.validate_tokenizer(c)
+    mutate(c)
+    with pytest.raises(ValueError, match=match):
+        config_check.validate_tokenizer(c)

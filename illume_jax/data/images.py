@@ -30,20 +30,25 @@ class ShapeCompImages:
     """Scenes `index` of each level in `levels`, rendered on access (a pure function of the index)."""
 
     def __init__(self, levels: Sequence[int], split: str, num_per_level: int, target_scale: int = 1,
-                 shape_twins: int = 0, dense_captions: bool = False):
+                 shape_twins: int = 0, dense_captions: bool = False, cell_grid: tuple[int, int] | None = None):
         """target_scale > 1 adds 'target': the same scene rendered exactly at that many times the
         resolution (the super-resolution target of the diffusion decoder). shape_twins = k > 0 adds
         'twin_image' [k,S,S,3] / 'twin_caption' (k strings): k versions of the scene with one
         object's shape changed (`shapecomp.shape_twins`); all captions are then the dense ones, so
         each twin differs from the scene in exactly one word (a short caption might not name the
         changed object). dense_captions: every caption the dense one (else every other one is a
-        short GenEval-style caption)."""
+        short GenEval-style caption). cell_grid = (h, w) adds 'cell_shape' / 'cell_color' [h*w] int32:
+        the shape and colour of the object under each cell of that grid over the image, from the scene
+        graph (`shapecomp.cell_labels`; background = len(SHAPES) / len(COLORS))."""
         self.levels = tuple(int(l) for l in levels)
         self.target_scale = int(target_scale)
         if not isinstance(shape_twins, (int, np.integer)) or isinstance(shape_twins, bool) or shape_twins < 0:
             raise ValueError(f"shape_twins={shape_twins!r}: expected an int >= 0 (twins per scene)")
         self.shape_twins = int(shape_twins)
         self.dense_captions = bool(dense_captions)
+        if cell_grid is not None and (len(cell_grid) != 2 or min(cell_grid) < 1):
+            raise ValueError(f"cell_grid={cell_grid!r}: expected (rows, columns) >= 1 or None")
+        self.cell_grid = None if cell_grid is None else (int(cell_grid[0]), int(cell_grid[1]))
         for level in self.levels:
             shapecomp.get_level(level)
         shapecomp.world.check_split(split)
@@ -66,6 +71,8 @@ class ShapeCompImages:
             rec["twin_caption"] = [shapecomp.dense_caption(t) for t in twins]
         if self.target_scale > 1:
             rec["target"] = shapecomp.render(shapecomp.scaled(scene, self.target_scale))
+        if self.cell_grid is not None:
+            rec["cell_shape"], rec["cell_color"] = shapecomp.cell_labels(scene, self.cell_grid)
         return rec
 
     def scene(self, i: int):
@@ -153,7 +160,8 @@ class CaptionVocab:
 
 class _Prepare:
     """Record -> {'image': float32 [S,S,3] in [-1,1] (+ 'text' ids, + 'twin_image' [k,S,S,3] /
-    'twin_text' [k,L] for a record with k shape twins)}; a picklable class so
+    'twin_text' [k,L] for a record with k shape twins, + 'cell_shape' / 'cell_color' as they come)}; a
+    picklable class so
     Grain worker processes can run it."""
 
     def __init__(self, resolution: int, vocab: CaptionVocab | None, text_len: int, target_scale: int = 1):
@@ -176,6 +184,9 @@ class _Prepare:
                                           for t in rec["twin_image"]])
             if self.vocab is not None:
                 out["twin_text"] = np.stack([self.vocab.encode(t, self.text_len) for t in rec["twin_caption"]])
+        for key in ("cell_shape", "cell_color"):  # per-cell labels of the scene (not resized: ShapeComp only)
+            if key in rec:
+                out[key] = rec[key]
         return out
 
 

@@ -14,6 +14,12 @@ ShapeComp that is mostly colour. Two additions make the ViT see shape (`config.v
 decoder that cross-attends to the ViT's token grid predicts the dense caption word by word, so each
 object's size, colour, shape and place must be readable from the tokens around it.
 
+A third, `dense_weight`, supervises every token alone: linear heads on each token of the ViT's grid
+name the shape and the colour of the object under its cell (or background), from the scene graph
+(`shapecomp.cell_labels`). Pooled or caption losses let a token lean on its neighbours; the
+multimodal LLM, though, reads the tokens one by one, and a tower whose single tokens do not name
+their object's shape leaves the LLM unable to tell a red star from a red circle (README).
+
 After pre-training the tokenizer copies `vit` and freezes it; `feature_distance` serves as
 the offline perceptual loss (see `train/tokenizer.py`).
 """
@@ -25,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from illume_jax.models import vit
@@ -46,6 +53,18 @@ def image_tokens(model, images: jax.Array, config: Any) -> jax.Array:
         return qwen2_vit_tokens(model, images)[0]
     from illume_jax.models.semantic_vq import clip_vit_tokens
     return clip_vit_tokens(model, images, config.model.image_size)
+
+
+def token_grid(config: Any) -> tuple[int, int]:
+    """(rows, columns) of `image_tokens`' grid for the config's data.resolution: where the dense labels go."""
+    m, res = config.model, int(config.data.resolution)
+    if m.kind == "dualvitok":
+        from illume_jax.models.dualvitok import semantic_input_size
+        f = int(m.vit.patch_size) * int(m.vit.spatial_merge_size)
+        h, w = semantic_input_size(res, res, f)
+        return h // f, w // f
+    side = int(m.image_size) // int(m.vit.patch_size)
+    return side, side
 
 
 class CaptionBlock(nnx.Module):
@@ -121,9 +140,14 @@ class SigLIP(nnx.Module):
         p = config.vit_pretrain
         self.siglip_weight = float(p.get("siglip_weight", 1.0))
         self.caption_weight = float(p.get("caption_weight", 0.0))
-        if self.siglip_weight < 0 or self.caption_weight < 0 or self.siglip_weight + self.caption_weight == 0:
+        self.dense_weight = float(p.get("dense_weight", 0.0))
+        self.dense_object_weight = float(p.get("dense_object_weight", 1.0))
+        weights = (self.siglip_weight, self.caption_weight, self.dense_weight)
+        if min(weights) < 0 or sum(weights) == 0 or self.dense_object_weight <= 0:
             raise ValueError(f"config.vit_pretrain.siglip_weight={self.siglip_weight}, caption_weight="
-                             f"{self.caption_weight}: expected weights >= 0, not both 0")
+                             f"{self.caption_weight}, dense_weight={self.dense_weight}, dense_object_weight="
+                             f"{self.dense_object_weight}: expected weights >= 0, not all 0, and an object "
+                             "weight > 0")
         self.config = config
         self.vit = _vit_for(config, rngs)
         width = config.model.vit.hidden_size
@@ -139,6 +163,12 @@ class SigLIP(nnx.Module):
         self.logit_bias = nnx.Param(jnp.asarray(-10.0), out_sharding=())
         self.captioner = CaptionDecoder(vocab_size, width, p.caption_dim, p.caption_layers, p.caption_heads,
                                         p.text_len, rngs=rngs) if self.caption_weight > 0 else None
+        # Dense heads: len(SHAPES) + 1 / len(COLORS) + 1 classes, the last one background.
+        from illume_jax.data.shapecomp import world
+        self.dense_shape_head = Dense((width,), (len(world.SHAPES) + 1,), axes=("embed", None), use_bias=True,
+                                      rngs=rngs) if self.dense_weight > 0 else None
+        self.dense_color_head = Dense((width,), (len(world.COLORS) + 1,), axes=("embed", None), use_bias=True,
+                                      rngs=rngs) if self.dense_weight > 0 else None
 
     def embed_images(self, images: jax.Array) -> jax.Array:
         return self._pooled(image_tokens(self.vit, images, self.config))
@@ -158,15 +188,27 @@ class SigLIP(nnx.Module):
         z = self.text_proj(pooled)
         return z / jnp.linalg.norm(z, axis=-1, keepdims=True)
 
+    def dense_logits(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Token features [B,S,W] -> per-token (shape, colour) logits [B,S,len(SHAPES)+1] / [B,S,len(COLORS)+1]."""
+        if self.dense_shape_head is None:
+            raise ValueError("dense_logits: the model was built with config.vit_pretrain.dense_weight=0 (no heads)")
+        return self.dense_shape_head(tokens).astype(jnp.float32), self.dense_color_head(tokens).astype(jnp.float32)
+
     def evaluation_outputs(self, images: jax.Array, text: jax.Array, captions: jax.Array):
-        """Image embeddings, text embeddings and (with a captioner, else None) the caption logits
-        for `captions` of `images`: the ViT runs once for both."""
+        """Image embeddings, text embeddings, (with a captioner, else None) the caption logits for
+        `captions` of `images` and (with dense heads, else None) the per-token shape logits: the ViT
+        runs once for all."""
         tokens = image_tokens(self.vit, images, self.config)
         logits = self.captioner(tokens, captions) if self.captioner is not None else None
-        return self._pooled(tokens), self.embed_text(text), logits
+        shape_logits = self.dense_logits(tokens)[0] if self.dense_shape_head is not None else None
+        return self._pooled(tokens), self.embed_text(text), logits, shape_logits
 
-    def loss(self, images: jax.Array, text: jax.Array) -> tuple[jax.Array, dict]:
-        tokens = image_tokens(self.vit, images, self.config)   # once, for both losses
+    def loss(self, images: jax.Array, text: jax.Array, cell_shape: jax.Array | None = None,
+             cell_color: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """cell_shape / cell_color [n, S] (`shapecomp.cell_labels` over the token grid) label the first n
+        images' tokens; the dense loss needs them (and only they are dense-supervised: shape twins
+        join the batch after the scenes and have none)."""
+        tokens = image_tokens(self.vit, images, self.config)   # once, for every loss
         zi, zt = self._pooled(tokens), self.embed_text(text)
         logits = jnp.exp(self.logit_scale[...]) * zi @ zt.T + self.logit_bias[...]
         labels = 2.0 * jnp.eye(logits.shape[0]) - 1.0
@@ -178,7 +220,29 @@ class SigLIP(nnx.Module):
             cap, cap_acc = caption_loss(self.captioner(tokens, text), text)
             loss = loss + self.caption_weight * cap
             metrics.update(caption_loss=cap, caption_acc=cap_acc)
+        if self.dense_shape_head is not None:
+            if cell_shape is None or cell_color is None:
+                raise ValueError("config.vit_pretrain.dense_weight > 0 needs per-cell labels (cell_shape, cell_color)")
+            dense, dense_metrics = self.dense_loss(tokens[:cell_shape.shape[0]], cell_shape, cell_color)
+            loss = loss + self.dense_weight * dense
+            metrics.update(dense_loss=dense, **dense_metrics)
         return loss, metrics
+
+    def dense_loss(self, tokens: jax.Array, cell_shape: jax.Array, cell_color: jax.Array):
+        """Shape + colour cross-entropy of every token, object cells weighted `dense_object_weight` x
+        background ones (objects cover a small part of a ShapeComp grid, and they are the point)."""
+        if cell_shape.shape != tokens.shape[:2] or cell_color.shape != tokens.shape[:2]:
+            raise ValueError(f"dense loss: labels {cell_shape.shape} / {cell_color.shape} do not match the ViT's "
+                             f"token grid {tokens.shape[:2]} (cell_grid must be the ViT's merged grid)")
+        shape_logits, color_logits = self.dense_logits(tokens)
+        obj = cell_shape < shape_logits.shape[-1] - 1
+        w = jnp.where(obj, self.dense_object_weight, 1.0)
+        ce = (optax.softmax_cross_entropy_with_integer_labels(shape_logits, cell_shape)
+              + optax.softmax_cross_entropy_with_integer_labels(color_logits, cell_color))
+        n_obj = jnp.maximum(obj.sum(), 1)
+        return (ce * w).sum() / w.sum(), {
+            "dense_shape_acc": ((shape_logits.argmax(-1) == cell_shape) & obj).sum() / n_obj,
+            "dense_color_acc": ((color_logits.argmax(-1) == cell_color) & obj).sum() / n_obj}
 
 
 def make_siglip(config: Any, *, rngs: nnx.Rngs, vocab_size: int | None = None) -> SigLIP:
@@ -204,7 +268,7 @@ def retrieval_accuracy(model: SigLIP, config: Any, vocab, n: int = 128) -> dict:
                  + [shapecomp.dense_caption(s) for s in scenes]
                  + [shapecomp.dense_caption(shapecomp.shape_twin(s)) for s in scenes])
     dense_ids = ids[len(recs):2 * len(recs)]
-    zi, zt, logits = nnx.jit(lambda m, a, b, c: m.evaluation_outputs(a, b, c))(
+    zi, zt, logits, shape_logits = nnx.jit(lambda m, a, b, c: m.evaluation_outputs(a, b, c))(
         model, imgs, jnp.asarray(ids), jnp.asarray(dense_ids))
     zt_caption, zt_dense, zt_twin = np.split(np.asarray(zt), 3)
     zi = np.asarray(zi)
@@ -215,6 +279,10 @@ def retrieval_accuracy(model: SigLIP, config: Any, vocab, n: int = 128) -> dict:
            "val_twin_acc": float(np.mean(twin_right))}
     if logits is not None:
         out.update(caption_accuracy(np.asarray(logits), dense_ids, vocab))
+    if shape_logits is not None:  # the dense heads on validation scenes: object cells' shape, alone
+        cells = np.stack([shapecomp.cell_labels(s, token_grid(config))[0] for s in scenes])
+        obj = cells < np.asarray(shape_logits).shape[-1] - 1
+        out["val_dense_shape_acc"] = float(np.mean(np.argmax(np.asarray(shape_logits), -1)[obj] == cells[obj]))
     return out
 
 

@@ -3,8 +3,9 @@
 Two phases, each resumable in its own folder of the workdir:
   1. vit_pretrain  (tiny scale, `config.vit_pretrain.steps > 0`): the tokenizer's semantic ViT
      is trained contrastively (SigLIP sigmoid loss) against a small text tower on ShapeComp
-     captions, so its features are text-aligned the way Qwen2-VL's or CLIP's are. Official
-     shapes skip it and load the released ViT.
+     captions, so its features are text-aligned the way Qwen2-VL's or CLIP's are; optionally
+     with a captioning loss and a dense per-token loss (each token names its object's shape and
+     colour, `vit_pretrain.dense_weight`). Official shapes skip it and load the released ViT.
   2. tokenizer     DualViTok (ILLUME+) or the semantic VQ tokenizer (ILLUME), spec §1.10 / §5.1:
      generator loss = l2 + perceptual + d_w * hinge-GAN + commitment + semantic cosine /
      feature reconstruction (weights in `train.loss_weights`); a PatchGAN discriminator with
@@ -156,7 +157,7 @@ def pretrain_vit(config: Any, workdir: str, mesh, *, stop_after_steps: int | Non
             text = jnp.concatenate([text, batch["twin_text"].reshape((-1,) + text.shape[1:])], axis=0)
 
         def loss_fn(params):
-            return nnx.merge(graphdef, params).loss(images, text)
+            return nnx.merge(graphdef, params).loss(images, text, batch.get("cell_shape"), batch.get("cell_color"))
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         return (state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
@@ -164,8 +165,10 @@ def pretrain_vit(config: Any, workdir: str, mesh, *, stop_after_steps: int | Non
                 dict(metrics, loss=loss, images=jnp.asarray(images.shape[0], jnp.float32)))
 
     jitted = _mesh_jit(step, mesh, out_shardings=(out_sh, None), donate_argnums=(0,))
+    dense = float(p.get("dense_weight", 0.0)) > 0  # per-cell labels over the ViT's token grid
     src = images_lib.ShapeCompImages(config.data.levels, "train", config.data.num_examples, shape_twins=twins,
-                                     dense_captions=float(p.get("caption_weight", 0.0)) > 0)
+                                     dense_captions=float(p.get("caption_weight", 0.0)) > 0,
+                                     cell_grid=siglip.token_grid(config) if dense else None)
     it = images_lib.make_image_iterator(src, batch_size=records, resolution=config.data.resolution,
                                         seed=config.seed + 1, process_index=jax.process_index(),
                                         process_count=jax.process_count(), vocab=vocab, text_len=p.text_len,

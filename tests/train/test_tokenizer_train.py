@@ -6,10 +6,12 @@ import os
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import dualvitok as dualvitok_config
 from configs import semantic_vq_illume
 from illume_jax import config_check
+from illume_jax.data.shapecomp import world
 from illume_jax.train import tokenizer as tok
 
 
@@ -216,6 +218,35 @@ def test_siglip_pretraining_with_shape_twins(tmp_path):
     config.vit_pretrain.update(batch_size=16, shape_twins=2)
     with pytest.raises(ValueError, match="multiple of 1 \\+ shape_twins = 3"):
         tok.pretrain_vit(config, str(tmp_path / "odd"), mesh)
+
+
+def test_siglip_pretraining_with_the_dense_loss(tmp_path):
+    """vit_pretrain.dense_weight > 0: the records bring per-cell labels over the ViT's token grid, the
+    step adds the weighted dense loss (labelling the scenes, not their shape twins), the evaluation
+    reports the heads' shape accuracy on validation scenes, and the saved ViT is what the tokenizer loads."""
+    from illume_jax.data import images as images_lib
+    it = images_lib.make_image_iterator(images_lib.ShapeCompImages((1,), "train", 16, cell_grid=(8, 8)),
+                                        batch_size=4, resolution=64, seed=0)
+    batch = next(it)
+    assert batch["cell_shape"].shape == batch["cell_color"].shape == (4, 64)
+    assert (batch["cell_shape"] < len(world.SHAPES)).any() and (batch["cell_shape"] == len(world.SHAPES)).any()
+    with pytest.raises(ValueError, match="cell_grid"):
+        images_lib.ShapeCompImages((1,), "train", 16, cell_grid=(0, 8))
+
+    config = micro_dualvitok()
+    config.vit_pretrain.update(shape_twins=1, steps=2, batch_size=16, dense_weight=0.5)
+    mesh = tok.sharding.make_mesh(dict(config.mesh))
+    out = tok.pretrain_vit(config, str(tmp_path / "dense"), mesh)
+    assert out["step"] == 2 and out["images"] == 16
+    assert out["loss"] == pytest.approx(out["siglip_loss"] + 0.5 * out["dense_loss"], rel=1e-4)
+    for key in ("dense_shape_acc", "dense_color_acc", "val_dense_shape_acc", "val_twin_acc"):
+        assert 0.0 <= out[key] <= 1.0, key
+    from illume_jax.models import siglip
+    with tok.sharding.use_mesh(mesh):   # other random weights, replaced by the trained ones
+        vit_module = siglip._vit_for(config, nnx.Rngs(1))
+        tok.load_pretrained_vit(vit_module, str(tmp_path / "dense"))
+    for a, b in zip(jax.tree.leaves(nnx.state(vit_module, nnx.Param)), jax.tree.leaves(out["state"].params["vit"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def _moved_after_two_steps(config, workdir):
