@@ -161,8 +161,7 @@ class CaptionVocab:
 class _Prepare:
     """Record -> {'image': float32 [S,S,3] in [-1,1] (+ 'text' ids, + 'twin_image' [k,S,S,3] /
     'twin_text' [k,L] for a record with k shape twins, + 'cell_shape' / 'cell_color' as they come)}; a
-    picklable class so
-    Grain worker processes can run it."""
+    picklable class so Grain worker processes can run it."""
 
     def __init__(self, resolution: int, vocab: CaptionVocab | None, text_len: int, target_scale: int = 1):
         self.resolution, self.vocab, self.text_len = resolution, vocab, text_len
@@ -184,7 +183,7 @@ class _Prepare:
                                           for t in rec["twin_image"]])
             if self.vocab is not None:
                 out["twin_text"] = np.stack([self.vocab.encode(t, self.text_len) for t in rec["twin_caption"]])
-        for key in ("cell_shape", "cell_color"):  # per-cell labels of the scene (not resized: ShapeComp only)
+        for key in ("cell_shape", "cell_color"):  # per-cell labels: cells of the grid, whatever the image size
             if key in rec:
                 out[key] = rec[key]
         return out

@@ -141,7 +141,7 @@ class SigLIP(nnx.Module):
         self.siglip_weight = float(p.get("siglip_weight", 1.0))
         self.caption_weight = float(p.get("caption_weight", 0.0))
         self.dense_weight = float(p.get("dense_weight", 0.0))
-        self.dense_object_weight = float(p.get("dense_object_weight", 1.0))
+        self.dense_object_weight = float(p.get("dense_object_weight", 4.0))
         weights = (self.siglip_weight, self.caption_weight, self.dense_weight)
         if min(weights) < 0 or sum(weights) == 0 or self.dense_object_weight <= 0:
             raise ValueError(f"config.vit_pretrain.siglip_weight={self.siglip_weight}, caption_weight="

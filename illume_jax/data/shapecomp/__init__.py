@@ -14,7 +14,8 @@ from illume_jax.data.shapecomp.world import LEVELS, SPLITS, get_level
 __all__ = [
     "OPS", "EditPair", "edit_pair", "EXISTENCE_KINDS", "existence_kind", "POPE_SPLITS", "QA_NEGATIVES",
     "attribute_questions", "existence_questions", "questions",
-    "TASKS", "WORDS", "check_qa_turns", "conversation_records", "text_corpus", "cell_labels", "cell_owners", "object_mask", "png_bytes", "render", "Obj", "Scene",
+    "TASKS", "WORDS", "check_qa_turns", "conversation_records", "text_corpus",
+    "cell_labels", "cell_owners", "object_mask", "png_bytes", "render", "Obj", "Scene",
     "make_scene", "scaled", "shape_twin", "shape_twins", "object_relations", "relations_between", "available_tags",
     "dense_caption", "prompt_for", "short_caption", "LEVELS", "SPLITS", "get_level",
 ]
