@@ -280,7 +280,8 @@ def retrieval_accuracy(model: SigLIP, config: Any, vocab, n: int = 128) -> dict:
     if logits is not None:
         out.update(caption_accuracy(np.asarray(logits), dense_ids, vocab))
     if shape_logits is not None:  # the dense heads on validation scenes: object cells' shape, alone
-        cells = np.stack([shapecomp.cell_labels(s, token_grid(config))[0] for s in scenes])
+        grid = token_grid(config)
+        cells = np.stack([shapecomp.cell_labels(s, grid)[0] for s in scenes])
         obj = cells < np.asarray(shape_logits).shape[-1] - 1
         out["val_dense_shape_acc"] = float(np.mean(np.argmax(np.asarray(shape_logits), -1)[obj] == cells[obj]))
     return out
