@@ -37,6 +37,8 @@ MLLM inference (no --config: the model's own config is read from its checkpoint 
   edit           --image=PNG --instruction=TEXT (repeat both, paired) -> PNGs at the input size in --out
   eval           held-out ShapeComp GenEval-, POPE- and editing-style scores (--level, --eval_split=test|compositional)
                  -> <workdir>/eval/level<L>_<split>/: metrics.json, report.html, GenEval / POPE-format files
+  generate / edit / eval also take --guidance, --temperature, --top_k, --top_p (replacing the official sampling
+                 values) and --pixel_decoder=TOKENIZER_RUN (a pixel decoder retrained on the model's codes)
 
 Self-enhancement (--config: the MLLM config with its self_enhance block; --workdir: the trained MLLM):
   self-enhance   one round: generate -> judge -> assessment dialogues -> stage 3 with them -> eval,
@@ -79,11 +81,18 @@ _QUESTION = flags.DEFINE_multi_string("question", [], "understand: a question, p
 _INSTRUCTION = flags.DEFINE_multi_string("instruction", [], "edit: an instruction, paired with --image.")
 _OUT = flags.DEFINE_string("out", None, "generate / understand / edit: output folder (default <workdir>/outputs).")
 _SEED = flags.DEFINE_integer("seed", 0, "generate / edit / eval: sampling seed.")
-_GUIDANCE = flags.DEFINE_float("guidance", None, "generate / edit: CFG scale (default: the official 2.0 / 1.5); "
-                               "eval-decoder: the decoder's CFG scale (default: its config's).")
+_GUIDANCE = flags.DEFINE_float("guidance", None, "generate / edit / eval: CFG scale (default: the official 2.0 / "
+                               "1.5); eval-decoder: the decoder's CFG scale (default: its config's).")
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "generate / edit / eval: image-token sampling temperature "
+                                  "(default: the official 1.0 / 0.7; 0 = greedy).")
+_TOP_K = flags.DEFINE_integer("top_k", None, "generate / edit / eval: top-k of level 0 (level 1 takes 3x, as the "
+                              "official settings; default 2048 / 512; 0 = off).")
+_TOP_P = flags.DEFINE_float("top_p", None, "generate / edit / eval: top-p (default: the official 1.0 / 0.8).")
+_PIXEL_DECODER = flags.DEFINE_string("pixel_decoder", None, "generate / edit / eval: a train-tokenizer workdir that "
+                                     "retrained only the pixel decoder of the model's tokenizer; it draws the images.")
 _SAMPLER_STEPS = flags.DEFINE_integer("sampler_steps", None, "eval-decoder: diffusion sampling steps.")
 _SAMPLER = flags.DEFINE_enum("sampler", None, ["euler", "ddim", "dpm++2m"], "eval-decoder: the diffusion sampler.")
-_DECODER = flags.DEFINE_string("diffusion_decoder", None, "generate / edit: a train-decoder workdir; images are "
+_DECODER = flags.DEFINE_string("diffusion_decoder", None, "generate / edit / eval: a train-decoder workdir; images are "
                                "decoded by that diffusion decoder (2x) instead of the tokenizer's pixel decoder.")
 _LEVEL = flags.DEFINE_integer("level", 1, "eval: ShapeComp level of the held-out set.")
 _EVAL_SPLIT = flags.DEFINE_enum("eval_split", "test", ["test", "compositional"], "eval: 'test' (held out) or "
@@ -329,7 +338,6 @@ def _read_image(path: str):
 
 def _inference(command: str) -> None:
     import json
-    import dataclasses
 
     from illume_jax.infer.illume import Illume
     from illume_jax.infer import interleaved
@@ -344,21 +352,27 @@ def _inference(command: str) -> None:
         what = "--question" if command == "understand" else "--instruction"
         if not _IMAGE.value or len(_IMAGE.value) != len(paired):
             _usage(f"{command} needs --image and {what} in pairs (got {len(_IMAGE.value)} and {len(paired)})")
-    model = Illume.load(workdir, diffusion_decoder=_DECODER.value)
+    overrides = dict(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                     guidance_scale=_GUIDANCE.value)
+    if command == "understand" and any(v is not None for v in overrides.values()):
+        _usage("understand answers greedily: --guidance / --temperature / --top_k / --top_p are for generate, "
+               "edit and eval")
+    try:
+        samplings = {task: interleaved.Sampling.for_task(task, **overrides) for task in ("t2i", "edit")}
+    except ValueError as e:
+        _usage(str(e))
+    model = Illume.load(workdir, diffusion_decoder=_DECODER.value, pixel_decoder=_PIXEL_DECODER.value)
     if command == "eval":
         from illume_jax.eval import mllm as mllm_eval
         results = mllm_eval.evaluate_and_report(
             model, workdir, level=_LEVEL.value, split=_EVAL_SPLIT.value, gen_scenes=_GEN_SCENES.value,
             samples_per_prompt=_SAMPLES.value, pope_scenes=_POPE_SCENES.value, edit_pairs=_EDIT_PAIRS.value,
-            seed=_SEED.value, out_dir=_OUT.value)
+            seed=_SEED.value, out_dir=_OUT.value, t2i_sampling=samplings["t2i"], edit_sampling=samplings["edit"])
         print(json.dumps(results, indent=1))
         return
     from PIL import Image
     os.makedirs(out, exist_ok=True)
-    task = "t2i" if command == "generate" else command
-    sampling = interleaved.Sampling.for_task(task) if command != "understand" else None
-    if sampling is not None and _GUIDANCE.value is not None:
-        sampling = dataclasses.replace(sampling, guidance_scale=_GUIDANCE.value)
+    sampling = samplings.get("t2i" if command == "generate" else command)
     records = []
     if command == "generate":
         images = model.generate(_PROMPT.value, seed=_SEED.value, sampling=sampling, progress=True)

@@ -81,6 +81,11 @@ def test_cli_rejects_bad_values_before_compiling(tmp_path):
     assert r.returncode == 2 and "drop --config" in r.stderr
     r = run("eval-decoder", f"--workdir={tmp_path}")
     assert r.returncode == 1 and "no trained diffusion decoder" in r.stderr
+    # Sampling flags are checked before a model loads (the workdir here has none).
+    r = run("understand", f"--workdir={tmp_path}", "--image=a.png", "--question=Is it red?", "--temperature=1")
+    assert r.returncode == 2 and "understand answers greedily" in r.stderr
+    r = run("eval", f"--workdir={tmp_path}", "--top_p=0")
+    assert r.returncode == 2 and "Sampling.top_p" in r.stderr
 
 
 def test_demo_config_every_scale_and_part_validates():

@@ -9,6 +9,7 @@ in training (ShapeComp's splits are disjoint by construction).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import numpy as np
 
 from illume_jax.data import shapecomp
 from illume_jax.eval import shapecomp_scorer as scorer
+from illume_jax.infer import interleaved as il
 
 
 def geneval_prompts(level: int, n_scenes: int, split: str = "test") -> list[tuple[str, dict, int]]:
@@ -59,14 +61,15 @@ def vqa_accuracy(model, *, level: int = 1, split: str = "test", scenes: int = 32
 
 
 def geneval_suite(model, *, level: int = 1, split: str = "test", scenes: int = 32, samples_per_prompt: int = 2,
-                  seed: int = 0, progress: bool = False) -> tuple[dict, list[dict]]:
+                  seed: int = 0, progress: bool = False, sampling=None) -> tuple[dict, list[dict]]:
     """GenEval-style text-to-image on every tag of the first `scenes` held-out scenes, graded by the
-    scorer: (scores per tag and overall, per-image samples with verdicts)."""
+    scorer: (scores per tag and overall, per-image samples with verdicts). sampling: an
+    `interleaved.Sampling` (default: the official text-to-image settings)."""
     prompts = geneval_prompts(level, scenes, split)
     texts = [p for p, _, _ in prompts for _ in range(samples_per_prompt)]
     metas = [m for _, m, _ in prompts for _ in range(samples_per_prompt)]
     ids = [i for _, _, i in prompts for _ in range(samples_per_prompt)]
-    images = model.generate(texts, seed=seed, progress=progress)
+    images = model.generate(texts, seed=seed, progress=progress, sampling=sampling)
     # Every shape of the world is a possible reading (as GenEval's detector knows all 80 classes);
     # rotation only where the level rotates objects.
     det_kw = dict(rotated=shapecomp.get_level(level).rotation)
@@ -125,7 +128,7 @@ def pope_suite(model, *, level: int = 1, split: str = "test", scenes: int = 50, 
 
 def run_suites(model, *, level: int = 1, split: str = "test", gen_scenes: int = 32, samples_per_prompt: int = 2,
                pope_scenes: int = 50, edit_pairs: int = 48, seed: int = 0, progress: bool = False,
-               on_suite=None) -> tuple[dict, dict]:
+               on_suite=None, t2i_sampling=None, edit_sampling=None) -> tuple[dict, dict]:
     """model: an `Illume`. Returns (results, samples): results = {'geneval': ..., 'pope': {split:
     metrics, 'mean': ...}, 'edit': {'success': ..., 'per_op': ...}}; samples holds every image,
     answer and verdict behind them (for the report and the public-harness files).
@@ -137,7 +140,10 @@ def run_suites(model, *, level: int = 1, split: str = "test", gen_scenes: int = 
     that never occur in training, CLEVR-CoGenT style).
 
     gen_scenes / pope_scenes / edit_pairs = 0 skips that suite (e.g. POPE alone for a model trained
-    only on understanding); its key is then absent from the results."""
+    only on understanding); its key is then absent from the results.
+
+    t2i_sampling / edit_sampling: `interleaved.Sampling` for generation and editing (default: the
+    official settings, `Sampling.for_task`); results['sampling'] records the ones used."""
     sizes = dict(gen_scenes=gen_scenes, pope_scenes=pope_scenes, edit_pairs=edit_pairs)
     for name, n in sizes.items():
         if n < 0:
@@ -150,11 +156,18 @@ def run_suites(model, *, level: int = 1, split: str = "test", gen_scenes: int = 
         raise ValueError(f"split='compositional' needs level >= 3 (held-out colour-shape pairs), got level={level}")
     results: dict = dict(level=level, split=split)
     samples: dict = dict(level=level, split=split)
+    t2i_sampling = t2i_sampling or il.Sampling.for_task("t2i")
+    edit_sampling = edit_sampling or il.Sampling.for_task("edit")
+    used = dict(t2i=t2i_sampling) if gen_scenes else {}
+    used.update(dict(edit=edit_sampling) if edit_pairs else {})
+    if used:  # which settings made the images (a sampling sweep writes one metrics.json per setting)
+        results["sampling"] = {task: {k: list(x) if isinstance(x, tuple) else x for k, x in dataclasses.asdict(v).items()}
+                               for task, v in used.items()}
     # -- GenEval-style generation --------------------------------------------------------------
     if gen_scenes:
         results["geneval"], samples["t2i"] = geneval_suite(model, level=level, split=split, scenes=gen_scenes,
                                                            samples_per_prompt=samples_per_prompt, seed=seed,
-                                                           progress=progress)
+                                                           progress=progress, sampling=t2i_sampling)
         if on_suite is not None:
             on_suite("geneval", results)
     # -- POPE-style understanding ----------------------------------------------------------------
@@ -165,19 +178,20 @@ def run_suites(model, *, level: int = 1, split: str = "test", gen_scenes: int = 
             on_suite("pope", results)
     if edit_pairs:
         results["edit"], samples["edit"] = edit_suite(model, level=level, split=split, pairs=edit_pairs,
-                                                      seed=seed, progress=progress)
+                                                      seed=seed, progress=progress, sampling=edit_sampling)
         if on_suite is not None:
             on_suite("edit", results)
     return results, samples
 
 
 def edit_suite(model, *, level: int = 1, split: str = "test", pairs: int = 48, seed: int = 0,
-               progress: bool = False) -> tuple[dict, list]:
+               progress: bool = False, sampling=None) -> tuple[dict, list]:
     """Editing success on `pairs` held-out edit pairs: ({'success', 'per_op', 'preservation',
-    'l1_outside', 'pairs'}, one sample per pair)."""
+    'l1_outside', 'pairs'}, one sample per pair). sampling: as `geneval_suite`'s (default: the
+    official editing settings)."""
     edit_pairs = [shapecomp.edit_pair(level, split, i) for i in range(pairs)]
     edited = model.edit([shapecomp.render(p.before) for p in edit_pairs], [p.instruction for p in edit_pairs],
-                        seed=seed, progress=progress)
+                        seed=seed, progress=progress, sampling=sampling)
     per_op, preservation, l1 = defaultdict(list), [], []
     rows = []
     for pair, img in zip(edit_pairs, edited):
@@ -241,13 +255,14 @@ def evaluate(model, *, level: int = 1, split: str = "test", gen_scenes: int = 32
 def evaluate_and_report(model, workdir: str, *, level: int = 1, split: str = "test", gen_scenes: int = 32,
                         samples_per_prompt: int = 2, pope_scenes: int = 50, edit_pairs: int = 48, seed: int = 0,
                         out_dir: str | None = None, extra_metrics: dict | None = None, progress: bool = True,
-                        curves: dict | None = None, reconstructions=(), title: str = "illume_jax: ShapeComp evaluation"
-                        ) -> dict:
+                        curves: dict | None = None, reconstructions=(), title: str = "illume_jax: ShapeComp evaluation",
+                        t2i_sampling=None, edit_sampling=None) -> dict:
     """`python -m illume_jax eval`: the suites on the MLLM of `workdir`, written to
     `out_dir` (default <workdir>/eval/level<L>_<split>/): metrics.json, report.html (self-contained,
     with the run's training curves when <workdir>/metrics.jsonl exists), and the GenEval- and
     POPE-format files of every sample (eval/report.py). `curves` ({name: [(step, value)]}) and
-    `reconstructions` (tuples of images) add those sections (the demo passes every phase's)."""
+    `reconstructions` (tuples of images) add those sections (the demo passes every phase's).
+    t2i_sampling / edit_sampling: as `run_suites`'."""
     from illume_jax.eval import report
     out_dir = os.path.abspath(out_dir or os.path.join(workdir, "eval", f"level{level}_{split}"))
     os.makedirs(out_dir, exist_ok=True)
@@ -264,9 +279,12 @@ def evaluate_and_report(model, workdir: str, *, level: int = 1, split: str = "te
 
     results, samples = run_suites(model, level=level, split=split, gen_scenes=gen_scenes,
                                   samples_per_prompt=samples_per_prompt, pope_scenes=pope_scenes,
-                                  edit_pairs=edit_pairs, seed=seed, progress=progress, on_suite=on_suite)
+                                  edit_pairs=edit_pairs, seed=seed, progress=progress, on_suite=on_suite,
+                                  t2i_sampling=t2i_sampling, edit_sampling=edit_sampling)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     results["workdir"] = os.path.abspath(workdir)
+    if getattr(model, "pixel_decoder_dir", None):  # images decoded by a tokenizer other than the training one
+        results["pixel_decoder"] = model.pixel_decoder_dir
     results["files"] = report.write_public_formats(out_dir, samples)
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -10,7 +10,8 @@ Prompts follow the official wordings (spec §3.5, data/multimodal.py). Generatio
 sample with the per-row interleaved processor and CFG rows (infer/interleaved.py) — the prompt
 ends with the resolution tags and `<start_of_image>`, so every row makes exactly one image block
 and stops. Images are decoded with the vision tokenizer's own pixel decoder, or by a trained
-diffusion decoder (`Illume.load(..., diffusion_decoder=DIR)`, 2x resolution). Editing pads the
+diffusion decoder (`Illume.load(..., diffusion_decoder=DIR)`, 2x resolution), or by a pixel decoder
+retrained on the same codes (`Illume.load(..., pixel_decoder=TOKENIZER_RUN)`). Editing pads the
 source to its nearest aspect anchor with white (official inference), generates at that anchor
 and crops + resizes the result back to the source's size.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Sequence
 
 import jax
@@ -32,6 +34,7 @@ from illume_jax.data.tokenizers import answer_first_tokens
 from illume_jax.infer import interleaved as il
 from illume_jax.infer.module_jit import module_jit
 from illume_jax.models import mllm
+from illume_jax.modules.quantizers import Buffer
 
 
 def pad_to_anchor(image: np.ndarray, anchors: Sequence[tuple[int, int]]) -> tuple[np.ndarray, tuple[int, int, int, int]]:
@@ -61,10 +64,41 @@ def unpad_and_resize(image: np.ndarray, box: tuple[int, int, int, int], size: tu
     return np.asarray(Image.fromarray(crop).resize((size[1], size[0]), Image.LANCZOS))
 
 
+# Variables a decoder-only retraining may change: everything else turns images into codes or codes
+# into the decoder's input, so it decides what a generated code means.
+_DECODER_ONLY = re.compile(r"pixel_decoder/")
+
+
+def tokenizer_variables(tokenizer) -> dict[str, np.ndarray]:
+    """{path: value} of a DualViTok's parameters and buffers (codebooks included)."""
+    from illume_jax.train.optim import path_str
+    flat = jax.tree_util.tree_flatten_with_path(nnx.state(tokenizer, nnx.Any(nnx.Param, Buffer)))[0]
+    return {path_str(p): np.asarray(v) for p, v in flat}
+
+
+def check_same_codes(own: dict[str, np.ndarray], other: dict[str, np.ndarray], other_name: str,
+                     own_name: str) -> None:
+    """Raises ValueError unless `other` (a tokenizer's variables) equals `own` outside the pixel
+    decoder, i.e. unless an image block of the model's codes decodes to the same features there."""
+    for path in sorted(set(own) | set(other)):
+        if _DECODER_ONLY.match(path):
+            continue
+        a, b = own.get(path), other.get(path)
+        if a is None or b is None or a.shape != b.shape or not np.array_equal(a, b):
+            what = ("missing in " + (other_name if b is None else own_name) if a is None or b is None
+                    else f"shape {b.shape} vs {a.shape}" if a.shape != b.shape else "different values")
+            raise ValueError(
+                f"{other_name}: its tokenizer differs from {own_name} outside the pixel decoder, at {path!r} "
+                f"({what}), so the model's codes would mean something else there. Expected a run that "
+                "retrained only the pixel decoder: train-tokenizer --config.model_init.weights_from=<the "
+                "model's tokenizer> \"--config.train.trainable=('pixel_decoder/.*',)\"")
+
+
 class Illume:
     """A trained MLLM (any stage's checkpoint) with its text and vision tokenizers."""
 
-    def __init__(self, config, model: mllm.MLLM, text_tokenizer, vision_tokenizer, mesh, decoder=None):
+    def __init__(self, config, model: mllm.MLLM, text_tokenizer, vision_tokenizer, mesh, decoder=None,
+                 pixel_decoder_dir: str | None = None):
         self.config, self.model, self.text_tokenizer = config, model, text_tokenizer
         self.vision_tokenizer, self.mesh = vision_tokenizer, mesh
         self.cfg: mllm.MLLMConfig = model.cfg
@@ -76,14 +110,20 @@ class Illume:
         self._decode = module_jit(lambda m, s, p: m.decode(s, p))
         self._code_map = module_jit(lambda m, s, p: m.code_map(s, p))
         self.decoder = decoder  # (DecoderTrainer, DecoderState) of a trained diffusion decoder, or None
+        self.pixel_decoder_dir = pixel_decoder_dir  # the tokenizer run whose pixel decoder replaced the model's
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
-    def load(cls, workdir: str, *, step: int | None = None, diffusion_decoder: str | None = None) -> "Illume":
+    def load(cls, workdir: str, *, step: int | None = None, diffusion_decoder: str | None = None,
+             pixel_decoder: str | None = None) -> "Illume":
         """From a `train` workdir (latest checkpoint unless `step`) or a converted MLLM folder
         (`python -m illume_jax convert --kind=mllm`). `diffusion_decoder`: a `train-decoder` workdir
         or a converted SDXL decoder; generated and edited images are then decoded by it (2x the
-        token resolution, spec §2) instead of the tokenizer's pixel decoder."""
+        token resolution, spec §2) instead of the tokenizer's pixel decoder. `pixel_decoder`: a
+        `train-tokenizer` workdir that retrained only the pixel decoder of the model's own tokenizer
+        (`train.trainable=('pixel_decoder/.*',)` from `model_init.weights_from`); its decoder then
+        draws the images. The model's codes mean the same there: every other tokenizer variable
+        must be equal (`check_same_codes`), so no retraining of the MLLM is needed."""
         from illume_jax import sharding
         from illume_jax.data.tokenizers import load_or_train_tokenizer
         from illume_jax.train import checkpoint as ckpt_lib
@@ -122,11 +162,21 @@ class Illume:
         text_tok = load_or_train_tokenizer(config, workdir)
         tok_dir = config.vision.tokenizer_workdir
         vision, _, _ = load_tokenizer(saved_config(tok_dir), tok_dir, mesh)
+        if pixel_decoder:
+            pixel_decoder = os.path.abspath(pixel_decoder)
+            other_config = saved_config(pixel_decoder)
+            if other_config is None:
+                raise ValueError(f"pixel_decoder={pixel_decoder!r}: no tokenizer checkpoint there (expected a "
+                                 "train-tokenizer workdir that retrained the pixel decoder of the model's tokenizer)")
+            other, _, _ = load_tokenizer(other_config, pixel_decoder, mesh)
+            check_same_codes(tokenizer_variables(vision), tokenizer_variables(other),
+                             f"pixel_decoder={pixel_decoder!r}", f"the model's tokenizer {tok_dir!r}")
+            vision = other
         decoder = None
         if diffusion_decoder:
             from illume_jax.train.decoder import load_decoder
             decoder = load_decoder(diffusion_decoder, mesh)
-        return cls(config, model, text_tok, vision, mesh, decoder)
+        return cls(config, model, text_tok, vision, mesh, decoder, pixel_decoder_dir=pixel_decoder or None)
 
     # -- prompt building -----------------------------------------------------------------------
     def _prompt(self, user: str, *, suffix: Sequence[int] = ()):

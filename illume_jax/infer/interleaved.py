@@ -66,15 +66,21 @@ class Sampling:
                    guidance_scale=guidance_scale)
 
     @classmethod
-    def for_task(cls, task: str) -> "Sampling":
-        """The recommended settings of spec §4.2."""
-        if task == "t2i":
-            return cls.official(1.0, 2048, 1.0, 2.0)
-        if task == "edit":
-            return cls.official(0.7, 512, 0.8, 1.5)
+    def for_task(cls, task: str, *, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, guidance_scale: float | None = None) -> "Sampling":
+        """The recommended settings of spec §4.2. For 't2i' and 'edit', a value given here replaces
+        the official one and the official level rule still applies (level 1 gets 3x the top-k): a
+        sampling sweep changes one knob of the recommended settings, not the rule between levels."""
+        given = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
         if task == "understand":
+            if any(v is not None for v in given.values()):
+                raise ValueError(f"Sampling.for_task('understand') is greedy and takes no overrides, got "
+                                 f"{ {k: v for k, v in given.items() if v is not None} }")
             return cls(temperature=(0.0, 0.0, 0.0))
-        raise ValueError(f"task {task!r}: expected 't2i', 'edit' or 'understand'")
+        if task not in _OFFICIAL:
+            raise ValueError(f"task {task!r}: expected 't2i', 'edit' or 'understand'")
+        values = dict(_OFFICIAL[task], **{k: v for k, v in given.items() if v is not None})
+        return cls.official(values["temperature"], values["top_k"], values["top_p"], values["guidance_scale"])
 
     def __post_init__(self):
         for name in ("temperature", "top_k", "top_p"):
@@ -85,6 +91,11 @@ class Sampling:
             raise ValueError(f"Sampling: temperatures and top-k must be >= 0, got {self.temperature}, {self.top_k}")
         if any(not 0 < p <= 1 for p in self.top_p):
             raise ValueError(f"Sampling.top_p={self.top_p}: expected values in (0, 1]")
+
+
+# The recommended text-to-image and editing settings (spec §4.2), as Sampling.official's arguments.
+_OFFICIAL = {"t2i": dict(temperature=1.0, top_k=2048, top_p=1.0, guidance_scale=2.0),
+             "edit": dict(temperature=0.7, top_k=512, top_p=0.8, guidance_scale=1.5)}
 
 
 @struct.dataclass

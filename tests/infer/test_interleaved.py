@@ -122,6 +122,23 @@ def test_understanding_rows_never_open_an_image():
     assert not mask[VOCAB.first_id:].any() and mask[EOS]
 
 
+def test_task_samplings_are_the_official_ones_and_overrides_keep_the_level_rule():
+    t2i, edit = il.Sampling.for_task("t2i"), il.Sampling.for_task("edit")
+    assert (t2i.temperature, t2i.top_k, t2i.top_p, t2i.guidance_scale) == ((1.0,) * 3, (2048, 2048, 6144), (1.0,) * 3, 2.0)
+    assert (edit.temperature, edit.top_k, edit.top_p, edit.guidance_scale) == ((0.7,) * 3, (512, 512, 1536), (0.8,) * 3, 1.5)
+    # One knob changes; the rest stay official and level 1 still takes 3x the top-k.
+    assert il.Sampling.for_task("t2i", temperature=0.5) == il.Sampling((0.5,) * 3, (2048, 2048, 6144), (1.0,) * 3, 2.0)
+    assert il.Sampling.for_task("edit", top_k=16, guidance_scale=3.0) == il.Sampling(
+        (0.7,) * 3, (16, 16, 48), (0.8,) * 3, 3.0)
+    assert il.Sampling.for_task("t2i", top_k=0, top_p=0.9).top_k == (0, 0, 0)   # 0 = off at every level
+    with pytest.raises(ValueError, match="greedy and takes no overrides.*temperature"):
+        il.Sampling.for_task("understand", temperature=1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        il.Sampling.for_task("t2i", top_p=0.0)
+    with pytest.raises(ValueError, match="task 'caption'"):
+        il.Sampling.for_task("caption")
+
+
 def test_warps_at_their_limits_are_greedy():
     logits = jax.random.normal(jax.random.key(1), (6, V))
     level = jnp.asarray([0, 1, 2, 0, 1, 2])

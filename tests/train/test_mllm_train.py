@@ -324,6 +324,59 @@ def test_api_generates_edits_and_answers(trained, tmp_path):
         mllm_eval.run_suites(model, level=1, split="compositional")
 
 
+def test_a_pixel_decoder_retrained_on_the_same_codes_draws_the_images(trained, micro_tokenizer_workdir, tmp_path):
+    """`Illume.load(..., pixel_decoder=RUN)`: a decoder retrained on the frozen encoder and codebooks
+    (the 16x16 tokenizer's ceiling fix) serves an MLLM trained on the old one, without retraining;
+    a tokenizer whose codes mean anything else is refused by name."""
+    from illume_jax.eval import mllm as mllm_eval
+    from illume_jax.infer import illume as illume_lib
+    from illume_jax.infer.illume import Illume
+    from illume_jax.train import tokenizer as tok
+    from train.test_tokenizer_train import micro_tokenizer_config
+    _, full_dir, *_ = trained
+    config = micro_tokenizer_config()
+    config.train.update(steps=1, disc_start=-1, dead_code_patience=0, trainable=("pixel_decoder/.*",))
+    config.model_init.update(weights_from=micro_tokenizer_workdir, reinit=("pixel_decoder/.*",))
+    retrained = str(tmp_path / "decoder_only")
+    tok.train_tokenizer(config, retrained)
+    own, swapped = Illume.load(full_dir), Illume.load(full_dir, pixel_decoder=retrained)
+    assert own.pixel_decoder_dir is None and swapped.pixel_decoder_dir == retrained
+    a, b = (illume_lib.tokenizer_variables(m.vision_tokenizer) for m in (own, swapped))
+    changed = {p for p in a if not np.array_equal(a[p], b[p])}
+    assert a.keys() == b.keys() and changed and all(p.startswith("pixel_decoder/") for p in changed)
+    # The same seed gives the same codes (one LLM), drawn by the other decoder.
+    x, y = own.generate(["a red circle"], seed=0)[0], swapped.generate(["a red circle"], seed=0)[0]
+    assert x.shape == y.shape and not np.array_equal(x, y)
+    # Anything else that differs changes what a code means.
+    codebook = next(p for p in sorted(a) if "quant" in p and not p.startswith("pixel_decoder/"))
+    moved = dict(b, **{codebook: b[codebook] + 1})
+    with pytest.raises(ValueError, match=f"outside the pixel decoder, at '{codebook}' \\(different values\\)"):
+        illume_lib.check_same_codes(a, moved, "pixel_decoder='x'", "the model's tokenizer")
+    with pytest.raises(ValueError, match="'extra/w' \\(missing in the model's tokenizer\\)"):
+        illume_lib.check_same_codes(a, dict(b, **{"extra/w": np.zeros(1)}), "pixel_decoder='x'", "the model's tokenizer")
+    with pytest.raises(ValueError, match="no tokenizer checkpoint"):
+        Illume.load(full_dir, pixel_decoder=str(tmp_path))
+    # The evaluation records the decoder and the samplings it used, and uses them: greedy
+    # generation draws the same image for both samples of a prompt.
+    greedy = il.Sampling.for_task("t2i", temperature=0.0)
+    results = mllm_eval.evaluate_and_report(swapped, full_dir, gen_scenes=1, samples_per_prompt=2, pope_scenes=0,
+                                            edit_pairs=1, out_dir=str(tmp_path / "eval"), progress=False,
+                                            t2i_sampling=greedy)
+    saved = json.load(open(tmp_path / "eval" / "metrics.json"))
+    assert saved["pixel_decoder"] == retrained
+    assert saved["sampling"] == {"t2i": dict(temperature=[0.0] * 3, top_k=[2048, 2048, 6144], top_p=[1.0] * 3,
+                                             guidance_scale=2.0),
+                                 "edit": dict(temperature=[0.7] * 3, top_k=[512, 512, 1536], top_p=[0.8] * 3,
+                                              guidance_scale=1.5)}
+    pairs_equal = []
+    for sampling in (greedy, None):
+        _, samples = mllm_eval.run_suites(swapped, gen_scenes=1, samples_per_prompt=2, pope_scenes=0, edit_pairs=0,
+                                          t2i_sampling=sampling)
+        images = [t["image"] for t in samples["t2i"]]
+        pairs_equal.append([np.array_equal(images[k], images[k + 1]) for k in range(0, len(images), 2)])
+    assert all(pairs_equal[0]) and not all(pairs_equal[1])   # the official temperature 1 samples two images
+
+
 def test_a_stopped_evaluation_keeps_the_suites_it_finished(trained, tmp_path, monkeypatch):
     from illume_jax.eval import mllm as mllm_eval
     from illume_jax.infer.illume import Illume
