@@ -161,8 +161,7 @@ def run_suites(model, *, level: int = 1, split: str = "test", gen_scenes: int = 
     used = dict(t2i=t2i_sampling) if gen_scenes else {}
     used.update(dict(edit=edit_sampling) if edit_pairs else {})
     if used:  # which settings made the images (a sampling sweep writes one metrics.json per setting)
-        results["sampling"] = {task: {k: list(x) if isinstance(x, tuple) else x for k, x in dataclasses.asdict(v).items()}
-                               for task, v in used.items()}
+        results["sampling"] = {task: _sampling_json(v) for task, v in used.items()}
     # -- GenEval-style generation --------------------------------------------------------------
     if gen_scenes:
         results["geneval"], samples["t2i"] = geneval_suite(model, level=level, split=split, scenes=gen_scenes,
@@ -182,6 +181,11 @@ def run_suites(model, *, level: int = 1, split: str = "test", gen_scenes: int = 
         if on_suite is not None:
             on_suite("edit", results)
     return results, samples
+
+
+def _sampling_json(sampling) -> dict:
+    """A `Sampling` as metrics.json holds it (lists, as JSON reads them back)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(sampling).items()}
 
 
 def edit_suite(model, *, level: int = 1, split: str = "test", pairs: int = 48, seed: int = 0,

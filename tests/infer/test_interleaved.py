@@ -124,8 +124,8 @@ def test_understanding_rows_never_open_an_image():
 
 def test_task_samplings_are_the_official_ones_and_overrides_keep_the_level_rule():
     t2i, edit = il.Sampling.for_task("t2i"), il.Sampling.for_task("edit")
-    assert (t2i.temperature, t2i.top_k, t2i.top_p, t2i.guidance_scale) == ((1.0,) * 3, (2048, 2048, 6144), (1.0,) * 3, 2.0)
-    assert (edit.temperature, edit.top_k, edit.top_p, edit.guidance_scale) == ((0.7,) * 3, (512, 512, 1536), (0.8,) * 3, 1.5)
+    assert t2i == il.Sampling((1.0,) * 3, (2048, 2048, 6144), (1.0,) * 3, 2.0)
+    assert edit == il.Sampling((0.7,) * 3, (512, 512, 1536), (0.8,) * 3, 1.5)
     # One knob changes; the rest stay official and level 1 still takes 3x the top-k.
     assert il.Sampling.for_task("t2i", temperature=0.5) == il.Sampling((0.5,) * 3, (2048, 2048, 6144), (1.0,) * 3, 2.0)
     assert il.Sampling.for_task("edit", top_k=16, guidance_scale=3.0) == il.Sampling(

@@ -353,7 +353,8 @@ def test_a_pixel_decoder_retrained_on_the_same_codes_draws_the_images(trained, m
     with pytest.raises(ValueError, match=f"outside the pixel decoder, at '{codebook}' \\(different values\\)"):
         illume_lib.check_same_codes(a, moved, "pixel_decoder='x'", "the model's tokenizer")
     with pytest.raises(ValueError, match="'extra/w' \\(missing in the model's tokenizer\\)"):
-        illume_lib.check_same_codes(a, dict(b, **{"extra/w": np.zeros(1)}), "pixel_decoder='x'", "the model's tokenizer")
+        illume_lib.check_same_codes(a, dict(b, **{"extra/w": np.zeros(1)}), "pixel_decoder='x'",
+                                    "the model's tokenizer")
     with pytest.raises(ValueError, match="no tokenizer checkpoint"):
         Illume.load(full_dir, pixel_decoder=str(tmp_path))
     # The evaluation records the decoder and the samplings it used, and uses them: greedy
