@@ -1,0 +1,101 @@
+"""Does the MLLM know which cell of an image block it is drawing? A ridge read-out of the row and the
+column of each code from the hidden state that predicts it, on teacher-forced text-to-image blocks of
+held-out ShapeComp scenes (the read-out is trained on the first half of the scenes, scored on the
+other half). The same read-out from that position's token embedding is the floor.
+
+  python bench/position_probe.py --workdir runs/illume_tiny --step 5400 --scenes 40 --out probe.json
+
+Why: the LLM sees an image block as a 1-D run of tokens (1-D RoPE, as the official model); the row and
+column of the next code are only implicit in how many codes and EOLs came before. A model that cannot
+count them draws its objects at the wrong cells, whatever its tokenizer and sampler. Chance is
+1 / (grid side): 1/8 at level 0 and 1/16 at level 1 of the tiny 8x8 + 16x16 block.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from illume_jax.data import multimodal, shapecomp
+from illume_jax.eval import probe
+from illume_jax.models import mllm
+
+
+def code_cells(template: mllm.BlockTemplate, slot: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(block positions, rows, columns) of the codes of one level (`slot`) in a block template."""
+    pos = np.nonzero(template.slots == slot)[0]
+    cells = template.cells[pos]
+    return pos, cells // width, cells % width
+
+
+def readout(features: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> dict:
+    """features [S, P, D] (scenes x codes), rows / cols [S, P] -> {'row': acc, 'col': acc}: the ridge
+    read-out fitted on the first half of the scenes and scored on the rest."""
+    if len(features) < 2:
+        raise ValueError(f"readout needs at least 2 scenes (one to fit, one to score), got {len(features)}")
+    half = len(features) // 2
+    flat = lambda a: a.reshape(-1, *a.shape[2:])  # noqa: E731
+    out = {}
+    for name, y in (("row", rows), ("col", cols)):
+        ok = probe.ridge_classifier_accuracy(flat(features[:half]), flat(y[:half]).astype(str),
+                                             flat(features[half:]), flat(y[half:]).astype(str))
+        out[name] = float(np.mean(ok))
+    return out
+
+
+def position_probe(model, *, scenes: int = 40, level: int = 1, split: str = "test") -> dict:
+    """model: an `Illume`. {'level0': {'hidden': {'row', 'col'}, 'input': {...}}, 'level1': ...}."""
+    grids = model.cfg.grids(model.resolution, model.resolution)
+    template = mllm.block_template(grids, model.cfg.vocab, continuous=False)
+    levels = {"level0": (mllm.SLOT_SEM_OUT, grids[0][1]), "level1": (mllm.SLOT_PIX_OUT, grids[1][1])}
+    cells = {name: code_cells(template, slot, width) for name, (slot, width) in levels.items()}
+    hidden, inputs = {k: [] for k in levels}, {k: [] for k in levels}
+    for k in range(scenes):
+        # The scene's own render as the target, its caption as the condition (as text-to-image trains).
+        scene = shapecomp.make_scene(level, split, k)
+        image, prompt = shapecomp.render(scene), shapecomp.short_caption(scene)
+        sem, pix = model.vision_tokenizer.encode(jnp.asarray(model._image_batch([image])[:, 0]))
+        block = mllm.block_ids(template, np.asarray(sem[0]), np.asarray(pix[0]), model.cfg.vocab)
+        ids, _, _ = model._prompt(multimodal.t2i_prompt(prompt), suffix=model._image_prefix())
+        seq = jnp.asarray(np.concatenate([ids, block[1:]])[None])  # the prompt already ends with SOI
+        embedded = model.model.embed(seq)
+        h = np.asarray(model.model.llm(inputs_embeds=embedded, return_hidden=True)[0])
+        e = np.asarray(embedded[0])
+        start = len(ids) - 1  # where the block's SOI sits in seq
+        for name, (pos, _, _) in cells.items():
+            hidden[name].append(h[start + pos - 1])  # the state that predicts the code at pos
+            inputs[name].append(e[start + pos - 1])
+    out = {}
+    for name, (pos, rows, cols) in cells.items():
+        r, c = np.tile(rows, (scenes, 1)), np.tile(cols, (scenes, 1))
+        out[name] = dict(hidden=readout(np.stack(hidden[name]), r, c), input=readout(np.stack(inputs[name]), r, c),
+                         chance=dict(row=1 / (rows.max() + 1), col=1 / (cols.max() + 1)))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="a `train` workdir of an MLLM config")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--scenes", type=int, default=40, help="held-out scenes (half fit the read-out, half score it)")
+    p.add_argument("--out", default=None, help="JSON file for the result")
+    a = p.parse_args()
+    from illume_jax import Illume
+    t0 = time.perf_counter()
+    model = Illume.load(a.workdir, step=a.step)
+    result = dict(workdir=os.path.abspath(a.workdir), step=a.step, scenes=a.scenes,
+                  **position_probe(model, scenes=a.scenes), seconds=round(time.perf_counter() - t0, 1))
+    print(json.dumps(result, indent=1))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
