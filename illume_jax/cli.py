@@ -79,7 +79,8 @@ _PROMPT = flags.DEFINE_multi_string("prompt", [], "generate: a text prompt (repe
 _IMAGE = flags.DEFINE_multi_string("image", [], "understand / edit: an image file (repeatable).")
 _QUESTION = flags.DEFINE_multi_string("question", [], "understand: a question, paired with --image.")
 _INSTRUCTION = flags.DEFINE_multi_string("instruction", [], "edit: an instruction, paired with --image.")
-_OUT = flags.DEFINE_string("out", None, "generate / understand / edit: output folder (default <workdir>/outputs).")
+_OUT = flags.DEFINE_string("out", None, "generate / understand / edit: output folder (default <workdir>/outputs); "
+                           "eval: (default <workdir>/eval/level<L>_<split>).")
 _SEED = flags.DEFINE_integer("seed", 0, "generate / edit / eval: sampling seed.")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "generate / edit / eval: CFG scale (default: the official 2.0 / "
                                "1.5); eval-decoder: the decoder's CFG scale (default: its config's).")
