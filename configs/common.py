@@ -122,6 +122,17 @@ def checkpoint_config(**overrides) -> mlc.ConfigDict:
     return c
 
 
+def model_init_config() -> mlc.ConfigDict:
+    """`config.model_init` of a `train` config: where the first stage's parameters come from."""
+    return mlc.ConfigDict(dict(
+        # '' : initialise from config.seed; a folder from `python -m illume_jax convert`: fine-tune those
+        # weights; a `train` workdir: fork that run (its text tokenizer must be this run's too).
+        weights_from="",
+        weights_step=-1,   # a forked run's checkpoint step; -1 its latest
+        reinit=(),         # regexes of parameters a fork initialises afresh (a module the run lacks)
+    ))
+
+
 def vision_config(**overrides) -> mlc.ConfigDict:
     """`config.vision` of an MLLM config (models/mllm.py): the frozen vision tokenizer and images."""
     c = mlc.ConfigDict(dict(
@@ -135,6 +146,9 @@ def vision_config(**overrides) -> mlc.ConfigDict:
         # k > 1: each image token's projector input is the k x k cells around it (zero-padded), not the
         # cell alone (1: the official per-token MixedProjector); models/mllm.py `neighbourhoods`.
         projector_window=1,
+        # True: a learned row / column vector per level where an image cell is read or drawn (not
+        # official; models/mllm.py `CellEmbedding`).
+        cell_embedding=False,
         tag_step=64,              # resolution tags <height_64> ... <height_1024> (spec §3.2)
         max_side=1024,
     ))

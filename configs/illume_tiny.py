@@ -41,6 +41,10 @@ Args:     --config=configs/illume_tiny.py:steps=400,batch=16,tokenizer=runs/dual
           projector_window=1 (odd k > 1: the projector reads each image token's k x k neighbourhood of cells,
           not the cell alone -- not the official projector; one tiny-tower token names an object's colour
           but not its shape: README, "Shape is in no single image token")
+          cell_embedding=0 (1: a learned row and column vector per level is added where the model reads
+          an image cell and where it draws one -- not in the official model; the tiny LLM otherwise
+          knows a drawn code's column at 0.28 (chance 0.06): README, "What holds GenEval-style and
+          editing down". Its `cell_embed/` trains wherever the projector does)
           (steps = stage-3 steps; the other stages scale from it)
 Hardware: 2 CPU cores. 64x64 images -> 8x8 semantic + 16x16 pixel codes: 350-token image blocks,
           sequences of 512 (understanding, text-to-image) and 768 (editing, reconstruction) tokens.
@@ -85,12 +89,18 @@ def sequence_lengths(pixel_grid: int) -> tuple[int, int]:
     return up(block + 160), up(2 * block + 60)
 
 
+def _flag(value, name: str) -> bool:
+    if str(value) not in ("0", "1"):
+        raise ValueError(f"config argument {name}={value!r}: expected 0 or 1")
+    return str(value) == "1"
+
+
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
     a = common.parse_arg(arg, steps=400, batch=16, tokenizer="runs/dualvitok_tiny", levels="1", workers=0,
                          vocab=512, size="tiny", stages="0123", pixel_grid=16, examples=2000, device="cpu",
                          lr_scale=1.0, tower_lr=0.0, text_steps=0, qa_negatives="mixed", base_steps=0,
                          qa_lookups=0, text_lr=0.0, base_text=0.0, qa_turns=0,
-                         projector_window=1)
+                         projector_window=1, cell_embedding=0)
     if a.size not in LLM_SIZES:
         raise ValueError(f"config argument size={a.size!r}: expected one of {sorted(LLM_SIZES)}")
     if a.device not in DEVICES:
@@ -105,7 +115,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.model = common.llm_config(text_vocab_size=a.vocab, vocab_size=rows, remat="none",
                                 **DEVICES[a.device], **LLM_SIZES[a.size])
     c.vision = common.vision_config(tokenizer_workdir=a.tokenizer, tokenizer_model=tok, resolution=64,
-                                    max_images=2, projector_window=int(a.projector_window))
+                                    max_images=2, projector_window=int(a.projector_window),
+                                    cell_embedding=_flag(a.cell_embedding, "cell_embedding"))
     c.tokenizer = mlc.ConfigDict(dict(kind="sentencepiece", path="", vocab_size=a.vocab, chat_template="plain",
                                       corpus_tasks=("caption", "qa", "edit", "t2i", "recon")))
     levels = tuple(int(ch) for ch in a.levels)
@@ -136,8 +147,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     if tower_lr < 0:
         raise ValueError(f"config argument tower_lr={a.tower_lr!r}: expected a learning-rate multiple >= 0")
     # Stages that would otherwise leave the tower frozen (see tower_lr above).
-    understand = (dict(trainable=("llm/.*", "projector/.*", "vision/.*"), lr_multipliers=(("vision/.*", tower_lr),))
-                  if tower_lr > 0 else dict(trainable=("llm/.*", "projector/.*")))
+    cells = ("cell_embed/.*",) if c.vision.cell_embedding else ()  # trains with the projector
+    understand = (dict(trainable=("llm/.*", "projector/.*", "vision/.*", *cells),
+                       lr_multipliers=(("vision/.*", tower_lr),))
+                  if tower_lr > 0 else dict(trainable=("llm/.*", "projector/.*", *cells)))
     base_text = float(a.base_text)
     if not 0 <= base_text < 1 or (base_text > 0 and (int(a.text_steps) <= 0 or "0" not in a.stages)):
         raise ValueError(f"config argument base_text={a.base_text!r}: expected a share 0 <= f < 1 of `base`'s "
@@ -152,7 +165,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         stage("base", base_steps, one, lr=3e-3, warmup_steps=20, **understand,
               mixture=base_mixture, loss_weighting="dataset" if qa_turns else "token"),
         stage("embed_init", s3 // 4, two, lr=3e-3, warmup_steps=10,
-              trainable=("projector/.*", "llm/embed/embedding"), new_vocab_only=True,
+              trainable=("projector/.*", "llm/embed/embedding", *cells), new_vocab_only=True,
               mixture={"shapecomp_recon": 0.5, "shapecomp_caption": 0.5}),
         # align and sft weight the loss by dataset: by tokens, a text-to-image record's ~350 image
         # tokens outweigh a caption's or answer's few, and understanding got 3% of align's gradient
@@ -193,6 +206,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.self_enhance = common.self_enhance_config(level=levels[-1])
     if len(c.stages) == 1:  # no stage before the last to start the round from
         c.self_enhance.from_stage = "latest"
+    c.model_init = common.model_init_config()
     c.optim = common.optim_config()
     c.checkpoint = common.checkpoint_config(every_steps=50)
     c.log_every = 10

@@ -288,6 +288,16 @@ def next_tokens(logits: jax.Array, state: RowState, sampling: Sampling, rng: jax
     return jnp.where(forced, token, _sample_from(logits, state, sampling, rng, vocab, eos_id))
 
 
+def next_cell(state: RowState) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(level, row, col) [B] of the code each row draws next (level -1 when the next token is not a
+    code): what `CellEmbedding` adds to the token just fed, as `cell_embedding_targets` does in training."""
+    h1, w1, h2, w2 = (state.grids[:, i] for i in range(4))
+    inside = lambda h, w: (state.row < h) & (state.col < w)  # noqa: E731
+    level = jnp.where((state.phase == LEVEL0) & inside(h1, w1), 0,
+                      jnp.where((state.phase == LEVEL1) & inside(h2, w2), 1, -1))
+    return level, state.row, state.col
+
+
 def code_heads(llm, vocab: ImageVocab) -> tuple[jax.Array, jax.Array]:
     """The head rows of the level-0 and level-1 code ranges, sliced once per generation call
     (slicing inside each step copies the table: more than the whole head's matmul on CPU)."""
@@ -326,16 +336,23 @@ def next_tokens_from_hidden(llm, hidden: jax.Array, state: RowState, sampling: S
 
 
 def decode_step(llm, hidden: jax.Array, state: RowState, positions: jax.Array, cache, rng: jax.Array, *,
-                vocab: ImageVocab, sampling: Sampling, eos_id: int, pad_id: int = 0, heads=None, layers=None):
+                vocab: ImageVocab, sampling: Sampling, eos_id: int, pad_id: int = 0, heads=None, layers=None,
+                cell_embed=None):
     """One token for every row: sample from the last hidden states [R,D] (R = B or 2B with CFG),
     advance the row states, feed the token to all R rows (each CFG pair gets the conditional
     row's token) and run the model one step. -> (tokens [B], state, hidden [R,D], cache).
     `cache` is a `KVCache` (scanned layers) or, with `layers` from `llm.unstacked_layers()`, a
-    `LayerKVCache`. The body of `generate`'s loop; `aot` compiles it for TPU topologies."""
+    `LayerKVCache`. `cell_embed`: the MLLM's `CellEmbedding` when it has one (the fed token then
+    carries the cell its row draws next). The body of `generate`'s loop; `aot` compiles it for TPU
+    topologies."""
     R, B = hidden.shape[0], state.phase.shape[0]
     tok = next_tokens_from_hidden(llm, hidden, state, sampling, rng, vocab, eos_id, pad_id, heads)
     state = advance(state, tok, vocab, eos_id)
-    out, cache = llm.decode(jnp.tile(tok, R // B)[:, None], cache, positions=positions[:, None],
+    fed, embeds = jnp.tile(tok, R // B)[:, None], None
+    if cell_embed is not None:
+        embeds = llm.embed_tokens(fed) + cell_embed(*(jnp.tile(a, R // B)[:, None] for a in next_cell(state)))
+        fed = None
+    out, cache = llm.decode(fed, cache, positions=positions[:, None], inputs_embeds=embeds,
                             segment_ids=jnp.ones((R, 1), jnp.int32), return_hidden=True, layers=layers)
     return tok, state, out[:, 0], cache
 
@@ -400,7 +417,8 @@ def generate(model, prompts: Prompts, state: RowState, rng: jax.Array, *, vocab:
         i, last, pos, out, cache, st = carry
         tok, st, step_hidden, cache = decode_step(model.llm, last, st, pos, cache, jax.random.fold_in(rng, i),
                                                   vocab=vocab, sampling=sampling, eos_id=eos_id, pad_id=pad_id,
-                                                  heads=heads, layers=layers)
+                                                  heads=heads, layers=layers,
+                                                  cell_embed=model.cell_embed if model.cfg.cell_embedding else None)
         out = out.at[:, i].set(tok)
         return i + 1, step_hidden, pos + 1, out, cache, st
 

@@ -226,8 +226,13 @@ class MLLMConfig:
     vit_trainable_from: int = 0
     # Cells per side each image token's projector reads (`neighbourhoods`); 1 is the official projector.
     projector_window: int = 1
+    # Not official: a learned (level, row, column) embedding added where the model reads or draws an
+    # image cell (`CellEmbedding`); False is the official model (no such parameter).
+    cell_embedding: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.cell_embedding, bool):
+            raise ValueError(f"config.vision.cell_embedding={self.cell_embedding!r}: expected True or False")
         if isinstance(self.projector_window, bool) or not isinstance(self.projector_window, int) \
                 or self.projector_window < 1 or self.projector_window % 2 == 0:
             raise ValueError(f"config.vision.projector_window={self.projector_window!r}: expected an odd int >= 1 "
@@ -247,14 +252,15 @@ class MLLMConfig:
 
     @classmethod
     def create(cls, llm_config: Any, tokenizer_config: Any, *, vit_trainable_from: int = 0,
-               projector_window: int = 1, tag_step: int = 64, max_side: int = 1024) -> "MLLMConfig":
+               projector_window: int = 1, cell_embedding: bool = False, tag_step: int = 64,
+               max_side: int = 1024) -> "MLLMConfig":
         llm = llm_config if isinstance(llm_config, LLMConfig) else LLMConfig.from_config(llm_config)
         tok = tokenizer_config if isinstance(tokenizer_config, dvt.DualViTokConfig) \
             else dvt.DualViTokConfig.from_config(tokenizer_config)
         vocab = ImageVocab(first_id=llm.text_vocab_size, semantic_codes=tok.semantic_codes,
                            pixel_codes=tok.pixel_codes, tag_step=tag_step, max_side=max_side)
         return cls(llm=llm, tokenizer=tok, vocab=vocab, vit_trainable_from=vit_trainable_from,
-                   projector_window=projector_window)
+                   projector_window=projector_window, cell_embedding=cell_embedding)
 
     def grids(self, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int]]:
         return dvt.token_grids(h, w, self.tokenizer)
@@ -262,6 +268,11 @@ class MLLMConfig:
     def cells_per_image(self, h: int, w: int) -> tuple[int, int]:
         (h1, w1), (h2, w2) = self.grids(h, w)
         return h1 * w1, h2 * w2
+
+    @property
+    def cell_table_side(self) -> int:
+        """Rows / columns the cell embedding covers: the longest grid side of the largest image."""
+        return max(max(g) for g in self.grids(self.vocab.max_side, self.vocab.max_side))
 
 
 class MLP2(nnx.Module):
@@ -328,9 +339,66 @@ class MixedProjector(nnx.Module):
         self.pixel = MLP2(pixel_dim * window ** 2, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
+def cell_coordinates(slots: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """slots [B,T] -> (level, row, col) [B,T] int32 of every image-cell position: level 0 semantic,
+    1 pixel, -1 for anything else (row and col are then 0). Read from the slots alone: a cell's
+    column is how many cells of its row precede it (rows are runs of cells, broken by EOL), its row how
+    many runs of its level precede it in its image; a level begins where the cells' level changes."""
+    B, T = slots.shape
+    level = jnp.where((slots == SLOT_SEM_IN) | (slots == SLOT_SEM_OUT), 0,
+                      jnp.where((slots == SLOT_PIX_IN) | (slots == SLOT_PIX_OUT), 1, -1)).astype(jnp.int32)
+    is_cell = level >= 0
+    idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    shift = lambda a, fill: jnp.concatenate([jnp.full_like(a[:, :1], fill), a[:, :-1]], axis=1)  # noqa: E731
+    col = idx - jax.lax.cummax(jnp.where(is_cell, -1, idx), axis=1) - 1
+    run_start = is_cell & ~shift(is_cell, False)
+    last_cell = shift(jax.lax.cummax(jnp.where(is_cell, idx, -1), axis=1), -1)  # the cell before, if any
+    prev_level = jnp.where(last_cell >= 0, jnp.take_along_axis(level, jnp.maximum(last_cell, 0), axis=1), -1)
+    runs = jnp.cumsum(run_start, axis=1, dtype=jnp.int32)
+    first_run = jax.lax.cummax(jnp.where(run_start & (level != prev_level), runs, 0), axis=1)
+    row = runs - first_run
+    return level, jnp.where(is_cell, row, 0), jnp.where(is_cell, col, 0)
+
+
+def cell_embedding_targets(slots: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """slots [B,T] -> (level, row, col) [B,T] that `CellEmbedding` adds at each position: a continuous
+    input cell's own coordinates, and at the position that predicts a discrete code, the coordinates
+    of that code (the cell the model is about to draw). Elsewhere level is -1. Generation adds the
+    same from its per-row counters (infer/interleaved.py `next_cell`). One table for both, so a cell
+    being drawn and the same cell of an edit's source image carry the same vector."""
+    level, row, col = cell_coordinates(slots)
+    ahead = lambda a, fill: jnp.concatenate([a[:, 1:], jnp.full_like(a[:, :1], fill)], axis=1)  # noqa: E731
+    nxt = ahead(slots, SLOT_TEXT)
+    draws = (nxt == SLOT_SEM_OUT) | (nxt == SLOT_PIX_OUT)
+    reads = (slots == SLOT_SEM_IN) | (slots == SLOT_PIX_IN)
+    pick = lambda own, fill: jnp.where(reads, own, jnp.where(draws, ahead(own, fill), fill))  # noqa: E731
+    return pick(level, -1), pick(row, 0), pick(col, 0)
+
+
+class CellEmbedding(nnx.Module):
+    """Learned row and column vectors per level (not in the official model). Why: with 1-D RoPE a
+    small model has to work out a code's column as (offset mod row length); the tiny model's hidden
+    states name it at 0.28 against a chance of 0.06 (README, "What holds GenEval-style and editing
+    down"), so its objects land in the wrong cells. Here the cell is given, not inferred."""
+
+    def __init__(self, side: int, d_model: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        init = nnx.with_partitioning(nnx.initializers.normal(0.02), (None, None, "embed"))
+        self.rows = nnx.Param(init(rngs.params(), (2, side, d_model), param_dtype))
+        self.cols = nnx.Param(init(rngs.params(), (2, side, d_model), param_dtype))
+        self.dtype = dtype
+
+    def __call__(self, level: jax.Array, row: jax.Array, col: jax.Array) -> jax.Array:
+        """level/row/col [...] int -> [..., D]; zero where level < 0."""
+        side = self.rows.shape[1]
+        lv = jnp.clip(level, 0, 1)
+        e = (self.rows[...][lv, jnp.clip(row, 0, side - 1)] + self.cols[...][lv, jnp.clip(col, 0, side - 1)])
+        return jnp.where((level >= 0)[..., None], e, 0).astype(self.dtype)
+
+
 class MLLM(nnx.Module):
     """LLM + vision tower + projector. Parameter paths: `llm/...` (as models/llm.py),
-    `vision/vit/...`, `vision/pixel_encoder/...`, `projector/{semantic,pixel}/fc{1,2}/...`."""
+    `vision/vit/...`, `vision/pixel_encoder/...`, `projector/{semantic,pixel}/fc{1,2}/...`, and with
+    `cell_embedding` `cell_embed/{rows,cols}`."""
 
     def __init__(self, cfg: MLLMConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -339,6 +407,9 @@ class MLLM(nnx.Module):
         self.projector = MixedProjector(cfg.tokenizer.vit.hidden_size, cfg.tokenizer.pixel_encoder.z_channels,
                                         cfg.llm.d_model, dtype=cfg.llm.compute_dtype,
                                         param_dtype=cfg.llm.weight_dtype, rngs=rngs, window=cfg.projector_window)
+        if cfg.cell_embedding:
+            self.cell_embed = CellEmbedding(cfg.cell_table_side, cfg.llm.d_model, dtype=cfg.llm.compute_dtype,
+                                            param_dtype=cfg.llm.weight_dtype, rngs=rngs)
 
     def image_features(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """images [B,M,H,W,3] -> projected (semantic [B, M*n0, D], pixel [B, M*n1, D])."""
@@ -360,15 +431,16 @@ class MLLM(nnx.Module):
         """Token embeddings with projected image features spliced in at the continuous slots.
         tokens/slots/cells [B,T]; images [B,M,H,W,3] (M images per row, in slot order) or None."""
         x = self.llm.embed_tokens(jnp.where(tokens < 0, 0, tokens))
-        if images is None or images.shape[1] == 0:
-            return x
-        sem, pix = self.image_features(images)
+        if images is not None and images.shape[1] > 0:
+            sem, pix = self.image_features(images)
 
-        def take(feats, slot):
-            idx = jnp.clip(jnp.where(slots == slot, cells, 0), 0, feats.shape[1] - 1)
-            return jnp.take_along_axis(feats, idx[..., None], axis=1)
-        x = jnp.where((slots == SLOT_SEM_IN)[..., None], take(sem, SLOT_SEM_IN).astype(x.dtype), x)
-        x = jnp.where((slots == SLOT_PIX_IN)[..., None], take(pix, SLOT_PIX_IN).astype(x.dtype), x)
+            def take(feats, slot):
+                idx = jnp.clip(jnp.where(slots == slot, cells, 0), 0, feats.shape[1] - 1)
+                return jnp.take_along_axis(feats, idx[..., None], axis=1)
+            x = jnp.where((slots == SLOT_SEM_IN)[..., None], take(sem, SLOT_SEM_IN).astype(x.dtype), x)
+            x = jnp.where((slots == SLOT_PIX_IN)[..., None], take(pix, SLOT_PIX_IN).astype(x.dtype), x)
+        if self.cfg.cell_embedding and slots is not None:
+            x = x + self.cell_embed(*cell_embedding_targets(slots))
         return constrain(x, "batch", "act_seq", "act_embed")
 
     def __call__(self, tokens: jax.Array, *, slots: jax.Array | None = None, cells: jax.Array | None = None,

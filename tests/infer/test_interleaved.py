@@ -239,9 +239,11 @@ def _edit_like_prompts(cfg, n_rows, rng):
                       jnp.asarray(np.stack([pad(r[2]) for r in rows])), jnp.asarray(images))
 
 
-def _eager_reference(model, prompts, state, rng, vocab, sampling, n_new):
+def _eager_reference(model, prompts, state, rng, vocab, sampling, n_new, new_slots=()):
     """Recomputes the whole sequence every step (no cache), one token at a time. (The sampling
-    step is the loop's own; its windowed head is checked against full logits separately.)"""
+    step is the loop's own; its windowed head is checked against full logits separately.)
+    new_slots: the slots of the tokens to come, from the block layout, as a training row has them
+    (a cell embedding reads the slot of the code each position predicts)."""
     R = prompts.tokens.shape[0]
     B = state.phase.shape[0]
     tokens, mask = np.asarray(prompts.tokens), np.asarray(prompts.mask)
@@ -253,6 +255,7 @@ def _eager_reference(model, prompts, state, rng, vocab, sampling, n_new):
     seg[:, :tokens.shape[1]] = mask
     slot_buf = np.zeros((R, L), np.int32)
     slot_buf[:, :tokens.shape[1]] = slots
+    slot_buf[:, tokens.shape[1]:tokens.shape[1] + len(new_slots)] = new_slots
     cell_buf = np.zeros((R, L), np.int32)
     cell_buf[:, :tokens.shape[1]] = cells
     forward = jax.jit(lambda b, s, c, p, sg: model.llm(inputs_embeds=model.embed(b, s, c, prompts.images),
@@ -271,11 +274,28 @@ def _eager_reference(model, prompts, state, rng, vocab, sampling, n_new):
         out.append(tok)
         buf[:, P] = np.tile(tok, R // B)
         seg[:, P] = 1
+
     return np.stack(out, 1), state
 
 
-def test_jitted_generation_equals_the_eager_reference_with_cfg(tiny):
-    cfg, model = tiny
+@pytest.fixture(scope="module")
+def tiny_cells():
+    """`tiny` with a cell embedding (not official): generation adds it from the rows' counters, the
+    eager reference from the slots of the whole sequence, as training does."""
+    tok = dualvitok_config.model_config("tiny")
+    rows = 40 + 7 + 32 + tok.semantic_codes + tok.pixel_codes + 3
+    cfg = mllm.MLLMConfig.create(common.llm_config(text_vocab_size=40, vocab_size=rows, d_model=32, num_heads=2,
+                                                   num_kv_heads=1, mlp_dim=64), tok, cell_embedding=True)
+    model = mllm.create_mllm(cfg, seed=3)
+    # Large cell vectors, so a cell given wrongly anywhere changes the samples.
+    model.cell_embed.rows[...] = model.cell_embed.rows[...] * 50
+    model.cell_embed.cols[...] = model.cell_embed.cols[...] * 50
+    return cfg, model
+
+
+@pytest.mark.parametrize("which", ["tiny", "tiny_cells"])
+def test_jitted_generation_equals_the_eager_reference_with_cfg(which, request):
+    cfg, model = request.getfixturevalue(which)
     rng = np.random.default_rng(0)
     B = 2
     prompts = _edit_like_prompts(cfg, 2 * B, rng)   # rows 0-1 conditional, 2-3 unconditional
@@ -287,7 +307,8 @@ def test_jitted_generation_equals_the_eager_reference_with_cfg(tiny):
     key = jax.random.key(7)
     out, final = il.generate(model, prompts, state, key, vocab=cfg.vocab, sampling=sampling,
                              max_new_tokens=n_new, eos_id=EOS)
-    ref, _ = _eager_reference(model, prompts, state, key, cfg.vocab, sampling, n_new)
+    block = mllm.block_template(grids, cfg.vocab, continuous=False)
+    ref, _ = _eager_reference(model, prompts, state, key, cfg.vocab, sampling, n_new, block.slots[1:])
     np.testing.assert_array_equal(np.asarray(out), ref)
     for r in range(B):
         seq = np.concatenate([[cfg.vocab.soi], np.asarray(out)[r]])

@@ -122,6 +122,86 @@ def tiny_model():
     return cfg, mllm.create_mllm(cfg)
 
 
+def _cell_rows(rng):
+    """Two left-padded rows: text, an input block (grids (2,3) / (4,5)), text, two output blocks
+    (grids (3,2) / (2,4)). -> slots [2,T] and the expected (level, row, col) from the templates."""
+    vocab = mllm.ImageVocab(first_id=40, semantic_codes=16, pixel_codes=24)
+    parts = [(mllm.block_template(((2, 3), (4, 5)), vocab, continuous=True), ((2, 3), (4, 5)))] + \
+        [(mllm.block_template(((3, 2), (2, 4)), vocab, continuous=False), ((3, 2), (2, 4)))] * 2
+    rows = []
+    for pad in (0, 5):
+        slots, want = [np.zeros(pad + 2, np.int32)], [np.full((pad + 2, 3), (-1, 0, 0))]
+        for t, grids in parts:
+            lv = np.where(np.isin(t.slots, (mllm.SLOT_SEM_IN, mllm.SLOT_SEM_OUT)), 0,
+                          np.where(np.isin(t.slots, (mllm.SLOT_PIX_IN, mllm.SLOT_PIX_OUT)), 1, -1))
+            w = np.where(lv == 0, grids[0][1], grids[1][1])
+            want.append(np.stack([lv, np.where(lv >= 0, t.cells // w, 0), np.where(lv >= 0, t.cells % w, 0)], 1))
+            slots.append(t.slots)
+            n = int(rng.integers(1, 4))
+            slots.append(np.zeros(n, np.int32))
+            want.append(np.full((n, 3), (-1, 0, 0)))
+        rows.append((np.concatenate(slots), np.concatenate(want)))
+    T = max(len(r[0]) for r in rows)
+    slots = np.stack([np.pad(r[0], (0, T - len(r[0]))) for r in rows])
+    want = np.stack([np.concatenate([r[1], np.tile([(-1, 0, 0)], (T - len(r[1]), 1))]) for r in rows])
+    return slots, want
+
+
+def test_cell_coordinates_are_each_cells_row_and_column():
+    slots, want = _cell_rows(np.random.default_rng(0))
+    got = np.stack([np.asarray(a) for a in mllm.cell_coordinates(jnp.asarray(slots))], -1)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_cell_embedding_targets_are_the_cell_read_or_the_cell_drawn_next():
+    slots, own = _cell_rows(np.random.default_rng(1))
+    got = np.stack([np.asarray(a) for a in mllm.cell_embedding_targets(jnp.asarray(slots))], -1)
+    for b in range(slots.shape[0]):
+        for p in range(slots.shape[1]):
+            if slots[b, p] in (mllm.SLOT_SEM_IN, mllm.SLOT_PIX_IN):
+                want = own[b, p]
+            elif p + 1 < slots.shape[1] and slots[b, p + 1] in (mllm.SLOT_SEM_OUT, mllm.SLOT_PIX_OUT):
+                want = own[b, p + 1]    # the position that predicts a code carries that code's cell
+            else:
+                want = (-1, 0, 0)
+            np.testing.assert_array_equal(got[b, p], want, err_msg=f"row {b} position {p}")
+
+
+def test_cell_embedding_adds_row_and_column_vectors_only_where_cells_are():
+    tok = dualvitok_config.model_config("tiny")
+    rows = 100 + 7 + 32 + tok.semantic_codes + tok.pixel_codes + 5
+    llm = common.llm_config(text_vocab_size=100, vocab_size=rows, d_model=32, num_heads=2, num_kv_heads=1,
+                            mlp_dim=64)
+    cfg = mllm.MLLMConfig.create(llm, tok, cell_embedding=True)
+    assert cfg.cell_table_side == max(max(g) for g in cfg.grids(1024, 1024))
+    model = mllm.create_mllm(cfg, seed=2)
+    with pytest.raises(ValueError, match="cell_embedding"):
+        mllm.MLLMConfig.create(llm, tok, cell_embedding=1)
+    assert not hasattr(mllm.create_mllm(mllm.MLLMConfig.create(llm, tok)), "cell_embed")  # official: no such param
+    grids = cfg.grids(32, 32)
+    t_in = mllm.block_template(grids, cfg.vocab, continuous=True)
+    t_out = mllm.block_template(grids, cfg.vocab, continuous=False)
+    rng = np.random.default_rng(0)
+    drawn = mllm.block_ids(t_out, rng.integers(0, 4, grids[0]), rng.integers(0, 4, grids[1]), cfg.vocab)
+    tokens = np.concatenate([[1, 2], t_in.ids.clip(0), [3], drawn])[None]
+    slots = np.concatenate([[0, 0], t_in.slots, [0], t_out.slots])[None]
+    cells = np.concatenate([[0, 0], t_in.cells, [0], t_out.cells])[None]
+    images = jax.random.uniform(jax.random.key(0), (1, 1, 32, 32, 3), minval=-1, maxval=1)
+    x = np.asarray(model.embed(jnp.asarray(tokens), jnp.asarray(slots), jnp.asarray(cells), images))
+    # The same weights with the cell vectors zeroed: the spliced features and token embeddings alone.
+    saved = model.cell_embed.rows[...], model.cell_embed.cols[...]
+    model.cell_embed.rows[...] = jnp.zeros_like(saved[0])
+    model.cell_embed.cols[...] = jnp.zeros_like(saved[1])
+    plain = np.asarray(model.embed(jnp.asarray(tokens), jnp.asarray(slots), jnp.asarray(cells), images))
+    model.cell_embed.rows[...], model.cell_embed.cols[...] = saved
+    rows_t, cols_t = (np.asarray(a) for a in saved)
+    level, row, col = (np.asarray(a)[0] for a in mllm.cell_embedding_targets(jnp.asarray(slots)))
+    assert (level >= 0).sum() == (t_in.slots > 0).sum() + (t_out.slots > 0).sum()  # each read, each drawn
+    for p in range(tokens.shape[1]):
+        want = rows_t[level[p], row[p]] + cols_t[level[p], col[p]] if level[p] >= 0 else 0
+        np.testing.assert_allclose(x[0, p] - plain[0, p], want, atol=1e-6, err_msg=f"position {p}")
+
+
 def test_embed_splices_projected_features_at_the_slots(tiny_model):
     cfg, model = tiny_model
     grids = cfg.grids(32, 32)
