@@ -38,8 +38,7 @@ def validate(config: Any) -> LLMConfig:
 
     _check_keys("mesh", config.mesh, {"data", "fsdp", "tensor"})
     if "model_init" in config:
-        _check_keys("model_init", config.model_init, {"weights_from"})
-        _check_weights_from(config, ("mllm",) if "vision" in config else ("llm",))
+        _check_model_init(config)
     for k, v in config.mesh.items():
         if not isinstance(v, int) or (v < 1 and v != -1):
             _fail(f"mesh.{k}", v, "a positive int or -1 (the remaining devices)")
@@ -179,6 +178,31 @@ def _check_weights_from(config: Any, kinds: tuple[str, ...], expected: str = "")
         _fail("model_init.weights_from", path,
               "a folder written by `python -m illume_jax convert --from=official`" + expected)
     weights.check_kind(path, kinds, "config.model_init.weights_from")
+
+
+def _check_model_init(config: Any) -> None:
+    """An LLM / MLLM config's model_init: weights_from is a converted-weights folder, or a `train`
+    workdir to fork (then weights_step picks its checkpoint, -1 the latest, and reinit names the
+    parameters that start afresh)."""
+    from illume_jax.train.state import is_train_run
+    init = config.model_init
+    _check_keys("model_init", init, {"weights_from", "weights_step", "reinit"})
+    path = init.get("weights_from", "")
+    forks = bool(path) and is_train_run(path)
+    if not forks:
+        _check_weights_from(config, ("mllm",) if "vision" in config else ("llm",),
+                            " or a `train` workdir with a checkpoint")
+    step, reinit = init.get("weights_step", -1), tuple(init.get("reinit", ()))
+    if not isinstance(step, int) or step < -1:
+        _fail("model_init.weights_step", step, "a checkpoint step >= 0 of the run in weights_from, or -1 (its latest)")
+    if not forks and (step != -1 or reinit):
+        _fail("model_init", dict(weights_step=step, reinit=reinit),
+              "weights_step and reinit only with weights_from a `train` workdir")
+    for pattern in reinit:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            _fail("model_init.reinit", pattern, f"a valid regex ({e})")
 
 
 def validate_tokenizer(config: Any, *, training: bool = True):

@@ -17,13 +17,11 @@ and crops + resizes the result back to the source's size.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections as mlc
 import numpy as np
 from flax import nnx
 
@@ -153,9 +151,7 @@ class Illume:
                 ckpt.close()
                 raise ValueError(f"no checkpoint in {workdir}/checkpoints: train the model first")
             meta = ckpt.restore_meta(step)
-            raw = json.loads(meta["config"])
-            raw["stages"] = [mlc.ConfigDict(st) for st in raw.get("stages", [])]  # lists stay plain in JSON
-            config = mlc.ConfigDict(raw)
+            config = state_lib.config_from_meta(meta)
             if "vision" not in config:
                 ckpt.close()
                 raise ValueError(f"{workdir} holds a text-only model (its config has no vision block)")

@@ -158,13 +158,22 @@ def train(config: Any, workdir: str, *, make_iterator: Callable[[int], Any] | No
                 state = ckpt.restore(resume_step, abs_state, iterator)
             else:
                 fresh = params is None
-                weights_from = config.get("model_init", {}).get("weights_from", "") if fresh else ""
-                if weights_from:  # fine-tuning converted weights (the MLLM's own tower included)
+                init = config.get("model_init", {}) if fresh else {}
+                weights_from = init.get("weights_from", "")
+                # Forking a `train` run (a model that changes, say, by a new module) or fine-tuning
+                # converted weights (the MLLM's own tower included).
+                from_run = bool(weights_from) and state_lib.is_train_run(weights_from)
+                if weights_from and not from_run:
                     params = state_lib.load_converted_params(weights_from, abs_state.params, "vision" in config)
                 _, _, state = state_lib.create_state(config, si, mesh, params=params, step=offsets[si],
                                                      abstract=abstract)
-                if fresh and not weights_from and vision is not None:
+                if fresh and (from_run or not weights_from) and vision is not None:
                     state = state.replace(params=vision.with_tower(state.params))
+                if from_run:
+                    step0 = init.get("weights_step", -1)
+                    state = state.replace(params=state_lib.load_run_params(
+                        weights_from, state.params, mesh, step=None if step0 < 0 else step0,
+                        reinit=tuple(init.get("reinit", ())), workdir=workdir))
             step_fn = step_lib.make_train_step(config, si, mesh, graphdef, tx, abs_state, vision=vision)
             stage_step, step = int(state.stage_step), int(state.step)
             if stage_step < stage.steps:

@@ -7,6 +7,10 @@ logical axis names (never materialised on one device first).
 """
 from __future__ import annotations
 
+import json
+import os
+import re
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -51,7 +55,8 @@ def model_config(config: Any):
                          f"{v.get('tokenizer_workdir')!r} and no vision.tokenizer_model to fall back on")
     tok_model = {k: val for k, val in dict(tok_model).items()}
     return MLLMConfig.create(config.model, tok_model, vit_trainable_from=int(v.get("vit_trainable_from", 0)),
-                             projector_window=int(v.get("projector_window", 1)), tag_step=int(v.get("tag_step", 64)),
+                             projector_window=int(v.get("projector_window", 1)),
+                             cell_embedding=bool(v.get("cell_embedding", False)), tag_step=int(v.get("tag_step", 64)),
                              max_side=int(v.get("max_side", 1024)))
 
 
@@ -121,6 +126,79 @@ def load_converted_params(path: str, abstract_params: Any, multimodal: bool):
     except ValueError as e:
         raise ValueError(f"config.model_init.weights_from={path!r} does not fit config.model: {e}") from e
     return params
+
+
+def is_train_run(path: str) -> bool:
+    """Whether `path` is a `train` workdir with at least one checkpoint."""
+    from illume_jax.train import checkpoint as ckpt_lib
+    folder = os.path.join(path, "checkpoints")
+    if not os.path.isdir(folder):
+        return False
+    ckpt = ckpt_lib.Checkpointer(folder, async_save=False)
+    try:
+        return ckpt.latest_step() is not None
+    finally:
+        ckpt.close()
+
+
+def config_from_meta(meta: dict) -> Any:
+    """The config a checkpoint was saved with (its meta's JSON; stage lists come back as ConfigDicts)."""
+    import ml_collections as mlc
+    raw = json.loads(meta["config"])
+    raw["stages"] = [mlc.ConfigDict(st) for st in raw.get("stages", [])]  # lists stay plain in JSON
+    return mlc.ConfigDict(raw)
+
+
+def load_run_params(run: str, fresh_params: Any, mesh: Mesh, *, step: int | None = None,
+                    reinit: tuple[str, ...] = (), workdir: str | None = None) -> Any:
+    """`fresh_params` (a new model's, sharded) with every parameter taken from the checkpoint of the
+    `train` workdir `run` (its latest, or `step`), except those matching a `reinit` regex: these keep
+    their fresh values. Forks a trained run into a changed model, say one with a new module
+    (`reinit=('cell_embed/.*',)`). Every other parameter must exist in the run with the same shape;
+    mismatches are named. The run and `workdir` must share the text tokenizer (else the ids mean
+    other words)."""
+    from illume_jax.train import checkpoint as ckpt_lib
+    where = f"config.model_init.weights_from={run!r}"
+    if workdir is not None:
+        mine, theirs = (os.path.join(d, "tokenizer", "spm.model") for d in (workdir, run))
+        if os.path.exists(mine) and os.path.exists(theirs) and Path(mine).read_bytes() != Path(theirs).read_bytes():
+            raise ValueError(f"{where}: its text tokenizer ({theirs}) differs from this run's ({mine}); "
+                             f"copy the run's tokenizer/ folder into the new workdir before training")
+    ckpt = ckpt_lib.Checkpointer(os.path.join(run, "checkpoints"), async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step not in ckpt.all_steps():
+            raise ValueError(f"{where}: no checkpoint step {step} there (steps: {ckpt.all_steps()})")
+        meta = ckpt.restore_meta(step)
+        source = config_from_meta(meta)
+        _, _, abs_state = abstract_state(source, meta["stage_index"], mesh)
+        loaded = ckpt.restore_fields(step, abs_state, ("params",)).params
+    finally:
+        ckpt.close()
+    patterns = [re.compile(p) for p in reinit]
+    have = {optim.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+    flat, treedef = jax.tree_util.tree_flatten_with_path(fresh_params)
+    out, problems, kept = [], [], []
+    for p, x in flat:
+        name = optim.path_str(p)
+        if any(r.search(name) for r in patterns):
+            kept.append(name)
+            out.append(x)
+        elif name not in have or have[name].shape != x.shape:
+            problems.append(f"{name} {tuple(x.shape)}: "
+                            + (f"{tuple(have[name].shape)} in the run" if name in have else "not in the run"))
+        else:
+            out.append(jax.device_put(have[name].astype(x.dtype), x.sharding))
+    if problems:
+        raise ValueError(f"{where} (step {step}) does not fit config.model: " + "; ".join(problems[:6])
+                         + (f" (+{len(problems) - 6} more)" if len(problems) > 6 else "")
+                         + "; config.model_init.reinit names the parameters to initialise afresh")
+    unused = [r.pattern for r in patterns if not any(r.search(k) for k in kept)]
+    if unused:
+        raise ValueError(f"config.model_init.reinit: {unused} match no parameter of config.model")
+    print(f"parameters from {run} step {step}; initialised afresh: {len(kept)} "
+          f"({', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''})", flush=True)
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def _fresh(params, tx: optax.GradientTransformation, seed: int, step=0) -> TrainState:

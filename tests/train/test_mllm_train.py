@@ -146,8 +146,9 @@ def test_text_only_datasets_describe_the_scene_instead_of_showing_it():
 
 # -- training on micro sizes ------------------------------------------------------------------
 
-def micro_config(tokenizer_workdir, steps=4):
-    c = illume_tiny.get_config(f"steps={steps},batch=8,tokenizer={tokenizer_workdir},vocab=128")
+def micro_config(tokenizer_workdir, steps=4, arg=""):
+    extra = f",{arg}" if arg else ""
+    c = illume_tiny.get_config(f"steps={steps},batch=8,tokenizer={tokenizer_workdir},vocab=128{extra}")
     c.model.update(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64)
     for d in c.data.datasets.values():
         d.num_examples = 16
@@ -467,3 +468,57 @@ def _check_report(path, images):
     assert {"metrics", "metrics-table", "t2i", "understanding", "editing", "curves"} <= p.ids
     assert len(p.srcs) >= images // 2 and all(s.startswith("data:image/png;base64,") for s in p.srcs)
     assert "tokenizer ceiling" in open(path).read()
+
+
+def test_a_run_forks_into_a_model_with_a_cell_embedding(trained, micro_tokenizer_workdir, tmp_path):
+    """model_init.weights_from = a `train` workdir: every parameter comes from its checkpoint except
+    those `reinit` names (here the new `cell_embed/`), which start fresh; the fork trains, loads and
+    generates. What does not fit, and a different text tokenizer, are named."""
+    import shutil
+    from illume_jax import sharding
+    from illume_jax.infer.illume import Illume
+    from illume_jax.train import state as state_lib
+    config, full_dir, *_ = trained
+    fork_step = sum(s.steps for s in config.stages[:3])     # the end of align
+    fork = micro_config(micro_tokenizer_workdir, steps=2, arg="cell_embedding=1,stages=3")
+    fork.stages[0].steps = 1
+    fork.model_init.update(weights_from=full_dir, weights_step=fork_step, reinit=("cell_embed/.*",))
+    config_check.validate(fork)
+    mesh = sharding.make_mesh(dict(fork.mesh))
+    _, _, fresh = state_lib.create_state(fork, 0, mesh)
+    got = state_lib.load_run_params(full_dir, fresh.params, mesh, step=fork_step, reinit=("cell_embed/.*",))
+    source = _params_at(full_dir, fork_step)
+    from illume_jax.train.optim import path_str
+    fresh_flat = {path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(fresh.params)[0]}
+    for p, v in jax.tree_util.tree_flatten_with_path(got)[0]:
+        name = path_str(p)
+        np.testing.assert_array_equal(np.asarray(v), fresh_flat[name] if name.startswith("cell_embed/")
+                                      else source[name], err_msg=name)
+    assert {n for n in fresh_flat if n not in source} == {"cell_embed/rows", "cell_embed/cols"}
+    with pytest.raises(ValueError, match=r"cell_embed/rows \(2, \d+, 32\): not in the run.*reinit names"):
+        state_lib.load_run_params(full_dir, fresh.params, mesh, step=fork_step)
+    with pytest.raises(ValueError, match=r"reinit: \['nothing/.\*'\] match no parameter"):
+        state_lib.load_run_params(full_dir, fresh.params, mesh, reinit=("cell_embed/.*", "nothing/.*"))
+    with pytest.raises(ValueError, match="no checkpoint step 12345 there"):
+        state_lib.load_run_params(full_dir, fresh.params, mesh, step=12345, reinit=("cell_embed/.*",))
+    other = tmp_path / "other"
+    (other / "tokenizer").mkdir(parents=True)
+    (other / "tokenizer" / "spm.model").write_bytes(b"another vocabulary")
+    with pytest.raises(ValueError, match="text tokenizer .* differs from this run's"):
+        state_lib.load_run_params(full_dir, fresh.params, mesh, reinit=("cell_embed/.*",), workdir=str(other))
+    bad = micro_config(micro_tokenizer_workdir)
+    bad.model_init.reinit = ("cell_embed/.*",)
+    with pytest.raises(ValueError, match="only with weights_from a `train` workdir"):
+        config_check.validate(bad)
+    # The fork trains from there (its text tokenizer copied from the run, as the docs ask).
+    fork_dir = tmp_path / "fork"
+    fork_dir.mkdir()
+    shutil.copytree(os.path.join(full_dir, "tokenizer"), fork_dir / "tokenizer")
+    out = loop.train(fork, str(fork_dir))
+    assert np.isfinite(out["loss"])
+    model = Illume.load(str(fork_dir))
+    assert model.cfg.cell_embedding
+    trained_cells = np.asarray(model.model.cell_embed.rows[...])
+    assert not np.array_equal(trained_cells, fresh_flat["cell_embed/rows"])   # sft trains it
+    images = model.generate(["a red circle"], seed=0)
+    assert images[0].shape == (RES, RES, 3)
