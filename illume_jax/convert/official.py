@@ -230,26 +230,9 @@ def _decoder_from_official(src, dst, base, tokenizer, dtype, overwrite) -> dict:
 
 def _checkpoint_params(workdir: str, step: int | None = None) -> tuple[mlc.ConfigDict, Any]:
     """(config, params nnx.State) of an LLM/MLLM training workdir's checkpoint `step` (default: latest)."""
-    from illume_jax.train import checkpoint as ckpt_lib
     from illume_jax.train import state as state_lib
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # (the Checkpointer would create it)
-        raise ValueError(f"--src={workdir!r}: neither a converted folder nor a workdir with checkpoints")
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    try:
-        if step is None:
-            step = ckpt.latest_step()
-            if step is None:
-                raise ValueError(f"--src={workdir!r}: neither a converted folder nor a workdir with checkpoints")
-        elif step not in ckpt.all_steps():
-            raise ValueError(f"--src={workdir!r}: no checkpoint at step {step} (steps there: {ckpt.all_steps()})")
-        meta = ckpt.restore_meta(step)
-        raw = json.loads(meta["config"])
-        raw["stages"] = [mlc.ConfigDict(s) for s in raw.get("stages", [])]
-        config = mlc.ConfigDict(raw)
-        _, _, abs_state = state_lib.abstract_state(config, meta["stage_index"], _mesh())
-        return config, ckpt.restore_fields(step, abs_state, ("params",)).params
-    finally:
-        ckpt.close()
+    config, params, _ = state_lib.checkpoint_params(workdir, step, _mesh(), where=f"--src={workdir!r}")
+    return config, params
 
 
 def load_ours(kind: str, src: str, step: int | None = None) -> tuple[mlc.ConfigDict, Any, dict[str, np.ndarray]]:

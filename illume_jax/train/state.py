@@ -149,6 +149,29 @@ def config_from_meta(meta: dict) -> Any:
     return mlc.ConfigDict(raw)
 
 
+def checkpoint_params(workdir: str, step: int | None, mesh: Mesh, *, where: str) -> tuple[Any, Any, int]:
+    """(config, params, step) of a `train` workdir's checkpoint `step` (None: its latest), the params
+    restored with the shapes and shardings of the config it was saved with. `where` names the input in
+    errors."""
+    from illume_jax.train import checkpoint as ckpt_lib
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # (the Checkpointer would create it)
+        raise ValueError(f"{where}: neither a converted folder nor a workdir with checkpoints")
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    try:
+        if step is None:
+            step = ckpt.latest_step()
+            if step is None:
+                raise ValueError(f"{where}: neither a converted folder nor a workdir with checkpoints")
+        elif step not in ckpt.all_steps():
+            raise ValueError(f"{where}: no checkpoint at step {step} (steps there: {ckpt.all_steps()})")
+        meta = ckpt.restore_meta(step)
+        config = config_from_meta(meta)
+        _, _, abs_state = abstract_state(config, meta["stage_index"], mesh)
+        return config, ckpt.restore_fields(step, abs_state, ("params",)).params, step
+    finally:
+        ckpt.close()
+
+
 def load_run_params(run: str, fresh_params: Any, mesh: Mesh, *, step: int | None = None,
                     reinit: tuple[str, ...] = (), workdir: str | None = None) -> Any:
     """`fresh_params` (a new model's, sharded) with every parameter taken from the checkpoint of the
@@ -157,24 +180,13 @@ def load_run_params(run: str, fresh_params: Any, mesh: Mesh, *, step: int | None
     (`reinit=('cell_embed/.*',)`). Every other parameter must exist in the run with the same shape;
     mismatches are named. The run and `workdir` must share the text tokenizer (else the ids mean
     other words)."""
-    from illume_jax.train import checkpoint as ckpt_lib
     where = f"config.model_init.weights_from={run!r}"
     if workdir is not None:
         mine, theirs = (os.path.join(d, "tokenizer", "spm.model") for d in (workdir, run))
         if os.path.exists(mine) and os.path.exists(theirs) and Path(mine).read_bytes() != Path(theirs).read_bytes():
             raise ValueError(f"{where}: its text tokenizer ({theirs}) differs from this run's ({mine}); "
                              f"copy the run's tokenizer/ folder into the new workdir before training")
-    ckpt = ckpt_lib.Checkpointer(os.path.join(run, "checkpoints"), async_save=False)
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step not in ckpt.all_steps():
-            raise ValueError(f"{where}: no checkpoint step {step} there (steps: {ckpt.all_steps()})")
-        meta = ckpt.restore_meta(step)
-        source = config_from_meta(meta)
-        _, _, abs_state = abstract_state(source, meta["stage_index"], mesh)
-        loaded = ckpt.restore_fields(step, abs_state, ("params",)).params
-    finally:
-        ckpt.close()
+    _, loaded, step = checkpoint_params(run, step, mesh, where=where)
     patterns = [re.compile(p) for p in reinit]
     have = {optim.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(loaded)[0]}
     flat, treedef = jax.tree_util.tree_flatten_with_path(fresh_params)

@@ -499,7 +499,7 @@ def test_a_run_forks_into_a_model_with_a_cell_embedding(trained, micro_tokenizer
         state_lib.load_run_params(full_dir, fresh.params, mesh, step=fork_step)
     with pytest.raises(ValueError, match=r"reinit: \['nothing/.\*'\] match no parameter"):
         state_lib.load_run_params(full_dir, fresh.params, mesh, reinit=("cell_embed/.*", "nothing/.*"))
-    with pytest.raises(ValueError, match="no checkpoint step 12345 there"):
+    with pytest.raises(ValueError, match="no checkpoint at step 12345"):
         state_lib.load_run_params(full_dir, fresh.params, mesh, step=12345, reinit=("cell_embed/.*",))
     other = tmp_path / "other"
     (other / "tokenizer").mkdir(parents=True)
