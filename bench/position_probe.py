@@ -62,15 +62,18 @@ def object_cells(image: np.ndarray, h: int, w: int) -> np.ndarray:
 
 def code_fit(log_probs: np.ndarray, codes: np.ndarray, on_object: np.ndarray) -> dict:
     """log_probs [N, K] over a level's codes, the true codes [N] and whether each cell shows an object
-    [N] -> per kind of cell: mean NLL (nats), how often the most likely code is the true one, and the
-    probability the model gives the true code."""
+    [N] -> per kind of cell: mean NLL (nats), how often the most likely code is the true one, the
+    probability the model gives the true code, and how many distinct true codes there are (with the
+    commonest one's share): a flat canvas the tokenizer writes with many codes is harder to predict."""
     nll = -log_probs[np.arange(len(codes)), codes]
     hit = log_probs.argmax(-1) == codes
     out = {}
     for name, m in (("object", on_object), ("background", ~on_object)):
         out[name] = dict(cells=int(m.sum()), nll=float(nll[m].mean()) if m.any() else None,
                          argmax_acc=float(hit[m].mean()) if m.any() else None,
-                         p_true=float(np.exp(-nll[m]).mean()) if m.any() else None)
+                         p_true=float(np.exp(-nll[m]).mean()) if m.any() else None,
+                         distinct_codes=int(len(np.unique(codes[m]))),
+                         top_code_share=float(np.bincount(codes[m]).max() / m.sum()) if m.any() else None)
     return out
 
 

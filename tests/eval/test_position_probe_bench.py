@@ -47,3 +47,8 @@ def test_object_cells_and_code_fit_split_object_from_background():
     np.testing.assert_allclose(fit["background"]["p_true"], 0.5, atol=1e-6)
     np.testing.assert_allclose(fit["object"]["nll"], np.log(2), rtol=1e-6)
     assert fit["object"]["cells"] == 1
+    assert fit["background"]["distinct_codes"] == 1 and fit["background"]["top_code_share"] == 1.0
+    spread = position_probe.code_fit(np.log(np.full((4, 3), 1 / 3)), np.array([0, 2, 2, 1]), np.zeros(4, bool))
+    assert spread["background"]["distinct_codes"] == 3 and spread["background"]["top_code_share"] == 0.5
+    assert spread["object"] == dict(cells=0, nll=None, argmax_acc=None, p_true=None, distinct_codes=0,
+                                    top_code_share=None)
