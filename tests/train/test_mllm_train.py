@@ -361,9 +361,8 @@ def test_a_pixel_decoder_retrained_on_the_same_codes_draws_the_images(trained, m
     # The evaluation records the decoder and the samplings it used, and uses them: greedy
     # generation draws the same image for both samples of a prompt.
     greedy = il.Sampling.for_task("t2i", temperature=0.0)
-    results = mllm_eval.evaluate_and_report(swapped, full_dir, gen_scenes=1, samples_per_prompt=2, pope_scenes=0,
-                                            edit_pairs=1, out_dir=str(tmp_path / "eval"), progress=False,
-                                            t2i_sampling=greedy)
+    mllm_eval.evaluate_and_report(swapped, full_dir, gen_scenes=1, samples_per_prompt=2, pope_scenes=0,
+                                  edit_pairs=1, out_dir=str(tmp_path / "eval"), progress=False, t2i_sampling=greedy)
     saved = json.load(open(tmp_path / "eval" / "metrics.json"))
     assert saved["pixel_decoder"] == retrained
     assert saved["sampling"] == {"t2i": dict(temperature=[0.0] * 3, top_k=[2048, 2048, 6144], top_p=[1.0] * 3,
