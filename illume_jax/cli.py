@@ -37,7 +37,7 @@ MLLM inference (no --config: the model's own config is read from its checkpoint 
   edit           --image=PNG --instruction=TEXT (repeat both, paired) -> PNGs at the input size in --out
   eval           held-out ShapeComp GenEval-, POPE- and editing-style scores (--level, --eval_split=test|compositional)
                  -> <workdir>/eval/level<L>_<split>/: metrics.json, report.html, GenEval / POPE-format files
-  generate / edit / eval also take --guidance, --temperature, --top_k, --top_p (replacing the official sampling
+  generate / edit / eval also take --guidance, --temperature, --level1_temperature, --top_k, --top_p (replacing the official sampling
                  values) and --pixel_decoder=TOKENIZER_RUN (a pixel decoder retrained on the model's codes)
 
 Self-enhancement (--config: the MLLM config with its self_enhance block; --workdir: the trained MLLM):
@@ -86,6 +86,9 @@ _GUIDANCE = flags.DEFINE_float("guidance", None, "generate / edit / eval: CFG sc
                                "1.5); eval-decoder: the decoder's CFG scale (default: its config's).")
 _TEMPERATURE = flags.DEFINE_float("temperature", None, "generate / edit / eval: image-token sampling temperature "
                                   "(default: the official 1.0 / 0.7; 0 = greedy).")
+_LEVEL1_TEMPERATURE = flags.DEFINE_float(
+    "level1_temperature", None, "generate / edit / eval: the pixel (level-1) codes' temperature apart from the "
+    "semantic codes' --temperature (not an official setting; default: the same as level 0).")
 _TOP_K = flags.DEFINE_integer("top_k", None, "generate / edit / eval: top-k of level 0 (level 1 takes 3x, as the "
                               "official settings; default 2048 / 512; 0 = off).")
 _TOP_P = flags.DEFINE_float("top_p", None, "generate / edit / eval: top-p (default: the official 1.0 / 0.8).")
@@ -354,10 +357,10 @@ def _inference(command: str) -> None:
         if not _IMAGE.value or len(_IMAGE.value) != len(paired):
             _usage(f"{command} needs --image and {what} in pairs (got {len(_IMAGE.value)} and {len(paired)})")
     overrides = dict(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                     guidance_scale=_GUIDANCE.value)
+                     guidance_scale=_GUIDANCE.value, level1_temperature=_LEVEL1_TEMPERATURE.value)
     if command == "understand" and any(v is not None for v in overrides.values()):
-        _usage("understand answers greedily: --guidance / --temperature / --top_k / --top_p are for generate, "
-               "edit and eval")
+        _usage("understand answers greedily: --guidance / --temperature / --level1_temperature / --top_k / --top_p "
+               "are for generate, edit and eval")
     try:
         samplings = {task: interleaved.Sampling.for_task(task, **overrides) for task in ("t2i", "edit")}
     except ValueError as e:

@@ -67,11 +67,16 @@ class Sampling:
 
     @classmethod
     def for_task(cls, task: str, *, temperature: float | None = None, top_k: int | None = None,
-                 top_p: float | None = None, guidance_scale: float | None = None) -> "Sampling":
+                 top_p: float | None = None, guidance_scale: float | None = None,
+                 level1_temperature: float | None = None) -> "Sampling":
         """The recommended settings of spec §4.2. For 't2i' and 'edit', a value given here replaces
         the official one and the official level rule still applies (level 1 gets 3x the top-k): a
-        sampling sweep changes one knob of the recommended settings, not the rule between levels."""
-        given = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
+        sampling sweep changes one knob of the recommended settings, not the rule between levels.
+        `level1_temperature` is the one knob outside that rule (not an official setting): the
+        pixel codes' temperature apart from the semantic codes', so an object can be placed at
+        temperature 1 and its detail drawn sharper."""
+        given = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale,
+                     level1_temperature=level1_temperature)
         if task == "understand":
             if any(v is not None for v in given.values()):
                 raise ValueError(f"Sampling.for_task('understand') is greedy and takes no overrides, got "
@@ -79,8 +84,12 @@ class Sampling:
             return cls(temperature=(0.0, 0.0, 0.0))
         if task not in _OFFICIAL:
             raise ValueError(f"task {task!r}: expected 't2i', 'edit' or 'understand'")
+        level1 = given.pop("level1_temperature")
         values = dict(_OFFICIAL[task], **{k: v for k, v in given.items() if v is not None})
-        return cls.official(values["temperature"], values["top_k"], values["top_p"], values["guidance_scale"])
+        sampling = cls.official(values["temperature"], values["top_k"], values["top_p"], values["guidance_scale"])
+        if level1 is None:
+            return sampling
+        return dataclasses.replace(sampling, temperature=sampling.temperature[:2] + (float(level1),))
 
     def __post_init__(self):
         for name in ("temperature", "top_k", "top_p"):

@@ -131,6 +131,14 @@ def test_task_samplings_are_the_official_ones_and_overrides_keep_the_level_rule(
     assert il.Sampling.for_task("edit", top_k=16, guidance_scale=3.0) == il.Sampling(
         (0.7,) * 3, (16, 16, 48), (0.8,) * 3, 3.0)
     assert il.Sampling.for_task("t2i", top_k=0, top_p=0.9).top_k == (0, 0, 0)   # 0 = off at every level
+    # The pixel codes' own temperature: only level 1 moves, whatever the level-0 one is.
+    assert il.Sampling.for_task("t2i", level1_temperature=0.0).temperature == (1.0, 1.0, 0.0)
+    assert il.Sampling.for_task("edit", temperature=0.9, level1_temperature=0.3) == il.Sampling(
+        (0.9, 0.9, 0.3), (512, 512, 1536), (0.8,) * 3, 1.5)
+    with pytest.raises(ValueError, match="greedy and takes no overrides.*level1_temperature"):
+        il.Sampling.for_task("understand", level1_temperature=0.5)
+    with pytest.raises(ValueError, match="temperatures and top-k must be >= 0"):
+        il.Sampling.for_task("t2i", level1_temperature=-1.0)
     with pytest.raises(ValueError, match="greedy and takes no overrides.*temperature"):
         il.Sampling.for_task("understand", temperature=1.0)
     with pytest.raises(ValueError, match="top_p"):
