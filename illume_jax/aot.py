@@ -156,6 +156,7 @@ class DecodeAotReport:
     cache_gib: float
     xla_flops: float
     compile_s: float
+    cell_embedding: bool = False
 
     @property
     def fits(self) -> bool | None:
@@ -164,7 +165,8 @@ class DecodeAotReport:
     def table(self) -> str:
         return "\n".join([
             f"topology {self.topology}: {self.num_devices} chips, mesh {self.mesh}",
-            f"decode step (sample + one token, CFG): {self.batch} images = {self.rows} rows, "
+            f"decode step (sample + one token, CFG{', cell embedding' if self.cell_embedding else ''}): "
+            f"{self.batch} images = {self.rows} rows, "
             f"KV cache {self.cache_len} slots ({self.cache_gib:.2f} GiB in all)",
             *_memory_lines(self),
             f"XLA FLOPs per chip {self.xla_flops:.3e}; compile time {self.compile_s:.1f} s",
@@ -175,7 +177,8 @@ def compile_decode_step(config: Any, topology: str, *, batch: int = 8, cache_len
     """Lowers and compiles one step of the MLLM's generation loop (`infer.interleaved.decode_step`:
     windowed head + CFG + masks + sampling, then one token through the model with the KV cache
     donated) for a TPU topology, at the 512x512 ILLUME+ layout by default (cache = prompt 64 +
-    the 1,404-token block), `batch` images with CFG (2 x batch rows)."""
+    the 1,404-token block), `batch` images with CFG (2 x batch rows). With `vision.cell_embedding`
+    the fed tokens carry their cell's vectors, as `generate` feeds them."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -195,6 +198,7 @@ def compile_decode_step(config: Any, topology: str, *, batch: int = 8, cache_len
     with sharding.use_mesh(mesh):
         psh = nnx.get_named_sharding(abs_params, mesh)
     abs_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params, psh)
+    cell_graph, abs_cells = _abstract_cell_embedding(config, cfg, mesh)
     R = 2 * batch
     cache_shape = (cfg.num_layers, R, cache_len, cfg.num_kv_heads, cfg.head_dim)
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -212,15 +216,16 @@ def compile_decode_step(config: Any, topology: str, *, batch: int = 8, cache_len
     hidden = jax.ShapeDtypeStruct((R, cfg.d_model), cfg.compute_dtype, sharding=NamedSharding(mesh, P(("data", "fsdp"))))
     sampling = il.Sampling.for_task("t2i")
 
-    def step(params, hidden, state, positions, cache, key):
+    def step(params, cell_params, hidden, state, positions, cache, key):
         llm = nnx.merge(graphdef, params)
+        cell_embed = None if cell_graph is None else nnx.merge(cell_graph, cell_params)
         return il.decode_step(llm, hidden, state, positions, cache, jax.random.wrap_key_data(key),
-                              vocab=vocab, sampling=sampling, eos_id=151645)
+                              vocab=vocab, sampling=sampling, eos_id=151645, cell_embed=cell_embed)
 
     t0 = time.time()
     with sharding.use_mesh(mesh):
-        lowered = jax.jit(step, donate_argnums=(4,)).lower(abs_params, hidden, abs_state, vec((R,)), abs_cache,
-                                                           vec((2,), jnp.uint32))
+        lowered = jax.jit(step, donate_argnums=(5,)).lower(abs_params, abs_cells, hidden, abs_state, vec((R,)),
+                                                           abs_cache, vec((2,), jnp.uint32))
     compiled = lowered.compile()
     compile_s = time.time() - t0
     mem, cost = _analyses(compiled)
@@ -231,7 +236,27 @@ def compile_decode_step(config: Any, topology: str, *, batch: int = 8, cache_len
     return DecodeAotReport(topology=topology, num_devices=len(devices), mesh=dict(mesh.shape), batch=batch, rows=R,
                            cache_len=cache_len, argument_gib=arg, temp_gib=temp, output_gib=out, alias_gib=alias,
                            peak_gib=arg + temp + out - alias, hbm_gib=HBM_GIB.get(topology.split(":")[0]),
-                           cache_gib=cache_gib, xla_flops=float(cost.get("flops", 0.0)), compile_s=compile_s)
+                           cache_gib=cache_gib, xla_flops=float(cost.get("flops", 0.0)), compile_s=compile_s,
+                           cell_embedding=cell_graph is not None)
+
+
+def _abstract_cell_embedding(config: Any, llm_cfg: LLMConfig, mesh):
+    """(graphdef, sharded abstract params) of the MLLM's `CellEmbedding` when `vision.cell_embedding`
+    is on, else (None, None). Its table side follows the tokenizer's grids at `vision.max_side`."""
+    vision = config.get("vision")
+    if vision is None or not vision.get("cell_embedding", False):
+        return None, None
+    from flax import nnx
+
+    from illume_jax.models.mllm import CellEmbedding
+    from illume_jax.train.state import model_config
+    side = model_config(config).cell_table_side
+    with sharding.use_mesh(mesh):
+        module = nnx.eval_shape(lambda: CellEmbedding(side, llm_cfg.d_model, dtype=llm_cfg.compute_dtype,
+                                                      param_dtype=llm_cfg.weight_dtype, rngs=nnx.Rngs(0)))
+        graph, params = nnx.split(module, nnx.Param)
+        shardings = nnx.get_named_sharding(params, mesh)
+    return graph, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
 
 
 def math_prod(shape) -> int:
