@@ -52,14 +52,6 @@ def readout(features: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> dict:
     return out
 
 
-def object_cells(image: np.ndarray, h: int, w: int) -> np.ndarray:
-    """[h*w] bool, raster order: the cells of an h x w grid over `image` [H,W,3] uint8 that hold any
-    pixel other than the background (ShapeComp's canvas is one flat colour: the corner pixel's)."""
-    H, W = image.shape[:2]
-    differs = (image != image[0, 0]).any(-1).reshape(h, H // h, w, W // w)
-    return differs.any(axis=(1, 3)).reshape(-1)
-
-
 def code_fit(log_probs: np.ndarray, codes: np.ndarray, on_object: np.ndarray) -> dict:
     """log_probs [N, K] over a level's codes, the true codes [N] and whether each cell shows an object
     [N] -> per kind of cell: mean NLL (nats), how often the most likely code is the true one, the
@@ -112,7 +104,7 @@ def position_probe(model, *, scenes: int = 40, level: int = 1, split: str = "tes
             logits = np.asarray(model.model.llm.logits(jnp.asarray(h[start + pos - 1])[None]))[0, :, first:first + n]
             fits[name][0].append(logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True))
             fits[name][1].append(np.asarray(block)[pos] - first)
-            fits[name][2].append(object_cells(image, gh, gw))
+            fits[name][2].append(shapecomp.object_cells(image, gh, gw))
     out = {}
     for name, (pos, rows, cols) in cells.items():
         r, c = np.tile(rows, (scenes, 1)), np.tile(cols, (scenes, 1))

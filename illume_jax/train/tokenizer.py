@@ -429,8 +429,6 @@ class TokenizerTrainer:
         return total, (terms, new_buffers, out)
 
     def _make_step(self, disc_on: bool):
-        t = self.config.train
-
         def step(state: TokenizerState, batch, pparams):
             images = batch["image"]
             rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -519,6 +517,10 @@ class TokenizerTrainer:
         n = min(num, len(src))
         originals, recons, bypassed = [], [], []
         counts = {k: np.zeros(v, np.int64) for k, v in self.codebook_sizes.items()}
+        # On ShapeComp, also per kind of cell: a flat canvas written with many codes ("synonyms") is
+        # one more thing a generator must guess (README, "Told where it draws").
+        by_kind = {(k, kind): np.zeros(v, np.int64) for k, v in self.codebook_sizes.items()
+                   for kind in ("object", "background")} if c.data.source == "shapecomp" else {}
         for start in range(0, n, batch):
             recs = [src[i] for i in range(start, min(start + batch, n))]
             imgs = [images_lib.fit_resolution(r["image"], c.data.resolution) for r in recs if r["image"] is not None]
@@ -528,7 +530,10 @@ class TokenizerTrainer:
                 x = np.concatenate([x, np.repeat(x[-1:], pad, 0)])
             rec, codes = self.reconstruct(state, x)
             for k in counts:
-                counts[k] += np.bincount(np.asarray(codes[k])[:len(imgs)].ravel(), minlength=counts[k].size)
+                grid = np.asarray(codes[k])[:len(imgs)]
+                counts[k] += np.bincount(grid.ravel(), minlength=counts[k].size)
+                if by_kind:
+                    _count_codes_by_cell_kind(by_kind, k, grid, imgs)
             if rec is not None:
                 recons += list(images_lib.to_uint8(np.asarray(rec)[:len(imgs)]))
                 if unquantized:
@@ -540,6 +545,10 @@ class TokenizerTrainer:
             out[f"{k}_usage"] = float((cnt > 0).mean())
             p = cnt / max(cnt.sum(), 1)
             out[f"{k}_perplexity"] = float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
+        for (k, kind), cnt in by_kind.items():
+            out[f"{k}_{kind}_codes"] = int((cnt > 0).sum())
+            p = cnt / max(cnt.sum(), 1)
+            out[f"{k}_{kind}_perplexity"] = float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
         for prefix, images in (("", recons), ("unquantized_", bypassed)):
             if not images:
                 continue
@@ -553,6 +562,22 @@ class TokenizerTrainer:
                 # Why the rest fail (count / color / shape / offset): where a tokenizer needs work.
                 out.update({f"{prefix}ceiling_miss_{r}": v for r, v in misses.items()})
         return out
+
+
+def _count_codes_by_cell_kind(by_kind: dict, book: str, codes: np.ndarray, images) -> None:
+    """Adds each image's codes [N, h, w] (or [N, h*w] of a square grid) of codebook `book` to
+    by_kind[(book, 'object' | 'background')], by whether the cell shows any object pixel."""
+    from illume_jax.data import shapecomp
+    if codes.ndim == 2:
+        side = int(round(codes.shape[1] ** 0.5))
+        codes = codes.reshape(len(codes), side, side)
+    h, w = codes.shape[1:]
+    for image, grid in zip(images, codes):
+        on = shapecomp.object_cells(image, h, w)
+        flat = grid.reshape(-1)
+        for kind, m in (("object", on), ("background", ~on)):
+            cnt = by_kind[(book, kind)]
+            cnt += np.bincount(flat[m], minlength=cnt.size)
 
 
 def train_tokenizer(config: Any, workdir: str, *, mesh=None, stop_after_steps: int | None = None) -> dict:

@@ -315,6 +315,20 @@ def test_qa_turns_spread_a_scenes_questions_over_records():
         illume_tiny.get_config("qa_turns=-1")
 
 
+def test_object_cells_are_the_cells_that_show_any_object_pixel():
+    image = np.full((8, 8, 3), 128, np.uint8)
+    image[5, 6] = (200, 0, 0)                                # one object pixel, in cell (1, 1) of a 2x2 grid
+    np.testing.assert_array_equal(sc.object_cells(image, 2, 2), [False, False, False, True])
+    np.testing.assert_array_equal(sc.object_cells(image, 4, 4).nonzero()[0], [2 * 4 + 3])
+    scene = sc.make_scene(1, "test", 0)                      # a rendered scene: the cells under its objects
+    on = sc.object_cells(sc.render(scene), 16, 16).reshape(16, 16)
+    for o in scene.objects:
+        assert on[min(int(o.cy // 4), 15), min(int(o.cx // 4), 15)]
+    assert 0 < on.sum() < 256
+    with pytest.raises(ValueError, match="multiples of the 3x3 grid"):
+        sc.object_cells(image, 3, 3)
+
+
 def test_cell_labels_name_the_visible_object_under_each_cell():
     """Per-cell labels (the ViT's dense supervision) follow the rendered image: every cell's label is
     the shape / colour of the object owning most of its visible pixels, background where no object

@@ -35,11 +35,7 @@ def test_readout_finds_what_the_features_carry():
         position_probe.readout(noise[:1], rows[:1], cols[:1])
 
 
-def test_object_cells_and_code_fit_split_object_from_background():
-    image = np.full((8, 8, 3), 128, np.uint8)
-    image[5, 6] = (200, 0, 0)                                # one object pixel, in cell (1, 1) of a 2x2 grid
-    np.testing.assert_array_equal(position_probe.object_cells(image, 2, 2), [False, False, False, True])
-    np.testing.assert_array_equal(position_probe.object_cells(image, 4, 4).nonzero()[0], [2 * 4 + 3])
+def test_code_fit_splits_object_from_background():
     # Three cells, 2 codes: a sure right background cell, a sure wrong one, an object cell at 50/50.
     lp = np.log(np.array([[1 - 1e-9, 1e-9], [1e-9, 1 - 1e-9], [0.5, 0.5]]))
     fit = position_probe.code_fit(lp, np.array([0, 0, 1]), np.array([False, False, True]))

@@ -80,6 +80,20 @@ def test_lr_schedule_decays_to_the_configured_end():
             config_check.validate_tokenizer(c)
 
 
+def test_codes_are_counted_by_the_kind_of_cell_they_cover():
+    """The evaluation's object / background code counts: a cell is an object cell when it shows any
+    pixel other than the canvas colour; square grids may come flattened."""
+    image = np.full((8, 8, 3), 153, np.uint8)
+    image[0:2, 6:8] = (255, 0, 0)                          # cell (0, 1) of a 2x2 grid
+    codes = np.array([[[3, 7], [3, 5]]])
+    by_kind = {("pixel", "object"): np.zeros(8, np.int64), ("pixel", "background"): np.zeros(8, np.int64)}
+    tok._count_codes_by_cell_kind(by_kind, "pixel", codes, [image])
+    tok._count_codes_by_cell_kind(by_kind, "pixel", codes.reshape(1, 4), [image])
+    np.testing.assert_array_equal(by_kind[("pixel", "object")], np.eye(8, dtype=np.int64)[7] * 2)
+    np.testing.assert_array_equal(np.nonzero(by_kind[("pixel", "background")])[0], [3, 5])
+    assert by_kind[("pixel", "background")][3] == 4
+
+
 def _params(state):
     return [np.asarray(x) for x in jax.tree.leaves(state.params)]
 
@@ -93,6 +107,12 @@ def test_dualvitok_training_resumes_exactly(tmp_path):
     for key in ("semantic_usage", "pixel_usage", "val_psnr", "val_ssim", "tokenizer_ceiling"):
         assert key in row, row.keys()
     assert 0 <= row["tokenizer_ceiling"] <= 1 and 0 < row["pixel_usage"] <= 1
+    # ... and the codes of object and of background cells apart: every used code is one or the other.
+    for book, size in (("semantic", config.model.semantic_codes), ("pixel", config.model.pixel_codes)):
+        used = round(row[f"{book}_usage"] * size)
+        obj, bg = row[f"{book}_object_codes"], row[f"{book}_background_codes"]
+        assert max(obj, bg) <= used <= obj + bg and bg > 0
+        assert 1 <= row[f"{book}_background_perplexity"] <= bg + 1e-6
     # The discriminator switched on at step 2 (its loss is logged from then on).
     lines = [json.loads(l) for l in open(tmp_path / "full" / "tokenizer" / "metrics.jsonl")]
     lines = [l for l in lines if "loss" in l]  # training rows (the last row is the final evaluation)

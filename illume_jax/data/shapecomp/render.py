@@ -87,6 +87,18 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 # -- per-cell labels (dense supervision of a ViT's token grid) ------------------------------------------
 
+def object_cells(image: np.ndarray, h: int, w: int) -> np.ndarray:
+    """[h*w] bool, raster order: the cells of an h x w grid over `image` [H,W,3] that hold any pixel
+    other than the background (a ShapeComp canvas is one flat colour: the corner pixel's)."""
+    image = np.asarray(image)
+    H, W = image.shape[:2]
+    if image.ndim != 3 or H % h or W % w:
+        raise ValueError(f"object_cells: image must be [H, W, C] with H, W multiples of the {h}x{w} grid, "
+                         f"got {image.shape}")
+    differs = (image != image[0, 0]).any(-1).reshape(h, H // h, w, W // w)
+    return differs.any(axis=(1, 3)).reshape(-1)
+
+
 def cell_owners(masks: np.ndarray, centres, grid: tuple[int, int], min_pixels: int) -> np.ndarray:
     """Which object each cell of an h x w grid over the image belongs to: masks [K,H,W] bool (one per
     object, visible pixels), centres K (x, y) pixel positions -> [h*w] int32 in raster order, the object
