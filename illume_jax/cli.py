@@ -37,8 +37,9 @@ MLLM inference (no --config: the model's own config is read from its checkpoint 
   edit           --image=PNG --instruction=TEXT (repeat both, paired) -> PNGs at the input size in --out
   eval           held-out ShapeComp GenEval-, POPE- and editing-style scores (--level, --eval_split=test|compositional)
                  -> <workdir>/eval/level<L>_<split>/: metrics.json, report.html, GenEval / POPE-format files
-  generate / edit / eval also take --guidance, --temperature, --level1_temperature, --top_k, --top_p (replacing the official sampling
-                 values) and --pixel_decoder=TOKENIZER_RUN (a pixel decoder retrained on the model's codes)
+  generate / edit / eval also take --guidance, --temperature, --top_k, --top_p (replacing the official sampling
+                 values), --level1_temperature (the pixel codes' own temperature; not an official setting)
+                 and --pixel_decoder=TOKENIZER_RUN (a pixel decoder retrained on the model's codes)
 
 Self-enhancement (--config: the MLLM config with its self_enhance block; --workdir: the trained MLLM):
   self-enhance   one round: generate -> judge -> assessment dialogues -> stage 3 with them -> eval,
