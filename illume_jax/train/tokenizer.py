@@ -543,12 +543,10 @@ class TokenizerTrainer:
         out = {}
         for k, cnt in counts.items():
             out[f"{k}_usage"] = float((cnt > 0).mean())
-            p = cnt / max(cnt.sum(), 1)
-            out[f"{k}_perplexity"] = float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
+            out[f"{k}_perplexity"] = float(quantizers.perplexity(cnt))
         for (k, kind), cnt in by_kind.items():
             out[f"{k}_{kind}_codes"] = int((cnt > 0).sum())
-            p = cnt / max(cnt.sum(), 1)
-            out[f"{k}_{kind}_perplexity"] = float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
+            out[f"{k}_{kind}_perplexity"] = float(quantizers.perplexity(cnt))
         for prefix, images in (("", recons), ("unquantized_", bypassed)):
             if not images:
                 continue
