@@ -149,6 +149,9 @@ def vision_config(**overrides) -> mlc.ConfigDict:
         # True: a learned row / column vector per level where an image cell is read or drawn (not
         # official; models/mllm.py `CellEmbedding`).
         cell_embedding=False,
+        # True: where a code is drawn, learned vectors of the codes drawn above it (above-left, above,
+        # above-right) are added (not official; models/mllm.py `NeighbourCodeEmbedding`).
+        neighbour_codes=False,
         tag_step=64,              # resolution tags <height_64> ... <height_1024> (spec §3.2)
         max_side=1024,
     ))

@@ -116,6 +116,9 @@ class RowState:
     grids: jax.Array          # [B,4]: h1, w1, h2, w2
     may_image: jax.Array      # bool: the row may open an image (False for understanding)
     stop_at_eoi: jax.Array    # bool: the row is finished once its image is closed
+    # [B, 2, S] int32 or None: the codes each row has drawn, by level and raster cell (row * w + col),
+    # for `next_neighbour_codes`; `generate` adds it for a model with `neighbour_codes`.
+    codes: jax.Array | None = None
 
     @classmethod
     def start(cls, grids, may_image, stop_at_eoi, phase=TEXT) -> "RowState":
@@ -205,7 +208,20 @@ def advance(state: RowState, tok: jax.Array, vocab: ImageVocab, eos_id: int) -> 
     entered = new_phase != ph
     new_col = jnp.where(entered, 0, jnp.where(in_level & is_eol, 0, jnp.where(in_level, col + 1, col)))
     new_row = jnp.where(entered, 0, jnp.where(in_level & is_eol, row + 1, row))
-    return state.replace(phase=new_phase, col=new_col, row=new_row)
+    codes = state.codes
+    if codes is not None:  # record a drawn code at its level's raster cell
+        w = jnp.where(ph == LEVEL0, state.grids[:, 1], state.grids[:, 3])
+        h = jnp.where(ph == LEVEL0, state.grids[:, 0], state.grids[:, 2])
+        start = jnp.where(ph == LEVEL0, vocab.level0_start, vocab.level1_start)
+        size = jnp.where(ph == LEVEL0, vocab.semantic_codes, vocab.pixel_codes)
+        code = tok - start
+        write = in_level & (code >= 0) & (code < size) & (row < h) & (col < w)
+        at = jnp.where(write, row * w + col, -1)
+        lv = jnp.where(ph == LEVEL0, 0, 1)
+        hit = ((jnp.arange(2)[None, :, None] == lv[:, None, None])
+               & (jnp.arange(codes.shape[2])[None, None, :] == at[:, None, None]))
+        codes = jnp.where(hit, code[:, None, None], codes)
+    return state.replace(phase=new_phase, col=new_col, row=new_row, codes=codes)
 
 
 def guided_scores(logits: jax.Array, state: RowState, guidance_scale: jax.Array) -> jax.Array:
@@ -307,6 +323,26 @@ def next_cell(state: RowState) -> tuple[jax.Array, jax.Array, jax.Array]:
     return level, state.row, state.col
 
 
+def next_neighbour_codes(state: RowState) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(level [B], codes [B,3], valid [B,3]) of the code each row draws next: the codes it drew above
+    that cell (`mllm.NEIGHBOUR_OFFSETS` of the row above, from `state.codes`), as
+    `mllm.neighbour_code_targets` reads them off a training sequence."""
+    from illume_jax.models.mllm import NEIGHBOUR_OFFSETS
+    if state.codes is None:
+        raise ValueError("next_neighbour_codes: the row state has no code buffer (RowState.codes); "
+                         "`generate` adds one for a model with neighbour_codes")
+    level, row, col = next_cell(state)
+    w = jnp.where(level == 0, state.grids[:, 1], state.grids[:, 3])
+    cc = col[:, None] + jnp.asarray(NEIGHBOUR_OFFSETS, jnp.int32)
+    valid = (level >= 0)[:, None] & (row >= 1)[:, None] & (cc >= 0) & (cc < w[:, None])
+    S = state.codes.shape[2]
+    at = jnp.clip((row - 1)[:, None] * w[:, None] + cc, 0, S - 1)
+    mine = jnp.take_along_axis(state.codes, jnp.clip(level, 0, 1)[:, None, None], axis=1)[:, 0]  # [B,S]
+    valid = valid & ((row - 1)[:, None] * w[:, None] + cc < S)
+    codes = jnp.where(valid, jnp.take_along_axis(mine, at, axis=1), 0)
+    return level, codes, valid
+
+
 def code_heads(llm, vocab: ImageVocab) -> tuple[jax.Array, jax.Array]:
     """The head rows of the level-0 and level-1 code ranges, sliced once per generation call
     (slicing inside each step copies the table: more than the whole head's matmul on CPU)."""
@@ -346,21 +382,27 @@ def next_tokens_from_hidden(llm, hidden: jax.Array, state: RowState, sampling: S
 
 def decode_step(llm, hidden: jax.Array, state: RowState, positions: jax.Array, cache, rng: jax.Array, *,
                 vocab: ImageVocab, sampling: Sampling, eos_id: int, pad_id: int = 0, heads=None, layers=None,
-                cell_embed=None):
+                cell_embed=None, neighbour_embed=None):
     """One token for every row: sample from the last hidden states [R,D] (R = B or 2B with CFG),
     advance the row states, feed the token to all R rows (each CFG pair gets the conditional
     row's token) and run the model one step. -> (tokens [B], state, hidden [R,D], cache).
     `cache` is a `KVCache` (scanned layers) or, with `layers` from `llm.unstacked_layers()`, a
     `LayerKVCache`. `cell_embed`: the MLLM's `CellEmbedding` when it has one (the fed token then
-    carries the cell its row draws next). The body of `generate`'s loop; `aot` compiles it for TPU
-    topologies."""
+    carries the cell its row draws next). `neighbour_embed`: its `NeighbourCodeEmbedding` (the fed
+    token then carries the codes drawn above that cell; `state.codes` must be set). The body of
+    `generate`'s loop; `aot` compiles it for TPU topologies."""
     R, B = hidden.shape[0], state.phase.shape[0]
     tok = next_tokens_from_hidden(llm, hidden, state, sampling, rng, vocab, eos_id, pad_id, heads)
     state = advance(state, tok, vocab, eos_id)
     fed, embeds = jnp.tile(tok, R // B)[:, None], None
+    rows = lambda a: jnp.concatenate([a] * (R // B), axis=0)[:, None]  # noqa: E731  (CFG rows copy theirs)
+    extra = []
     if cell_embed is not None:
-        embeds = llm.embed_tokens(fed) + cell_embed(*(jnp.tile(a, R // B)[:, None] for a in next_cell(state)))
-        fed = None
+        extra.append(cell_embed(*(rows(a) for a in next_cell(state))))
+    if neighbour_embed is not None:
+        extra.append(neighbour_embed(*(rows(a) for a in next_neighbour_codes(state))))
+    if extra:
+        embeds, fed = llm.embed_tokens(fed) + sum(extra), None
     out, cache = llm.decode(fed, cache, positions=positions[:, None], inputs_embeds=embeds,
                             segment_ids=jnp.ones((R, 1), jnp.int32), return_hidden=True, layers=layers)
     return tok, state, out[:, 0], cache
@@ -413,6 +455,8 @@ def generate(model, prompts: Prompts, state: RowState, rng: jax.Array, *, vocab:
     B = state.phase.shape[0]
     if R not in (B, 2 * B):
         raise ValueError(f"prompts: {R} rows for {B} outputs; expected {B} (no CFG) or {2 * B} (CFG)")
+    if model.cfg.neighbour_codes and state.codes is None:  # room for every code the loop can draw
+        state = state.replace(codes=jnp.zeros((B, 2, max_new_tokens), jnp.int32))
     hidden, cache, positions = _prefill(model, prompts, P + max_new_tokens)
     next_pos = positions[:, -1] + 1
     heads = code_heads(model.llm, vocab)
@@ -427,7 +471,9 @@ def generate(model, prompts: Prompts, state: RowState, rng: jax.Array, *, vocab:
         tok, st, step_hidden, cache = decode_step(model.llm, last, st, pos, cache, jax.random.fold_in(rng, i),
                                                   vocab=vocab, sampling=sampling, eos_id=eos_id, pad_id=pad_id,
                                                   heads=heads, layers=layers,
-                                                  cell_embed=model.cell_embed if model.cfg.cell_embedding else None)
+                                                  cell_embed=model.cell_embed if model.cfg.cell_embedding else None,
+                                                  neighbour_embed=(model.neighbour_embed if model.cfg.neighbour_codes
+                                                                   else None))
         out = out.at[:, i].set(tok)
         return i + 1, step_hidden, pos + 1, out, cache, st
 

@@ -229,10 +229,15 @@ class MLLMConfig:
     # Not official: a learned (level, row, column) embedding added where the model reads or draws an
     # image cell (`CellEmbedding`); False is the official model (no such parameter).
     cell_embedding: bool = False
+    # Not official: where the model draws a code, learned vectors of the codes already drawn above it
+    # (above-left, above, above-right in its level) are added (`NeighbourCodeEmbedding`); False is the
+    # official model (no such parameter).
+    neighbour_codes: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.cell_embedding, bool):
-            raise ValueError(f"config.vision.cell_embedding={self.cell_embedding!r}: expected True or False")
+        for name in ("cell_embedding", "neighbour_codes"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"config.vision.{name}={getattr(self, name)!r}: expected True or False")
         if isinstance(self.projector_window, bool) or not isinstance(self.projector_window, int) \
                 or self.projector_window < 1 or self.projector_window % 2 == 0:
             raise ValueError(f"config.vision.projector_window={self.projector_window!r}: expected an odd int >= 1 "
@@ -252,15 +257,16 @@ class MLLMConfig:
 
     @classmethod
     def create(cls, llm_config: Any, tokenizer_config: Any, *, vit_trainable_from: int = 0,
-               projector_window: int = 1, cell_embedding: bool = False, tag_step: int = 64,
-               max_side: int = 1024) -> "MLLMConfig":
+               projector_window: int = 1, cell_embedding: bool = False, neighbour_codes: bool = False,
+               tag_step: int = 64, max_side: int = 1024) -> "MLLMConfig":
         llm = llm_config if isinstance(llm_config, LLMConfig) else LLMConfig.from_config(llm_config)
         tok = tokenizer_config if isinstance(tokenizer_config, dvt.DualViTokConfig) \
             else dvt.DualViTokConfig.from_config(tokenizer_config)
         vocab = ImageVocab(first_id=llm.text_vocab_size, semantic_codes=tok.semantic_codes,
                            pixel_codes=tok.pixel_codes, tag_step=tag_step, max_side=max_side)
         return cls(llm=llm, tokenizer=tok, vocab=vocab, vit_trainable_from=vit_trainable_from,
-                   projector_window=projector_window, cell_embedding=cell_embedding)
+                   projector_window=projector_window, cell_embedding=cell_embedding,
+                   neighbour_codes=neighbour_codes)
 
     def grids(self, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int]]:
         return dvt.token_grids(h, w, self.tokenizer)
@@ -396,10 +402,73 @@ class CellEmbedding(nnx.Module):
         return jnp.where((level >= 0)[..., None], e, 0).astype(self.dtype)
 
 
+# Columns of the row above whose codes `NeighbourCodeEmbedding` adds: above-left, above, above-right.
+NEIGHBOUR_OFFSETS = (-1, 0, 1)
+
+
+def neighbour_code_targets(tokens: jax.Array, slots: jax.Array, vocab: ImageVocab
+                           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """tokens/slots [B,T] (discrete slots holding their code ids) -> (level [B,T], codes [B,T,3],
+    valid [B,T,3]): at each position that predicts a discrete code of cell (r, c), that code's level
+    and the codes of its level already drawn at (r-1, c-1), (r-1, c), (r-1, c+1); valid is False off
+    the grid, on the first row and wherever no code is predicted (level -1 there). Generation reads
+    the same from its per-row code buffer (infer/interleaved.py `next_neighbour_codes`).
+
+    Layout facts used: a level is rows of w codes each followed by an EOL, so the cell above (r, c)
+    sits w + 1 positions before it, and the row above ends 2 + c positions before it."""
+    B, T = slots.shape
+    level, row, col = cell_coordinates(slots)
+    ahead = lambda a, fill: jnp.concatenate([a[:, 1:], jnp.full_like(a[:, :1], fill)], axis=1)  # noqa: E731
+    take = lambda a, i: jnp.take_along_axis(a, jnp.clip(i, 0, T - 1), axis=1)  # noqa: E731
+    nxt = ahead(slots, SLOT_TEXT)
+    draws = (nxt == SLOT_SEM_OUT) | (nxt == SLOT_PIX_OUT)
+    lv, r, c = ahead(level, -1), ahead(row, 0), ahead(col, 0)
+    q = jnp.arange(T, dtype=jnp.int32)[None, :] + 1            # the position of the code drawn next
+    last_above = q - c - 2                                      # the last cell of the row above
+    w = take(col, last_above) + 1
+    row_ok = draws & (r >= 1) & (last_above >= 0) & (take(slots, last_above) == nxt)
+    offsets = jnp.asarray(NEIGHBOUR_OFFSETS, jnp.int32)
+    pos = (q - 1 - w)[..., None] + offsets                      # [B,T,3]
+    cc = c[..., None] + offsets
+    valid = row_ok[..., None] & (cc >= 0) & (cc < w[..., None])
+    flat = lambda a: a.reshape(B, -1)  # noqa: E731
+    ids = take(tokens, flat(pos)).reshape(pos.shape)
+    start = jnp.where(lv == 0, vocab.level0_start, vocab.level1_start)
+    codes = jnp.where(valid, ids - start[..., None], 0)
+    return jnp.where(draws, lv, -1), codes.astype(jnp.int32), valid
+
+
+class NeighbourCodeEmbedding(nnx.Module):
+    """A learned vector per (offset, code) of each level (not in the official model), added where the
+    model draws a code for the codes already drawn above it (`NEIGHBOUR_OFFSETS`). Why: the tiny
+    generator's pixel codes form object-sized clusters but of blob shape; a shape's outline is a
+    pattern between a cell and the cells above it, 17 tokens back in the 1-D sequence, and the tiny
+    LLM finds that cell poorly (README, "Told where it draws"). Here the causal neighbourhood is given
+    at the input, as a PixelCNN's is. Zero-initialised: a model forked into it starts unchanged."""
+
+    def __init__(self, semantic_codes: int, pixel_codes: int, d_model: int, *, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        init = nnx.with_partitioning(nnx.initializers.zeros, (None, None, "embed"))
+        n = len(NEIGHBOUR_OFFSETS)
+        self.level0 = nnx.Param(init(rngs.params(), (n, semantic_codes, d_model), param_dtype))
+        self.level1 = nnx.Param(init(rngs.params(), (n, pixel_codes, d_model), param_dtype))
+        self.dtype = dtype
+
+    def __call__(self, level: jax.Array, codes: jax.Array, valid: jax.Array) -> jax.Array:
+        """level [...], codes / valid [..., 3] -> [..., D]: the sum over valid neighbours; zero where
+        level < 0."""
+        k = jnp.arange(len(NEIGHBOUR_OFFSETS))
+        e0 = self.level0[...][k, jnp.clip(codes, 0, self.level0.shape[1] - 1)]
+        e1 = self.level1[...][k, jnp.clip(codes, 0, self.level1.shape[1] - 1)]
+        e = jnp.where((level == 0)[..., None, None], e0, e1)
+        keep = valid & (level >= 0)[..., None]
+        return jnp.where(keep[..., None], e, 0).sum(axis=-2).astype(self.dtype)
+
+
 class MLLM(nnx.Module):
     """LLM + vision tower + projector. Parameter paths: `llm/...` (as models/llm.py),
     `vision/vit/...`, `vision/pixel_encoder/...`, `projector/{semantic,pixel}/fc{1,2}/...`, and with
-    `cell_embedding` `cell_embed/{rows,cols}`."""
+    `cell_embedding` `cell_embed/{rows,cols}`, with `neighbour_codes` `neighbour_embed/{level0,level1}`."""
 
     def __init__(self, cfg: MLLMConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -411,6 +480,10 @@ class MLLM(nnx.Module):
         if cfg.cell_embedding:
             self.cell_embed = CellEmbedding(cfg.cell_table_side, cfg.llm.d_model, dtype=cfg.llm.compute_dtype,
                                             param_dtype=cfg.llm.weight_dtype, rngs=rngs)
+        if cfg.neighbour_codes:
+            self.neighbour_embed = NeighbourCodeEmbedding(cfg.vocab.semantic_codes, cfg.vocab.pixel_codes,
+                                                          cfg.llm.d_model, dtype=cfg.llm.compute_dtype,
+                                                          param_dtype=cfg.llm.weight_dtype, rngs=rngs)
 
     def image_features(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """images [B,M,H,W,3] -> projected (semantic [B, M*n0, D], pixel [B, M*n1, D])."""
@@ -442,6 +515,8 @@ class MLLM(nnx.Module):
             x = jnp.where((slots == SLOT_PIX_IN)[..., None], take(pix, SLOT_PIX_IN).astype(x.dtype), x)
         if self.cfg.cell_embedding and slots is not None:
             x = x + self.cell_embed(*cell_embedding_targets(slots))
+        if self.cfg.neighbour_codes and slots is not None:
+            x = x + self.neighbour_embed(*neighbour_code_targets(tokens, slots, self.cfg.vocab))
         return constrain(x, "batch", "act_seq", "act_embed")
 
     def __call__(self, tokens: jax.Array, *, slots: jax.Array | None = None, cells: jax.Array | None = None,

@@ -301,7 +301,50 @@ def tiny_cells():
     return cfg, model
 
 
-@pytest.mark.parametrize("which", ["tiny", "tiny_cells"])
+@pytest.fixture(scope="module")
+def tiny_neighbours():
+    """`tiny` with both not-official embeddings: the cell's vectors and the codes drawn above it.
+    Generation reads the codes from its per-row buffer, the eager reference from the whole sequence
+    (`neighbour_code_targets`), as training does."""
+    tok = dualvitok_config.model_config("tiny")
+    rows = 40 + 7 + 32 + tok.semantic_codes + tok.pixel_codes + 3
+    cfg = mllm.MLLMConfig.create(common.llm_config(text_vocab_size=40, vocab_size=rows, d_model=32, num_heads=2,
+                                                   num_kv_heads=1, mlp_dim=64), tok, cell_embedding=True,
+                                 neighbour_codes=True)
+    model = mllm.create_mllm(cfg, seed=3)
+    model.cell_embed.rows[...] = model.cell_embed.rows[...] * 50
+    model.cell_embed.cols[...] = model.cell_embed.cols[...] * 50
+    # Zero at initialisation; large random vectors, so a code read wrongly anywhere changes the samples.
+    k = jax.random.split(jax.random.key(0))
+    model.neighbour_embed.level0[...] = 3 * jax.random.normal(k[0], model.neighbour_embed.level0.shape)
+    model.neighbour_embed.level1[...] = 3 * jax.random.normal(k[1], model.neighbour_embed.level1.shape)
+    return cfg, model
+
+
+def test_generation_reads_the_codes_above_as_training_does():
+    """Feeding a drawn block token by token through `advance` (with a code buffer), the codes
+    `next_neighbour_codes` gives at each step are those `neighbour_code_targets` reads off the same
+    block at the position just fed; without a buffer it says what is missing."""
+    vocab = mllm.ImageVocab(first_id=40, semantic_codes=16, pixel_codes=24)
+    rng = np.random.default_rng(2)
+    for grids in (((2, 3), (4, 5)), ((3, 2), (5, 4))):
+        t = mllm.block_template(grids, vocab, continuous=False)
+        block = mllm.block_ids(t, rng.integers(0, 16, grids[0]), rng.integers(0, 24, grids[1]), vocab)
+        level, codes, valid = (np.asarray(a)[0] for a in mllm.neighbour_code_targets(
+            jnp.asarray(block[None]), jnp.asarray(t.slots[None]), vocab))
+        st = il.RowState.start([[*grids[0], *grids[1]]], True, True, phase=il.EXPECT_SOL0)
+        with pytest.raises(ValueError, match="no code buffer"):
+            il.next_neighbour_codes(st)
+        st = st.replace(codes=jnp.zeros((1, 2, 32), jnp.int32))
+        for p in range(1, len(block) - 1):    # block[0] is the prompt's <start_of_image>
+            st = il.advance(st, jnp.asarray(block[p:p + 1]), vocab, EOS)
+            lv, c, ok = (np.asarray(a)[0] for a in il.next_neighbour_codes(st))
+            assert lv == level[p], f"{grids} position {p}"
+            np.testing.assert_array_equal(ok, valid[p], err_msg=f"{grids} position {p}")
+            np.testing.assert_array_equal(np.where(ok, c, 0), codes[p], err_msg=f"{grids} position {p}")
+
+
+@pytest.mark.parametrize("which", ["tiny", "tiny_cells", "tiny_neighbours"])
 def test_jitted_generation_equals_the_eager_reference_with_cfg(which, request):
     cfg, model = request.getfixturevalue(which)
     rng = np.random.default_rng(0)

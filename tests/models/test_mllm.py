@@ -202,6 +202,78 @@ def test_cell_embedding_adds_row_and_column_vectors_only_where_cells_are():
         np.testing.assert_allclose(x[0, p] - plain[0, p], want, atol=1e-6, err_msg=f"position {p}")
 
 
+def _tiny_neighbour_cfg(**kw):
+    tok = dualvitok_config.model_config("tiny")
+    rows = 100 + 7 + 32 + tok.semantic_codes + tok.pixel_codes + 5
+    llm = common.llm_config(text_vocab_size=100, vocab_size=rows, d_model=32, num_heads=2, num_kv_heads=1,
+                            mlp_dim=64)
+    return mllm.MLLMConfig.create(llm, tok, **kw)
+
+
+@pytest.mark.parametrize("grids", [((2, 3), (4, 5)), ((3, 3), (6, 6))])
+def test_neighbour_code_targets_are_the_codes_drawn_above(grids):
+    """At the position that predicts code (r, c) of a level: that level's codes at (r-1, c-1..c+1),
+    valid only on the grid and below the first row; nothing at text, structure or continuous positions.
+    Checked against the codes' own grids, after a text prefix and an image read first (an edit row)."""
+    v = _tiny_neighbour_cfg().vocab
+    rng = np.random.default_rng(0)
+    t_in = mllm.block_template(grids, v, continuous=True)
+    t_out = mllm.block_template(grids, v, continuous=False)
+    sem = rng.integers(0, v.semantic_codes, grids[0])
+    pix = rng.integers(0, v.pixel_codes, grids[1])
+    head = [5, 6]
+    tokens = np.concatenate([head, t_in.ids.clip(0), [7], mllm.block_ids(t_out, sem, pix, v)])
+    slots = np.concatenate([[0, 0], t_in.slots, [0], t_out.slots])
+    out_at = len(head) + len(t_in.ids) + 1           # where the drawn block starts
+    level, codes, valid = (np.asarray(a)[0] for a in mllm.neighbour_code_targets(
+        jnp.asarray(tokens[None]), jnp.asarray(slots[None]), v))
+    drawn = 0
+    for p in range(len(tokens)):
+        nxt = slots[p + 1] if p + 1 < len(slots) else 0
+        if nxt not in (mllm.SLOT_SEM_OUT, mllm.SLOT_PIX_OUT):
+            assert level[p] == -1 and not valid[p].any(), f"position {p}"
+            continue
+        drawn += 1
+        lv = 0 if nxt == mllm.SLOT_SEM_OUT else 1
+        grid, w = (sem, pix)[lv], grids[lv][1]
+        r, c = divmod(int(t_out.cells[p + 1 - out_at]), w)
+        assert level[p] == lv, f"position {p}"
+        for k, dc in enumerate(mllm.NEIGHBOUR_OFFSETS):
+            on = r >= 1 and 0 <= c + dc < w
+            assert valid[p, k] == on, f"position {p}, offset {dc}"
+            if on:
+                assert codes[p, k] == grid[r - 1, c + dc], f"position {p}, offset {dc}"
+    assert drawn == sem.size + pix.size
+
+
+def test_neighbour_code_embedding_adds_the_vectors_of_the_codes_above():
+    cfg = _tiny_neighbour_cfg(neighbour_codes=True)
+    with pytest.raises(ValueError, match="neighbour_codes"):
+        _tiny_neighbour_cfg(neighbour_codes=1)
+    assert not hasattr(mllm.create_mllm(_tiny_neighbour_cfg()), "neighbour_embed")  # official: no such param
+    model = mllm.create_mllm(cfg, seed=2)
+    assert not np.asarray(model.neighbour_embed.level1[...]).any()   # zero at first: a fork starts unchanged
+    k = jax.random.split(jax.random.key(1))
+    model.neighbour_embed.level0[...] = jax.random.normal(k[0], model.neighbour_embed.level0.shape)
+    model.neighbour_embed.level1[...] = jax.random.normal(k[1], model.neighbour_embed.level1.shape)
+    grids = cfg.grids(32, 32)
+    t = mllm.block_template(grids, cfg.vocab, continuous=False)
+    rng = np.random.default_rng(3)
+    tokens = np.concatenate([[1, 2], mllm.block_ids(t, rng.integers(0, 9, grids[0]), rng.integers(0, 9, grids[1]),
+                                                    cfg.vocab)])[None]
+    slots = np.concatenate([[0, 0], t.slots])[None]
+    cells = np.concatenate([[0, 0], t.cells])[None]
+    x = np.asarray(model.embed(jnp.asarray(tokens), jnp.asarray(slots), jnp.asarray(cells)))
+    plain = np.asarray(model.llm.embed_tokens(jnp.asarray(tokens)))
+    tables = [np.asarray(model.neighbour_embed.level0[...]), np.asarray(model.neighbour_embed.level1[...])]
+    level, codes, valid = (np.asarray(a)[0] for a in mllm.neighbour_code_targets(
+        jnp.asarray(tokens), jnp.asarray(slots), cfg.vocab))
+    assert valid.sum() > 0
+    for p in range(tokens.shape[1]):
+        want = sum((tables[level[p]][k, codes[p, k]] for k in range(3) if valid[p, k]), np.zeros(32))
+        np.testing.assert_allclose(x[0, p] - plain[0, p], want, atol=1e-5, err_msg=f"position {p}")
+
+
 def test_embed_splices_projected_features_at_the_slots(tiny_model):
     cfg, model = tiny_model
     grids = cfg.grids(32, 32)

@@ -471,40 +471,43 @@ def _check_report(path, images):
 
 def test_a_run_forks_into_a_model_with_a_cell_embedding(trained, micro_tokenizer_workdir, tmp_path):
     """model_init.weights_from = a `train` workdir: every parameter comes from its checkpoint except
-    those `reinit` names (here the new `cell_embed/`), which start fresh; the fork trains, loads and
-    generates. What does not fit, and a different text tokenizer, are named."""
+    those `reinit` names (here the new `cell_embed/` and `neighbour_embed/`), which start fresh; the
+    fork trains, loads and generates. What does not fit, and a different text tokenizer, are named."""
     import shutil
     from illume_jax import sharding
     from illume_jax.infer.illume import Illume
     from illume_jax.train import state as state_lib
     config, full_dir, *_ = trained
     fork_step = sum(s.steps for s in config.stages[:3])     # the end of align
-    fork = micro_config(micro_tokenizer_workdir, steps=2, arg="cell_embedding=1,stages=3")
+    fork = micro_config(micro_tokenizer_workdir, steps=2, arg="cell_embedding=1,neighbour_codes=1,stages=3")
     fork.stages[0].steps = 1
-    fork.model_init.update(weights_from=full_dir, weights_step=fork_step, reinit=("cell_embed/.*",))
+    new = ("cell_embed/.*", "neighbour_embed/.*")
+    fork.model_init.update(weights_from=full_dir, weights_step=fork_step, reinit=new)
     config_check.validate(fork)
     mesh = sharding.make_mesh(dict(fork.mesh))
     _, _, fresh = state_lib.create_state(fork, 0, mesh)
-    got = state_lib.load_run_params(full_dir, fresh.params, mesh, step=fork_step, reinit=("cell_embed/.*",))
+    got = state_lib.load_run_params(full_dir, fresh.params, mesh, step=fork_step, reinit=new)
     source = _params_at(full_dir, fork_step)
     from illume_jax.train.optim import path_str
     fresh_flat = {path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(fresh.params)[0]}
     for p, v in jax.tree_util.tree_flatten_with_path(got)[0]:
         name = path_str(p)
-        np.testing.assert_array_equal(np.asarray(v), fresh_flat[name] if name.startswith("cell_embed/")
+        np.testing.assert_array_equal(np.asarray(v), fresh_flat[name] if name.startswith(("cell_embed/",
+                                                                                          "neighbour_embed/"))
                                       else source[name], err_msg=name)
-    assert {n for n in fresh_flat if n not in source} == {"cell_embed/rows", "cell_embed/cols"}
+    assert {n for n in fresh_flat if n not in source} == {"cell_embed/rows", "cell_embed/cols",
+                                                          "neighbour_embed/level0", "neighbour_embed/level1"}
     with pytest.raises(ValueError, match=r"cell_embed/rows \(2, \d+, 32\): not in the run.*reinit names"):
         state_lib.load_run_params(full_dir, fresh.params, mesh, step=fork_step)
     with pytest.raises(ValueError, match=r"reinit: \['nothing/.\*'\] match no parameter"):
-        state_lib.load_run_params(full_dir, fresh.params, mesh, reinit=("cell_embed/.*", "nothing/.*"))
+        state_lib.load_run_params(full_dir, fresh.params, mesh, reinit=(*new, "nothing/.*"))
     with pytest.raises(ValueError, match="no checkpoint at step 12345"):
-        state_lib.load_run_params(full_dir, fresh.params, mesh, step=12345, reinit=("cell_embed/.*",))
+        state_lib.load_run_params(full_dir, fresh.params, mesh, step=12345, reinit=new)
     other = tmp_path / "other"
     (other / "tokenizer").mkdir(parents=True)
     (other / "tokenizer" / "spm.model").write_bytes(b"another vocabulary")
     with pytest.raises(ValueError, match="text tokenizer .* differs from this run's"):
-        state_lib.load_run_params(full_dir, fresh.params, mesh, reinit=("cell_embed/.*",), workdir=str(other))
+        state_lib.load_run_params(full_dir, fresh.params, mesh, reinit=new, workdir=str(other))
     bad = micro_config(micro_tokenizer_workdir)
     bad.model_init.reinit = ("cell_embed/.*",)
     with pytest.raises(ValueError, match="only with weights_from a `train` workdir"):
@@ -516,8 +519,10 @@ def test_a_run_forks_into_a_model_with_a_cell_embedding(trained, micro_tokenizer
     out = loop.train(fork, str(fork_dir))
     assert np.isfinite(out["loss"])
     model = Illume.load(str(fork_dir))
-    assert model.cfg.cell_embedding
+    assert model.cfg.cell_embedding and model.cfg.neighbour_codes
     trained_cells = np.asarray(model.model.cell_embed.rows[...])
     assert not np.array_equal(trained_cells, fresh_flat["cell_embed/rows"])   # sft trains it
+    assert not fresh_flat["neighbour_embed/level1"].any()                     # zero at the fork ...
+    assert np.asarray(model.model.neighbour_embed.level1[...]).any()          # ... and sft trains it
     images = model.generate(["a red circle"], seed=0)
     assert images[0].shape == (RES, RES, 3)
