@@ -152,6 +152,9 @@ def vision_config(**overrides) -> mlc.ConfigDict:
         # True: where a code is drawn, learned vectors of the codes drawn above it (above-left, above,
         # above-right) are added (not official; models/mllm.py `NeighbourCodeEmbedding`).
         neighbour_codes=False,
+        # True: where a pixel code is drawn, a learned vector of the semantic code drawn over that cell
+        # is added (not official; models/mllm.py `ParentCodeEmbedding`).
+        parent_codes=False,
         tag_step=64,              # resolution tags <height_64> ... <height_1024> (spec §3.2)
         max_side=1024,
     ))

@@ -158,6 +158,7 @@ class DecodeAotReport:
     compile_s: float
     cell_embedding: bool = False
     neighbour_codes: bool = False
+    parent_codes: bool = False
 
     @property
     def fits(self) -> bool | None:
@@ -167,7 +168,7 @@ class DecodeAotReport:
         return "\n".join([
             f"topology {self.topology}: {self.num_devices} chips, mesh {self.mesh}",
             f"decode step (sample + one token, CFG{', cell embedding' if self.cell_embedding else ''}"
-            f"{', neighbour codes' if self.neighbour_codes else ''}): "
+            f"{', neighbour codes' if self.neighbour_codes else ''}{', parent codes' if self.parent_codes else ''}): "
             f"{self.batch} images = {self.rows} rows, "
             f"KV cache {self.cache_len} slots ({self.cache_gib:.2f} GiB in all)",
             *_memory_lines(self),
@@ -180,8 +181,9 @@ def compile_decode_step(config: Any, topology: str, *, batch: int = 8, cache_len
     windowed head + CFG + masks + sampling, then one token through the model with the KV cache
     donated) for a TPU topology, at the 512x512 ILLUME+ layout by default (cache = prompt 64 +
     the 1,404-token block), `batch` images with CFG (2 x batch rows). With `vision.cell_embedding`
-    the fed tokens carry their cell's vectors, and with `vision.neighbour_codes` the codes drawn above
-    their cell (the row state then holds a code buffer), as `generate` feeds them."""
+    the fed tokens carry their cell's vectors, with `vision.neighbour_codes` the codes drawn above
+    their cell and with `vision.parent_codes` the semantic code over it (the row state then holds a code
+    buffer), as `generate` feeds them."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -203,6 +205,7 @@ def compile_decode_step(config: Any, topology: str, *, batch: int = 8, cache_len
     abs_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params, psh)
     cell_graph, abs_cells = _abstract_extra_embedding(config, cfg, mesh, "cell_embedding", vocab)
     nb_graph, abs_nb = _abstract_extra_embedding(config, cfg, mesh, "neighbour_codes", vocab)
+    parent_graph, abs_parent = _abstract_extra_embedding(config, cfg, mesh, "parent_codes", vocab)
     R = 2 * batch
     cache_shape = (cfg.num_layers, R, cache_len, cfg.num_kv_heads, cfg.head_dim)
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -217,22 +220,22 @@ def compile_decode_step(config: Any, topology: str, *, batch: int = 8, cache_len
     vec = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=repl)  # noqa: E731
     abs_state = il.RowState(phase=vec((batch,)), col=vec((batch,)), row=vec((batch,)), grids=vec((batch, 4)),
                             may_image=vec((batch,), bool), stop_at_eoi=vec((batch,), bool),
-                            codes=None if nb_graph is None else vec((batch, 2, cache_len)))
+                            codes=None if nb_graph is None and parent_graph is None else vec((batch, 2, cache_len)))
     hidden = jax.ShapeDtypeStruct((R, cfg.d_model), cfg.compute_dtype, sharding=NamedSharding(mesh, P(("data", "fsdp"))))
     sampling = il.Sampling.for_task("t2i")
 
-    def step(params, cell_params, nb_params, hidden, state, positions, cache, key):
+    def step(params, cell_params, nb_params, parent_params, hidden, state, positions, cache, key):
         llm = nnx.merge(graphdef, params)
-        cell_embed = None if cell_graph is None else nnx.merge(cell_graph, cell_params)
-        neighbour_embed = None if nb_graph is None else nnx.merge(nb_graph, nb_params)
+        extra = lambda graph, p: None if graph is None else nnx.merge(graph, p)  # noqa: E731
         return il.decode_step(llm, hidden, state, positions, cache, jax.random.wrap_key_data(key),
-                              vocab=vocab, sampling=sampling, eos_id=151645, cell_embed=cell_embed,
-                              neighbour_embed=neighbour_embed)
+                              vocab=vocab, sampling=sampling, eos_id=151645, cell_embed=extra(cell_graph, cell_params),
+                              neighbour_embed=extra(nb_graph, nb_params),
+                              parent_embed=extra(parent_graph, parent_params))
 
     t0 = time.time()
     with sharding.use_mesh(mesh):
-        lowered = jax.jit(step, donate_argnums=(6,)).lower(abs_params, abs_cells, abs_nb, hidden, abs_state,
-                                                           vec((R,)), abs_cache, vec((2,), jnp.uint32))
+        lowered = jax.jit(step, donate_argnums=(7,)).lower(abs_params, abs_cells, abs_nb, abs_parent, hidden,
+                                                           abs_state, vec((R,)), abs_cache, vec((2,), jnp.uint32))
     compiled = lowered.compile()
     compile_s = time.time() - t0
     mem, cost = _analyses(compiled)
@@ -244,26 +247,32 @@ def compile_decode_step(config: Any, topology: str, *, batch: int = 8, cache_len
                            cache_len=cache_len, argument_gib=arg, temp_gib=temp, output_gib=out, alias_gib=alias,
                            peak_gib=arg + temp + out - alias, hbm_gib=HBM_GIB.get(topology.split(":")[0]),
                            cache_gib=cache_gib, xla_flops=float(cost.get("flops", 0.0)), compile_s=compile_s,
-                           cell_embedding=cell_graph is not None, neighbour_codes=nb_graph is not None)
+                           cell_embedding=cell_graph is not None, neighbour_codes=nb_graph is not None,
+                           parent_codes=parent_graph is not None)
 
 
 def _abstract_extra_embedding(config: Any, llm_cfg: LLMConfig, mesh, option: str, vocab):
     """(graphdef, sharded abstract params) of the MLLM's not-official input embedding that
     `vision.<option>` turns on -- `CellEmbedding` (cell_embedding; its table side follows the
-    tokenizer's grids at `vision.max_side`) or `NeighbourCodeEmbedding` (neighbour_codes; a row per
-    code of the step's image vocabulary `vocab`) -- else (None, None)."""
+    tokenizer's grids at `vision.max_side`), `NeighbourCodeEmbedding` (neighbour_codes) or
+    `ParentCodeEmbedding` (parent_codes), these two with a row per code of the step's image vocabulary
+    `vocab` -- else (None, None)."""
     vision = config.get("vision")
     if vision is None or not vision.get(option, False):
         return None, None
     from flax import nnx
 
-    from illume_jax.models.mllm import CellEmbedding, NeighbourCodeEmbedding
+    from illume_jax.models.mllm import CellEmbedding, NeighbourCodeEmbedding, ParentCodeEmbedding
     from illume_jax.train.state import model_config
     mcfg = model_config(config)
     kw = dict(dtype=llm_cfg.compute_dtype, param_dtype=llm_cfg.weight_dtype)  # (Rngs made inside the trace)
     make = {"cell_embedding": lambda: CellEmbedding(mcfg.cell_table_side, llm_cfg.d_model, rngs=nnx.Rngs(0), **kw),
             "neighbour_codes": lambda: NeighbourCodeEmbedding(vocab.semantic_codes, vocab.pixel_codes, llm_cfg.d_model,
-                                                              rngs=nnx.Rngs(0), **kw)}[option]
+                                                              rngs=nnx.Rngs(0), **kw),
+            "parent_codes": lambda: ParentCodeEmbedding(vocab.semantic_codes, llm_cfg.d_model,
+                                                        pixel_stride=mcfg.tokenizer.downsample,
+                                                        semantic_stride=mcfg.tokenizer.semantic_factor,
+                                                        rngs=nnx.Rngs(0), **kw)}[option]
     with sharding.use_mesh(mesh):
         module = nnx.eval_shape(make)
         graph, params = nnx.split(module, nnx.Param)

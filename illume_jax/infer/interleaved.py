@@ -117,7 +117,8 @@ class RowState:
     may_image: jax.Array      # bool: the row may open an image (False for understanding)
     stop_at_eoi: jax.Array    # bool: the row is finished once its image is closed
     # [B, 2, S] int32 or None: the codes each row has drawn, by level and raster cell (row * w + col),
-    # for `next_neighbour_codes`; `generate` adds it for a model with `neighbour_codes`.
+    # for `next_neighbour_codes` / `next_parent_code`; `generate` adds it for a model with `neighbour_codes`
+    # or `parent_codes`.
     codes: jax.Array | None = None
 
     @classmethod
@@ -343,6 +344,24 @@ def next_neighbour_codes(state: RowState) -> tuple[jax.Array, jax.Array, jax.Arr
     return level, codes, valid
 
 
+def next_parent_code(state: RowState, pixel_stride: int, semantic_stride: int) -> tuple[jax.Array, jax.Array]:
+    """(code [B], valid [B]): for rows whose next code is a pixel code, the semantic code they drew over
+    that cell (`mllm.parent_cell`, from `state.codes`), as `mllm.parent_code_targets` reads it off a
+    training sequence."""
+    from illume_jax.models.mllm import parent_cell
+    if state.codes is None:
+        raise ValueError("next_parent_code: the row state has no code buffer (RowState.codes); "
+                         "`generate` adds one for a model with parent_codes")
+    level, row, col = next_cell(state)
+    h1, w1 = state.grids[:, 0], state.grids[:, 1]
+    pr, pc = parent_cell(row, col, h1, w1, pixel_stride, semantic_stride)
+    S = state.codes.shape[2]
+    at = pr * w1 + pc
+    valid = (level == 1) & (at < S)
+    code = jnp.take_along_axis(state.codes[:, 0], jnp.clip(at, 0, S - 1)[:, None], axis=1)[:, 0]
+    return jnp.where(valid, code, 0), valid
+
+
 def code_heads(llm, vocab: ImageVocab) -> tuple[jax.Array, jax.Array]:
     """The head rows of the level-0 and level-1 code ranges, sliced once per generation call
     (slicing inside each step copies the table: more than the whole head's matmul on CPU)."""
@@ -382,14 +401,15 @@ def next_tokens_from_hidden(llm, hidden: jax.Array, state: RowState, sampling: S
 
 def decode_step(llm, hidden: jax.Array, state: RowState, positions: jax.Array, cache, rng: jax.Array, *,
                 vocab: ImageVocab, sampling: Sampling, eos_id: int, pad_id: int = 0, heads=None, layers=None,
-                cell_embed=None, neighbour_embed=None):
+                cell_embed=None, neighbour_embed=None, parent_embed=None):
     """One token for every row: sample from the last hidden states [R,D] (R = B or 2B with CFG),
     advance the row states, feed the token to all R rows (each CFG pair gets the conditional
     row's token) and run the model one step. -> (tokens [B], state, hidden [R,D], cache).
     `cache` is a `KVCache` (scanned layers) or, with `layers` from `llm.unstacked_layers()`, a
     `LayerKVCache`. `cell_embed`: the MLLM's `CellEmbedding` when it has one (the fed token then
     carries the cell its row draws next). `neighbour_embed`: its `NeighbourCodeEmbedding` (the fed
-    token then carries the codes drawn above that cell; `state.codes` must be set). The body of
+    token then carries the codes drawn above that cell; `state.codes` must be set). `parent_embed`: its
+    `ParentCodeEmbedding` (a token before a pixel code carries the semantic code over it). The body of
     `generate`'s loop; `aot` compiles it for TPU topologies."""
     R, B = hidden.shape[0], state.phase.shape[0]
     tok = next_tokens_from_hidden(llm, hidden, state, sampling, rng, vocab, eos_id, pad_id, heads)
@@ -401,6 +421,9 @@ def decode_step(llm, hidden: jax.Array, state: RowState, positions: jax.Array, c
         extra.append(cell_embed(*(rows(a) for a in next_cell(state))))
     if neighbour_embed is not None:
         extra.append(neighbour_embed(*(rows(a) for a in next_neighbour_codes(state))))
+    if parent_embed is not None:
+        parent = next_parent_code(state, parent_embed.pixel_stride, parent_embed.semantic_stride)
+        extra.append(parent_embed(*(rows(a) for a in parent)))
     if extra:
         embeds, fed = llm.embed_tokens(fed) + sum(extra), None
     out, cache = llm.decode(fed, cache, positions=positions[:, None], inputs_embeds=embeds,
@@ -455,7 +478,7 @@ def generate(model, prompts: Prompts, state: RowState, rng: jax.Array, *, vocab:
     B = state.phase.shape[0]
     if R not in (B, 2 * B):
         raise ValueError(f"prompts: {R} rows for {B} outputs; expected {B} (no CFG) or {2 * B} (CFG)")
-    if model.cfg.neighbour_codes and state.codes is None:  # room for every code the loop can draw
+    if (model.cfg.neighbour_codes or model.cfg.parent_codes) and state.codes is None:  # room for every code drawn
         state = state.replace(codes=jnp.zeros((B, 2, max_new_tokens), jnp.int32))
     hidden, cache, positions = _prefill(model, prompts, P + max_new_tokens)
     next_pos = positions[:, -1] + 1
@@ -473,7 +496,8 @@ def generate(model, prompts: Prompts, state: RowState, rng: jax.Array, *, vocab:
                                                   heads=heads, layers=layers,
                                                   cell_embed=model.cell_embed if model.cfg.cell_embedding else None,
                                                   neighbour_embed=(model.neighbour_embed if model.cfg.neighbour_codes
-                                                                   else None))
+                                                                   else None),
+                                                  parent_embed=model.parent_embed if model.cfg.parent_codes else None)
         out = out.at[:, i].set(tok)
         return i + 1, step_hidden, pos + 1, out, cache, st
 

@@ -57,7 +57,8 @@ def model_config(config: Any):
     return MLLMConfig.create(config.model, tok_model, vit_trainable_from=int(v.get("vit_trainable_from", 0)),
                              projector_window=int(v.get("projector_window", 1)),
                              cell_embedding=bool(v.get("cell_embedding", False)),
-                             neighbour_codes=bool(v.get("neighbour_codes", False)), tag_step=int(v.get("tag_step", 64)),
+                             neighbour_codes=bool(v.get("neighbour_codes", False)),
+                             parent_codes=bool(v.get("parent_codes", False)), tag_step=int(v.get("tag_step", 64)),
                              max_side=int(v.get("max_side", 1024)))
 
 

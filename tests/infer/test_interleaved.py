@@ -303,45 +303,53 @@ def tiny_cells():
 
 @pytest.fixture(scope="module")
 def tiny_neighbours():
-    """`tiny` with both not-official embeddings: the cell's vectors and the codes drawn above it.
-    Generation reads the codes from its per-row buffer, the eager reference from the whole sequence
-    (`neighbour_code_targets`), as training does."""
+    """`tiny` with the not-official embeddings: the cell's vectors, the codes drawn above it and the
+    semantic code over it. Generation reads the codes from its per-row buffer, the eager reference from
+    the whole sequence (`neighbour_code_targets`, `parent_code_targets`), as training does."""
     tok = dualvitok_config.model_config("tiny")
     rows = 40 + 7 + 32 + tok.semantic_codes + tok.pixel_codes + 3
     cfg = mllm.MLLMConfig.create(common.llm_config(text_vocab_size=40, vocab_size=rows, d_model=32, num_heads=2,
                                                    num_kv_heads=1, mlp_dim=64), tok, cell_embedding=True,
-                                 neighbour_codes=True)
+                                 neighbour_codes=True, parent_codes=True)
     model = mllm.create_mllm(cfg, seed=3)
     model.cell_embed.rows[...] = model.cell_embed.rows[...] * 50
     model.cell_embed.cols[...] = model.cell_embed.cols[...] * 50
     # Zero at initialisation; large random vectors, so a code read wrongly anywhere changes the samples.
-    k = jax.random.split(jax.random.key(0))
+    k = jax.random.split(jax.random.key(0), 3)
     model.neighbour_embed.level0[...] = 3 * jax.random.normal(k[0], model.neighbour_embed.level0.shape)
     model.neighbour_embed.level1[...] = 3 * jax.random.normal(k[1], model.neighbour_embed.level1.shape)
+    model.parent_embed.table[...] = 3 * jax.random.normal(k[2], model.parent_embed.table.shape)
     return cfg, model
 
 
-def test_generation_reads_the_codes_above_as_training_does():
+def test_generation_reads_the_codes_above_and_over_as_training_does():
     """Feeding a drawn block token by token through `advance` (with a code buffer), the codes
-    `next_neighbour_codes` gives at each step are those `neighbour_code_targets` reads off the same
-    block at the position just fed; without a buffer it says what is missing."""
+    `next_neighbour_codes` and `next_parent_code` give at each step are those `neighbour_code_targets`
+    and `parent_code_targets` read off the same block at the position just fed; without a buffer they
+    say what is missing."""
     vocab = mllm.ImageVocab(first_id=40, semantic_codes=16, pixel_codes=24)
     rng = np.random.default_rng(2)
-    for grids in (((2, 3), (4, 5)), ((3, 2), (5, 4))):
+    for grids, strides in ((((2, 3), (4, 5)), (4, 8)), (((3, 2), (5, 4)), (4, 8)), (((2, 2), (8, 8)), (2, 8))):
         t = mllm.block_template(grids, vocab, continuous=False)
         block = mllm.block_ids(t, rng.integers(0, 16, grids[0]), rng.integers(0, 24, grids[1]), vocab)
         level, codes, valid = (np.asarray(a)[0] for a in mllm.neighbour_code_targets(
             jnp.asarray(block[None]), jnp.asarray(t.slots[None]), vocab))
+        parent, parent_ok = (np.asarray(a)[0] for a in mllm.parent_code_targets(
+            jnp.asarray(block[None]), jnp.asarray(t.slots[None]), vocab, *strides))
         st = il.RowState.start([[*grids[0], *grids[1]]], True, True, phase=il.EXPECT_SOL0)
         with pytest.raises(ValueError, match="no code buffer"):
             il.next_neighbour_codes(st)
-        st = st.replace(codes=jnp.zeros((1, 2, 32), jnp.int32))
+        with pytest.raises(ValueError, match="no code buffer"):
+            il.next_parent_code(st, *strides)
+        st = st.replace(codes=jnp.zeros((1, 2, 64), jnp.int32))   # room for the largest level (8 x 8)
         for p in range(1, len(block) - 1):    # block[0] is the prompt's <start_of_image>
             st = il.advance(st, jnp.asarray(block[p:p + 1]), vocab, EOS)
             lv, c, ok = (np.asarray(a)[0] for a in il.next_neighbour_codes(st))
             assert lv == level[p], f"{grids} position {p}"
             np.testing.assert_array_equal(ok, valid[p], err_msg=f"{grids} position {p}")
             np.testing.assert_array_equal(np.where(ok, c, 0), codes[p], err_msg=f"{grids} position {p}")
+            pc, pok = (np.asarray(a)[0] for a in il.next_parent_code(st, *strides))
+            assert pok == parent_ok[p] and pc == parent[p], f"{grids} position {p}"
 
 
 @pytest.mark.parametrize("which", ["tiny", "tiny_cells", "tiny_neighbours"])

@@ -274,6 +274,60 @@ def test_neighbour_code_embedding_adds_the_vectors_of_the_codes_above():
         np.testing.assert_allclose(x[0, p] - plain[0, p], want, atol=1e-5, err_msg=f"position {p}")
 
 
+@pytest.mark.parametrize("grids,strides", [(((2, 3), (4, 5)), (4, 8)), (((2, 2), (8, 8)), (2, 8))])
+def test_parent_code_targets_are_the_semantic_code_over_the_cell(grids, strides):
+    """At the position that predicts pixel code (r, c): the semantic code the block drew at
+    (r * pixel_stride // semantic_stride, c * ...), clipped to its grid; nothing anywhere else (semantic
+    codes, text, an edit's continuous source)."""
+    v = _tiny_neighbour_cfg().vocab
+    rng = np.random.default_rng(1)
+    t_in = mllm.block_template(grids, v, continuous=True)
+    t_out = mllm.block_template(grids, v, continuous=False)
+    sem = rng.integers(0, v.semantic_codes, grids[0])
+    pix = rng.integers(0, v.pixel_codes, grids[1])
+    tokens = np.concatenate([[5, 6], t_in.ids.clip(0), [7], mllm.block_ids(t_out, sem, pix, v)])
+    slots = np.concatenate([[0, 0], t_in.slots, [0], t_out.slots])
+    out_at = 2 + len(t_in.ids) + 1
+    code, valid = (np.asarray(a)[0] for a in mllm.parent_code_targets(
+        jnp.asarray(tokens[None]), jnp.asarray(slots[None]), v, *strides))
+    ps, ss = strides
+    for p in range(len(tokens)):
+        if p + 1 < len(slots) and slots[p + 1] == mllm.SLOT_PIX_OUT:
+            r, c = divmod(int(t_out.cells[p + 1 - out_at]), grids[1][1])
+            want = sem[min(r * ps // ss, grids[0][0] - 1), min(c * ps // ss, grids[0][1] - 1)]
+            assert valid[p] and code[p] == want, f"position {p}"
+        else:
+            assert not valid[p], f"position {p}"
+    assert valid.sum() == pix.size
+
+
+def test_parent_code_embedding_adds_the_vector_of_the_semantic_code_over_the_cell():
+    with pytest.raises(ValueError, match="parent_codes"):
+        _tiny_neighbour_cfg(parent_codes=1)
+    assert not hasattr(mllm.create_mllm(_tiny_neighbour_cfg()), "parent_embed")  # official: no such param
+    cfg = _tiny_neighbour_cfg(parent_codes=True)
+    model = mllm.create_mllm(cfg, seed=2)
+    pe = model.parent_embed
+    assert not np.asarray(pe.table[...]).any()     # zero at first: a fork starts unchanged
+    assert (pe.pixel_stride, pe.semantic_stride) == (cfg.tokenizer.downsample, cfg.tokenizer.semantic_factor)
+    pe.table[...] = jax.random.normal(jax.random.key(4), pe.table.shape)
+    grids = cfg.grids(32, 32)
+    t = mllm.block_template(grids, cfg.vocab, continuous=False)
+    rng = np.random.default_rng(5)
+    tokens = np.concatenate([[1, 2], mllm.block_ids(t, rng.integers(0, 9, grids[0]), rng.integers(0, 9, grids[1]),
+                                                    cfg.vocab)])[None]
+    slots = np.concatenate([[0, 0], t.slots])[None]
+    x = np.asarray(model.embed(jnp.asarray(tokens), jnp.asarray(slots)))
+    plain = np.asarray(model.llm.embed_tokens(jnp.asarray(tokens)))
+    code, valid = (np.asarray(a)[0] for a in mllm.parent_code_targets(
+        jnp.asarray(tokens), jnp.asarray(slots), cfg.vocab, pe.pixel_stride, pe.semantic_stride))
+    table = np.asarray(pe.table[...])
+    assert valid.sum() == grids[1][0] * grids[1][1]
+    for p in range(tokens.shape[1]):
+        want = table[code[p]] if valid[p] else np.zeros(32)
+        np.testing.assert_allclose(x[0, p] - plain[0, p], want, atol=1e-5, err_msg=f"position {p}")
+
+
 def test_embed_splices_projected_features_at_the_slots(tiny_model):
     cfg, model = tiny_model
     grids = cfg.grids(32, 32)
