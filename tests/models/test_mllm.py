@@ -210,21 +210,27 @@ def _tiny_neighbour_cfg(**kw):
     return mllm.MLLMConfig.create(llm, tok, **kw)
 
 
+def _edit_row(grids, v, seed):
+    """A training row that reads an image and draws one: text, a continuous block, text, a drawn block
+    of random codes. -> (tokens, slots, where the drawn block starts, its semantic and pixel codes)."""
+    rng = np.random.default_rng(seed)
+    t_in = mllm.block_template(grids, v, continuous=True)
+    t_out = mllm.block_template(grids, v, continuous=False)
+    sem = rng.integers(0, v.semantic_codes, grids[0])
+    pix = rng.integers(0, v.pixel_codes, grids[1])
+    tokens = np.concatenate([[5, 6], t_in.ids.clip(0), [7], mllm.block_ids(t_out, sem, pix, v)])
+    slots = np.concatenate([[0, 0], t_in.slots, [0], t_out.slots])
+    return tokens, slots, 2 + len(t_in.ids) + 1, sem, pix
+
+
 @pytest.mark.parametrize("grids", [((2, 3), (4, 5)), ((3, 3), (6, 6))])
 def test_neighbour_code_targets_are_the_codes_drawn_above(grids):
     """At the position that predicts code (r, c) of a level: that level's codes at (r-1, c-1..c+1),
     valid only on the grid and below the first row; nothing at text, structure or continuous positions.
     Checked against the codes' own grids, after a text prefix and an image read first (an edit row)."""
     v = _tiny_neighbour_cfg().vocab
-    rng = np.random.default_rng(0)
-    t_in = mllm.block_template(grids, v, continuous=True)
+    tokens, slots, out_at, sem, pix = _edit_row(grids, v, 0)
     t_out = mllm.block_template(grids, v, continuous=False)
-    sem = rng.integers(0, v.semantic_codes, grids[0])
-    pix = rng.integers(0, v.pixel_codes, grids[1])
-    head = [5, 6]
-    tokens = np.concatenate([head, t_in.ids.clip(0), [7], mllm.block_ids(t_out, sem, pix, v)])
-    slots = np.concatenate([[0, 0], t_in.slots, [0], t_out.slots])
-    out_at = len(head) + len(t_in.ids) + 1           # where the drawn block starts
     level, codes, valid = (np.asarray(a)[0] for a in mllm.neighbour_code_targets(
         jnp.asarray(tokens[None]), jnp.asarray(slots[None]), v))
     drawn = 0
@@ -280,14 +286,8 @@ def test_parent_code_targets_are_the_semantic_code_over_the_cell(grids, strides)
     (r * pixel_stride // semantic_stride, c * ...), clipped to its grid; nothing anywhere else (semantic
     codes, text, an edit's continuous source)."""
     v = _tiny_neighbour_cfg().vocab
-    rng = np.random.default_rng(1)
-    t_in = mllm.block_template(grids, v, continuous=True)
+    tokens, slots, out_at, sem, pix = _edit_row(grids, v, 1)
     t_out = mllm.block_template(grids, v, continuous=False)
-    sem = rng.integers(0, v.semantic_codes, grids[0])
-    pix = rng.integers(0, v.pixel_codes, grids[1])
-    tokens = np.concatenate([[5, 6], t_in.ids.clip(0), [7], mllm.block_ids(t_out, sem, pix, v)])
-    slots = np.concatenate([[0, 0], t_in.slots, [0], t_out.slots])
-    out_at = 2 + len(t_in.ids) + 1
     code, valid = (np.asarray(a)[0] for a in mllm.parent_code_targets(
         jnp.asarray(tokens[None]), jnp.asarray(slots[None]), v, *strides))
     ps, ss = strides
