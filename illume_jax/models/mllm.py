@@ -369,6 +369,16 @@ def cell_coordinates(slots: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]
     return level, jnp.where(is_cell, row, 0), jnp.where(is_cell, col, 0)
 
 
+def _ahead(a: jax.Array, fill) -> jax.Array:
+    """[B,T] -> each position's next value along T (`fill` past the end)."""
+    return jnp.concatenate([a[:, 1:], jnp.full_like(a[:, :1], fill)], axis=1)
+
+
+def _take(a: jax.Array, i: jax.Array) -> jax.Array:
+    """a[b, i[b, t]] with the indices clipped into [0, T)."""
+    return jnp.take_along_axis(a, jnp.clip(i, 0, a.shape[1] - 1), axis=1)
+
+
 def cell_embedding_targets(slots: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """slots [B,T] -> (level, row, col) [B,T] that `CellEmbedding` adds at each position: a continuous
     input cell's own coordinates, and at the position that predicts a discrete code, the coordinates
@@ -376,11 +386,10 @@ def cell_embedding_targets(slots: jax.Array) -> tuple[jax.Array, jax.Array, jax.
     same from its per-row counters (infer/interleaved.py `next_cell`). One table for both, so a cell
     being drawn and the same cell of an edit's source image carry the same vector."""
     level, row, col = cell_coordinates(slots)
-    ahead = lambda a, fill: jnp.concatenate([a[:, 1:], jnp.full_like(a[:, :1], fill)], axis=1)  # noqa: E731
-    nxt = ahead(slots, SLOT_TEXT)
+    nxt = _ahead(slots, SLOT_TEXT)
     draws = (nxt == SLOT_SEM_OUT) | (nxt == SLOT_PIX_OUT)
     reads = (slots == SLOT_SEM_IN) | (slots == SLOT_PIX_IN)
-    pick = lambda own, fill: jnp.where(reads, own, jnp.where(draws, ahead(own, fill), fill))  # noqa: E731
+    pick = lambda own, fill: jnp.where(reads, own, jnp.where(draws, _ahead(own, fill), fill))  # noqa: E731
     return pick(level, -1), pick(row, 0), pick(col, 0)
 
 
@@ -421,21 +430,19 @@ def neighbour_code_targets(tokens: jax.Array, slots: jax.Array, vocab: ImageVoca
     sits w + 1 positions before it, and the row above ends 2 + c positions before it."""
     B, T = slots.shape
     level, row, col = cell_coordinates(slots)
-    ahead = lambda a, fill: jnp.concatenate([a[:, 1:], jnp.full_like(a[:, :1], fill)], axis=1)  # noqa: E731
-    take = lambda a, i: jnp.take_along_axis(a, jnp.clip(i, 0, T - 1), axis=1)  # noqa: E731
-    nxt = ahead(slots, SLOT_TEXT)
+    nxt = _ahead(slots, SLOT_TEXT)
     draws = (nxt == SLOT_SEM_OUT) | (nxt == SLOT_PIX_OUT)
-    lv, r, c = ahead(level, -1), ahead(row, 0), ahead(col, 0)
+    lv, r, c = _ahead(level, -1), _ahead(row, 0), _ahead(col, 0)
     q = jnp.arange(T, dtype=jnp.int32)[None, :] + 1            # the position of the code drawn next
     last_above = q - c - 2                                      # the last cell of the row above
-    w = take(col, last_above) + 1
-    row_ok = draws & (r >= 1) & (last_above >= 0) & (take(slots, last_above) == nxt)
+    w = _take(col, last_above) + 1
+    row_ok = draws & (r >= 1) & (last_above >= 0) & (_take(slots, last_above) == nxt)
     offsets = jnp.asarray(NEIGHBOUR_OFFSETS, jnp.int32)
     pos = (q - 1 - w)[..., None] + offsets                      # [B,T,3]
     cc = c[..., None] + offsets
     valid = row_ok[..., None] & (cc >= 0) & (cc < w[..., None])
     flat = lambda a: a.reshape(B, -1)  # noqa: E731
-    ids = take(tokens, flat(pos)).reshape(pos.shape)
+    ids = _take(tokens, flat(pos)).reshape(pos.shape)
     start = jnp.where(lv == 0, vocab.level0_start, vocab.level1_start)
     codes = jnp.where(valid, ids - start[..., None], 0)
     return jnp.where(draws, lv, -1), codes.astype(jnp.int32), valid
@@ -484,17 +491,15 @@ def parent_code_targets(tokens: jax.Array, slots: jax.Array, vocab: ImageVocab, 
     EOL) is complete before its level 1 begins."""
     B, T = slots.shape
     level, row, col = cell_coordinates(slots)
-    ahead = lambda a, fill: jnp.concatenate([a[:, 1:], jnp.full_like(a[:, :1], fill)], axis=1)  # noqa: E731
-    take = lambda a, i: jnp.take_along_axis(a, jnp.clip(i, 0, T - 1), axis=1)  # noqa: E731
     idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     is0 = slots == SLOT_SEM_OUT
     first0 = jax.lax.cummax(jnp.where(is0 & (row == 0) & (col == 0), idx, -1), axis=1)  # this block's (0, 0)
     last0 = jax.lax.cummax(jnp.where(is0, idx, -1), axis=1)                             # its last semantic cell
-    h1, w1 = take(row, last0) + 1, take(col, last0) + 1
-    pr, pc = parent_cell(ahead(row, 0), ahead(col, 0), h1, w1, pixel_stride, semantic_stride)
+    h1, w1 = _take(row, last0) + 1, _take(col, last0) + 1
+    pr, pc = parent_cell(_ahead(row, 0), _ahead(col, 0), h1, w1, pixel_stride, semantic_stride)
     at = first0 + pr * (w1 + 1) + pc
-    valid = (ahead(slots, SLOT_TEXT) == SLOT_PIX_OUT) & (first0 >= 0) & (take(slots, at) == SLOT_SEM_OUT)
-    return jnp.where(valid, take(tokens, at) - vocab.level0_start, 0).astype(jnp.int32), valid
+    valid = (_ahead(slots, SLOT_TEXT) == SLOT_PIX_OUT) & (first0 >= 0) & (_take(slots, at) == SLOT_SEM_OUT)
+    return jnp.where(valid, _take(tokens, at) - vocab.level0_start, 0).astype(jnp.int32), valid
 
 
 class ParentCodeEmbedding(nnx.Module):
