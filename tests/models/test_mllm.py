@@ -252,6 +252,17 @@ def test_neighbour_code_targets_are_the_codes_drawn_above(grids):
     assert drawn == sem.size + pix.size
 
 
+def _drawn_row(cfg, seed):
+    """[1,T] tokens / slots / cells of a text-to-image row: two text ids, then a drawn 32x32 block of
+    random codes (from the first 9 of each codebook, so codes repeat)."""
+    grids = cfg.grids(32, 32)
+    t = mllm.block_template(grids, cfg.vocab, continuous=False)
+    rng = np.random.default_rng(seed)
+    block = mllm.block_ids(t, rng.integers(0, 9, grids[0]), rng.integers(0, 9, grids[1]), cfg.vocab)
+    return (np.concatenate([[1, 2], block])[None], np.concatenate([[0, 0], t.slots])[None],
+            np.concatenate([[0, 0], t.cells])[None])
+
+
 def test_neighbour_code_embedding_adds_the_vectors_of_the_codes_above():
     cfg = _tiny_neighbour_cfg(neighbour_codes=True)
     with pytest.raises(ValueError, match="neighbour_codes"):
@@ -262,13 +273,7 @@ def test_neighbour_code_embedding_adds_the_vectors_of_the_codes_above():
     k = jax.random.split(jax.random.key(1))
     model.neighbour_embed.level0[...] = jax.random.normal(k[0], model.neighbour_embed.level0.shape)
     model.neighbour_embed.level1[...] = jax.random.normal(k[1], model.neighbour_embed.level1.shape)
-    grids = cfg.grids(32, 32)
-    t = mllm.block_template(grids, cfg.vocab, continuous=False)
-    rng = np.random.default_rng(3)
-    tokens = np.concatenate([[1, 2], mllm.block_ids(t, rng.integers(0, 9, grids[0]), rng.integers(0, 9, grids[1]),
-                                                    cfg.vocab)])[None]
-    slots = np.concatenate([[0, 0], t.slots])[None]
-    cells = np.concatenate([[0, 0], t.cells])[None]
+    tokens, slots, cells = _drawn_row(cfg, 3)
     x = np.asarray(model.embed(jnp.asarray(tokens), jnp.asarray(slots), jnp.asarray(cells)))
     plain = np.asarray(model.llm.embed_tokens(jnp.asarray(tokens)))
     tables = [np.asarray(model.neighbour_embed.level0[...]), np.asarray(model.neighbour_embed.level1[...])]
@@ -312,11 +317,7 @@ def test_parent_code_embedding_adds_the_vector_of_the_semantic_code_over_the_cel
     assert (pe.pixel_stride, pe.semantic_stride) == (cfg.tokenizer.downsample, cfg.tokenizer.semantic_factor)
     pe.table[...] = jax.random.normal(jax.random.key(4), pe.table.shape)
     grids = cfg.grids(32, 32)
-    t = mllm.block_template(grids, cfg.vocab, continuous=False)
-    rng = np.random.default_rng(5)
-    tokens = np.concatenate([[1, 2], mllm.block_ids(t, rng.integers(0, 9, grids[0]), rng.integers(0, 9, grids[1]),
-                                                    cfg.vocab)])[None]
-    slots = np.concatenate([[0, 0], t.slots])[None]
+    tokens, slots, _ = _drawn_row(cfg, 5)
     x = np.asarray(model.embed(jnp.asarray(tokens), jnp.asarray(slots)))
     plain = np.asarray(model.llm.embed_tokens(jnp.asarray(tokens)))
     code, valid = (np.asarray(a)[0] for a in mllm.parent_code_targets(
