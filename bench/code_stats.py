@@ -121,19 +121,15 @@ def code_stats(model, *, scenes: int = 128, prompts: int = 48, seed: int = 0, sp
         s, p = model.vision_tokenizer.encode(jnp.asarray(model._image_batch(imgs)[:, 0]))
         return [images_lib.to_uint8(x) for x in np.asarray(model._decode(model.vision_tokenizer, s, p))]
 
-    from illume_jax.eval import shapecomp_scorer
-    pairs = [shapecomp.edit_pair(level, split, i) for i in range(edit_pairs)]
-    targets = round_trip([shapecomp.render(p.after) for p in pairs])
-    edit_ok = [shapecomp_scorer.grade_edit(img, p.before, p.after, p.edited, p.untouched,
-                                           rotated=shapecomp.get_level(level).rotation)["instruction"]
-               for p, img in zip(pairs, targets)]
+    edit = recon.edit_ceiling(round_trip, levels=(level,), split=split, pairs=edit_pairs)
     return dict(
         real=levels(sem, pix), generated=levels(gen0, gen1), generated_images=len(parsed),
         object_cells=dict(semantic=float(obj0.mean()), pixel=float(obj1.mean())),
         background_codes=dict(semantic=int(bg0.sum()), pixel=int(bg1.sum())),
         decoder_agreement=dict(both=agreement(sem, pix), semantic_only=agreement(sem, np.full_like(pix, blank1)),
                                pixel_only=agreement(np.full_like(sem, blank0), pix)),
-        edit_ceiling=dict(success=float(np.mean(edit_ok)), pairs=len(pairs)))
+        edit_ceiling=dict(success=edit["edit_ceiling"], pairs=edit["edit_pairs"],
+                          per_op={k[len("edit_ceiling_"):]: v for k, v in edit.items() if k.startswith("edit_ceiling_")}))
 
 
 def main() -> None:

@@ -181,4 +181,7 @@ def tokenizer_train_config(*, steps: int, batch_size: int, lr: float, trainable,
         dead_code_until=0,       # last step that restarts (0 = train.steps)
         eval_every=0,            # validation during training (0: only at the end)
         eval_images=512,
+        # ShapeComp: the editing suite's held-out pairs per level whose targets are round-tripped and
+        # graded as edits (`edit_ceiling`: what a perfect editor of these codes would score; 0: skip).
+        eval_edit_pairs=48,
     ))

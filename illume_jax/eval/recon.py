@@ -100,3 +100,27 @@ def scorer_agreement(originals: Sequence[np.ndarray], reconstructions: Sequence[
         raise ValueError(f"scorer_agreement: got {len(originals)} originals and {len(reconstructions)} "
                          "reconstructions; expected the same non-zero number")
     return float(np.mean([same_reading(a, b, **kw) for a, b in zip(originals, reconstructions)]))
+
+
+def edit_ceiling(round_trip, *, levels: Sequence[int] = (1,), split: str = "test", pairs: int = 48) -> dict:
+    """The editing suite's success on its own targets after a tokenizer round trip: what a perfect
+    editor of a tokenizer's codes would score (`eval` grades edits the same way, on the same
+    held-out pairs of each level). round_trip(list of uint8 [H, W, 3]) -> the decoded images, same
+    sizes. {'edit_ceiling': success over all pairs, 'edit_ceiling_<op>': per operation, 'edit_pairs'}."""
+    from illume_jax.data import shapecomp
+    if pairs <= 0:
+        raise ValueError(f"edit_ceiling: pairs={pairs}; expected a positive number of edit pairs per level")
+    per_op: dict[str, list[bool]] = {}
+    for level in levels:
+        edit_pairs = [shapecomp.edit_pair(int(level), split, i) for i in range(pairs)]
+        targets = [shapecomp.render(p.after) for p in edit_pairs]
+        decoded = round_trip(targets)
+        if len(decoded) != len(targets):
+            raise ValueError(f"edit_ceiling: round_trip returned {len(decoded)} images for {len(targets)}")
+        rotated = shapecomp.get_level(int(level)).rotation
+        for p, img in zip(edit_pairs, decoded):
+            g = scorer.grade_edit(np.asarray(img), p.before, p.after, p.edited, p.untouched, rotated=rotated)
+            per_op.setdefault(p.op, []).append(bool(g["instruction"]))
+    every = [x for v in per_op.values() for x in v]
+    return dict(edit_ceiling=float(np.mean(every)), edit_pairs=len(every),
+                **{f"edit_ceiling_{op}": float(np.mean(v)) for op, v in sorted(per_op.items())})

@@ -505,9 +505,11 @@ class TokenizerTrainer:
         return self._forward(state.params, state.buffers, jnp.asarray(images))
 
     def evaluate(self, state: TokenizerState, num: int | None = None, batch: int = 64, *,
-                 unquantized: bool = False) -> dict:
+                 unquantized: bool = False, edit_pairs: int | None = None) -> dict:
         """Validation: PSNR, SSIM, codebook usage / perplexity over all codes produced, and on
-        ShapeComp the scorer agreement between originals and reconstructions (tokenizer ceiling).
+        ShapeComp the scorer agreement between originals and reconstructions (tokenizer ceiling)
+        and the editing ceiling on `edit_pairs` held-out pairs per level (default
+        config.train.eval_edit_pairs; `recon.edit_ceiling`).
         `unquantized`: also the same figures for images decoded with the quantisers bypassed
         (`unquantized_*`): if they are no better, the encoder/decoder limit the ceiling, not the
         codebooks."""
@@ -559,6 +561,23 @@ class TokenizerTrainer:
                 out[f"{prefix}tokenizer_ceiling"] = ceiling
                 # Why the rest fail (count / color / shape / offset): where a tokenizer needs work.
                 out.update({f"{prefix}ceiling_miss_{r}": v for r, v in misses.items()})
+        edit_pairs = c.train.get("eval_edit_pairs", 0) if edit_pairs is None else edit_pairs
+        if c.data.source == "shapecomp" and recons and edit_pairs > 0:
+            out.update(recon_lib.edit_ceiling(lambda imgs: self._round_trip(state, imgs, min(batch, n)),
+                                              levels=c.data.levels, pairs=edit_pairs))
+        return out
+
+    def _round_trip(self, state: TokenizerState, images: list, batch: int) -> list:
+        """uint8 images -> their reconstructions (uint8, each at its own size), `batch` at a time,
+        padded to `batch` (the validation loop's shape: nothing new to compile)."""
+        res = self.config.data.resolution
+        out = []
+        for start in range(0, len(images), batch):
+            chunk = images[start:start + batch]
+            x = np.stack([images_lib.to_model_range(images_lib.fit_resolution(i, res)) for i in chunk])
+            x = np.concatenate([x, np.repeat(x[-1:], batch - len(x), 0)])
+            rec = images_lib.to_uint8(np.asarray(self.reconstruct(state, x)[0])[:len(chunk)])
+            out += [r if r.shape == i.shape else images_lib.fit_resolution(r, i.shape[0]) for r, i in zip(rec, chunk)]
         return out
 
 

@@ -57,3 +57,24 @@ def test_agreement_tolerates_small_noise():
 def test_mismatched_lengths_are_an_error():
     with pytest.raises(ValueError, match="same non-zero number"):
         recon.scorer_agreement([_scene_image(0)], [])
+
+
+def test_edit_ceiling_grades_the_round_tripped_targets_as_the_editing_suite_does():
+    # A lossless round trip is a perfect editor; a blank canvas or a mirrored target follows no instruction.
+    exact = recon.edit_ceiling(lambda imgs: imgs, pairs=24)
+    assert exact["edit_ceiling"] == 1.0 and exact["edit_pairs"] == 24
+    ops = {shapecomp.edit_pair(1, "test", i).op for i in range(24)}
+    assert {k for k in exact if k.startswith("edit_ceiling_")} == {f"edit_ceiling_{op}" for op in ops}
+    blank = recon.edit_ceiling(lambda imgs: [np.full_like(i, i[0, 0]) for i in imgs], pairs=24)
+    assert blank["edit_ceiling"] == 0.0
+    mirrored = recon.edit_ceiling(lambda imgs: [i[:, ::-1] for i in imgs], pairs=24)
+    assert mirrored["edit_ceiling"] < 0.5
+    # Two levels: each level's own pairs, counted together.
+    assert recon.edit_ceiling(lambda imgs: imgs, levels=(1, 2), pairs=3)["edit_pairs"] == 6
+
+
+def test_edit_ceiling_refuses_no_pairs_and_a_lossy_count():
+    with pytest.raises(ValueError, match="pairs=0"):
+        recon.edit_ceiling(lambda imgs: imgs, pairs=0)
+    with pytest.raises(ValueError, match="returned 1 images for 2"):
+        recon.edit_ceiling(lambda imgs: imgs[:1], pairs=2)

@@ -16,7 +16,7 @@ from illume_jax.train import tokenizer as tok
 
 
 def micro_dualvitok(supervision="semantic", **train):
-    train = dict(dict(disc_start=2, disc_ndf=4, eval_images=8), **train)
+    train = dict(dict(disc_start=2, disc_ndf=4, eval_images=8, eval_edit_pairs=4), **train)
     c = dualvitok_config.get_config(f"size=tiny,steps=4,batch=8,pretrain_steps=2,supervision={supervision}")
     c.model.vit.update(depth=1, embed_dim=16, num_heads=2, hidden_size=32)
     c.model.update(semantic_dim=16, semantic_blocks=1, semantic_heads=2, semantic_mlp_dim=32,
@@ -107,6 +107,8 @@ def test_dualvitok_training_resumes_exactly(tmp_path):
     for key in ("semantic_usage", "pixel_usage", "val_psnr", "val_ssim", "tokenizer_ceiling"):
         assert key in row, row.keys()
     assert 0 <= row["tokenizer_ceiling"] <= 1 and 0 < row["pixel_usage"] <= 1
+    # ... and the editing ceiling: the held-out edit targets round-tripped and graded as edits.
+    assert row["edit_pairs"] == 4 and 0 <= row["edit_ceiling"] <= 1
     # ... and the codes of object and of background cells apart: every used code is one or the other.
     for book, size in (("semantic", config.model.semantic_codes), ("pixel", config.model.pixel_codes)):
         used = round(row[f"{book}_usage"] * size)
@@ -356,7 +358,7 @@ def test_semantic_vq_trains_and_encode_dataset_writes_codes(tmp_path):
     c.model.pixel_head.update(ch=8, num_groups=4, z_channels=8, zq_channels=8)
     c.vit_pretrain.update(batch_size=8, text_dim=16, text_layers=1, text_heads=2, embed_dim=16)
     c.data.update(num_examples=64, num_eval=8)
-    c.train.update(eval_images=8)
+    c.train.update(eval_images=8, eval_edit_pairs=4)
     c.checkpoint.update(async_save=False)
     config_check.validate_tokenizer(c)
     out = tok.train_tokenizer(c, str(tmp_path))
@@ -370,6 +372,7 @@ def test_semantic_vq_trains_and_encode_dataset_writes_codes(tmp_path):
     assert row["step"] == 3 and row["images"] == 8 and json.load(open(path)) == row
     assert row["val_psnr"] == pytest.approx(out["tokenizer"]["val_psnr"], rel=1e-5)
     assert row["tokenizer_ceiling"] == out["tokenizer"]["tokenizer_ceiling"]
+    assert row["edit_ceiling"] == out["tokenizer"]["edit_ceiling"] and row["edit_pairs"] == 4
     # --unquantized adds the same figures for the codebook-free images and leaves the others as they were.
     both, _ = tok.evaluate_checkpoint(c, str(tmp_path), unquantized=True)
     assert {k: v for k, v in both.items() if not k.startswith("unquantized_")} == row
