@@ -155,6 +155,10 @@ def vision_config(**overrides) -> mlc.ConfigDict:
         # True: where a pixel code is drawn, a learned vector of the semantic code drawn over that cell
         # is added (not official; models/mllm.py `ParentCodeEmbedding`).
         parent_codes=False,
+        # True: where a code is drawn after a continuous image of the same conversation (an edit's source),
+        # a learned projection of that image's same cell is added (not official; models/mllm.py
+        # `SourceCellProjection`).
+        source_cells=False,
         tag_step=64,              # resolution tags <height_64> ... <height_1024> (spec §3.2)
         max_side=1024,
     ))

@@ -159,6 +159,7 @@ class DecodeAotReport:
     cell_embedding: bool = False
     neighbour_codes: bool = False
     parent_codes: bool = False
+    source_cells: bool = False
 
     @property
     def fits(self) -> bool | None:
@@ -168,7 +169,8 @@ class DecodeAotReport:
         return "\n".join([
             f"topology {self.topology}: {self.num_devices} chips, mesh {self.mesh}",
             f"decode step (sample + one token, CFG{', cell embedding' if self.cell_embedding else ''}"
-            f"{', neighbour codes' if self.neighbour_codes else ''}{', parent codes' if self.parent_codes else ''}): "
+            f"{', neighbour codes' if self.neighbour_codes else ''}{', parent codes' if self.parent_codes else ''}"
+            f"{', source cells' if self.source_cells else ''}): "
             f"{self.batch} images = {self.rows} rows, "
             f"KV cache {self.cache_len} slots ({self.cache_gib:.2f} GiB in all)",
             *_memory_lines(self),
@@ -183,7 +185,8 @@ def compile_decode_step(config: Any, topology: str, *, batch: int = 8, cache_len
     the 1,404-token block), `batch` images with CFG (2 x batch rows). With `vision.cell_embedding`
     the fed tokens carry their cell's vectors, with `vision.neighbour_codes` the codes drawn above
     their cell and with `vision.parent_codes` the semantic code over it (the row state then holds a code
-    buffer), as `generate` feeds them."""
+    buffer), with `vision.source_cells` the source image's same cell (a projected buffer of the block's
+    cells per row, an argument), as `generate` feeds them."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -223,18 +226,23 @@ def compile_decode_step(config: Any, topology: str, *, batch: int = 8, cache_len
                             codes=None if nb_graph is None and parent_graph is None else vec((batch, 2, cache_len)))
     hidden = jax.ShapeDtypeStruct((R, cfg.d_model), cfg.compute_dtype, sharding=NamedSharding(mesh, P(("data", "fsdp"))))
     sampling = il.Sampling.for_task("t2i")
+    source = None
+    if config.get("vision") is not None and config.vision.get("source_cells", False):
+        source = il.SourceCells(feats=jax.ShapeDtypeStruct((R, 2, block_length(grids), cfg.d_model), cfg.compute_dtype,
+                                                           sharding=sharding.batch_sharding(mesh, 4)),
+                                grids=jax.ShapeDtypeStruct((R, 4), jnp.int32, sharding=rows_sh))
 
-    def step(params, cell_params, nb_params, parent_params, hidden, state, positions, cache, key):
+    def step(params, cell_params, nb_params, parent_params, source, hidden, state, positions, cache, key):
         llm = nnx.merge(graphdef, params)
         extra = lambda graph, p: None if graph is None else nnx.merge(graph, p)  # noqa: E731
         return il.decode_step(llm, hidden, state, positions, cache, jax.random.wrap_key_data(key),
                               vocab=vocab, sampling=sampling, eos_id=151645, cell_embed=extra(cell_graph, cell_params),
                               neighbour_embed=extra(nb_graph, nb_params),
-                              parent_embed=extra(parent_graph, parent_params))
+                              parent_embed=extra(parent_graph, parent_params), source=source)
 
     t0 = time.time()
     with sharding.use_mesh(mesh):
-        lowered = jax.jit(step, donate_argnums=(7,)).lower(abs_params, abs_cells, abs_nb, abs_parent, hidden,
+        lowered = jax.jit(step, donate_argnums=(8,)).lower(abs_params, abs_cells, abs_nb, abs_parent, source, hidden,
                                                            abs_state, vec((R,)), abs_cache, vec((2,), jnp.uint32))
     compiled = lowered.compile()
     compile_s = time.time() - t0
@@ -248,7 +256,7 @@ def compile_decode_step(config: Any, topology: str, *, batch: int = 8, cache_len
                            peak_gib=arg + temp + out - alias, hbm_gib=HBM_GIB.get(topology.split(":")[0]),
                            cache_gib=cache_gib, xla_flops=float(cost.get("flops", 0.0)), compile_s=compile_s,
                            cell_embedding=cell_graph is not None, neighbour_codes=nb_graph is not None,
-                           parent_codes=parent_graph is not None)
+                           parent_codes=parent_graph is not None, source_cells=source is not None)
 
 
 def _abstract_extra_embedding(config: Any, llm_cfg: LLMConfig, mesh, option: str, vocab):

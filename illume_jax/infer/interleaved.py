@@ -362,6 +362,48 @@ def next_parent_code(state: RowState, pixel_stride: int, semantic_stride: int) -
     return jnp.where(valid, code, 0), valid
 
 
+@struct.dataclass
+class SourceCells:
+    """What `SourceCellProjection` adds while a row draws, per prompt row (R: CFG rows have their own):
+    `feats` [R, 2, S, D] the projected embeddings of the cells of the latest continuous image in the
+    prompt, by level and raster cell (row * w + col), and `grids` [R, 4] its (h1, w1, h2, w2), zeros
+    for a prompt without one."""
+    feats: jax.Array
+    grids: jax.Array
+
+
+def source_cells_from_prompt(embeds: jax.Array, slots: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+    """Prompt embeddings [R,P,D] and slots [R,P] -> (the latest continuous image's cell embeddings
+    [R, 2, size, D], zero past its cells; its grids [R, 4]): the cells `mllm.source_cell_targets`
+    points at for every code drawn after the prompt."""
+    from illume_jax.models.mllm import latest_source_blocks
+    feats, grids = [], []
+    k = jnp.arange(size, dtype=jnp.int32)[None, :]
+    for first, h, w in latest_source_blocks(slots):
+        first, h, w = first[:, -1:], h[:, -1:], w[:, -1:]
+        wide = jnp.maximum(w, 1)
+        at = first + (k // wide) * (w + 1) + k % wide
+        valid = (first >= 0) & (k < h * w)
+        got = jnp.take_along_axis(embeds, jnp.clip(at, 0, embeds.shape[1] - 1)[..., None], axis=1)
+        feats.append(jnp.where(valid[..., None], got, 0))
+        grids += [h[:, 0], w[:, 0]]
+    return jnp.stack(feats, axis=1), jnp.stack(grids, axis=1)
+
+
+def next_source_cell(level: jax.Array, row: jax.Array, col: jax.Array, source: SourceCells) -> jax.Array:
+    """level/row/col [R] of the code each row draws next (`next_cell`, CFG rows copied) -> [R, D]: that
+    cell's entry of `source.feats`, zero where the row draws no code or its source image lacks the cell."""
+    S = source.feats.shape[2]
+    lv = jnp.clip(level, 0, 1)
+    h = jnp.take_along_axis(source.grids, (2 * lv)[:, None], axis=1)[:, 0]
+    w = jnp.take_along_axis(source.grids, (2 * lv + 1)[:, None], axis=1)[:, 0]
+    at = row * w + col
+    valid = (level >= 0) & (row < h) & (col < w) & (at < S)
+    mine = jnp.take_along_axis(source.feats, lv[:, None, None, None], axis=1)[:, 0]   # [R,S,D]
+    got = jnp.take_along_axis(mine, jnp.clip(at, 0, S - 1)[:, None, None], axis=1)[:, 0]
+    return jnp.where(valid[:, None], got, 0)
+
+
 def code_heads(llm, vocab: ImageVocab) -> tuple[jax.Array, jax.Array]:
     """The head rows of the level-0 and level-1 code ranges, sliced once per generation call
     (slicing inside each step copies the table: more than the whole head's matmul on CPU)."""
@@ -401,7 +443,7 @@ def next_tokens_from_hidden(llm, hidden: jax.Array, state: RowState, sampling: S
 
 def decode_step(llm, hidden: jax.Array, state: RowState, positions: jax.Array, cache, rng: jax.Array, *,
                 vocab: ImageVocab, sampling: Sampling, eos_id: int, pad_id: int = 0, heads=None, layers=None,
-                cell_embed=None, neighbour_embed=None, parent_embed=None):
+                cell_embed=None, neighbour_embed=None, parent_embed=None, source: SourceCells | None = None):
     """One token for every row: sample from the last hidden states [R,D] (R = B or 2B with CFG),
     advance the row states, feed the token to all R rows (each CFG pair gets the conditional
     row's token) and run the model one step. -> (tokens [B], state, hidden [R,D], cache).
@@ -409,7 +451,9 @@ def decode_step(llm, hidden: jax.Array, state: RowState, positions: jax.Array, c
     `LayerKVCache`. `cell_embed`: the MLLM's `CellEmbedding` when it has one (the fed token then
     carries the cell its row draws next). `neighbour_embed`: its `NeighbourCodeEmbedding` (the fed
     token then carries the codes drawn above that cell; `state.codes` must be set). `parent_embed`: its
-    `ParentCodeEmbedding` (a token before a pixel code carries the semantic code over it). The body of
+    `ParentCodeEmbedding` (a token before a pixel code carries the semantic code over it). `source`: the
+    projected cells of each prompt's source image (`SourceCells`, for an MLLM with `source_cells`: a token
+    before a code carries the source's same cell). The body of
     `generate`'s loop; `aot` compiles it for TPU topologies."""
     R, B = hidden.shape[0], state.phase.shape[0]
     tok = next_tokens_from_hidden(llm, hidden, state, sampling, rng, vocab, eos_id, pad_id, heads)
@@ -424,6 +468,8 @@ def decode_step(llm, hidden: jax.Array, state: RowState, positions: jax.Array, c
     if parent_embed is not None:
         parent = next_parent_code(state, parent_embed.pixel_stride, parent_embed.semantic_stride)
         extra.append(parent_embed(*(rows(a) for a in parent)))
+    if source is not None:
+        extra.append(next_source_cell(*(rows(a)[:, 0] for a in next_cell(state)), source)[:, None])
     if extra:
         embeds, fed = llm.embed_tokens(fed) + sum(extra), None
     out, cache = llm.decode(fed, cache, positions=positions[:, None], inputs_embeds=embeds,
@@ -444,7 +490,8 @@ class Prompts:
 
 def _prefill(model, prompts: Prompts, cache_len: int):
     """The prompts through the model into a fresh cache of `cache_len` slots: (pre-norm hidden
-    states [R,P,D], cache, RoPE positions [R,P]; left padding gets no position of its own)."""
+    states [R,P,D], cache, RoPE positions [R,P]; left padding gets no position of its own, input
+    embeddings [R,P,D])."""
     R = prompts.tokens.shape[0]
     seg = prompts.mask.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
@@ -452,7 +499,7 @@ def _prefill(model, prompts: Prompts, cache_len: int):
     cache = model.llm.init_cache(R, cache_len)
     hidden, cache = model.llm.decode(None, cache, positions=positions, segment_ids=seg, inputs_embeds=embeds,
                                      return_hidden=True)
-    return hidden, cache, positions
+    return hidden, cache, positions, embeds
 
 
 @functools.partial(module_jit, static_argnames=("text_size",))
@@ -460,7 +507,7 @@ def next_text_logprobs(model, prompts: Prompts, *, text_size: int) -> jax.Array:
     """log p(next token) over the text ids [0, text_size) after each prompt: [R, text_size] fp32.
     The distribution greedy understanding decodes its first answer token from (image ids are
     masked out there too), for threshold-free scores such as a yes/no margin's AUC."""
-    hidden, _, _ = _prefill(model, prompts, prompts.tokens.shape[1])
+    hidden = _prefill(model, prompts, prompts.tokens.shape[1])[0]
     return jax.nn.log_softmax(model.llm.logits_window(hidden[:, -1], 0, text_size), axis=-1)
 
 
@@ -480,7 +527,11 @@ def generate(model, prompts: Prompts, state: RowState, rng: jax.Array, *, vocab:
         raise ValueError(f"prompts: {R} rows for {B} outputs; expected {B} (no CFG) or {2 * B} (CFG)")
     if (model.cfg.neighbour_codes or model.cfg.parent_codes) and state.codes is None:  # room for every code drawn
         state = state.replace(codes=jnp.zeros((B, 2, max_new_tokens), jnp.int32))
-    hidden, cache, positions = _prefill(model, prompts, P + max_new_tokens)
+    hidden, cache, positions, embeds = _prefill(model, prompts, P + max_new_tokens)
+    source = None
+    if model.cfg.source_cells:  # the prompt's source image, each cell projected once
+        feats, grids = source_cells_from_prompt(embeds, prompts.slots, max_new_tokens)
+        source = SourceCells(feats=model.source_embed(feats, jnp.ones(feats.shape[:-1], bool)), grids=grids)
     next_pos = positions[:, -1] + 1
     heads = code_heads(model.llm, vocab)
     cache, layers = model.llm.loop_cache(cache, unstack_layers)
@@ -497,7 +548,8 @@ def generate(model, prompts: Prompts, state: RowState, rng: jax.Array, *, vocab:
                                                   cell_embed=model.cell_embed if model.cfg.cell_embedding else None,
                                                   neighbour_embed=(model.neighbour_embed if model.cfg.neighbour_codes
                                                                    else None),
-                                                  parent_embed=model.parent_embed if model.cfg.parent_codes else None)
+                                                  parent_embed=model.parent_embed if model.cfg.parent_codes else None,
+                                                  source=source)
         out = out.at[:, i].set(tok)
         return i + 1, step_hidden, pos + 1, out, cache, st
 

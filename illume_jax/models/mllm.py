@@ -236,9 +236,13 @@ class MLLMConfig:
     # Not official: where the model draws a pixel (level-1) code, a learned vector of the semantic code
     # it drew over that cell is added (`ParentCodeEmbedding`); False is the official model.
     parent_codes: bool = False
+    # Not official: where the model draws a code of cell (level, r, c) after a continuous image of the same
+    # conversation (an edit's source, a reconstruction's input), a learned projection of that image's
+    # cell (level, r, c) is added (`SourceCellProjection`); False is the official model.
+    source_cells: bool = False
 
     def __post_init__(self):
-        for name in ("cell_embedding", "neighbour_codes", "parent_codes"):
+        for name in ("cell_embedding", "neighbour_codes", "parent_codes", "source_cells"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"config.vision.{name}={getattr(self, name)!r}: expected True or False")
         if isinstance(self.projector_window, bool) or not isinstance(self.projector_window, int) \
@@ -261,7 +265,8 @@ class MLLMConfig:
     @classmethod
     def create(cls, llm_config: Any, tokenizer_config: Any, *, vit_trainable_from: int = 0,
                projector_window: int = 1, cell_embedding: bool = False, neighbour_codes: bool = False,
-               parent_codes: bool = False, tag_step: int = 64, max_side: int = 1024) -> "MLLMConfig":
+               parent_codes: bool = False, source_cells: bool = False, tag_step: int = 64,
+               max_side: int = 1024) -> "MLLMConfig":
         llm = llm_config if isinstance(llm_config, LLMConfig) else LLMConfig.from_config(llm_config)
         tok = tokenizer_config if isinstance(tokenizer_config, dvt.DualViTokConfig) \
             else dvt.DualViTokConfig.from_config(tokenizer_config)
@@ -269,7 +274,7 @@ class MLLMConfig:
                            pixel_codes=tok.pixel_codes, tag_step=tag_step, max_side=max_side)
         return cls(llm=llm, tokenizer=tok, vocab=vocab, vit_trainable_from=vit_trainable_from,
                    projector_window=projector_window, cell_embedding=cell_embedding,
-                   neighbour_codes=neighbour_codes, parent_codes=parent_codes)
+                   neighbour_codes=neighbour_codes, parent_codes=parent_codes, source_cells=source_cells)
 
     def grids(self, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int]]:
         return dvt.token_grids(h, w, self.tokenizer)
@@ -522,11 +527,64 @@ class ParentCodeEmbedding(nnx.Module):
         return jnp.where(valid[..., None], e, 0).astype(self.dtype)
 
 
+def latest_source_blocks(slots: jax.Array) -> tuple[tuple[jax.Array, jax.Array, jax.Array], ...]:
+    """slots [B,T] -> per level (0 semantic, 1 pixel) the running (first, h, w) [B,T] of the latest
+    continuous image block of the row up to each position: the position of its cell (0, 0) and its grid
+    (-1, 0, 0 before any). Only meaningful where that block is complete (after it)."""
+    B, T = slots.shape
+    _, row, col = cell_coordinates(slots)
+    idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    out = []
+    for slot in (SLOT_SEM_IN, SLOT_PIX_IN):
+        first = jax.lax.cummax(jnp.where((slots == slot) & (row == 0) & (col == 0), idx, -1), axis=1)
+        last = jax.lax.cummax(jnp.where(slots == slot, idx, -1), axis=1)
+        seen = last >= 0
+        out.append((first, jnp.where(seen, _take(row, last) + 1, 0), jnp.where(seen, _take(col, last) + 1, 0)))
+    return tuple(out)
+
+
+def source_cell_targets(slots: jax.Array, segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """slots [B,T] -> (src [B,T], valid [B,T]): at each position that predicts a discrete code of cell
+    (level, r, c), the position of cell (level, r, c) of the latest continuous image before it in the
+    same conversation (`segment_ids`, when rows are packed); valid only there and where that image's
+    grid holds the cell. Generation keeps the same cells from its prompt (infer/interleaved.py
+    `source_cells_from_prompt`, read by `next_source_cell`)."""
+    level, row, col = cell_coordinates(slots)
+    (f0, h0, w0), (f1, h1, w1) = latest_source_blocks(slots)
+    nxt = _ahead(slots, SLOT_TEXT)
+    draws = (nxt == SLOT_SEM_OUT) | (nxt == SLOT_PIX_OUT)
+    lv, r, c = _ahead(level, -1), _ahead(row, 0), _ahead(col, 0)
+    first, h, w = (jnp.where(lv == 0, a, b) for a, b in ((f0, f1), (h0, h1), (w0, w1)))
+    src = first + r * (w + 1) + c
+    valid = draws & (first >= 0) & (r < h) & (c < w)
+    if segment_ids is not None:
+        valid = valid & (_take(segment_ids, src) == segment_ids)
+    return jnp.where(valid, src, 0), valid
+
+
+class SourceCellProjection(nnx.Module):
+    """A learned D x D map (not in the official model) of the embedding of the source image's cell
+    (level, r, c), added where the model draws the code of cell (level, r, c) (`source_cell_targets`).
+    Why: an edit keeps most of its source, but the tiny LLM must find each source cell among ~350 (1-D
+    RoPE, the instruction's length between them) and does not: its edits are empty canvases at the
+    official sampling (README, "Edits drawn over their source"). Here the cell is handed over in place,
+    as an image editor conditioned by channel concatenation (InstructPix2Pix) sees it. Zero-initialised:
+    a model forked into it starts unchanged."""
+
+    def __init__(self, d_model: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.proj = Dense((d_model,), (d_model,), axes=(None, "embed"), dtype=dtype, param_dtype=param_dtype,
+                          rngs=rngs, init=nnx.initializers.zeros)
+
+    def __call__(self, source: jax.Array, valid: jax.Array) -> jax.Array:
+        """source [..., D] (embeddings of the source cells), valid [...] -> [..., D], zero where not valid."""
+        return jnp.where(valid[..., None], self.proj(source), 0).astype(self.proj.dtype)
+
+
 class MLLM(nnx.Module):
     """LLM + vision tower + projector. Parameter paths: `llm/...` (as models/llm.py),
     `vision/vit/...`, `vision/pixel_encoder/...`, `projector/{semantic,pixel}/fc{1,2}/...`, and with
     `cell_embedding` `cell_embed/{rows,cols}`, with `neighbour_codes` `neighbour_embed/{level0,level1}`,
-    with `parent_codes` `parent_embed/table`."""
+    with `parent_codes` `parent_embed/table`, with `source_cells` `source_embed/proj/kernel`."""
 
     def __init__(self, cfg: MLLMConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -548,6 +606,9 @@ class MLLM(nnx.Module):
                                                     semantic_stride=cfg.tokenizer.semantic_factor,
                                                     dtype=cfg.llm.compute_dtype, param_dtype=cfg.llm.weight_dtype,
                                                     rngs=rngs)
+        if cfg.source_cells:
+            self.source_embed = SourceCellProjection(cfg.llm.d_model, dtype=cfg.llm.compute_dtype,
+                                                     param_dtype=cfg.llm.weight_dtype, rngs=rngs)
 
     def image_features(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """images [B,M,H,W,3] -> projected (semantic [B, M*n0, D], pixel [B, M*n1, D])."""
@@ -565,9 +626,10 @@ class MLLM(nnx.Module):
                 self.projector.pixel(neighbourhoods(pix.astype(dtype), h2, w2, k)))
 
     def embed(self, tokens: jax.Array, slots: jax.Array | None = None, cells: jax.Array | None = None,
-              images: jax.Array | None = None) -> jax.Array:
+              images: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
         """Token embeddings with projected image features spliced in at the continuous slots.
-        tokens/slots/cells [B,T]; images [B,M,H,W,3] (M images per row, in slot order) or None."""
+        tokens/slots/cells [B,T]; images [B,M,H,W,3] (M images per row, in slot order) or None;
+        segment_ids [B,T] (packed rows) keep `source_cells` inside each conversation."""
         x = self.llm.embed_tokens(jnp.where(tokens < 0, 0, tokens))
         if images is not None and images.shape[1] > 0:
             sem, pix = self.image_features(images)
@@ -584,13 +646,17 @@ class MLLM(nnx.Module):
         if self.cfg.parent_codes and slots is not None:
             pe = self.parent_embed
             x = x + pe(*parent_code_targets(tokens, slots, self.cfg.vocab, pe.pixel_stride, pe.semantic_stride))
+        if self.cfg.source_cells and slots is not None:
+            # Read from the embeddings above: no source cell is itself a position that draws a code.
+            src, valid = source_cell_targets(slots, segment_ids)
+            x = x + self.source_embed(jnp.take_along_axis(x, src[..., None], axis=1), valid)
         return constrain(x, "batch", "act_seq", "act_embed")
 
     def __call__(self, tokens: jax.Array, *, slots: jax.Array | None = None, cells: jax.Array | None = None,
                  images: jax.Array | None = None, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
         """-> logits [B,T,V] fp32 (discrete slots must already hold code ids: `fill_codes`)."""
-        return self.llm(inputs_embeds=self.embed(tokens, slots, cells, images), positions=positions,
+        return self.llm(inputs_embeds=self.embed(tokens, slots, cells, images, segment_ids), positions=positions,
                         segment_ids=segment_ids)
 
 

@@ -303,14 +303,15 @@ def tiny_cells():
 
 @pytest.fixture(scope="module")
 def tiny_neighbours():
-    """`tiny` with the not-official embeddings: the cell's vectors, the codes drawn above it and the
-    semantic code over it. Generation reads the codes from its per-row buffer, the eager reference from
-    the whole sequence (`neighbour_code_targets`, `parent_code_targets`), as training does."""
+    """`tiny` with the not-official embeddings: the cell's vectors, the codes drawn above it, the
+    semantic code over it and the prompt's image's same cell. Generation reads the codes from its per-row
+    buffer and the source cells from its prompt, the eager reference from the whole sequence
+    (`neighbour_code_targets`, `parent_code_targets`, `source_cell_targets`), as training does."""
     tok = dualvitok_config.model_config("tiny")
     rows = 40 + 7 + 32 + tok.semantic_codes + tok.pixel_codes + 3
     cfg = mllm.MLLMConfig.create(common.llm_config(text_vocab_size=40, vocab_size=rows, d_model=32, num_heads=2,
                                                    num_kv_heads=1, mlp_dim=64), tok, cell_embedding=True,
-                                 neighbour_codes=True, parent_codes=True)
+                                 neighbour_codes=True, parent_codes=True, source_cells=True)
     model = mllm.create_mllm(cfg, seed=3)
     model.cell_embed.rows[...] = model.cell_embed.rows[...] * 50
     model.cell_embed.cols[...] = model.cell_embed.cols[...] * 50
@@ -319,6 +320,8 @@ def tiny_neighbours():
     model.neighbour_embed.level0[...] = 3 * jax.random.normal(k[0], model.neighbour_embed.level0.shape)
     model.neighbour_embed.level1[...] = 3 * jax.random.normal(k[1], model.neighbour_embed.level1.shape)
     model.parent_embed.table[...] = 3 * jax.random.normal(k[2], model.parent_embed.table.shape)
+    kernel = model.source_embed.proj.kernel
+    kernel[...] = 3 * jax.random.normal(jax.random.key(9), kernel.shape)   # and a source cell read wrongly
     return cfg, model
 
 
@@ -350,6 +353,35 @@ def test_generation_reads_the_codes_above_and_over_as_training_does():
             np.testing.assert_array_equal(np.where(ok, c, 0), codes[p], err_msg=f"{grids} position {p}")
             pc, pok = (np.asarray(a)[0] for a in il.next_parent_code(st, *strides))
             assert pok == parent_ok[p] and pc == parent[p], f"{grids} position {p}"
+
+
+def test_generation_reads_the_source_cells_as_training_does():
+    """The cell `next_source_cell` reads from the prompt's image (`source_cells_from_prompt`) at each step
+    of a drawn block is the one `source_cell_targets` points at in the whole sequence, for left-padded
+    prompts whose images have the output's grid, a smaller one, or none."""
+    vocab = mllm.ImageVocab(first_id=40, semantic_codes=16, pixel_codes=24)
+    grids = ((2, 3), (4, 5))
+    t_out = mllm.block_template(grids, vocab, continuous=False)
+    block = mllm.block_ids(t_out, np.zeros(grids[0], int), np.zeros(grids[1], int), vocab)
+    for src_grids in (grids, ((1, 2), (3, 3)), None):
+        t_in = mllm.block_template(src_grids, vocab, continuous=True) if src_grids else None
+        prompt = np.concatenate([[0, 0, 0, 5], t_in.slots if t_in else [], [0, 0]]).astype(np.int32)
+        P = len(prompt)
+        seq = np.concatenate([prompt, t_out.slots[1:]])   # the prompt ends with <start_of_image>
+        src, valid = (np.asarray(a)[0] for a in mllm.source_cell_targets(jnp.asarray(seq[None])))
+        embeds = jax.random.normal(jax.random.key(1), (1, P, 4))
+        feats, sgrids = il.source_cells_from_prompt(embeds, jnp.asarray(prompt[None]), 32)
+        source = il.SourceCells(feats=feats, grids=sgrids)
+        assert np.asarray(sgrids)[0].tolist() == ([*src_grids[0], *src_grids[1]] if src_grids else [0] * 4)
+        st = il.RowState.start([[*grids[0], *grids[1]]], True, True, phase=il.EXPECT_SOL0)
+        for p in range(1, len(block) - 1):    # block[0] is the prompt's <start_of_image>
+            st = il.advance(st, jnp.asarray(block[p:p + 1]), vocab, EOS)
+            got = np.asarray(il.next_source_cell(*il.next_cell(st), source))[0]
+            q = P - 1 + p                     # the position just fed, in the whole sequence
+            want = np.asarray(embeds)[0, src[q]] if valid[q] else np.zeros(4)
+            np.testing.assert_allclose(got, want, err_msg=f"{src_grids} position {q}")
+        assert valid.sum() == (sum(min(a, c) * min(b, d) for (a, b), (c, d) in zip(grids, src_grids))
+                               if src_grids else 0)
 
 
 @pytest.mark.parametrize("which", ["tiny", "tiny_cells", "tiny_neighbours"])

@@ -329,6 +329,62 @@ def test_parent_code_embedding_adds_the_vector_of_the_semantic_code_over_the_cel
         np.testing.assert_allclose(x[0, p] - plain[0, p], want, atol=1e-5, err_msg=f"position {p}")
 
 
+@pytest.mark.parametrize("grids", [((2, 3), (4, 5)), ((3, 3), (6, 6))])
+def test_source_cell_targets_point_at_the_same_cell_of_the_image_read_before(grids):
+    """At the position that predicts code (level, r, c): the position of the continuous block's cell
+    (level, r, c); nothing at text, structure or continuous positions, nothing in a conversation packed
+    after the one that showed the image, nothing where the source's grid lacks the cell."""
+    v = _tiny_neighbour_cfg().vocab
+    tokens, slots, out_at, _, _ = _edit_row(grids, v, 2)
+    t_in = mllm.block_template(grids, v, continuous=True)
+    t_out = mllm.block_template(grids, v, continuous=False)
+    src, valid = (np.asarray(a)[0] for a in mllm.source_cell_targets(jnp.asarray(slots[None])))
+    for p in range(len(tokens)):
+        nxt = slots[p + 1] if p + 1 < len(slots) else 0
+        if nxt not in (mllm.SLOT_SEM_OUT, mllm.SLOT_PIX_OUT):
+            assert not valid[p], f"position {p}"
+            continue
+        want_slot = mllm.SLOT_SEM_IN if nxt == mllm.SLOT_SEM_OUT else mllm.SLOT_PIX_IN
+        cell = t_out.cells[p + 1 - out_at]
+        (at,) = np.nonzero((t_in.slots == want_slot) & (t_in.cells == cell))[0]
+        assert valid[p] and src[p] == 2 + at, f"position {p}"
+    assert valid.sum() == sum(h * w for h, w in grids)
+    # Packed behind another conversation: the drawn block of the second one has no source of its own.
+    packed = np.concatenate([slots, [0], t_out.slots])
+    seg = np.concatenate([np.ones(len(slots)), [2], np.full(len(t_out.slots), 2)]).astype(np.int32)
+    _, ok = (np.asarray(a)[0] for a in mllm.source_cell_targets(jnp.asarray(packed[None]), jnp.asarray(seg[None])))
+    assert ok[:len(slots)].sum() == valid.sum() and not ok[len(slots):].any()
+    # A smaller source image: only the cells it has.
+    small = mllm.block_template(((1, 2), (2, 2)), v, continuous=True)
+    mixed = np.concatenate([[0], small.slots, [0], t_out.slots])
+    _, ok = (np.asarray(a)[0] for a in mllm.source_cell_targets(jnp.asarray(mixed[None])))
+    assert ok.sum() == min(grids[0][1], 2) * 1 + 2 * 2
+
+
+def test_source_cell_projection_adds_the_projected_source_cell():
+    with pytest.raises(ValueError, match="source_cells"):
+        _tiny_neighbour_cfg(source_cells=1)
+    assert not hasattr(mllm.create_mllm(_tiny_neighbour_cfg()), "source_embed")  # official: no such param
+    cfg = _tiny_neighbour_cfg(source_cells=True)
+    model = mllm.create_mllm(cfg, seed=2)
+    assert not np.asarray(model.source_embed.proj.kernel[...]).any()   # zero at first: a fork starts unchanged
+    grids = cfg.grids(32, 32)
+    tokens, slots, _, _, _ = _edit_row(grids, cfg.vocab, 3)
+    cells = np.concatenate([[0, 0], mllm.block_template(grids, cfg.vocab, continuous=True).cells,
+                            np.zeros(len(tokens) - 2 - mllm.block_length(grids), np.int64)])
+    images = jax.random.uniform(jax.random.key(5), (1, 1, 32, 32, 3), minval=-1, maxval=1)
+    args = (jnp.asarray(tokens[None]), jnp.asarray(slots[None]), jnp.asarray(cells[None]), images)
+    before = np.asarray(model.embed(*args))
+    model.source_embed.proj.kernel[...] = jax.random.normal(jax.random.key(6), model.source_embed.proj.kernel.shape)
+    x = np.asarray(model.embed(*args))
+    src, valid = (np.asarray(a)[0] for a in mllm.source_cell_targets(jnp.asarray(slots[None])))
+    kernel = np.asarray(model.source_embed.proj.kernel[...])
+    assert valid.sum() == sum(h * w for h, w in grids)
+    for p in range(len(tokens)):
+        want = before[0, src[p]] @ kernel if valid[p] else np.zeros(32)
+        np.testing.assert_allclose(x[0, p] - before[0, p], want, atol=1e-4, err_msg=f"position {p}")
+
+
 def test_embed_splices_projected_features_at_the_slots(tiny_model):
     cfg, model = tiny_model
     grids = cfg.grids(32, 32)
