@@ -210,6 +210,16 @@ def _tiny_neighbour_cfg(**kw):
     return mllm.MLLMConfig.create(llm, tok, **kw)
 
 
+def _option_model(flag, attr):
+    """(cfg, model) of a tiny MLLM with the not-official `flag` on, once the flag has refused a non-bool
+    and the official model is seen to lack the option's parameter `attr`."""
+    with pytest.raises(ValueError, match=flag):
+        _tiny_neighbour_cfg(**{flag: 1})
+    assert not hasattr(mllm.create_mllm(_tiny_neighbour_cfg()), attr)   # official: no such param
+    cfg = _tiny_neighbour_cfg(**{flag: True})
+    return cfg, mllm.create_mllm(cfg, seed=2)
+
+
 def _edit_row(grids, v, seed):
     """A training row that reads an image and draws one: text, a continuous block, text, a drawn block
     of random codes. -> (tokens, slots, where the drawn block starts, its semantic and pixel codes)."""
@@ -264,11 +274,7 @@ def _drawn_row(cfg, seed):
 
 
 def test_neighbour_code_embedding_adds_the_vectors_of_the_codes_above():
-    cfg = _tiny_neighbour_cfg(neighbour_codes=True)
-    with pytest.raises(ValueError, match="neighbour_codes"):
-        _tiny_neighbour_cfg(neighbour_codes=1)
-    assert not hasattr(mllm.create_mllm(_tiny_neighbour_cfg()), "neighbour_embed")  # official: no such param
-    model = mllm.create_mllm(cfg, seed=2)
+    cfg, model = _option_model("neighbour_codes", "neighbour_embed")
     assert not np.asarray(model.neighbour_embed.level1[...]).any()   # zero at first: a fork starts unchanged
     k = jax.random.split(jax.random.key(1))
     model.neighbour_embed.level0[...] = jax.random.normal(k[0], model.neighbour_embed.level0.shape)
@@ -307,11 +313,7 @@ def test_parent_code_targets_are_the_semantic_code_over_the_cell(grids, strides)
 
 
 def test_parent_code_embedding_adds_the_vector_of_the_semantic_code_over_the_cell():
-    with pytest.raises(ValueError, match="parent_codes"):
-        _tiny_neighbour_cfg(parent_codes=1)
-    assert not hasattr(mllm.create_mllm(_tiny_neighbour_cfg()), "parent_embed")  # official: no such param
-    cfg = _tiny_neighbour_cfg(parent_codes=True)
-    model = mllm.create_mllm(cfg, seed=2)
+    cfg, model = _option_model("parent_codes", "parent_embed")
     pe = model.parent_embed
     assert not np.asarray(pe.table[...]).any()     # zero at first: a fork starts unchanged
     assert (pe.pixel_stride, pe.semantic_stride) == (cfg.tokenizer.downsample, cfg.tokenizer.semantic_factor)
@@ -362,11 +364,7 @@ def test_source_cell_targets_point_at_the_same_cell_of_the_image_read_before(gri
 
 
 def test_source_cell_projection_adds_the_projected_source_cell():
-    with pytest.raises(ValueError, match="source_cells"):
-        _tiny_neighbour_cfg(source_cells=1)
-    assert not hasattr(mllm.create_mllm(_tiny_neighbour_cfg()), "source_embed")  # official: no such param
-    cfg = _tiny_neighbour_cfg(source_cells=True)
-    model = mllm.create_mllm(cfg, seed=2)
+    cfg, model = _option_model("source_cells", "source_embed")
     assert not np.asarray(model.source_embed.proj.kernel[...]).any()   # zero at first: a fork starts unchanged
     grids = cfg.grids(32, 32)
     tokens, slots, _, _, _ = _edit_row(grids, cfg.vocab, 3)
