@@ -124,3 +124,32 @@ def edit_ceiling(round_trip, *, levels: Sequence[int] = (1,), split: str = "test
     every = [x for v in per_op.values() for x in v]
     return dict(edit_ceiling=float(np.mean(every)), edit_pairs=len(every),
                 **{f"edit_ceiling_{op}": float(np.mean(v)) for op, v in sorted(per_op.items())})
+
+
+def codes_kept(before_codes: np.ndarray, after_codes: np.ndarray, before_images: Sequence[np.ndarray],
+               after_images: Sequence[np.ndarray]) -> dict:
+    """How local a tokenizer's codes are under an edit: of the cells whose pixels the edit left exactly
+    as they were, the share whose code is unchanged, over all such cells and over those showing part of
+    an object ('all', 'object'; None where there is no such cell). Codes [N, h, w] of N source and N
+    edited images [N, H, W, 3] (H, W multiples of h, w). A tokenizer whose codes are local keeps 1.0;
+    one whose codes hear the whole image (normalisation statistics, attention) rewrites cells the edit
+    never touched, and an editor that copies its source's codes is then wrong there."""
+    from illume_jax.data import shapecomp
+    before_codes, after_codes = np.asarray(before_codes), np.asarray(after_codes)
+    if before_codes.shape != after_codes.shape or before_codes.ndim != 3 or len(before_codes) != len(before_images) \
+            or len(after_images) != len(before_images):
+        raise ValueError(f"codes_kept: got codes {before_codes.shape} / {after_codes.shape} for {len(before_images)} "
+                         f"/ {len(after_images)} images; expected [N, h, w] codes for N source and N edited images")
+    n, h, w = before_codes.shape
+    same, on = [], []
+    for b, a in zip(before_images, after_images):
+        H, W = b.shape[:2]
+        if H % h or W % w or a.shape != b.shape:
+            raise ValueError(f"codes_kept: images {b.shape} / {a.shape} do not tile into the {h}x{w} code grid")
+        diff = np.abs(b.astype(np.int32) - a.astype(np.int32)).sum(-1) == 0
+        same.append(diff.reshape(h, H // h, w, W // w).all(axis=(1, 3)))
+        on.append(shapecomp.object_cells(b, h, w).reshape(h, w) | shapecomp.object_cells(a, h, w).reshape(h, w))
+    same, on = np.stack(same), np.stack(on)
+    kept = before_codes == after_codes
+    share = lambda m: float(kept[m].mean()) if m.any() else None  # noqa: E731
+    return {"all": share(same), "object": share(same & on)}

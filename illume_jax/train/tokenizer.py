@@ -563,22 +563,45 @@ class TokenizerTrainer:
                 out.update({f"{prefix}ceiling_miss_{r}": v for r, v in misses.items()})
         edit_pairs = c.train.get("eval_edit_pairs", 0) if edit_pairs is None else edit_pairs
         if c.data.source == "shapecomp" and recons and edit_pairs > 0:
-            out.update(recon_lib.edit_ceiling(lambda imgs: self._round_trip(state, imgs, min(batch, n)),
-                                              levels=c.data.levels, pairs=edit_pairs))
+            round_trip = lambda imgs: self._round_trip(state, imgs, min(batch, n))[0]  # noqa: E731
+            out.update(recon_lib.edit_ceiling(round_trip, levels=c.data.levels, pairs=edit_pairs))
+            out.update(self._edit_codes_kept(state, edit_pairs, min(batch, n)))
         return out
 
-    def _round_trip(self, state: TokenizerState, images: list, batch: int) -> list:
-        """uint8 images -> their reconstructions (uint8, each at its own size), `batch` at a time,
-        padded to `batch` (the validation loop's shape: nothing new to compile)."""
+    def _edit_codes_kept(self, state: TokenizerState, pairs: int, batch: int) -> dict:
+        """`recon.codes_kept` of every codebook over the editing suite's held-out pairs of each level:
+        edit_kept_<book> (cells the edit left as they were) and edit_kept_<book>_object (those on objects)."""
+        from illume_jax.data import shapecomp
+        before, after = [], []
+        for level in self.config.data.levels:
+            edit_pairs = [shapecomp.edit_pair(int(level), "test", i) for i in range(pairs)]
+            before += [shapecomp.render(p.before) for p in edit_pairs]
+            after += [shapecomp.render(p.after) for p in edit_pairs]
         res = self.config.data.resolution
-        out = []
+        before = [images_lib.fit_resolution(i, res) for i in before]
+        after = [images_lib.fit_resolution(i, res) for i in after]
+        codes_b, codes_a = self._round_trip(state, before, batch)[1], self._round_trip(state, after, batch)[1]
+        out = {}
+        for book in codes_b:
+            kept = recon_lib.codes_kept(codes_b[book], codes_a[book], before, after)
+            out[f"edit_kept_{book}"], out[f"edit_kept_{book}_object"] = kept["all"], kept["object"]
+        return out
+
+    def _round_trip(self, state: TokenizerState, images: list, batch: int) -> tuple[list, dict]:
+        """uint8 images -> (their reconstructions, uint8, each at its own size; each codebook's codes
+        [N, h, w]), `batch` at a time, padded to `batch` (the validation loop's shape: nothing new to compile)."""
+        res = self.config.data.resolution
+        out, codes = [], {}
         for start in range(0, len(images), batch):
             chunk = images[start:start + batch]
             x = np.stack([images_lib.to_model_range(images_lib.fit_resolution(i, res)) for i in chunk])
             x = np.concatenate([x, np.repeat(x[-1:], batch - len(x), 0)])
-            rec = images_lib.to_uint8(np.asarray(self.reconstruct(state, x)[0])[:len(chunk)])
+            rec, grid = self.reconstruct(state, x)
+            rec = images_lib.to_uint8(np.asarray(rec)[:len(chunk)])
             out += [r if r.shape == i.shape else images_lib.fit_resolution(r, i.shape[0]) for r, i in zip(rec, chunk)]
-        return out
+            for book, g in grid.items():
+                codes.setdefault(book, []).append(np.asarray(g)[:len(chunk)])
+        return out, {book: np.concatenate(g) for book, g in codes.items()}
 
 
 def _count_codes_by_cell_kind(by_kind: dict, book: str, codes: np.ndarray, images) -> None:

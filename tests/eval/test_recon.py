@@ -78,3 +78,33 @@ def test_edit_ceiling_refuses_no_pairs_and_a_lossy_count():
         recon.edit_ceiling(lambda imgs: imgs, pairs=0)
     with pytest.raises(ValueError, match="returned 1 images for 2"):
         recon.edit_ceiling(lambda imgs: imgs[:1], pairs=2)
+
+
+def test_codes_kept_counts_only_cells_the_edit_left_as_they_were():
+    pair = shapecomp.edit_pair(1, "test", 0)
+    before, after = shapecomp.render(pair.before), shapecomp.render(pair.after)
+    h = w = 16
+    S = before.shape[0] // h
+    touched = (np.abs(before.astype(int) - after.astype(int)).sum(-1) > 0).reshape(h, S, w, S).any(axis=(1, 3))
+    assert touched.any() and not touched.all()
+    codes = np.arange(h * w).reshape(1, h, w)
+    # Codes that change exactly where the pixels did: a perfectly local tokenizer keeps every other one.
+    moved = np.where(touched, codes + 1000, codes)
+    assert recon.codes_kept(codes, moved, [before], [after]) == {"all": 1.0, "object": 1.0}
+    # Rewriting untouched cells counts, cell for cell; rewriting touched ones does not.
+    flipped = moved.copy()
+    spare = np.argwhere(~touched[None])[:5]
+    flipped[tuple(spare.T)] += 1
+    assert recon.codes_kept(codes, flipped, [before], [after])["all"] == pytest.approx(1 - 5 / (~touched).sum())
+    on = shapecomp.object_cells(before, h, w).reshape(h, w) | shapecomp.object_cells(after, h, w).reshape(h, w)
+    assert (on & ~touched).any()    # an untouched object (or the untouched part of one)
+    obj = moved.copy()
+    obj[0][on & ~touched] += 1
+    assert recon.codes_kept(codes, obj, [before], [after])["object"] == 0.0
+    # An edit-free pair with no object on the canvas has no object cell to count.
+    blank = np.full_like(before, 128)
+    assert recon.codes_kept(codes, codes, [blank], [blank]) == {"all": 1.0, "object": None}
+    with pytest.raises(ValueError, match="do not tile"):
+        recon.codes_kept(np.zeros((1, 7, 7)), np.zeros((1, 7, 7)), [before], [after])
+    with pytest.raises(ValueError, match="expected \\[N, h, w\\] codes"):
+        recon.codes_kept(codes, codes[0], [before], [after])

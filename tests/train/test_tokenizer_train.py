@@ -109,6 +109,9 @@ def test_dualvitok_training_resumes_exactly(tmp_path):
     assert 0 <= row["tokenizer_ceiling"] <= 1 and 0 < row["pixel_usage"] <= 1
     # ... and the editing ceiling: the held-out edit targets round-tripped and graded as edits.
     assert row["edit_pairs"] == 4 and 0 <= row["edit_ceiling"] <= 1
+    # ... and how many codes an edit leaves where it left the pixels (a local tokenizer: all of them).
+    for book in ("semantic", "pixel"):
+        assert 0 <= row[f"edit_kept_{book}"] <= 1
     # ... and the codes of object and of background cells apart: every used code is one or the other.
     for book, size in (("semantic", config.model.semantic_codes), ("pixel", config.model.pixel_codes)):
         used = round(row[f"{book}_usage"] * size)
