@@ -1,0 +1,128 @@
+"""What an MLLM's edits are, beyond the editing suite's success (which reads 0 for every tiny model so far).
+
+- **Drawn**: the editing suite on held-out pairs at a sampling (`--temperature`, `--top_p`; default the
+  official 0.7 / 0.8), then per edit the foreground IoU with its target and with its source (pixels
+  that differ from the canvas colour), and the share of edits that are empty canvases.
+- **Teacher-forced**: the target's codes fed after the edit prompt; the mean NLL of the codes, per level,
+  at cells where the target keeps the source's code ('kept') and where it does not ('changed'): what
+  an editor that copies its source can gain ('kept' is small where the tokenizer rewrites untouched
+  cells: `eval-tokenizer`'s edit_kept_*).
+
+  python bench/edit_probe.py --workdir runs/illume_tiny --pairs 48 [--temperature 1 --top_p 1] --out probe.json
+
+Why: README, "Edits drawn over their source".
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from illume_jax.data import shapecomp
+
+
+def foreground(image: np.ndarray, tolerance: int = 30) -> np.ndarray:
+    """[H, W] bool: pixels whose summed |RGB difference| from the top-left pixel (ShapeComp's flat
+    canvas) exceeds `tolerance`."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"foreground: expected an [H, W, 3] image, got shape {image.shape}")
+    return np.abs(image.astype(np.int32) - image[0, 0].astype(np.int32)).sum(-1) > tolerance
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two masks (1.0 when both are empty)."""
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 1.0
+
+
+def kept_changed_nll(nll: np.ndarray, source_codes: np.ndarray, target_codes: np.ndarray) -> dict:
+    """nll [N] of the target codes [N] -> {'kept': (cells, mean NLL), 'changed': ...}, split by whether the
+    target's code at a cell is the source's (None for a kind with no cell)."""
+    nll, kept = np.asarray(nll), np.asarray(source_codes) == np.asarray(target_codes)
+    if not nll.shape == kept.shape:
+        raise ValueError(f"kept_changed_nll: {nll.shape} NLLs for {kept.shape} codes")
+    return {name: dict(cells=int(m.sum()), nll=float(nll[m].mean()) if m.any() else None)
+            for name, m in (("kept", kept), ("changed", ~kept))}
+
+
+def edit_probe(model, *, pairs: int = 48, sampling=None, seed: int = 0, forced_pairs: int = 16,
+               level: int = 1, split: str = "test") -> dict:
+    """model: an `Illume`. The drawn and teacher-forced figures of the module docstring."""
+    import jax.numpy as jnp
+
+    from illume_jax.data import multimodal
+    from illume_jax.eval import mllm as eval_mllm
+    from illume_jax.models import mllm
+    result, rows = eval_mllm.edit_suite(model, level=level, split=split, pairs=pairs, seed=seed, sampling=sampling)
+    drawn = dict(success=result["success"], per_op=result["per_op"],
+                 fg_iou_target=float(np.mean([iou(foreground(r["edited"]), foreground(r["target"])) for r in rows])),
+                 fg_iou_source=float(np.mean([iou(foreground(r["edited"]), foreground(r["before"])) for r in rows])),
+                 empty=float(np.mean([not foreground(r["edited"]).any() for r in rows])))
+
+    grids = model.cfg.grids(model.resolution, model.resolution)
+    v = model.cfg.vocab
+    t = mllm.block_template(grids, v, continuous=False)
+    levels = (("semantic", mllm.SLOT_SEM_OUT, v.level0_start, v.semantic_codes, 0),
+              ("pixel", mllm.SLOT_PIX_OUT, v.level1_start, v.pixel_codes, 1))
+    nlls = {name: ([], [], []) for name, *_ in levels}
+    for i in range(forced_pairs):
+        pair = shapecomp.edit_pair(level, split, i)
+        before = model._image_batch([shapecomp.render(pair.before)])
+        source = [np.asarray(c[0]) for c in model.vision_tokenizer.encode(jnp.asarray(before[:, 0]))]
+        target = [np.asarray(c[0]) for c in model.vision_tokenizer.encode(
+            jnp.asarray(model._image_batch([shapecomp.render(pair.after)])[:, 0]))]
+        block = mllm.block_ids(t, target[0], target[1], v)
+        ids, slots, cells = model._prompt(multimodal.edit_prompt(pair.instruction), suffix=model._image_prefix())
+        seq = np.concatenate([ids, block[1:]])[None]        # the prompt already ends with <start_of_image>
+        seq_slots = np.concatenate([slots, t.slots[1:]])[None]
+        seq_cells = np.concatenate([cells, np.zeros(len(block) - 1, np.int32)])[None]
+        x = model.model.embed(jnp.asarray(seq), jnp.asarray(seq_slots), jnp.asarray(seq_cells), jnp.asarray(before[None, :, 0]))
+        h = model.model.llm(inputs_embeds=x, return_hidden=True)[0]
+        start = len(ids) - 1                                 # where the block's <start_of_image> sits
+        for name, slot, first, n, k in levels:
+            pos = np.nonzero(t.slots == slot)[0]
+            logits = np.asarray(model.model.llm.logits(h[start + pos - 1][None]))[0, :, first:first + n]
+            logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+            true = block[pos] - first
+            nlls[name][0].append(-logp[np.arange(len(pos)), true])
+            nlls[name][1].append(source[k].reshape(-1)[t.cells[pos]])
+            nlls[name][2].append(true)
+    forced = {name: kept_changed_nll(*(np.concatenate(a) for a in parts)) for name, parts in nlls.items()}
+    return dict(drawn=drawn, teacher_forced=forced, forced_pairs=forced_pairs)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="a `train` workdir of an MLLM config")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--pairs", type=int, default=48, help="held-out edit pairs to draw")
+    p.add_argument("--forced_pairs", type=int, default=16, help="held-out edit pairs to teacher-force")
+    p.add_argument("--temperature", type=float, default=None, help="default: the official editing 0.7")
+    p.add_argument("--top_p", type=float, default=None, help="default: the official editing 0.8")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON file for the result")
+    a = p.parse_args()
+    from illume_jax import Illume
+    from illume_jax.infer import interleaved as il
+    t0 = time.perf_counter()
+    model = Illume.load(a.workdir, step=a.step)
+    sampling = il.Sampling.for_task("edit", temperature=a.temperature, top_p=a.top_p)
+    result = dict(workdir=os.path.abspath(a.workdir), step=a.step, pairs=a.pairs, seed=a.seed,
+                  sampling=dataclasses.asdict(sampling),
+                  **edit_probe(model, pairs=a.pairs, sampling=sampling, seed=a.seed, forced_pairs=a.forced_pairs),
+                  seconds=round(time.perf_counter() - t0, 1))
+    print(json.dumps(result, indent=1))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""bench/edit_probe.py: the foreground of a ShapeComp canvas is its objects; IoU and the kept / changed NLL
+split count what they say."""
+import numpy as np
+import pytest
+
+from bench import edit_probe  # the repository root is on sys.path (tests/conftest.py)
+from illume_jax.data import shapecomp
+
+
+def test_foreground_is_the_objects_and_iou_compares_masks():
+    scene = shapecomp.make_scene(1, "test", 0)
+    image = shapecomp.render(scene)
+    fg = edit_probe.foreground(image)
+    on = shapecomp.object_cells(image, 64, 64).reshape(64, 64)
+    assert fg.any() and (fg == on).mean() > 0.99
+    assert edit_probe.iou(fg, fg) == 1.0 and edit_probe.iou(fg, ~fg) == 0.0
+    assert edit_probe.iou(np.zeros_like(fg), np.zeros_like(fg)) == 1.0
+    half = fg.copy()
+    half[:, 32:] = False
+    assert edit_probe.iou(fg, half) == pytest.approx(half.sum() / fg.sum())
+    with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
+        edit_probe.foreground(image[..., 0])
+
+
+def test_kept_changed_nll_splits_by_the_source_code():
+    out = edit_probe.kept_changed_nll(np.array([1.0, 2.0, 3.0, 5.0]), np.array([7, 8, 9, 9]), np.array([7, 0, 9, 1]))
+    assert out == {"kept": {"cells": 2, "nll": 2.0}, "changed": {"cells": 2, "nll": 3.5}}
+    none = edit_probe.kept_changed_nll(np.array([1.0]), np.array([1]), np.array([1]))
+    assert none["changed"] == {"cells": 0, "nll": None}
+    with pytest.raises(ValueError, match="NLLs for"):
+        edit_probe.kept_changed_nll(np.zeros(3), np.zeros(2), np.zeros(2))
