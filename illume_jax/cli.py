@@ -14,7 +14,8 @@ Commands:
   train-tokenizer  train a vision tokenizer (configs/dualvitok.py, configs/semantic_vq_illume.py),
                  pre-training its tiny semantic ViT first when configured; resumes from the workdir
   eval-tokenizer score the latest tokenizer checkpoint in --workdir (PSNR, SSIM, codebook usage and, on
-                 ShapeComp, the tokenizer ceiling; --num=N validation images, default config.train.eval_images;
+                 ShapeComp, the tokenizer and editing ceilings and how many codes an edit leaves in place;
+                 --num=N validation images, default config.train.eval_images;
                  --unquantized: also with the quantisers bypassed, to tell a codebook limit from an autoencoder one)
                  -> <workdir>/tokenizer/eval_step<S>.json; re-scores old runs after a scorer change
   encode-dataset pre-tokenize the config's images into codes (ArrayRecord) with the trained
