@@ -563,13 +563,20 @@ class TokenizerTrainer:
                 out.update({f"{prefix}ceiling_miss_{r}": v for r, v in misses.items()})
         edit_pairs = c.train.get("eval_edit_pairs", 0) if edit_pairs is None else edit_pairs
         if c.data.source == "shapecomp" and recons and edit_pairs > 0:
-            round_trip = lambda imgs: self._round_trip(state, imgs, min(batch, n))[0]  # noqa: E731
+            target_codes = []          # the targets' codes, level by level, kept for `_edit_codes_kept`
+
+            def round_trip(imgs):
+                recs, codes = self._round_trip(state, imgs, min(batch, n))
+                target_codes.append(codes)
+                return recs
             out.update(recon_lib.edit_ceiling(round_trip, levels=c.data.levels, pairs=edit_pairs))
-            out.update(self._edit_codes_kept(state, edit_pairs, min(batch, n)))
+            codes_a = {book: np.concatenate([t[book] for t in target_codes]) for book in target_codes[0]}
+            out.update(self._edit_codes_kept(state, edit_pairs, min(batch, n), codes_a))
         return out
 
-    def _edit_codes_kept(self, state: TokenizerState, pairs: int, batch: int) -> dict:
-        """`recon.codes_kept` of every codebook over the editing suite's held-out pairs of each level:
+    def _edit_codes_kept(self, state: TokenizerState, pairs: int, batch: int, codes_a: dict) -> dict:
+        """`recon.codes_kept` of every codebook over the editing suite's held-out pairs of each level, given
+        their targets' codes `codes_a` (in `recon.edit_ceiling`'s order: level by level, pair by pair):
         edit_kept_<book> (cells the edit left as they were) and edit_kept_<book>_object (those on objects)."""
         from illume_jax.data import shapecomp
         before, after = [], []
@@ -580,7 +587,7 @@ class TokenizerTrainer:
         res = self.config.data.resolution
         before = [images_lib.fit_resolution(i, res) for i in before]
         after = [images_lib.fit_resolution(i, res) for i in after]
-        codes_b, codes_a = self._round_trip(state, before, batch)[1], self._round_trip(state, after, batch)[1]
+        codes_b = self._round_trip(state, before, batch)[1]
         out = {}
         for book in codes_b:
             kept = recon_lib.codes_kept(codes_b[book], codes_a[book], before, after)
