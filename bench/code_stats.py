@@ -21,15 +21,13 @@ separate "draws no object" from "draws objects without shapes" (README, "Given t
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import mllm_probe  # noqa: E402
 from illume_jax.data import shapecomp
 
 
@@ -133,25 +131,15 @@ def code_stats(model, *, scenes: int = 128, prompts: int = 48, seed: int = 0, sp
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True, help="a `train` workdir of an MLLM config")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p = mllm_probe.parser(__doc__)
     p.add_argument("--scenes", type=int, default=128, help="held-out scenes for the real codes and the prompts")
     p.add_argument("--prompts", type=int, default=48, help="GenEval-style prompts to draw (one image each)")
     p.add_argument("--edit_pairs", type=int, default=48, help="held-out edit pairs for the editing ceiling")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="JSON file for the result")
     a = p.parse_args()
-    from illume_jax import Illume
-    t0 = time.perf_counter()
-    model = Illume.load(a.workdir, step=a.step)
-    result = dict(workdir=os.path.abspath(a.workdir), step=a.step, scenes=a.scenes, prompts=a.prompts, seed=a.seed,
-                  **code_stats(model, scenes=a.scenes, prompts=a.prompts, seed=a.seed, edit_pairs=a.edit_pairs),
-                  seconds=round(time.perf_counter() - t0, 1))
-    print(json.dumps(result, indent=1))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=1)
+    mllm_probe.run(a, lambda model: code_stats(model, scenes=a.scenes, prompts=a.prompts, seed=a.seed,
+                                               edit_pairs=a.edit_pairs),
+                   scenes=a.scenes, prompts=a.prompts, seed=a.seed)
 
 
 if __name__ == "__main__":

@@ -14,16 +14,14 @@ Why: README, "Edits drawn over their source".
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import mllm_probe  # noqa: E402
 from illume_jax.data import shapecomp
 
 
@@ -99,29 +97,18 @@ def edit_probe(model, *, pairs: int = 48, sampling=None, seed: int = 0, forced_p
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True, help="a `train` workdir of an MLLM config")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p = mllm_probe.parser(__doc__)
     p.add_argument("--pairs", type=int, default=48, help="held-out edit pairs to draw")
     p.add_argument("--forced_pairs", type=int, default=16, help="held-out edit pairs to teacher-force")
     p.add_argument("--temperature", type=float, default=None, help="default: the official editing 0.7")
     p.add_argument("--top_p", type=float, default=None, help="default: the official editing 0.8")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="JSON file for the result")
     a = p.parse_args()
-    from illume_jax import Illume
     from illume_jax.infer import interleaved as il
-    t0 = time.perf_counter()
-    model = Illume.load(a.workdir, step=a.step)
     sampling = il.Sampling.for_task("edit", temperature=a.temperature, top_p=a.top_p)
-    result = dict(workdir=os.path.abspath(a.workdir), step=a.step, pairs=a.pairs, seed=a.seed,
-                  sampling=dataclasses.asdict(sampling),
-                  **edit_probe(model, pairs=a.pairs, sampling=sampling, seed=a.seed, forced_pairs=a.forced_pairs),
-                  seconds=round(time.perf_counter() - t0, 1))
-    print(json.dumps(result, indent=1))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=1)
+    mllm_probe.run(a, lambda model: edit_probe(model, pairs=a.pairs, sampling=sampling, seed=a.seed,
+                                               forced_pairs=a.forced_pairs),
+                   pairs=a.pairs, seed=a.seed, sampling=dataclasses.asdict(sampling))
 
 
 if __name__ == "__main__":

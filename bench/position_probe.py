@@ -15,16 +15,14 @@ count them draws its objects at the wrong cells, whatever its tokenizer and samp
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import time
 
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import mllm_probe  # noqa: E402
 from illume_jax.data import multimodal, shapecomp
 from illume_jax.eval import probe
 from illume_jax.models import mllm
@@ -115,21 +113,10 @@ def position_probe(model, *, scenes: int = 40, level: int = 1, split: str = "tes
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True, help="a `train` workdir of an MLLM config")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p = mllm_probe.parser(__doc__)
     p.add_argument("--scenes", type=int, default=40, help="held-out scenes (half fit the read-out, half score it)")
-    p.add_argument("--out", default=None, help="JSON file for the result")
     a = p.parse_args()
-    from illume_jax import Illume
-    t0 = time.perf_counter()
-    model = Illume.load(a.workdir, step=a.step)
-    result = dict(workdir=os.path.abspath(a.workdir), step=a.step, scenes=a.scenes,
-                  **position_probe(model, scenes=a.scenes), seconds=round(time.perf_counter() - t0, 1))
-    print(json.dumps(result, indent=1))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=1)
+    mllm_probe.run(a, lambda model: position_probe(model, scenes=a.scenes), scenes=a.scenes)
 
 
 if __name__ == "__main__":
