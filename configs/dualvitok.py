@@ -5,6 +5,9 @@ Args:     size=tiny|official, steps, batch, pretrain_steps (tiny SigLIP pre-trai
           shape_twins=k (SigLIP batches of scenes each with k one-shape-changed twins, so that the ViT must see shape),
           caption_weight=w (w > 0: a captioning loss beside SigLIP's, the dense caption read off the ViT's tokens),
           pixel_grid=16|32 (tiny only: the pixel code grid of a 64² image; 32 = one fewer down block),
+          local_pixels=0|1 (1: a local pixel encoder -- per-position norms, no attention, no mid block --
+                     so a pixel code depends only on the pixels in its receptive field; not official.
+                     README, "A local pixel encoder"),
           supervision=semantic|pixel  semantic (default): the spec's tokenizer, level-0 codes from a frozen
                      text-aligned ViT trained to reconstruct its features. pixel: the ILLUME tokenizer
                      ablation's control -- the same network and code grids trained on pixel reconstruction
@@ -77,7 +80,7 @@ def model_config(size: str, pixel_grid: int = 16) -> mlc.ConfigDict:
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
     a = common.parse_arg(arg, size="tiny", steps=0, batch=0, pretrain_steps=-1, levels="1", workers=0,
                          supervision="semantic", pixel_grid=16, shape_twins=0,
-                         caption_weight=0.0, dense_weight=0.0)
+                         caption_weight=0.0, dense_weight=0.0, local_pixels=0)
     tiny = a.size == "tiny"
     if a.size not in ("tiny", "official"):
         raise ValueError(f"config argument size={a.size!r}: expected 'tiny' or 'official'")
@@ -91,6 +94,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.seed = 0
     c.mesh = common.mesh_config() if tiny else common.mesh_config(data=1, fsdp=-1)
     c.model = model_config(a.size, a.pixel_grid)
+    if str(a.local_pixels) not in ("0", "1"):
+        raise ValueError(f"config argument local_pixels={a.local_pixels!r}: expected 0 or 1")
+    if str(a.local_pixels) == "1":
+        c.model.pixel_encoder.update(local=True, attn_levels=())
     if pixel_only:  # the ViT learns from pixels like the rest of the encoder (a VQGAN-style tokenizer)
         c.model.freeze_vit = False
     c.model_init = mlc.ConfigDict(dict(

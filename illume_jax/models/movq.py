@@ -2,7 +2,8 @@
 
 Encoder: conv_in, per level `num_res_blocks` ResBlocks (each followed by an AttnBlock at the
 attention levels) and a DC-AE down block on every level but the last, mid (Res, Attn, Res),
-GroupNorm, SiLU, conv_out plus a group-mean shortcut of the activated features.
+GroupNorm, SiLU, conv_out plus a group-mean shortcut of the activated features. `local=True` (not
+official) drops the attention and the mid block and normalises per position.
 Decoder: conv_in plus a channel-repeat shortcut, mid, levels last -> 0 with
 `num_res_blocks + 1` ResBlocks (attention as above) and a DC-AE up block on every level but
 0, norm_out, SiLU, conv_out; every norm is a spatial norm conditioned on the code map zq.
@@ -34,6 +35,11 @@ class MoVQConfig:
     zq_channels: int = 0              # decoder: channels of the code map zq (0: plain GroupNorms)
     num_groups: int = 32
     remat: bool = False               # rematerialise each Res/Attn block in the backward pass
+    # Encoder only, not official: every norm a per-position LayerNorm (no whole-image statistics),
+    # no attention and no mid block, so that a code depends only on the pixels inside the conv
+    # stack's receptive field (`receptive_field`) -- an edit then leaves the codes of cells far from
+    # it as they were, and a flat region is one code, not a context-dependent set of synonyms.
+    local: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -47,10 +53,28 @@ class MoVQConfig:
         odd = sorted({w for w in widths if w % self.num_groups})
         if odd:
             raise ValueError(f"MoVQConfig: widths {odd} are not divisible by num_groups={self.num_groups}")
+        if self.local and (self.attn_levels or self.zq_channels):
+            raise ValueError(f"MoVQConfig: local=True is an encoder without attention; got attn_levels="
+                             f"{self.attn_levels}, zq_channels={self.zq_channels} (expected () and 0)")
 
     @property
     def downsample(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def receptive_field(self) -> int:
+        """Side in pixels of the input window one encoder output position can see through the
+        convolutions (nominal: every 3x3 conv widens it by 2 steps of the grid it runs on). Only
+        the whole of it for a local encoder: otherwise norms and attention see the whole image."""
+        rf, step = 3, 1  # conv_in
+        for level in range(len(self.ch_mult)):
+            rf += 4 * step * self.num_res_blocks  # two 3x3 convs per ResBlock
+            if level != len(self.ch_mult) - 1:     # DC down block: conv3x3, then 2x2 pixel unshuffle
+                rf += 2 * step + step
+                step *= 2
+        if not self.local:
+            rf += 2 * 4 * step  # the mid block's two ResBlocks
+        return rf + 2 * step    # conv_out
 
     @classmethod
     def official_encoder(cls, **overrides) -> "MoVQConfig":
@@ -75,9 +99,10 @@ def _call(block: nnx.Module, remat: bool) -> Callable:
 class EncoderLevel(nnx.Module):
     def __init__(self, cin: int, cout: int, n_blocks: int, attn: bool, downsample: bool, cfg: MoVQConfig,
                  rngs: nnx.Rngs):
-        kw = dict(num_groups=cfg.num_groups, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-                  rngs=rngs)
-        self.block = nnx.List([ResBlock(cin if i == 0 else cout, cout, **kw) for i in range(n_blocks)])
+        kw = dict(num_groups=1 if cfg.local else cfg.num_groups, dtype=jnp.dtype(cfg.dtype),
+                  param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+        self.block = nnx.List([ResBlock(cin if i == 0 else cout, cout, spatial_norm=not cfg.local, **kw)
+                               for i in range(n_blocks)])
         self.attn = nnx.List([AttnBlock(cout, **kw) for _ in range(n_blocks)] if attn else [])
         self.downsample = (DCDownBlock2d(cout, dtype=kw["dtype"], param_dtype=kw["param_dtype"], rngs=rngs)
                            if downsample else None)
@@ -126,8 +151,9 @@ class MoVQEncoder(nnx.Module):
         self.down = nnx.List([
             EncoderLevel(cfg.ch * in_mult[l], cfg.ch * cfg.ch_mult[l], cfg.num_res_blocks, l in cfg.attn_levels,
                          l != n - 1, cfg, rngs) for l in range(n)])
-        self.mid = Mid(top, cfg, rngs)
-        self.norm_out = GroupNorm(top, num_groups=cfg.num_groups, param_dtype=pdt)
+        self.mid = None if cfg.local else Mid(top, cfg, rngs)
+        self.norm_out = GroupNorm(top, num_groups=1 if cfg.local else cfg.num_groups, param_dtype=pdt,
+                                  spatial=not cfg.local)
         self.conv_out = Conv2d(top, cfg.z_channels, 3, dtype=dt, param_dtype=pdt, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -144,7 +170,8 @@ class MoVQEncoder(nnx.Module):
                     h = _call(level.attn[i], cfg.remat)(h)
             if level.downsample is not None:
                 h = level.downsample(h)
-        h = self.mid(h, None, cfg.remat)
+        if self.mid is not None:
+            h = self.mid(h, None, cfg.remat)
         h = jax.nn.silu(self.norm_out(h))
         B, H, W, C = h.shape
         g = C // cfg.z_channels
@@ -157,6 +184,8 @@ class MoVQDecoder(nnx.Module):
     """(z [B,h,w,z_channels], zq [B,h,w,zq_channels]) -> images [B,h*16,w*16,out_channels]."""
 
     def __init__(self, cfg: MoVQConfig, *, rngs: nnx.Rngs):
+        if cfg.local:
+            raise ValueError("MoVQDecoder: local=True is an encoder option (the decoder may see the whole code map)")
         self.cfg = cfg
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         n = len(cfg.ch_mult)

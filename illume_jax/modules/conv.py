@@ -64,22 +64,25 @@ class Conv2d(nnx.Module):
 
 class GroupNorm(nnx.Module):
     """torch.nn.GroupNorm (affine) on NHWC: groups of consecutive channels, fp32 statistics,
-    biased variance; output in the input's dtype."""
+    biased variance; output in the input's dtype. `spatial=False` takes each position's statistics
+    over its own channels only (with one group: a per-position LayerNorm), so a position's output
+    does not depend on the rest of the image."""
 
     def __init__(self, num_channels: int, *, num_groups: int = 32, eps: float = 1e-6, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs | None = None):
+                 spatial: bool = True, rngs: nnx.Rngs | None = None):
         del rngs  # deterministic init (ones / zeros)
         if num_channels % num_groups:
             raise ValueError(f"GroupNorm: {num_channels} channels are not divisible by {num_groups} groups")
         self.num_groups, self.eps = num_groups, eps
+        self.axes = (1, 2, 4) if spatial else (4,)
         self.scale = nnx.Param(jnp.ones((num_channels,), param_dtype), out_sharding=("norm",))
         self.bias = nnx.Param(jnp.zeros((num_channels,), param_dtype), out_sharding=("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         B, H, W, C = x.shape
         g = x.astype(jnp.float32).reshape(B, H, W, self.num_groups, C // self.num_groups)
-        mu = g.mean(axis=(1, 2, 4), keepdims=True)
-        var = jnp.square(g - mu).mean(axis=(1, 2, 4), keepdims=True)
+        mu = g.mean(axis=self.axes, keepdims=True)
+        var = jnp.square(g - mu).mean(axis=self.axes, keepdims=True)
         y = ((g - mu) * jax.lax.rsqrt(var + self.eps)).reshape(B, H, W, C)
         return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
 
@@ -98,11 +101,14 @@ class SpatialNorm(nnx.Module):
         return self.norm_layer(x) * self.conv_y(zq) + self.conv_b(zq)
 
 
-def _make_norm(channels: int, zq_channels: int, num_groups: int, dtype, param_dtype, rngs: nnx.Rngs):
+def _make_norm(channels: int, zq_channels: int, num_groups: int, dtype, param_dtype, rngs: nnx.Rngs,
+               spatial: bool = True):
     if zq_channels:
+        if not spatial:
+            raise ValueError("per-position norms (spatial=False) are not available with spatial norms (zq_channels)")
         return SpatialNorm(channels, zq_channels, num_groups=num_groups, dtype=dtype, param_dtype=param_dtype,
                            rngs=rngs)
-    return GroupNorm(channels, num_groups=num_groups, param_dtype=param_dtype)
+    return GroupNorm(channels, num_groups=num_groups, param_dtype=param_dtype, spatial=spatial)
 
 
 def _norm(norm: nnx.Module, x: jax.Array, zq: jax.Array | None) -> jax.Array:
@@ -115,14 +121,15 @@ def _norm(norm: nnx.Module, x: jax.Array, zq: jax.Array | None) -> jax.Array:
 
 class ResBlock(nnx.Module):
     """norm, SiLU, conv3x3, norm, SiLU, conv3x3 (+ 1x1 nin_shortcut when the width changes).
-    `zq_channels` > 0 makes both norms spatial norms conditioned on zq."""
+    `zq_channels` > 0 makes both norms spatial norms conditioned on zq; `spatial_norm=False` makes
+    them per-position (GroupNorm's `spatial`)."""
 
     def __init__(self, in_channels: int, out_channels: int, *, zq_channels: int = 0, num_groups: int = 32,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 dtype=jnp.float32, param_dtype=jnp.float32, spatial_norm: bool = True, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.norm1 = _make_norm(in_channels, zq_channels, num_groups, dtype, param_dtype, rngs)
+        self.norm1 = _make_norm(in_channels, zq_channels, num_groups, dtype, param_dtype, rngs, spatial_norm)
         self.conv1 = Conv2d(in_channels, out_channels, 3, **kw)
-        self.norm2 = _make_norm(out_channels, zq_channels, num_groups, dtype, param_dtype, rngs)
+        self.norm2 = _make_norm(out_channels, zq_channels, num_groups, dtype, param_dtype, rngs, spatial_norm)
         self.conv2 = Conv2d(out_channels, out_channels, 3, **kw)
         self.nin_shortcut = Conv2d(in_channels, out_channels, 1, **kw) if in_channels != out_channels else None
 

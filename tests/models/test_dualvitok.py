@@ -110,3 +110,79 @@ def test_scaling_layer_is_identity_resize_at_the_grid_size():
     y = dualvitok.scale_for_vit(x, (8, 8))
     expected = ((np.asarray(x) + 1) / 2 - np.asarray(dualvitok.CLIP_MEAN)) / np.asarray(dualvitok.CLIP_STD)
     np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-6, atol=1e-6)
+
+
+def _encoder(pixel_grid: int, local: bool):
+    from illume_jax.models import movq
+    c = dualvitok_config.get_config(f"size=tiny,pixel_grid={pixel_grid},local_pixels={int(local)}")
+    cfg = movq.MoVQConfig(**dict(c.model.pixel_encoder))
+    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    with sharding.use_mesh(mesh):
+        return cfg, movq.MoVQEncoder(cfg, rngs=nnx.Rngs(0))
+
+
+def _input_support(encoder, size: int, row: int, col: int) -> np.ndarray:
+    """[size, size] bool: the input pixels with any gradient into output position (row, col)."""
+    x = jax.random.uniform(jax.random.key(3), (1, size, size, 3), minval=-1, maxval=1)
+    g = jax.grad(lambda a: encoder(a)[0, row, col].sum())(x)
+    return np.abs(np.asarray(g[0])).sum(-1) > 0
+
+
+@pytest.mark.parametrize("pixel_grid", [16, 32])
+def test_local_pixel_encoder_sees_exactly_its_receptive_field(pixel_grid):
+    """A local encoder's output position depends on a window of exactly `receptive_field` pixels (per
+    axis) around it and on nothing else; the official-style encoder (whole-image GroupNorm statistics,
+    attention) depends on every pixel."""
+    cfg, enc = _encoder(pixel_grid, local=True)
+    assert cfg.local and cfg.attn_levels == ()
+    d, rf = cfg.downsample, cfg.receptive_field
+    size = 2 * rf + 4 * d  # room for the whole window away from the zero-padded borders
+    r = c = size // d // 2
+    support = _input_support(enc, size, r, c)
+    rows, cols = np.nonzero(support.any(1))[0], np.nonzero(support.any(0))[0]
+    assert rows.max() - rows.min() + 1 == rf and cols.max() - cols.min() + 1 == rf
+    assert support[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()  # the whole window, no holes
+    # The window sits around the cell the code stands for (centred to within a pixel).
+    assert abs((rows.min() + rows.max()) / 2 - (r * d + (d - 1) / 2)) <= 1
+    _, glob = _encoder(pixel_grid, local=False)
+    assert _input_support(glob, size, r, c).all()
+
+
+def test_local_pixel_codes_stay_where_an_edit_is_far():
+    """Through the whole tokenizer: repainting one corner of the image leaves every pixel code whose
+    receptive field misses the corner exactly as it was (the semantic branch stays global)."""
+    c = dualvitok_config.get_config("size=tiny,local_pixels=1")
+    cfg = dualvitok.DualViTokConfig.from_config(c.model)
+    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    with sharding.use_mesh(mesh):
+        model = dualvitok.DualViTok(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.uniform(jax.random.key(0), (1, 64, 64, 3), minval=-1, maxval=1)
+    edited = x.at[:, :8, :8].set(1.0)
+    encode = nnx.jit(lambda m, a: m.encode(a)[1])
+    before, after = np.asarray(encode(model, x))[0], np.asarray(encode(model, edited))[0]
+    d, rf = cfg.downsample, cfg.pixel_encoder.receptive_field
+    reach = -(-(8 + rf // 2) // d)  # cells whose window can touch the 8x8 corner
+    far = np.ones_like(before, bool)
+    far[:reach, :reach] = False
+    assert far.any() and (before[far] == after[far]).all()
+    assert (before[:2, :2] != after[:2, :2]).any()
+
+
+def test_local_encoder_options_are_checked():
+    from illume_jax.models import movq
+    with pytest.raises(ValueError, match="local=True is an encoder without attention"):
+        movq.MoVQConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(1,), z_channels=16, num_groups=8,
+                        local=True)
+    cfg = movq.MoVQConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(), z_channels=16, num_groups=8,
+                          local=True)
+    with pytest.raises(ValueError, match="local=True is an encoder option"):
+        movq.MoVQDecoder(cfg, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="local_pixels=2: expected 0 or 1"):
+        dualvitok_config.get_config("size=tiny,local_pixels=2")
+    # The per-position norm is a LayerNorm over each position's channels.
+    from illume_jax.modules import conv
+    x = jax.random.normal(jax.random.key(0), (2, 3, 5, 8))
+    with sharding.use_mesh(sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1), devices=jax.devices()[:1])):
+        y = conv.GroupNorm(8, num_groups=1, spatial=False)(x)
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(y), np.asarray((x - mu) / jnp.sqrt(var + 1e-6)), atol=1e-5)
