@@ -17,7 +17,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from illume_jax.modules.resample import pixel_shuffle, pixel_unshuffle, resize_nearest
