@@ -6,7 +6,8 @@
 - **Teacher-forced**: the target's codes fed after the edit prompt; the mean NLL of the codes, per level,
   at cells where the target keeps the source's code ('kept') and where it does not ('changed'): what
   an editor that copies its source can gain ('kept' is small where the tokenizer rewrites untouched
-  cells: `eval-tokenizer`'s edit_kept_*).
+  cells: `eval-tokenizer`'s edit_kept_*). 'kept_object' / 'kept_background' split the kept cells by
+  whether they show an object (in the source or the target).
 
   python bench/edit_probe.py --workdir runs/illume_tiny --pairs 48 [--temperature 1 --top_p 1] --out probe.json
 
@@ -40,14 +41,30 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / union) if union else 1.0
 
 
-def kept_changed_nll(nll: np.ndarray, source_codes: np.ndarray, target_codes: np.ndarray) -> dict:
+def cell_mask(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """[H, W] bool pixels -> [h * w] bool cells (raster order): a cell is set if any of its pixels is."""
+    (H, W), (h, w) = mask.shape, grid
+    if H % h or W % w:
+        raise ValueError(f"cell_mask: a {H}x{W} mask does not split into a {h}x{w} grid")
+    return mask.reshape(h, H // h, w, W // w).any(axis=(1, 3)).reshape(-1)
+
+
+def kept_changed_nll(nll: np.ndarray, source_codes: np.ndarray, target_codes: np.ndarray,
+                     on_object: np.ndarray | None = None) -> dict:
     """nll [N] of the target codes [N] -> {'kept': (cells, mean NLL), 'changed': ...}, split by whether the
-    target's code at a cell is the source's (None for a kind with no cell)."""
+    target's code at a cell is the source's (None for a kind with no cell). With `on_object` [N] (cells
+    that show an object in the source or the target) also 'kept_object' / 'kept_background': a copying
+    editor has to get the kept object cells right, where the background alone is easy."""
     nll, kept = np.asarray(nll), np.asarray(source_codes) == np.asarray(target_codes)
     if not nll.shape == kept.shape:
         raise ValueError(f"kept_changed_nll: {nll.shape} NLLs for {kept.shape} codes")
-    return {name: dict(cells=int(m.sum()), nll=float(nll[m].mean()) if m.any() else None)
-            for name, m in (("kept", kept), ("changed", ~kept))}
+    masks = [("kept", kept), ("changed", ~kept)]
+    if on_object is not None:
+        obj = np.asarray(on_object, bool)
+        if obj.shape != kept.shape:
+            raise ValueError(f"kept_changed_nll: on_object has shape {obj.shape}, the codes {kept.shape}")
+        masks += [("kept_object", kept & obj), ("kept_background", kept & ~obj)]
+    return {name: dict(cells=int(m.sum()), nll=float(nll[m].mean()) if m.any() else None) for name, m in masks}
 
 
 def edit_probe(model, *, pairs: int = 48, sampling=None, seed: int = 0, forced_pairs: int = 16,
@@ -69,9 +86,10 @@ def edit_probe(model, *, pairs: int = 48, sampling=None, seed: int = 0, forced_p
     t = mllm.block_template(grids, v, continuous=False)
     levels = (("semantic", mllm.SLOT_SEM_OUT, v.level0_start, v.semantic_codes, 0),
               ("pixel", mllm.SLOT_PIX_OUT, v.level1_start, v.pixel_codes, 1))
-    nlls = {name: ([], [], []) for name, *_ in levels}
+    nlls = {name: ([], [], [], []) for name, *_ in levels}
     for i in range(forced_pairs):
         pair = shapecomp.edit_pair(level, split, i)
+        shown = foreground(shapecomp.render(pair.before)) | foreground(shapecomp.render(pair.after))
         before = model._image_batch([shapecomp.render(pair.before)])
         source = [np.asarray(c[0]) for c in model.vision_tokenizer.encode(jnp.asarray(before[:, 0]))]
         target = [np.asarray(c[0]) for c in model.vision_tokenizer.encode(
@@ -92,6 +110,7 @@ def edit_probe(model, *, pairs: int = 48, sampling=None, seed: int = 0, forced_p
             nlls[name][0].append(-logp[np.arange(len(pos)), true])
             nlls[name][1].append(source[k].reshape(-1)[t.cells[pos]])
             nlls[name][2].append(true)
+            nlls[name][3].append(cell_mask(shown, grids[k])[t.cells[pos]])
     forced = {name: kept_changed_nll(*(np.concatenate(a) for a in parts)) for name, parts in nlls.items()}
     return dict(drawn=drawn, teacher_forced=forced, forced_pairs=forced_pairs)
 

@@ -29,3 +29,19 @@ def test_kept_changed_nll_splits_by_the_source_code():
     assert none["changed"] == {"cells": 0, "nll": None}
     with pytest.raises(ValueError, match="NLLs for"):
         edit_probe.kept_changed_nll(np.zeros(3), np.zeros(2), np.zeros(2))
+    split = edit_probe.kept_changed_nll(np.array([1.0, 2.0, 3.0, 5.0]), np.array([7, 8, 9, 9]),
+                                        np.array([7, 0, 9, 1]), on_object=np.array([True, True, False, False]))
+    assert split["kept_object"] == {"cells": 1, "nll": 1.0} and split["kept_background"] == {"cells": 1, "nll": 3.0}
+    assert split["kept"] == out["kept"]
+    with pytest.raises(ValueError, match="on_object has shape"):
+        edit_probe.kept_changed_nll(np.zeros(2), np.zeros(2), np.zeros(2), on_object=np.zeros(3, bool))
+
+
+def test_cell_mask_marks_a_cell_with_any_object_pixel():
+    mask = np.zeros((8, 8), bool)
+    mask[5, 2] = True
+    cells = edit_probe.cell_mask(mask, (4, 4))
+    assert cells.shape == (16,) and cells.sum() == 1 and cells[2 * 4 + 1]
+    assert edit_probe.cell_mask(mask, (8, 8)).reshape(8, 8)[5, 2]
+    with pytest.raises(ValueError, match="does not split"):
+        edit_probe.cell_mask(mask, (3, 3))
