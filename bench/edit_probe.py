@@ -89,11 +89,12 @@ def edit_probe(model, *, pairs: int = 48, sampling=None, seed: int = 0, forced_p
     nlls = {name: ([], [], [], []) for name, *_ in levels}
     for i in range(forced_pairs):
         pair = shapecomp.edit_pair(level, split, i)
-        shown = foreground(shapecomp.render(pair.before)) | foreground(shapecomp.render(pair.after))
-        before = model._image_batch([shapecomp.render(pair.before)])
+        source_image, target_image = shapecomp.render(pair.before), shapecomp.render(pair.after)
+        shown = foreground(source_image) | foreground(target_image)
+        before = model._image_batch([source_image])
         source = [np.asarray(c[0]) for c in model.vision_tokenizer.encode(jnp.asarray(before[:, 0]))]
         target = [np.asarray(c[0]) for c in model.vision_tokenizer.encode(
-            jnp.asarray(model._image_batch([shapecomp.render(pair.after)])[:, 0]))]
+            jnp.asarray(model._image_batch([target_image])[:, 0]))]
         block = mllm.block_ids(t, target[0], target[1], v)
         ids, slots, cells = model._prompt(multimodal.edit_prompt(pair.instruction), suffix=model._image_prefix())
         seq = np.concatenate([ids, block[1:]])[None]        # the prompt already ends with <start_of_image>

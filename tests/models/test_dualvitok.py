@@ -21,6 +21,10 @@ SPEC_TABLE = {
 }
 
 
+def one_device_mesh():
+    return sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+
+
 def official_cfg():
     return dualvitok.DualViTokConfig.from_config(dualvitok_config.model_config("official"))
 
@@ -45,7 +49,7 @@ def test_bad_size_is_named():
 def test_official_encode_shapes_without_allocating():
     """The official model traced abstractly: 512x512 -> 18x18 semantic + 32x32 pixel codes."""
     cfg = official_cfg()
-    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    mesh = one_device_mesh()
     with sharding.use_mesh(mesh):
         model = nnx.eval_shape(lambda: dualvitok.DualViTok(cfg, rngs=nnx.Rngs(0)))
         graphdef, state = nnx.split(model)
@@ -60,7 +64,7 @@ def test_official_encode_shapes_without_allocating():
 @pytest.fixture(scope="module")
 def tiny():
     cfg = dualvitok.DualViTokConfig.from_config(dualvitok_config.model_config("tiny"))
-    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    mesh = one_device_mesh()
     with sharding.use_mesh(mesh):
         model = dualvitok.DualViTok(cfg, rngs=nnx.Rngs(0))
     return cfg, model
@@ -97,7 +101,7 @@ def test_tiny_training_forward_has_the_semantic_cosine_loss(tiny):
 def test_noise_injection_replaces_pixel_codes_from_the_previous_sample():
     cfg = dualvitok.DualViTokConfig.from_config(dict(dualvitok_config.model_config("tiny"), pixel_drop_rate=1.0,
                                                      pixel_drop_batch_rate=1.0))
-    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    mesh = one_device_mesh()
     with sharding.use_mesh(mesh):
         model = dualvitok.DualViTok(cfg, rngs=nnx.Rngs(0))
     q = jnp.arange(3 * 4 * 4 * 2, dtype=jnp.float32).reshape(3, 4, 4, 2)
@@ -116,7 +120,7 @@ def _encoder(pixel_grid: int, local: bool):
     from illume_jax.models import movq
     c = dualvitok_config.get_config(f"size=tiny,pixel_grid={pixel_grid},local_pixels={int(local)}")
     cfg = movq.MoVQConfig(**dict(c.model.pixel_encoder))
-    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    mesh = one_device_mesh()
     with sharding.use_mesh(mesh):
         return cfg, movq.MoVQEncoder(cfg, rngs=nnx.Rngs(0))
 
@@ -153,7 +157,7 @@ def test_local_pixel_codes_stay_where_an_edit_is_far():
     receptive field misses the corner exactly as it was (the semantic branch stays global)."""
     c = dualvitok_config.get_config("size=tiny,local_pixels=1")
     cfg = dualvitok.DualViTokConfig.from_config(c.model)
-    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    mesh = one_device_mesh()
     with sharding.use_mesh(mesh):
         model = dualvitok.DualViTok(cfg, rngs=nnx.Rngs(0))
     x = jax.random.uniform(jax.random.key(0), (1, 64, 64, 3), minval=-1, maxval=1)
@@ -182,7 +186,7 @@ def test_local_encoder_options_are_checked():
     # The per-position norm is a LayerNorm over each position's channels.
     from illume_jax.modules import conv
     x = jax.random.normal(jax.random.key(0), (2, 3, 5, 8))
-    with sharding.use_mesh(sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1), devices=jax.devices()[:1])):
+    with sharding.use_mesh(one_device_mesh()):
         y = conv.GroupNorm(8, num_groups=1, spatial=False)(x)
     mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
     np.testing.assert_allclose(np.asarray(y), np.asarray((x - mu) / jnp.sqrt(var + 1e-6)), atol=1e-5)
