@@ -100,12 +100,16 @@ def edit_probe(model, *, pairs: int = 48, sampling=None, seed: int = 0, forced_p
         seq = np.concatenate([ids, block[1:]])[None]        # the prompt already ends with <start_of_image>
         seq_slots = np.concatenate([slots, t.slots[1:]])[None]
         seq_cells = np.concatenate([cells, np.zeros(len(block) - 1, np.int32)])[None]
-        x = model.model.embed(jnp.asarray(seq), jnp.asarray(seq_slots), jnp.asarray(seq_cells), jnp.asarray(before[None, :, 0]))
-        h = model.model.llm(inputs_embeds=x, return_hidden=True)[0]
+        # The model's own forward (with `source_copy`, its copy bonus reads the source's codes).
+        codes = mllm.input_codes(jnp.asarray(seq_slots), jnp.asarray(seq_cells), jnp.asarray(source[0].reshape(1, -1)),
+                                 jnp.asarray(source[1].reshape(1, -1)))
+        all_logits = np.asarray(model.model(jnp.asarray(seq), slots=jnp.asarray(seq_slots),
+                                            cells=jnp.asarray(seq_cells), images=jnp.asarray(before[None, :, 0]),
+                                            codes=codes))[0]
         start = len(ids) - 1                                 # where the block's <start_of_image> sits
         for name, slot, first, n, k in levels:
             pos = np.nonzero(t.slots == slot)[0]
-            logits = np.asarray(model.model.llm.logits(h[start + pos - 1][None]))[0, :, first:first + n]
+            logits = all_logits[start + pos - 1, first:first + n]
             logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
             true = block[pos] - first
             nlls[name][0].append(-logp[np.arange(len(pos)), true])

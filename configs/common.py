@@ -159,6 +159,10 @@ def vision_config(**overrides) -> mlc.ConfigDict:
         # a learned projection of that image's same cell is added (not official; models/mllm.py
         # `SourceCellProjection`).
         source_cells=False,
+        # True: where a code is drawn after a continuous image of the same conversation, the logit of that
+        # image's own code of the same cell gets a learned bonus -- a copy path (not official; models/mllm.py
+        # `SourceCodeCopy`).
+        source_copy=False,
         tag_step=64,              # resolution tags <height_64> ... <height_1024> (spec §3.2)
         max_side=1024,
     ))

@@ -57,6 +57,10 @@ Args:     --config=configs/illume_tiny.py:steps=400,batch=16,tokenizer=runs/dual
           a reconstruction's input -- a learned projection of that image's same cell is added; not official:
           the tiny editor draws empty canvases at the official sampling. Its `source_embed/` trains wherever
           the projector does. README, "Edits drawn over their source")
+          source_copy=0 (1: there, the logit of the image's own code of the same cell gets a learned bonus, so
+          a kept cell is a copy; not official: with the source's cell handed over as a vector the tiny editor
+          still pays 2.0 nats per kept object code. Its `source_copy/` trains wherever the projector does.
+          README, "A copy path for edits")
           (steps = stage-3 steps; the other stages scale from it)
 Hardware: 2 CPU cores. 64x64 images -> 8x8 semantic + 16x16 pixel codes: 350-token image blocks,
           sequences of 512 (understanding, text-to-image) and 768 (editing, reconstruction) tokens.
@@ -113,7 +117,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
                          lr_scale=1.0, tower_lr=0.0, text_steps=0, qa_negatives="mixed", base_steps=0,
                          qa_lookups=0, text_lr=0.0, base_text=0.0, qa_turns=0,
                          projector_window=1, cell_embedding=0, neighbour_codes=0,
-                         parent_codes=0, source_cells=0)
+                         parent_codes=0, source_cells=0, source_copy=0)
     if a.size not in LLM_SIZES:
         raise ValueError(f"config argument size={a.size!r}: expected one of {sorted(LLM_SIZES)}")
     if a.device not in DEVICES:
@@ -132,7 +136,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
                                     cell_embedding=_flag(a.cell_embedding, "cell_embedding"),
                                     neighbour_codes=_flag(a.neighbour_codes, "neighbour_codes"),
                                     parent_codes=_flag(a.parent_codes, "parent_codes"),
-                                    source_cells=_flag(a.source_cells, "source_cells"))
+                                    source_cells=_flag(a.source_cells, "source_cells"),
+                                    source_copy=_flag(a.source_copy, "source_copy"))
     c.tokenizer = mlc.ConfigDict(dict(kind="sentencepiece", path="", vocab_size=a.vocab, chat_template="plain",
                                       corpus_tasks=("caption", "qa", "edit", "t2i", "recon")))
     levels = tuple(int(ch) for ch in a.levels)
@@ -167,7 +172,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     cells = (("cell_embed/.*",) if c.vision.cell_embedding else ()) + \
         (("neighbour_embed/.*",) if c.vision.neighbour_codes else ()) + \
         (("parent_embed/.*",) if c.vision.parent_codes else ()) + \
-        (("source_embed/.*",) if c.vision.source_cells else ())
+        (("source_embed/.*",) if c.vision.source_cells else ()) + \
+        (("source_copy/.*",) if c.vision.source_copy else ())
     understand = (dict(trainable=("llm/.*", "projector/.*", "vision/.*", *cells),
                        lr_multipliers=(("vision/.*", tower_lr),))
                   if tower_lr > 0 else dict(trainable=("llm/.*", "projector/.*", *cells)))

@@ -111,6 +111,7 @@ class Illume:
         self.eos_id = int(text_tokenizer.eos_id)
         self._decode = module_jit(lambda m, s, p: m.decode(s, p))
         self._code_map = module_jit(lambda m, s, p: m.code_map(s, p))
+        self._encode = module_jit(lambda m, x: m.encode(x))
         self.decoder = decoder  # (DecoderTrainer, DecoderState) of a trained diffusion decoder, or None
         self.pixel_decoder_dir = pixel_decoder_dir  # the tokenizer run whose pixel decoder replaced the model's
 
@@ -187,15 +188,22 @@ class Illume:
             cells = np.concatenate([cells, np.zeros(len(suffix), np.int32)])
         return ids, slots, cells
 
-    @staticmethod
-    def _batch(rows, images: np.ndarray | None) -> il.Prompts:
+    def _batch(self, rows, images: np.ndarray | None) -> il.Prompts:
+        """Left-padded prompt rows (ids, slots, cells) and their images [R,M,H,W,3] -> `Prompts`; with
+        `source_copy` also the images' tokenizer codes at their cells (what the model copies)."""
         P = max(len(r[0]) for r in rows)
         pad = lambda a: np.concatenate([np.zeros(P - len(a), np.int32), a.astype(np.int32)])  # noqa: E731
+        slots = jnp.asarray(np.stack([pad(r[1]) for r in rows]))
+        cells = jnp.asarray(np.stack([pad(r[2]) for r in rows]))
+        codes = None
+        if images is not None and self.cfg.source_copy:
+            R, M = images.shape[:2]
+            sem, pix = self._encode(self.vision_tokenizer, jnp.asarray(images).reshape(R * M, *images.shape[2:]))
+            codes = mllm.input_codes(slots, cells, sem.reshape(R, -1), pix.reshape(R, -1))
         return il.Prompts(tokens=jnp.asarray(np.stack([pad(r[0]) for r in rows])),
                           mask=jnp.asarray(np.stack([pad(np.ones(len(r[0]), np.int32)) for r in rows])),
-                          slots=jnp.asarray(np.stack([pad(r[1]) for r in rows])),
-                          cells=jnp.asarray(np.stack([pad(r[2]) for r in rows])),
-                          images=None if images is None else jnp.asarray(images))
+                          slots=slots, cells=cells, images=None if images is None else jnp.asarray(images),
+                          codes=codes)
 
     def _image_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Checked uint8 images -> [N, 1, S, S, 3] in the model's range (one image per row)."""

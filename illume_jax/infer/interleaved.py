@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from illume_jax.infer.module_jit import module_jit
-from illume_jax.models.mllm import EOL, EOL0, EOL1, EOI, SOI, SOL0, SOL1, ImageVocab
+from illume_jax.models.mllm import EOL, EOL0, EOL1, EOI, SOI, SOL0, SOL1, ImageVocab, add_copy_bonus
 
 TEXT, EXPECT_SOL0, LEVEL0, EXPECT_SOL1, LEVEL1, EXPECT_EOI, DONE = range(7)
 
@@ -393,6 +393,19 @@ def source_cells_from_prompt(embeds: jax.Array, slots: jax.Array, size: int) -> 
 def next_source_cell(level: jax.Array, row: jax.Array, col: jax.Array, source: SourceCells) -> jax.Array:
     """level/row/col [R] of the code each row draws next (`next_cell`, CFG rows copied) -> [R, D]: that
     cell's entry of `source.feats`, zero where the row draws no code or its source image lacks the cell."""
+    return _source_lookup(level, row, col, source)[0]
+
+
+def next_source_code(level: jax.Array, row: jax.Array, col: jax.Array, source: SourceCells
+                     ) -> tuple[jax.Array, jax.Array]:
+    """`next_source_cell` on a `SourceCells` of codes (`feats` [R, 2, S, 1] int, from the prompt's
+    `codes`) -> (code [R], valid [R]): what `mllm.source_code_targets` gives in training."""
+    code, valid = _source_lookup(level, row, col, source)
+    valid = valid & (code[:, 0] >= 0)
+    return jnp.where(valid, code[:, 0], 0), valid
+
+
+def _source_lookup(level, row, col, source: SourceCells) -> tuple[jax.Array, jax.Array]:
     S = source.feats.shape[2]
     lv = jnp.clip(level, 0, 1)
     h = jnp.take_along_axis(source.grids, (2 * lv)[:, None], axis=1)[:, 0]
@@ -401,7 +414,7 @@ def next_source_cell(level: jax.Array, row: jax.Array, col: jax.Array, source: S
     valid = (level >= 0) & (row < h) & (col < w) & (at < S)
     mine = jnp.take_along_axis(source.feats, lv[:, None, None, None], axis=1)[:, 0]   # [R,S,D]
     got = jnp.take_along_axis(mine, jnp.clip(at, 0, S - 1)[:, None, None], axis=1)[:, 0]
-    return jnp.where(valid[:, None], got, 0)
+    return jnp.where(valid[:, None], got, 0), valid
 
 
 def code_heads(llm, vocab: ImageVocab) -> tuple[jax.Array, jax.Array]:
@@ -412,10 +425,12 @@ def code_heads(llm, vocab: ImageVocab) -> tuple[jax.Array, jax.Array]:
 
 
 def next_tokens_from_hidden(llm, hidden: jax.Array, state: RowState, sampling: Sampling, rng: jax.Array,
-                            vocab: ImageVocab, eos_id: int, pad_id: int, heads=None) -> jax.Array:
+                            vocab: ImageVocab, eos_id: int, pad_id: int, heads=None, copy=None) -> jax.Array:
     """`next_tokens` from the last hidden states [R,D], computing only the logits it needs:
     none when every row is forced, the level's code range when every free row is inside one
-    level, the whole vocabulary otherwise (text, mixed phases)."""
+    level, the whole vocabulary otherwise (text, mixed phases). copy: (the MLLM's `SourceCodeCopy`,
+    code [B], valid [B]) -- the source's code of the cell each row draws now gets its bonus, taken on
+    the guided normed state (the bonus is linear in it, as the head is)."""
     forced, token = forced_tokens(state, vocab, pad_id)
     free = ~forced
     in0 = ~free | (state.phase == LEVEL0)
@@ -424,13 +439,21 @@ def next_tokens_from_hidden(llm, hidden: jax.Array, state: RowState, sampling: S
 
     heads = heads if heads is not None else code_heads(llm, vocab)
     x = guided_hidden(llm, hidden, state, sampling.guidance_scale)
+    if copy is not None:
+        copier, code, valid = copy
+        level = next_cell(state)[0]
+        valid = valid & (level >= 0)
+        bonus = copier(x, level)
+        with_copy = lambda s, start: add_copy_bonus(s, bonus, level, code, valid, vocab, start)  # noqa: E731
+    else:
+        with_copy = lambda s, start: s  # noqa: E731
 
     def window(start, rows):
-        return lambda: _sample_scores(llm.logits_from_rows(x, rows, normed=True), state, sampling, rng, vocab,
-                                      eos_id, start)
+        return lambda: _sample_scores(with_copy(llm.logits_from_rows(x, rows, normed=True), start), state,
+                                      sampling, rng, vocab, eos_id, start)
 
     def full():
-        return _sample_scores(llm.head(x[:, None])[:, 0], state, sampling, rng, vocab, eos_id)
+        return _sample_scores(with_copy(llm.head(x[:, None])[:, 0], 0), state, sampling, rng, vocab, eos_id)
 
     sampled = jax.lax.switch(branch, [
         lambda: token,
@@ -443,7 +466,8 @@ def next_tokens_from_hidden(llm, hidden: jax.Array, state: RowState, sampling: S
 
 def decode_step(llm, hidden: jax.Array, state: RowState, positions: jax.Array, cache, rng: jax.Array, *,
                 vocab: ImageVocab, sampling: Sampling, eos_id: int, pad_id: int = 0, heads=None, layers=None,
-                cell_embed=None, neighbour_embed=None, parent_embed=None, source: SourceCells | None = None):
+                cell_embed=None, neighbour_embed=None, parent_embed=None, source: SourceCells | None = None,
+                copy_from=None):
     """One token for every row: sample from the last hidden states [R,D] (R = B or 2B with CFG),
     advance the row states, feed the token to all R rows (each CFG pair gets the conditional
     row's token) and run the model one step. -> (tokens [B], state, hidden [R,D], cache).
@@ -453,10 +477,15 @@ def decode_step(llm, hidden: jax.Array, state: RowState, positions: jax.Array, c
     token then carries the codes drawn above that cell; `state.codes` must be set). `parent_embed`: its
     `ParentCodeEmbedding` (a token before a pixel code carries the semantic code over it). `source`: the
     projected cells of each prompt's source image (`SourceCells`, for an MLLM with `source_cells`: a token
-    before a code carries the source's same cell). The body of
+    before a code carries the source's same cell). `copy_from`: (the MLLM's `SourceCodeCopy`, a `SourceCells`
+    of each prompt's source codes) for an MLLM with `source_copy`. The body of
     `generate`'s loop; `aot` compiles it for TPU topologies."""
     R, B = hidden.shape[0], state.phase.shape[0]
-    tok = next_tokens_from_hidden(llm, hidden, state, sampling, rng, vocab, eos_id, pad_id, heads)
+    copy = None
+    if copy_from is not None:   # the cell drawn now, read from the conditional rows' source codes
+        copier, codes = copy_from
+        copy = (copier, *next_source_code(*next_cell(state), SourceCells(feats=codes.feats[:B], grids=codes.grids[:B])))
+    tok = next_tokens_from_hidden(llm, hidden, state, sampling, rng, vocab, eos_id, pad_id, heads, copy)
     state = advance(state, tok, vocab, eos_id)
     fed, embeds = jnp.tile(tok, R // B)[:, None], None
     rows = lambda a: jnp.concatenate([a] * (R // B), axis=0)[:, None]  # noqa: E731  (CFG rows copy theirs)
@@ -480,12 +509,15 @@ def decode_step(llm, hidden: jax.Array, state: RowState, positions: jax.Array, c
 @struct.dataclass
 class Prompts:
     """A batch of left-padded prompts. With CFG, rows [0,B) are conditional and [B,2B) their
-    unconditional counterparts. tokens/slots/cells/mask [R,P]; images [R,M,H,W,3] or None."""
+    unconditional counterparts. tokens/slots/cells/mask [R,P]; images [R,M,H,W,3] or None; codes [R,P]
+    the tokenizer's codes of the images' continuous cells (`mllm.input_codes`; an MLLM with
+    `source_copy` needs them to draw after an image) or None."""
     tokens: jax.Array
     mask: jax.Array
     slots: jax.Array
     cells: jax.Array
     images: jax.Array | None = None
+    codes: jax.Array | None = None
 
 
 def _prefill(model, prompts: Prompts, cache_len: int):
@@ -532,6 +564,13 @@ def generate(model, prompts: Prompts, state: RowState, rng: jax.Array, *, vocab:
     if model.cfg.source_cells:  # the prompt's source image, each cell projected once
         feats, grids = source_cells_from_prompt(embeds, prompts.slots, max_new_tokens)
         source = SourceCells(feats=model.source_embed(feats, jnp.ones(feats.shape[:-1], bool)), grids=grids)
+    copy_from = None
+    if model.cfg.source_copy and prompts.codes is not None:
+        codes, grids = source_cells_from_prompt(prompts.codes[..., None], prompts.slots, max_new_tokens)
+        copy_from = (model.source_copy, SourceCells(feats=codes, grids=grids))
+    elif model.cfg.source_copy and prompts.images is not None:
+        raise ValueError("prompts.codes is None but the MLLM has source_copy and the prompts show images: pass "
+                         "their tokenizer codes (mllm.input_codes) so it can copy the source's codes")
     next_pos = positions[:, -1] + 1
     heads = code_heads(model.llm, vocab)
     cache, layers = model.llm.loop_cache(cache, unstack_layers)
@@ -549,7 +588,7 @@ def generate(model, prompts: Prompts, state: RowState, rng: jax.Array, *, vocab:
                                                   neighbour_embed=(model.neighbour_embed if model.cfg.neighbour_codes
                                                                    else None),
                                                   parent_embed=model.parent_embed if model.cfg.parent_codes else None,
-                                                  source=source)
+                                                  source=source, copy_from=copy_from)
         out = out.at[:, i].set(tok)
         return i + 1, step_hidden, pos + 1, out, cache, st
 

@@ -215,6 +215,17 @@ def fill_codes(tokens: jax.Array, slots: jax.Array, cells: jax.Array, semantic_c
     return jnp.where(slots == SLOT_SEM_OUT, sem, jnp.where(slots == SLOT_PIX_OUT, pix, tokens)).astype(tokens.dtype)
 
 
+def input_codes(slots: jax.Array, cells: jax.Array, semantic_codes: jax.Array, pixel_codes: jax.Array) -> jax.Array:
+    """The tokenizer's code of every continuous image cell: slots/cells [B,T], codes [B, M*n] as
+    `fill_codes` takes them -> [B,T] int32, the code (within its level) at SLOT_SEM_IN / SLOT_PIX_IN
+    positions, -1 elsewhere. What `source_copy` copies from (`source_code_targets`)."""
+    def take(codes, slot):
+        idx = jnp.where(slots == slot, cells, 0)
+        return jnp.take_along_axis(codes, jnp.clip(idx, 0, codes.shape[1] - 1), axis=1)
+    return jnp.where(slots == SLOT_SEM_IN, take(semantic_codes, SLOT_SEM_IN),
+                     jnp.where(slots == SLOT_PIX_IN, take(pixel_codes, SLOT_PIX_IN), -1)).astype(jnp.int32)
+
+
 # -- model ------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -240,9 +251,13 @@ class MLLMConfig:
     # conversation (an edit's source, a reconstruction's input), a learned projection of that image's
     # cell (level, r, c) is added (`SourceCellProjection`); False is the official model.
     source_cells: bool = False
+    # Not official: where the model draws the code of cell (level, r, c) after a continuous image of the
+    # same conversation, the logit of that image's own code at (level, r, c) gets a learned, hidden-state
+    # dependent bonus (`SourceCodeCopy`, a pointer-generator style copy); False is the official model.
+    source_copy: bool = False
 
     def __post_init__(self):
-        for name in ("cell_embedding", "neighbour_codes", "parent_codes", "source_cells"):
+        for name in ("cell_embedding", "neighbour_codes", "parent_codes", "source_cells", "source_copy"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"config.vision.{name}={getattr(self, name)!r}: expected True or False")
         if isinstance(self.projector_window, bool) or not isinstance(self.projector_window, int) \
@@ -265,8 +280,8 @@ class MLLMConfig:
     @classmethod
     def create(cls, llm_config: Any, tokenizer_config: Any, *, vit_trainable_from: int = 0,
                projector_window: int = 1, cell_embedding: bool = False, neighbour_codes: bool = False,
-               parent_codes: bool = False, source_cells: bool = False, tag_step: int = 64,
-               max_side: int = 1024) -> "MLLMConfig":
+               parent_codes: bool = False, source_cells: bool = False, source_copy: bool = False,
+               tag_step: int = 64, max_side: int = 1024) -> "MLLMConfig":
         llm = llm_config if isinstance(llm_config, LLMConfig) else LLMConfig.from_config(llm_config)
         tok = tokenizer_config if isinstance(tokenizer_config, dvt.DualViTokConfig) \
             else dvt.DualViTokConfig.from_config(tokenizer_config)
@@ -274,7 +289,8 @@ class MLLMConfig:
                            pixel_codes=tok.pixel_codes, tag_step=tag_step, max_side=max_side)
         return cls(llm=llm, tokenizer=tok, vocab=vocab, vit_trainable_from=vit_trainable_from,
                    projector_window=projector_window, cell_embedding=cell_embedding,
-                   neighbour_codes=neighbour_codes, parent_codes=parent_codes, source_cells=source_cells)
+                   neighbour_codes=neighbour_codes, parent_codes=parent_codes, source_cells=source_cells,
+                   source_copy=source_copy)
 
     def grids(self, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int]]:
         return dvt.token_grids(h, w, self.tokenizer)
@@ -580,11 +596,63 @@ class SourceCellProjection(nnx.Module):
         return jnp.where(valid[..., None], self.proj(source), 0).astype(self.proj.dtype)
 
 
+def source_code_targets(slots: jax.Array, codes: jax.Array, segment_ids: jax.Array | None = None
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """slots [B,T], codes [B,T] (`input_codes`) -> (level, code, valid) [B,T]: at each position that
+    predicts a code of cell (level, r, c), the code (within the level) of the same cell of the latest
+    continuous image before it in the same conversation (`source_cell_targets`). Generation reads the
+    same from its prompt (infer/interleaved.py `source_cells_from_prompt` on the codes, `next_source_code`)."""
+    src, valid = source_cell_targets(slots, segment_ids)
+    level = _ahead(cell_coordinates(slots)[0], -1)
+    code = _take(codes, src)
+    valid = valid & (code >= 0)
+    return jnp.where(valid, level, -1), jnp.where(valid, code, 0), valid
+
+
+class SourceCodeCopy(nnx.Module):
+    """A copy path (not in the official model): where the model draws cell (level, r, c) of an image
+    after a continuous one (an edit's source), the logit of the source's own code of that cell gets
+    `bonus` = w_level . x + 10 b_level, x the final-normed hidden state: the model learns where to copy
+    (a kept cell) and where not (the edited object), not the map from a cell's latent to its code.
+    Why: with a local tokenizer 77% of an edit's target codes are the source's, and the tiny editor
+    still pays 2.0 nats for each kept object code with the source's cell handed over as a vector
+    (`source_cells`; README, "A local pixel encoder"). A pointer-generator's copy, as for summaries.
+    Linear in x, so CFG may guide the normed states before it (`infer/interleaved.py`). Zero-initialised:
+    a model forked into it starts unchanged. The bias is scaled by 10 because Adam moves a parameter about
+    one learning rate per step: at the stages' 3e-3 a plain bias would take ~1,000 steps to a few nats."""
+
+    BIAS_SCALE = 10.0
+
+    def __init__(self, d_model: int, *, param_dtype, rngs: nnx.Rngs):
+        del rngs   # zero-initialised
+        self.gate = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, ("embed", None))(
+            jax.random.key(0), (d_model, 2), param_dtype))
+        self.bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, (None,))(
+            jax.random.key(0), (2,), param_dtype))
+
+    def __call__(self, x: jax.Array, level: jax.Array) -> jax.Array:
+        """x [..., D] final-normed hidden states, level [...] (0/1; clipped) -> bonus [...] fp32."""
+        lv = jnp.clip(level, 0, 1)
+        w = self.gate[...].astype(jnp.float32)
+        per_level = jnp.matmul(x.astype(jnp.float32), w) + self.BIAS_SCALE * self.bias[...].astype(jnp.float32)
+        return jnp.take_along_axis(per_level, lv[..., None], axis=-1)[..., 0]
+
+
+def add_copy_bonus(logits: jax.Array, bonus: jax.Array, level: jax.Array, code: jax.Array, valid: jax.Array,
+                   vocab: "ImageVocab", start: jax.Array | int = 0) -> jax.Array:
+    """logits [..., N] of ids [start, start + N) + `bonus` [...] at the id of `code` [...] of `level`
+    [...] where `valid` [...] (ids outside the window get nothing). An iota compare, no scatter."""
+    col = jnp.where(level == 0, vocab.level0_start, vocab.level1_start) + code - start
+    hit = jnp.arange(logits.shape[-1], dtype=jnp.int32) == col[..., None]
+    return logits + jnp.where(hit & valid[..., None], bonus[..., None], 0).astype(logits.dtype)
+
+
 class MLLM(nnx.Module):
     """LLM + vision tower + projector. Parameter paths: `llm/...` (as models/llm.py),
     `vision/vit/...`, `vision/pixel_encoder/...`, `projector/{semantic,pixel}/fc{1,2}/...`, and with
     `cell_embedding` `cell_embed/{rows,cols}`, with `neighbour_codes` `neighbour_embed/{level0,level1}`,
-    with `parent_codes` `parent_embed/table`, with `source_cells` `source_embed/proj/kernel`."""
+    with `parent_codes` `parent_embed/table`, with `source_cells` `source_embed/proj/kernel`, with
+    `source_copy` `source_copy/{gate,bias}`."""
 
     def __init__(self, cfg: MLLMConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -609,6 +677,8 @@ class MLLM(nnx.Module):
         if cfg.source_cells:
             self.source_embed = SourceCellProjection(cfg.llm.d_model, dtype=cfg.llm.compute_dtype,
                                                      param_dtype=cfg.llm.weight_dtype, rngs=rngs)
+        if cfg.source_copy:
+            self.source_copy = SourceCodeCopy(cfg.llm.d_model, param_dtype=cfg.llm.weight_dtype, rngs=rngs)
 
     def image_features(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """images [B,M,H,W,3] -> projected (semantic [B, M*n0, D], pixel [B, M*n1, D])."""
@@ -654,10 +724,20 @@ class MLLM(nnx.Module):
 
     def __call__(self, tokens: jax.Array, *, slots: jax.Array | None = None, cells: jax.Array | None = None,
                  images: jax.Array | None = None, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
-        """-> logits [B,T,V] fp32 (discrete slots must already hold code ids: `fill_codes`)."""
-        return self.llm(inputs_embeds=self.embed(tokens, slots, cells, images, segment_ids), positions=positions,
-                        segment_ids=segment_ids)
+                 segment_ids: jax.Array | None = None, codes: jax.Array | None = None) -> jax.Array:
+        """-> logits [B,T,V] fp32 (discrete slots must already hold code ids: `fill_codes`). codes [B,T]:
+        the tokenizer's codes of the continuous cells (`input_codes`), needed with `source_copy`."""
+        x = self.embed(tokens, slots, cells, images, segment_ids)
+        if not (self.cfg.source_copy and slots is not None):
+            return self.llm(inputs_embeds=x, positions=positions, segment_ids=segment_ids)
+        if codes is None:
+            raise ValueError("this MLLM has source_copy: pass codes= (mllm.input_codes of the images' tokenizer "
+                             "codes) so it can copy the source's code of each cell it draws")
+        normed = self.llm.final_norm(self.llm(inputs_embeds=x, positions=positions, segment_ids=segment_ids,
+                                              return_hidden=True))
+        level, code, valid = source_code_targets(slots, codes, segment_ids)
+        return add_copy_bonus(self.llm.head(normed), self.source_copy(normed, level), level, code, valid,
+                              self.cfg.vocab)
 
 
 def load_tower_from_tokenizer(model: MLLM, tokenizer: dvt.DualViTok) -> None:

@@ -50,9 +50,12 @@ class VisionTokenizer:
         return sem.reshape(B, -1), pix.reshape(B, -1)
 
     def prepare(self, tok_params, batch: dict, vocab: mllm.ImageVocab) -> dict:
-        """Fills the discrete slots of tokens and targets with the images' code ids."""
+        """Fills the discrete slots of tokens and targets with the images' code ids, and adds
+        `input_codes` [B,T]: the codes of the continuous cells (`mllm.input_codes`, what `source_copy`
+        copies; an MLLM without it ignores them)."""
         sem, pix = self.codes(tok_params, batch["images"])
         out = dict(batch)
+        out["input_codes"] = mllm.input_codes(batch["token_slots"], batch["token_cells"], sem, pix)
         out["tokens"] = mllm.fill_codes(batch["tokens"], batch["token_slots"], batch["token_cells"], sem, pix, vocab)
         out["targets"] = mllm.fill_codes(batch["targets"], batch["target_slots"], batch["target_cells"], sem, pix,
                                          vocab)

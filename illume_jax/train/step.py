@@ -50,7 +50,8 @@ def token_losses(params, graphdef, batch: dict, text_vocab_size: int,
     model = nnx.merge(graphdef, params)
     if "images" in batch:
         logits = model(batch["tokens"], slots=batch["token_slots"], cells=batch["token_cells"],
-                       images=batch["images"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+                       images=batch["images"], positions=batch["positions"], segment_ids=batch["segment_ids"],
+                       codes=batch.get("input_codes"))
     else:
         logits = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
     logz = jax.nn.logsumexp(logits, axis=-1)

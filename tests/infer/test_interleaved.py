@@ -243,8 +243,13 @@ def _edit_like_prompts(cfg, n_rows, rng):
     tokens = np.stack([pad(r[0]) for r in rows])
     mask = np.stack([pad(np.ones(len(r[0]))) for r in rows])
     images = rng.uniform(-1, 1, size=(n_rows, 1, 32, 32, 3)).astype(np.float32)
-    return il.Prompts(jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(np.stack([pad(r[1]) for r in rows])),
-                      jnp.asarray(np.stack([pad(r[2]) for r in rows])), jnp.asarray(images))
+    slots, cells = (jnp.asarray(np.stack([pad(r[i]) for r in rows])) for i in (1, 2))
+    codes = None
+    if cfg.source_copy:   # random tokenizer codes of the images (what the copy path copies)
+        n0, n1 = cfg.cells_per_image(32, 32)
+        codes = mllm.input_codes(slots, cells, jnp.asarray(rng.integers(0, cfg.vocab.semantic_codes, (n_rows, n0))),
+                                 jnp.asarray(rng.integers(0, cfg.vocab.pixel_codes, (n_rows, n1))))
+    return il.Prompts(jnp.asarray(tokens), jnp.asarray(mask), slots, cells, jnp.asarray(images), codes)
 
 
 def _eager_reference(model, prompts, state, rng, vocab, sampling, n_new, new_slots=()):
@@ -270,14 +275,25 @@ def _eager_reference(model, prompts, state, rng, vocab, sampling, n_new, new_slo
                                                        positions=p, segment_ids=sg, return_hidden=True))
     # The per-step sampling is jitted too (once): run op by op it re-traced its lax.switch
     # branches every step (~2.5 min of the suite on 2 cores).
-    sample = jax.jit(lambda h, st, k: il.next_tokens_from_hidden(model.llm, h, st, sampling, k, vocab, EOS, 0))
+    sample = jax.jit(lambda h, st, k, cp: il.next_tokens_from_hidden(model.llm, h, st, sampling, k, vocab, EOS, 0,
+                                                                     copy=None if cp is None
+                                                                     else (model.source_copy, *cp)))
+    code_buf = None
+    if model.cfg.source_copy:   # the source's codes as training reads them off the whole sequence
+        code_buf = np.full((R, L), -1, np.int32)
+        code_buf[:, :tokens.shape[1]] = np.asarray(prompts.codes)
+        copy_targets = jax.jit(lambda s, c: mllm.source_code_targets(s, c)[1:])
     advance = jax.jit(lambda st, t: il.advance(st, t, vocab, EOS))
     out = []
     for i in range(n_new):
         P = tokens.shape[1] + i
         pos = np.maximum(np.cumsum(seg, 1) - 1, 0)
         hidden = forward(buf, slot_buf, cell_buf, pos, seg)[:, P - 1]
-        tok = np.asarray(sample(hidden, state, jax.random.fold_in(rng, i)))
+        cp = None
+        if code_buf is not None:
+            code, valid = copy_targets(slot_buf[:B], code_buf[:B])
+            cp = (code[:, P - 1], valid[:, P - 1])
+        tok = np.asarray(sample(hidden, state, jax.random.fold_in(rng, i), cp))
         state = advance(state, jnp.asarray(tok))
         out.append(tok)
         buf[:, P] = np.tile(tok, R // B)
@@ -304,14 +320,15 @@ def tiny_cells():
 @pytest.fixture(scope="module")
 def tiny_neighbours():
     """`tiny` with the not-official embeddings: the cell's vectors, the codes drawn above it, the
-    semantic code over it and the prompt's image's same cell. Generation reads the codes from its per-row
-    buffer and the source cells from its prompt, the eager reference from the whole sequence
-    (`neighbour_code_targets`, `parent_code_targets`, `source_cell_targets`), as training does."""
+    semantic code over it and the prompt's image's same cell, and the copy bonus on that cell's code.
+    Generation reads the codes from its per-row buffer and the source cells and codes from its prompt, the
+    eager reference from the whole sequence (`neighbour_code_targets`, `parent_code_targets`,
+    `source_cell_targets`, `source_code_targets`), as training does."""
     tok = dualvitok_config.model_config("tiny")
     rows = 40 + 7 + 32 + tok.semantic_codes + tok.pixel_codes + 3
     cfg = mllm.MLLMConfig.create(common.llm_config(text_vocab_size=40, vocab_size=rows, d_model=32, num_heads=2,
                                                    num_kv_heads=1, mlp_dim=64), tok, cell_embedding=True,
-                                 neighbour_codes=True, parent_codes=True, source_cells=True)
+                                 neighbour_codes=True, parent_codes=True, source_cells=True, source_copy=True)
     model = mllm.create_mllm(cfg, seed=3)
     model.cell_embed.rows[...] = model.cell_embed.rows[...] * 50
     model.cell_embed.cols[...] = model.cell_embed.cols[...] * 50
@@ -322,6 +339,8 @@ def tiny_neighbours():
     model.parent_embed.table[...] = 3 * jax.random.normal(k[2], model.parent_embed.table.shape)
     kernel = model.source_embed.proj.kernel
     kernel[...] = 3 * jax.random.normal(jax.random.key(9), kernel.shape)   # and a source cell read wrongly
+    model.source_copy.gate[...] = jax.random.normal(jax.random.key(10), model.source_copy.gate.shape)
+    model.source_copy.bias[...] = jnp.asarray([0.4, 0.4])                  # and a source code copied wrongly
     return cfg, model
 
 
@@ -382,6 +401,62 @@ def test_generation_reads_the_source_cells_as_training_does():
             np.testing.assert_allclose(got, want, err_msg=f"{src_grids} position {q}")
         assert valid.sum() == (sum(min(a, c) * min(b, d) for (a, b), (c, d) in zip(grids, src_grids))
                                if src_grids else 0)
+
+
+def test_generation_reads_the_source_codes_as_training_does():
+    """The code `next_source_code` reads from the prompt's codes at each step of a drawn block is the one
+    `source_code_targets` gives in the whole sequence, for source images of the output's grid, a smaller
+    one, or none."""
+    vocab = mllm.ImageVocab(first_id=40, semantic_codes=16, pixel_codes=24)
+    grids = ((2, 3), (4, 5))
+    t_out = mllm.block_template(grids, vocab, continuous=False)
+    block = mllm.block_ids(t_out, np.zeros(grids[0], int), np.zeros(grids[1], int), vocab)
+    rng = np.random.default_rng(3)
+    for src_grids in (grids, ((1, 2), (3, 3)), None):
+        t_in = mllm.block_template(src_grids, vocab, continuous=True) if src_grids else None
+        prompt = np.concatenate([[0, 0, 0, 5], t_in.slots if t_in else [], [0, 0]]).astype(np.int32)
+        P = len(prompt)
+        codes = np.where((prompt == mllm.SLOT_SEM_IN) | (prompt == mllm.SLOT_PIX_IN), rng.integers(0, 16, P), -1)
+        seq = np.concatenate([prompt, t_out.slots[1:]])
+        seq_codes = np.concatenate([codes, np.full(len(seq) - P, -1)])
+        _, want_code, want_ok = (np.asarray(a)[0] for a in mllm.source_code_targets(
+            jnp.asarray(seq[None]), jnp.asarray(seq_codes[None])))
+        feats, sgrids = il.source_cells_from_prompt(jnp.asarray(codes[None, :, None]), jnp.asarray(prompt[None]), 32)
+        source = il.SourceCells(feats=feats, grids=sgrids)
+        st = il.RowState.start([[*grids[0], *grids[1]]], True, True, phase=il.EXPECT_SOL0)
+        for p in range(1, len(block) - 1):
+            st = il.advance(st, jnp.asarray(block[p:p + 1]), vocab, EOS)
+            code, ok = (np.asarray(a)[0] for a in il.next_source_code(*il.next_cell(st), source))
+            q = P - 1 + p
+            assert ok == want_ok[q] and code == want_code[q], f"{src_grids} position {q}"
+        assert want_ok.sum() == (sum(min(a, c) * min(b, d) for (a, b), (c, d) in zip(grids, src_grids))
+                                 if src_grids else 0)
+
+
+def test_a_strong_copy_path_draws_the_source_codes_under_cfg():
+    """A copy bonus of 50 nats: every code drawn (sampled, guidance 2) is the conditional row's source code
+    of its cell; the prompts' images without their codes are refused."""
+    tok = dualvitok_config.model_config("tiny")
+    rows = 40 + 7 + 32 + tok.semantic_codes + tok.pixel_codes + 3
+    cfg = mllm.MLLMConfig.create(common.llm_config(text_vocab_size=40, vocab_size=rows, d_model=32, num_heads=2,
+                                                   num_kv_heads=1, mlp_dim=64), tok, source_copy=True)
+    model = mllm.create_mllm(cfg, seed=3)
+    model.source_copy.bias[...] = jnp.asarray([5.0, 5.0])
+    B = 2
+    prompts = _edit_like_prompts(cfg, 2 * B, np.random.default_rng(5))
+    grids = cfg.grids(32, 32)
+    state = il.RowState.start([[*grids[0], *grids[1]]] * B, True, True, phase=il.EXPECT_SOL0)
+    kw = dict(vocab=cfg.vocab, sampling=il.Sampling(temperature=(1.0, 1.0, 1.0), top_k=(0, 0, 0),
+                                                    top_p=(1.0, 1.0, 1.0), guidance_scale=2.0),
+              max_new_tokens=mllm.block_length(grids) - 1, eos_id=EOS)
+    out, _ = il.generate(model, prompts, state, jax.random.key(1), **kw)
+    slots, codes = np.asarray(prompts.slots), np.asarray(prompts.codes)
+    for r in range(B):
+        sem, pix = mllm.parse_block(np.concatenate([[cfg.vocab.soi], np.asarray(out)[r]]), grids, cfg.vocab)
+        for got, slot in ((sem, mllm.SLOT_SEM_IN), (pix, mllm.SLOT_PIX_IN)):
+            np.testing.assert_array_equal(got.reshape(-1), codes[r][slots[r] == slot], err_msg=f"row {r}")
+    with pytest.raises(ValueError, match="prompts.codes"):
+        il.generate(model, prompts.replace(codes=None), state, jax.random.key(1), **kw)
 
 
 @pytest.mark.parametrize("which", ["tiny", "tiny_cells", "tiny_neighbours"])

@@ -383,6 +383,71 @@ def test_source_cell_projection_adds_the_projected_source_cell():
         np.testing.assert_allclose(x[0, p] - before[0, p], want, atol=1e-4, err_msg=f"position {p}")
 
 
+def test_input_codes_are_the_codes_of_the_continuous_cells():
+    """`input_codes` puts image m's code of cell k at the continuous slot with cells = m * n + k of its
+    level, -1 at every other position (text, structure, drawn codes)."""
+    v = _tiny_neighbour_cfg().vocab
+    grids = ((2, 3), (4, 5))
+    t_in = mllm.block_template(grids, v, continuous=True)
+    n0, n1 = 6, 20
+    slots = np.concatenate([[0], t_in.slots, [0], t_in.slots, mllm.block_template(grids, v, continuous=False).slots])
+    cells = np.concatenate([[0], t_in.cells, [0], t_in.cells + np.where(t_in.slots == mllm.SLOT_SEM_IN, n0, n1),
+                            np.zeros(mllm.block_length(grids), np.int64)])
+    rng = np.random.default_rng(0)
+    sem, pix = rng.integers(0, v.semantic_codes, (1, 2 * n0)), rng.integers(0, v.pixel_codes, (1, 2 * n1))
+    got = np.asarray(mllm.input_codes(jnp.asarray(slots[None]), jnp.asarray(cells[None]), jnp.asarray(sem),
+                                      jnp.asarray(pix)))[0]
+    want = np.where(slots == mllm.SLOT_SEM_IN, sem[0][np.clip(cells, 0, 2 * n0 - 1)],
+                    np.where(slots == mllm.SLOT_PIX_IN, pix[0][np.clip(cells, 0, 2 * n1 - 1)], -1))
+    np.testing.assert_array_equal(got, want)
+    assert (got >= 0).sum() == 2 * (n0 + n1)
+
+
+def test_source_copy_adds_its_bonus_to_the_source_code_of_the_cell_drawn():
+    """With `source_copy`, the logits differ from the plain head's only at positions that draw a cell of
+    the source's grid, and there only at the id of the source's own code of that cell, by the module's
+    bonus. Zero at first (a fork starts unchanged); codes are required."""
+    cfg, model = _option_model("source_copy", "source_copy")
+    grids = cfg.grids(32, 32)
+    tokens, slots, out_at, _, _ = _edit_row(grids, cfg.vocab, 4)
+    t_in = mllm.block_template(grids, cfg.vocab, continuous=True)
+    cells = np.concatenate([[0, 0], t_in.cells, np.zeros(len(tokens) - 2 - len(t_in.cells), np.int64)])
+    images = jax.random.uniform(jax.random.key(5), (1, 1, 32, 32, 3), minval=-1, maxval=1)
+    rng = np.random.default_rng(1)
+    n0, n1 = cfg.cells_per_image(32, 32)
+    sem, pix = rng.integers(0, cfg.vocab.semantic_codes, (1, n0)), rng.integers(0, cfg.vocab.pixel_codes, (1, n1))
+    codes = mllm.input_codes(jnp.asarray(slots[None]), jnp.asarray(cells[None]), jnp.asarray(sem), jnp.asarray(pix))
+    args = (jnp.asarray(tokens[None]),)
+    kw = dict(slots=jnp.asarray(slots[None]), cells=jnp.asarray(cells[None]), images=images)
+    plain = np.asarray(model.llm(inputs_embeds=model.embed(args[0], kw["slots"], kw["cells"], images)))[0]
+    np.testing.assert_allclose(np.asarray(model(*args, **kw, codes=codes))[0], plain, atol=1e-5)
+    with pytest.raises(ValueError, match="source_copy"):
+        model(*args, **kw)
+    model.source_copy.gate[...] = jax.random.normal(jax.random.key(2), model.source_copy.gate.shape)
+    model.source_copy.bias[...] = jnp.asarray([0.3, -0.2])
+    got = np.asarray(model(*args, **kw, codes=codes))[0]
+    normed = np.asarray(model.llm.final_norm(model.llm(inputs_embeds=model.embed(args[0], kw["slots"], kw["cells"],
+                                                                                  images), return_hidden=True)))[0]
+    gate, bias = np.asarray(model.source_copy.gate[...]), np.asarray(model.source_copy.bias[...])
+    v = cfg.vocab
+    drawn = 0
+    for p in range(len(tokens) - 1):
+        nxt = slots[p + 1]
+        diff = got[p] - plain[p]
+        if nxt not in (mllm.SLOT_SEM_OUT, mllm.SLOT_PIX_OUT):
+            np.testing.assert_allclose(diff, 0, atol=1e-5, err_msg=f"position {p}")
+            continue
+        lv = 0 if nxt == mllm.SLOT_SEM_OUT else 1
+        cell = mllm.block_template(grids, v, continuous=False).cells[p + 1 - out_at]
+        code = (sem if lv == 0 else pix)[0, cell]
+        col = (v.level0_start if lv == 0 else v.level1_start) + code
+        want = np.zeros_like(diff)
+        want[col] = normed[p] @ gate[:, lv] + mllm.SourceCodeCopy.BIAS_SCALE * bias[lv]
+        np.testing.assert_allclose(diff, want, atol=1e-4, err_msg=f"position {p}")
+        drawn += 1
+    assert drawn == sum(h * w for h, w in grids)
+
+
 def test_embed_splices_projected_features_at_the_slots(tiny_model):
     cfg, model = tiny_model
     grids = cfg.grids(32, 32)

@@ -471,7 +471,8 @@ def _check_report(path, images):
 
 def test_a_run_forks_into_a_model_with_a_cell_embedding(trained, micro_tokenizer_workdir, tmp_path):
     """model_init.weights_from = a `train` workdir: every parameter comes from its checkpoint except
-    those `reinit` names (here the new `cell_embed/`, `neighbour_embed/`, `parent_embed/`, `source_embed/`), which
+    those `reinit` names (here the new `cell_embed/`, `neighbour_embed/`, `parent_embed/`, `source_embed/`,
+    `source_copy/`), which
     start fresh; the
     fork trains, loads and generates. What does not fit, and a different text tokenizer, are named."""
     import shutil
@@ -481,9 +482,9 @@ def test_a_run_forks_into_a_model_with_a_cell_embedding(trained, micro_tokenizer
     config, full_dir, *_ = trained
     fork_step = sum(s.steps for s in config.stages[:3])     # the end of align
     fork = micro_config(micro_tokenizer_workdir, steps=2, arg="cell_embedding=1,neighbour_codes=1,parent_codes=1,"
-                                                                     "source_cells=1,stages=3")
+                                                                     "source_cells=1,source_copy=1,stages=3")
     fork.stages[0].steps = 1
-    new = ("cell_embed/.*", "neighbour_embed/.*", "parent_embed/.*", "source_embed/.*")
+    new = ("cell_embed/.*", "neighbour_embed/.*", "parent_embed/.*", "source_embed/.*", "source_copy/.*")
     fork.model_init.update(weights_from=full_dir, weights_step=fork_step, reinit=new)
     config_check.validate(fork)
     mesh = sharding.make_mesh(dict(fork.mesh))
@@ -494,11 +495,12 @@ def test_a_run_forks_into_a_model_with_a_cell_embedding(trained, micro_tokenizer
     fresh_flat = {path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(fresh.params)[0]}
     for p, v in jax.tree_util.tree_flatten_with_path(got)[0]:
         name = path_str(p)
-        is_new = name.startswith(("cell_embed/", "neighbour_embed/", "parent_embed/", "source_embed/"))
+        is_new = name.startswith(("cell_embed/", "neighbour_embed/", "parent_embed/", "source_embed/", "source_copy/"))
         np.testing.assert_array_equal(np.asarray(v), fresh_flat[name] if is_new else source[name], err_msg=name)
     assert {n for n in fresh_flat if n not in source} == {"cell_embed/rows", "cell_embed/cols",
                                                           "neighbour_embed/level0", "neighbour_embed/level1",
-                                                          "parent_embed/table", "source_embed/proj/kernel"}
+                                                          "parent_embed/table", "source_embed/proj/kernel",
+                                                          "source_copy/gate", "source_copy/bias"}
     with pytest.raises(ValueError, match=r"cell_embed/rows \(2, \d+, 32\): not in the run.*reinit names"):
         state_lib.load_run_params(full_dir, fresh.params, mesh, step=fork_step)
     with pytest.raises(ValueError, match=r"reinit: \['nothing/.\*'\] match no parameter"):
@@ -528,6 +530,7 @@ def test_a_run_forks_into_a_model_with_a_cell_embedding(trained, micro_tokenizer
     assert np.asarray(model.model.neighbour_embed.level1[...]).any()          # ... and sft trains it
     assert not fresh_flat["parent_embed/table"].any() and np.asarray(model.model.parent_embed.table[...]).any()
     assert not fresh_flat["source_embed/proj/kernel"].any() and np.asarray(model.model.source_embed.proj.kernel[...]).any()
+    assert not fresh_flat["source_copy/bias"].any() and np.asarray(model.model.source_copy.bias[...]).any()
     images = model.generate(["a red circle"], seed=0)
     assert images[0].shape == (RES, RES, 3)
     edited = model.edit([images[0]], ["make the red circle blue"], seed=0)   # drawn over its source's cells
