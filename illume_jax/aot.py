@@ -160,6 +160,7 @@ class DecodeAotReport:
     neighbour_codes: bool = False
     parent_codes: bool = False
     source_cells: bool = False
+    source_copy: bool = False
 
     @property
     def fits(self) -> bool | None:
@@ -170,7 +171,7 @@ class DecodeAotReport:
             f"topology {self.topology}: {self.num_devices} chips, mesh {self.mesh}",
             f"decode step (sample + one token, CFG{', cell embedding' if self.cell_embedding else ''}"
             f"{', neighbour codes' if self.neighbour_codes else ''}{', parent codes' if self.parent_codes else ''}"
-            f"{', source cells' if self.source_cells else ''}): "
+            f"{', source cells' if self.source_cells else ''}{', source copy' if self.source_copy else ''}): "
             f"{self.batch} images = {self.rows} rows, "
             f"KV cache {self.cache_len} slots ({self.cache_gib:.2f} GiB in all)",
             *_memory_lines(self),
@@ -186,7 +187,8 @@ def compile_decode_step(config: Any, topology: str, *, batch: int = 8, cache_len
     the fed tokens carry their cell's vectors, with `vision.neighbour_codes` the codes drawn above
     their cell and with `vision.parent_codes` the semantic code over it (the row state then holds a code
     buffer), with `vision.source_cells` the source image's same cell (a projected buffer of the block's
-    cells per row, an argument), as `generate` feeds them."""
+    cells per row, an argument), as `generate` feeds them; with `vision.source_copy` the sampled logits
+    take the copy bonus at the source's code (a buffer of the block's source codes per row, an argument)."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -209,6 +211,7 @@ def compile_decode_step(config: Any, topology: str, *, batch: int = 8, cache_len
     cell_graph, abs_cells = _abstract_extra_embedding(config, cfg, mesh, "cell_embedding", vocab)
     nb_graph, abs_nb = _abstract_extra_embedding(config, cfg, mesh, "neighbour_codes", vocab)
     parent_graph, abs_parent = _abstract_extra_embedding(config, cfg, mesh, "parent_codes", vocab)
+    copy_graph, abs_copy = _abstract_extra_embedding(config, cfg, mesh, "source_copy", vocab)
     R = 2 * batch
     cache_shape = (cfg.num_layers, R, cache_len, cfg.num_kv_heads, cfg.head_dim)
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -231,19 +234,27 @@ def compile_decode_step(config: Any, topology: str, *, batch: int = 8, cache_len
         source = il.SourceCells(feats=jax.ShapeDtypeStruct((R, 2, block_length(grids), cfg.d_model), cfg.compute_dtype,
                                                            sharding=sharding.batch_sharding(mesh, 4)),
                                 grids=jax.ShapeDtypeStruct((R, 4), jnp.int32, sharding=rows_sh))
+    source_codes = None
+    if copy_graph is not None:
+        source_codes = il.SourceCells(feats=jax.ShapeDtypeStruct((R, 2, block_length(grids), 1), jnp.int32,
+                                                                 sharding=sharding.batch_sharding(mesh, 4)),
+                                      grids=jax.ShapeDtypeStruct((R, 4), jnp.int32, sharding=rows_sh))
 
-    def step(params, cell_params, nb_params, parent_params, source, hidden, state, positions, cache, key):
+    def step(params, cell_params, nb_params, parent_params, copy_params, source, source_codes, hidden, state,
+             positions, cache, key):
         llm = nnx.merge(graphdef, params)
         extra = lambda graph, p: None if graph is None else nnx.merge(graph, p)  # noqa: E731
+        copy_from = None if copy_graph is None else (nnx.merge(copy_graph, copy_params), source_codes)
         return il.decode_step(llm, hidden, state, positions, cache, jax.random.wrap_key_data(key),
                               vocab=vocab, sampling=sampling, eos_id=151645, cell_embed=extra(cell_graph, cell_params),
                               neighbour_embed=extra(nb_graph, nb_params),
-                              parent_embed=extra(parent_graph, parent_params), source=source)
+                              parent_embed=extra(parent_graph, parent_params), source=source, copy_from=copy_from)
 
     t0 = time.time()
     with sharding.use_mesh(mesh):
-        lowered = jax.jit(step, donate_argnums=(8,)).lower(abs_params, abs_cells, abs_nb, abs_parent, source, hidden,
-                                                           abs_state, vec((R,)), abs_cache, vec((2,), jnp.uint32))
+        lowered = jax.jit(step, donate_argnums=(10,)).lower(abs_params, abs_cells, abs_nb, abs_parent, abs_copy, source,
+                                                            source_codes, hidden, abs_state, vec((R,)), abs_cache,
+                                                            vec((2,), jnp.uint32))
     compiled = lowered.compile()
     compile_s = time.time() - t0
     mem, cost = _analyses(compiled)
@@ -256,7 +267,8 @@ def compile_decode_step(config: Any, topology: str, *, batch: int = 8, cache_len
                            peak_gib=arg + temp + out - alias, hbm_gib=HBM_GIB.get(topology.split(":")[0]),
                            cache_gib=cache_gib, xla_flops=float(cost.get("flops", 0.0)), compile_s=compile_s,
                            cell_embedding=cell_graph is not None, neighbour_codes=nb_graph is not None,
-                           parent_codes=parent_graph is not None, source_cells=source is not None)
+                           parent_codes=parent_graph is not None, source_cells=source is not None,
+                           source_copy=copy_graph is not None)
 
 
 def _abstract_extra_embedding(config: Any, llm_cfg: LLMConfig, mesh, option: str, vocab):
@@ -264,13 +276,13 @@ def _abstract_extra_embedding(config: Any, llm_cfg: LLMConfig, mesh, option: str
     `vision.<option>` turns on -- `CellEmbedding` (cell_embedding; its table side follows the
     tokenizer's grids at `vision.max_side`), `NeighbourCodeEmbedding` (neighbour_codes) or
     `ParentCodeEmbedding` (parent_codes), these two with a row per code of the step's image vocabulary
-    `vocab` -- else (None, None)."""
+    `vocab`, or the `SourceCodeCopy` (source_copy) -- else (None, None)."""
     vision = config.get("vision")
     if vision is None or not vision.get(option, False):
         return None, None
     from flax import nnx
 
-    from illume_jax.models.mllm import CellEmbedding, NeighbourCodeEmbedding, ParentCodeEmbedding
+    from illume_jax.models.mllm import CellEmbedding, NeighbourCodeEmbedding, ParentCodeEmbedding, SourceCodeCopy
     from illume_jax.train.state import model_config
     mcfg = model_config(config)
     kw = dict(dtype=llm_cfg.compute_dtype, param_dtype=llm_cfg.weight_dtype)  # (Rngs made inside the trace)
@@ -280,7 +292,9 @@ def _abstract_extra_embedding(config: Any, llm_cfg: LLMConfig, mesh, option: str
             "parent_codes": lambda: ParentCodeEmbedding(vocab.semantic_codes, llm_cfg.d_model,
                                                         pixel_stride=mcfg.tokenizer.downsample,
                                                         semantic_stride=mcfg.tokenizer.semantic_factor,
-                                                        rngs=nnx.Rngs(0), **kw)}[option]
+                                                        rngs=nnx.Rngs(0), **kw),
+            "source_copy": lambda: SourceCodeCopy(llm_cfg.d_model, param_dtype=llm_cfg.weight_dtype,
+                                                  rngs=nnx.Rngs(0))}[option]
     with sharding.use_mesh(mesh):
         module = nnx.eval_shape(make)
         graph, params = nnx.split(module, nnx.Param)

@@ -45,13 +45,15 @@ def test_decode_step_compiles_for_v5p_2x2x1_at_the_official_vocabulary():
     assert report.num_devices == 4 and report.rows == 4 and report.cache_len == 128
     assert report.peak_gib > 0 and report.fits and report.xla_flops > 0
     assert "decode step" in report.table() and not (report.cell_embedding or report.neighbour_codes
-                                                    or report.parent_codes or report.source_cells)
+                                                    or report.parent_codes or report.source_cells or report.source_copy)
     # With the (non-official) cell embedding, neighbour and parent codes the fed tokens carry their cell's
     # vectors, the codes drawn above it and the semantic code over it: the tables (2 x 2 levels x 256
     # cells, 3 x the official 32,768 + 98,304 codes, 32,768 codes, x 64 fp32, sharded by 'embed'), the
-    # rows' code buffers and, with source cells, each row's projected source block are arguments of the step.
+    # rows' code buffers and, with source cells, each row's projected source block are arguments of the step;
+    # with the copy path, each row's source codes too.
     from configs import illume_tiny
-    extras = illume_tiny.get_config("cell_embedding=1,neighbour_codes=1,parent_codes=1,source_cells=1,tokenizer=")  # (shapes: config)
+    extras = illume_tiny.get_config("cell_embedding=1,neighbour_codes=1,parent_codes=1,source_cells=1,"
+                                    "source_copy=1,tokenizer=")  # (shapes: config)
     extras.mesh.update(data=1, fsdp=-1, tensor=1)
     extras.model.update(text_vocab_size=151665, vocab_size=283047, d_model=64, num_layers=2, dtype="bfloat16")
     with_extras = aot.compile_decode_step(extras, "v5p:2x2x1", batch=2, cache_len=128)
@@ -59,6 +61,7 @@ def test_decode_step_compiles_for_v5p_2x2x1_at_the_official_vocabulary():
     assert with_extras.neighbour_codes and "neighbour codes" in with_extras.table()
     assert with_extras.parent_codes and "parent codes" in with_extras.table()
     assert with_extras.source_cells and "source cells" in with_extras.table()
+    assert with_extras.source_copy and "source copy" in with_extras.table()
     assert with_extras.argument_gib > report.argument_gib
     bad = tiny.get_config()
     with pytest.raises(ValueError, match="no room for the ILLUME\\+ image vocabulary"):
