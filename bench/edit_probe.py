@@ -7,7 +7,9 @@
   at cells where the target keeps the source's code ('kept') and where it does not ('changed'): what
   an editor that copies its source can gain ('kept' is small where the tokenizer rewrites untouched
   cells: `eval-tokenizer`'s edit_kept_*). 'kept_object' / 'kept_background' split the kept cells by
-  whether they show an object (in the source or the target).
+  whether they show an object (in the source or the target). For an MLLM with `source_copy`, also
+  'copy_bonus': the copy path's mean bonus on the source's code, by the same split (a copier that knows
+  what the edit changes puts a high one on kept cells and a low one on changed cells).
 
   python bench/edit_probe.py --workdir runs/illume_tiny --pairs 48 [--temperature 1 --top_p 1] --out probe.json
 
@@ -50,11 +52,12 @@ def cell_mask(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
 
 
 def kept_changed_nll(nll: np.ndarray, source_codes: np.ndarray, target_codes: np.ndarray,
-                     on_object: np.ndarray | None = None) -> dict:
+                     on_object: np.ndarray | None = None, value: str = "nll") -> dict:
     """nll [N] of the target codes [N] -> {'kept': (cells, mean NLL), 'changed': ...}, split by whether the
     target's code at a cell is the source's (None for a kind with no cell). With `on_object` [N] (cells
     that show an object in the source or the target) also 'kept_object' / 'kept_background': a copying
-    editor has to get the kept object cells right, where the background alone is easy."""
+    editor has to get the kept object cells right, where the background alone is easy. `value`: the name
+    the means go under (the same split serves other per-cell values, e.g. a copy bonus)."""
     nll, kept = np.asarray(nll), np.asarray(source_codes) == np.asarray(target_codes)
     if not nll.shape == kept.shape:
         raise ValueError(f"kept_changed_nll: {nll.shape} NLLs for {kept.shape} codes")
@@ -64,7 +67,7 @@ def kept_changed_nll(nll: np.ndarray, source_codes: np.ndarray, target_codes: np
         if obj.shape != kept.shape:
             raise ValueError(f"kept_changed_nll: on_object has shape {obj.shape}, the codes {kept.shape}")
         masks += [("kept_object", kept & obj), ("kept_background", kept & ~obj)]
-    return {name: dict(cells=int(m.sum()), nll=float(nll[m].mean()) if m.any() else None) for name, m in masks}
+    return {name: {"cells": int(m.sum()), value: float(nll[m].mean()) if m.any() else None} for name, m in masks}
 
 
 def edit_probe(model, *, pairs: int = 48, sampling=None, seed: int = 0, forced_pairs: int = 16,
@@ -87,6 +90,7 @@ def edit_probe(model, *, pairs: int = 48, sampling=None, seed: int = 0, forced_p
     levels = (("semantic", mllm.SLOT_SEM_OUT, v.level0_start, v.semantic_codes, 0),
               ("pixel", mllm.SLOT_PIX_OUT, v.level1_start, v.pixel_codes, 1))
     nlls = {name: ([], [], [], []) for name, *_ in levels}
+    bonuses = {name: [] for name, *_ in levels}
     for i in range(forced_pairs):
         pair = shapecomp.edit_pair(level, split, i)
         source_image, target_image = shapecomp.render(pair.before), shapecomp.render(pair.after)
@@ -107,6 +111,11 @@ def edit_probe(model, *, pairs: int = 48, sampling=None, seed: int = 0, forced_p
                                             cells=jnp.asarray(seq_cells), images=jnp.asarray(before[None, :, 0]),
                                             codes=codes))[0]
         start = len(ids) - 1                                 # where the block's <start_of_image> sits
+        normed = None
+        if model.cfg.source_copy:   # for the copy path's bonus on the source's code at each cell
+            normed = model.model.llm.final_norm(model.model.llm(inputs_embeds=model.model.embed(
+                jnp.asarray(seq), jnp.asarray(seq_slots), jnp.asarray(seq_cells), jnp.asarray(before[None, :, 0])),
+                return_hidden=True)[0])
         for name, slot, first, n, k in levels:
             pos = np.nonzero(t.slots == slot)[0]
             logits = all_logits[start + pos - 1, first:first + n]
@@ -116,7 +125,13 @@ def edit_probe(model, *, pairs: int = 48, sampling=None, seed: int = 0, forced_p
             nlls[name][1].append(source[k].reshape(-1)[t.cells[pos]])
             nlls[name][2].append(true)
             nlls[name][3].append(cell_mask(shown, grids[k])[t.cells[pos]])
+            if normed is not None:
+                bonuses[name].append(np.asarray(model.model.source_copy(normed[start + pos - 1], jnp.full(len(pos), k))))
     forced = {name: kept_changed_nll(*(np.concatenate(a) for a in parts)) for name, parts in nlls.items()}
+    if model.cfg.source_copy:   # where it learned to copy: a high bonus at kept cells, a low one at changed
+        forced["copy_bonus"] = {name: kept_changed_nll(np.concatenate(bonuses[name]),
+                                                       *(np.concatenate(a) for a in nlls[name][1:]), value="bonus")
+                                for name in bonuses}
     return dict(drawn=drawn, teacher_forced=forced, forced_pairs=forced_pairs)
 
 

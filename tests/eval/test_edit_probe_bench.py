@@ -33,6 +33,9 @@ def test_kept_changed_nll_splits_by_the_source_code():
                                         np.array([7, 0, 9, 1]), on_object=np.array([True, True, False, False]))
     assert split["kept_object"] == {"cells": 1, "nll": 1.0} and split["kept_background"] == {"cells": 1, "nll": 3.0}
     assert split["kept"] == out["kept"]
+    bonus = edit_probe.kept_changed_nll(np.array([4.0, -1.0, 2.0, 0.0]), np.array([7, 8, 9, 9]), np.array([7, 0, 9, 1]),
+                                        value="bonus")
+    assert bonus == {"kept": {"cells": 2, "bonus": 3.0}, "changed": {"cells": 2, "bonus": -0.5}}
     with pytest.raises(ValueError, match="on_object has shape"):
         edit_probe.kept_changed_nll(np.zeros(2), np.zeros(2), np.zeros(2), on_object=np.zeros(3, bool))
 
