@@ -11,7 +11,7 @@
   'copy_bonus': the copy path's mean bonus on the source's code, by the same split (a copier that knows
   what the edit changes puts a high one on kept cells and a low one on changed cells).
 
-  python bench/edit_probe.py --workdir runs/illume_tiny --pairs 48 [--temperature 1 --top_p 1] --out probe.json
+  python bench/edit_probe.py --workdir runs/illume_tiny --pairs 48 [--temperature 1 --top_p 1] [--guidance 1] --out probe.json
 
 Why: README, "Edits drawn over their source".
 """
@@ -141,10 +141,11 @@ def main() -> None:
     p.add_argument("--forced_pairs", type=int, default=16, help="held-out edit pairs to teacher-force")
     p.add_argument("--temperature", type=float, default=None, help="default: the official editing 0.7")
     p.add_argument("--top_p", type=float, default=None, help="default: the official editing 0.8")
+    p.add_argument("--guidance", type=float, default=None, help="default: the official editing CFG scale")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     from illume_jax.infer import interleaved as il
-    sampling = il.Sampling.for_task("edit", temperature=a.temperature, top_p=a.top_p)
+    sampling = il.Sampling.for_task("edit", temperature=a.temperature, top_p=a.top_p, guidance_scale=a.guidance)
     mllm_probe.run(a, lambda model: edit_probe(model, pairs=a.pairs, sampling=sampling, seed=a.seed,
                                                forced_pairs=a.forced_pairs),
                    pairs=a.pairs, seed=a.seed, sampling=dataclasses.asdict(sampling))
