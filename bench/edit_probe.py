@@ -11,6 +11,9 @@
   'copy_bonus': the copy path's mean bonus on the source's code, by the same split (a copier that knows
   what the edit changes puts a high one on kept cells and a low one on changed cells).
 
+- **Given the semantic level** (`--semantic_from target|source`, instead of the above): the prompt ends with
+  that image's semantic codes and the model draws only the pixel codes; graded as the suite grades.
+
   python bench/edit_probe.py --workdir runs/illume_tiny --pairs 48 [--temperature 1 --top_p 1] [--guidance 1] --out probe.json
 
 Why: README, "Edits drawn over their source".
@@ -135,6 +138,65 @@ def edit_probe(model, *, pairs: int = 48, sampling=None, seed: int = 0, forced_p
     return dict(drawn=drawn, teacher_forced=forced, forced_pairs=forced_pairs)
 
 
+def forced_semantic_edits(model, *, which: str, pairs: int = 48, sampling=None, seed: int = 0, level: int = 1,
+                          split: str = "test", batch_size: int = 8) -> dict:
+    """Edits whose semantic level is given, not drawn: the prompt ends with the semantic half of the block
+    (the `which` = 'target' or 'source' image's own semantic codes, up to <start_of_level1>) and the model
+    draws only the pixel codes (CFG rows get the same half). Graded as the editing suite grades. Tells
+    whether a wrong semantic layout is what spoils the drawn edits: with the target's, a pixel level that
+    copies kept cells and follows the layout would score."""
+    import jax
+    import jax.numpy as jnp
+
+    from illume_jax.data import multimodal
+    from illume_jax.eval import shapecomp_scorer as scorer
+    from illume_jax.infer import interleaved as il
+    from illume_jax.models import mllm
+    if which not in ("target", "source"):
+        raise ValueError(f"which={which!r}: expected 'target' or 'source'")
+    if model.cfg.parent_codes:   # its row state would lack the given semantic codes
+        raise ValueError("forced_semantic_edits: not for an MLLM with parent_codes")
+    sampling = sampling or il.Sampling.for_task("edit")
+    grids = model.cfg.grids(model.resolution, model.resolution)
+    v = model.cfg.vocab
+    t = mllm.block_template(grids, v, continuous=False)
+    first_pix = int(np.nonzero(t.slots == mllm.SLOT_PIX_OUT)[0][0])   # the half ends with <start_of_level1>
+    per_op, preservation, rows = {}, [], []
+    edit_pairs = [shapecomp.edit_pair(level, split, i) for i in range(pairs)]
+    for start in range(0, pairs, batch_size):
+        chunk = edit_pairs[start:start + batch_size]
+        befores = [shapecomp.render(p.before) for p in chunk]
+        shown = model._image_batch([shapecomp.render(p.after if which == "target" else p.before) for p in chunk])
+        sem = np.asarray(model.vision_tokenizer.encode(jnp.asarray(shown[:, 0]))[0])
+        halves = [mllm.block_ids(t, s, np.zeros(grids[1], np.int64), v)[1:first_pix] for s in sem]
+        def row(text, half):
+            ids, slots, cells = model._prompt(text, suffix=model._image_prefix())
+            return (np.concatenate([ids, half]), np.concatenate([slots, t.slots[1:first_pix]]),
+                    np.concatenate([cells, np.zeros(len(half), np.int32)]))
+        cond = [row(multimodal.edit_prompt(p.instruction), h) for p, h in zip(chunk, halves)]
+        uncond = [row(multimodal.EDIT_UNCOND, h) for h in halves]
+        use_cfg = sampling.guidance_scale != 1.0
+        images = model._image_batch(befores)
+        prompts = model._batch(cond + (uncond if use_cfg else []),
+                               np.concatenate([images, images]) if use_cfg else images)
+        state = il.RowState.start(np.tile([*grids[0], *grids[1]], (len(chunk), 1)), True, True, phase=il.LEVEL1)
+        out, _ = il.generate(model.model, prompts, state, jax.random.key(seed + start), vocab=v, sampling=sampling,
+                             max_new_tokens=len(t.ids) - first_pix, eos_id=model.eos_id, pad_id=0)
+        drawn = model._to_images(np.concatenate([np.stack(halves), np.asarray(out)], axis=1))
+        for pair, img, before in zip(chunk, drawn, befores):
+            g = scorer.grade_edit(img, pair.before, pair.after, pair.edited, pair.untouched,
+                                  rotated=shapecomp.get_level(level).rotation)
+            per_op.setdefault(pair.op, []).append(bool(g["instruction"]))
+            preservation.append(float(g["preservation"]))
+            target = shapecomp.render(pair.after)
+            rows.append((iou(foreground(img), foreground(target)), iou(foreground(img), foreground(before)),
+                         not foreground(img).any()))
+    return dict(semantic_from=which, success=float(np.mean([x for v_ in per_op.values() for x in v_])),
+                per_op={op: float(np.mean(x)) for op, x in sorted(per_op.items())},
+                preservation=float(np.mean(preservation)), fg_iou_target=float(np.mean([r[0] for r in rows])),
+                fg_iou_source=float(np.mean([r[1] for r in rows])), empty=float(np.mean([r[2] for r in rows])))
+
+
 def main() -> None:
     p = mllm_probe.parser(__doc__)
     p.add_argument("--pairs", type=int, default=48, help="held-out edit pairs to draw")
@@ -143,11 +205,18 @@ def main() -> None:
     p.add_argument("--top_p", type=float, default=None, help="default: the official editing 0.8")
     p.add_argument("--guidance", type=float, default=None, help="default: the official editing CFG scale")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--semantic_from", choices=("target", "source"), default=None,
+                   help="instead: edits whose semantic level is that image's own codes, only the pixel level drawn")
     a = p.parse_args()
     from illume_jax.infer import interleaved as il
     sampling = il.Sampling.for_task("edit", temperature=a.temperature, top_p=a.top_p, guidance_scale=a.guidance)
-    mllm_probe.run(a, lambda model: edit_probe(model, pairs=a.pairs, sampling=sampling, seed=a.seed,
-                                               forced_pairs=a.forced_pairs),
+    if a.semantic_from:
+        probe = lambda model: forced_semantic_edits(model, which=a.semantic_from, pairs=a.pairs,  # noqa: E731
+                                                    sampling=sampling, seed=a.seed)
+    else:
+        probe = lambda model: edit_probe(model, pairs=a.pairs, sampling=sampling, seed=a.seed,  # noqa: E731
+                                         forced_pairs=a.forced_pairs)
+    mllm_probe.run(a, probe,
                    pairs=a.pairs, seed=a.seed, sampling=dataclasses.asdict(sampling))
 
 

@@ -163,6 +163,10 @@ def vision_config(**overrides) -> mlc.ConfigDict:
         # image's own code of the same cell gets a learned bonus -- a copy path (not official; models/mllm.py
         # `SourceCodeCopy`).
         source_copy=False,
+        # > 0: in training, each code the model is fed back (a drawn block's inputs) is replaced by a random
+        # code of its level with this probability; targets stay true (not official; models/mllm.py
+        # `noisy_code_inputs`).
+        code_noise=0.0,
         tag_step=64,              # resolution tags <height_64> ... <height_1024> (spec §3.2)
         max_side=1024,
     ))

@@ -226,6 +226,22 @@ def input_codes(slots: jax.Array, cells: jax.Array, semantic_codes: jax.Array, p
                      jnp.where(slots == SLOT_PIX_IN, take(pixel_codes, SLOT_PIX_IN), -1)).astype(jnp.int32)
 
 
+def noisy_code_inputs(tokens: jax.Array, slots: jax.Array, vocab: ImageVocab, rate: float, rng: jax.Array
+                      ) -> jax.Array:
+    """tokens [B,T] with each discrete code *input* (SLOT_SEM_OUT / SLOT_PIX_OUT positions) replaced, with
+    probability `rate`, by a uniformly drawn code of its level; the targets stay the true codes. Why
+    (`vision.code_noise`, not official): teacher-forced, the tiny editor with `source_copy` copies a kept
+    code at 0.8-0.96, yet drawn, its first background synonym that differs from the source starts a run
+    of codes that follow its own left neighbour instead of the source ("A copy path for edits"). Trained
+    on contexts with wrong codes, it learns not to trust them (scheduled-sampling style)."""
+    k_mask, k_sem, k_pix = jax.random.split(rng, 3)
+    hit = jax.random.uniform(k_mask, tokens.shape) < rate
+    sem = vocab.level0_start + jax.random.randint(k_sem, tokens.shape, 0, vocab.semantic_codes)
+    pix = vocab.level1_start + jax.random.randint(k_pix, tokens.shape, 0, vocab.pixel_codes)
+    out = jnp.where(hit & (slots == SLOT_SEM_OUT), sem, tokens)
+    return jnp.where(hit & (slots == SLOT_PIX_OUT), pix, out).astype(tokens.dtype)
+
+
 # -- model ------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)

@@ -192,11 +192,21 @@ def make_train_step(config: Any, stage_index: int, mesh: Mesh, graphdef=None, tx
         return MeshJit(jitted, mesh)
     if vision is None:
         raise ValueError("a multimodal config (config.vision) needs its vision tokenizer to build the train step")
+    from illume_jax.models import mllm
     from illume_jax.train.state import model_config
     vocab = model_config(config).vocab
 
+    code_noise = float(config.vision.get("code_noise", 0.0))
+    if not 0.0 <= code_noise < 1.0:
+        raise ValueError(f"config.vision.code_noise={code_noise}: expected a rate in [0, 1)")
+
     def step(state, batch, tok_params):
-        return train_step(state, vision.prepare(tok_params, batch, vocab), **kw)
+        batch = vision.prepare(tok_params, batch, vocab)
+        if code_noise > 0:   # wrong codes in the context, true targets (models/mllm.py noisy_code_inputs)
+            rng = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step), 1)
+            batch = {**batch, "tokens": mllm.noisy_code_inputs(batch["tokens"], batch["token_slots"], vocab,
+                                                               code_noise, rng)}
+        return train_step(state, batch, **kw)
 
     tok_sh = jax.tree.map(lambda a: a.sharding, vision.params)
     # The tokenizer's graph is part of the program (its weights are an argument).

@@ -518,3 +518,23 @@ def test_projector_window_feeds_each_token_its_neighbourhood(tiny_model):
     for bad in (0, 2):
         with pytest.raises(ValueError, match="projector_window"):
             dataclasses.replace(cfg, projector_window=bad)
+
+
+def test_noisy_code_inputs_replace_only_fed_back_codes_within_their_level():
+    """At rate r about r of the discrete code inputs become another code of the same level; text,
+    structure and continuous positions never change; rate 0 changes nothing; same key, same noise."""
+    v = _tiny_neighbour_cfg().vocab
+    grids = ((6, 6), (12, 12))
+    tokens, slots, _, _, _ = _edit_row(grids, v, 7)
+    toks, sl = jnp.asarray(np.tile(tokens, (8, 1))), jnp.asarray(np.tile(slots, (8, 1)))
+    key = jax.random.key(3)
+    np.testing.assert_array_equal(np.asarray(mllm.noisy_code_inputs(toks, sl, v, 0.0, key)), np.asarray(toks))
+    got = np.asarray(mllm.noisy_code_inputs(toks, sl, v, 0.3, key))
+    np.testing.assert_array_equal(got, np.asarray(mllm.noisy_code_inputs(toks, sl, v, 0.3, key)))
+    codes = np.isin(np.asarray(sl), (mllm.SLOT_SEM_OUT, mllm.SLOT_PIX_OUT))
+    np.testing.assert_array_equal(got[~codes], np.asarray(toks)[~codes])
+    changed = (got != np.asarray(toks))[codes].mean()
+    assert 0.2 < changed < 0.3     # 0.3 drawn, minus the draws that hit the true code
+    sem, pix = np.asarray(sl) == mllm.SLOT_SEM_OUT, np.asarray(sl) == mllm.SLOT_PIX_OUT
+    assert ((got[sem] >= v.level0_start) & (got[sem] < v.level0_start + v.semantic_codes)).all()
+    assert ((got[pix] >= v.level1_start) & (got[pix] < v.level1_start + v.pixel_codes)).all()

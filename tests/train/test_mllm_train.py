@@ -482,7 +482,7 @@ def test_a_run_forks_into_a_model_with_a_cell_embedding(trained, micro_tokenizer
     config, full_dir, *_ = trained
     fork_step = sum(s.steps for s in config.stages[:3])     # the end of align
     fork = micro_config(micro_tokenizer_workdir, steps=2, arg="cell_embedding=1,neighbour_codes=1,parent_codes=1,"
-                                                                     "source_cells=1,source_copy=1,stages=3")
+                                                                     "source_cells=1,source_copy=1,code_noise=0.2,stages=3")
     fork.stages[0].steps = 1
     new = ("cell_embed/.*", "neighbour_embed/.*", "parent_embed/.*", "source_embed/.*", "source_copy/.*")
     fork.model_init.update(weights_from=full_dir, weights_step=fork_step, reinit=new)
