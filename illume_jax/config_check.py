@@ -153,6 +153,8 @@ def _validate_vision(config: Any) -> None:
     if v.resolution % v.tag_step or not v.tag_step <= v.resolution <= v.max_side:
         _fail("vision.resolution", v.resolution, f"a multiple of vision.tag_step ({v.tag_step}) up to "
                                                  f"vision.max_side ({v.max_side}): it must have resolution tags")
+    if not 0.0 <= float(v.get("code_noise", 0.0)) < 1.0:
+        _fail("vision.code_noise", v.code_noise, "a rate in [0, 1) (the share of fed-back codes replaced)")
     from illume_jax.train.state import model_config
     model_config(config)  # vocabulary rows, codebooks and grids are checked by MLLMConfig
 

@@ -742,10 +742,11 @@ class MLLM(nnx.Module):
                  images: jax.Array | None = None, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, codes: jax.Array | None = None) -> jax.Array:
         """-> logits [B,T,V] fp32 (discrete slots must already hold code ids: `fill_codes`). codes [B,T]:
-        the tokenizer's codes of the continuous cells (`input_codes`), needed with `source_copy`."""
+        the tokenizer's codes of the continuous cells (`input_codes`), needed with `source_copy` when images
+        are shown."""
         x = self.embed(tokens, slots, cells, images, segment_ids)
-        if not (self.cfg.source_copy and slots is not None):
-            return self.llm(inputs_embeds=x, positions=positions, segment_ids=segment_ids)
+        if not (self.cfg.source_copy and slots is not None) or (codes is None and images is None):
+            return self.llm(inputs_embeds=x, positions=positions, segment_ids=segment_ids)   # nothing to copy
         if codes is None:
             raise ValueError("this MLLM has source_copy: pass codes= (mllm.input_codes of the images' tokenizer "
                              "codes) so it can copy the source's code of each cell it draws")

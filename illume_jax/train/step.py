@@ -196,9 +196,7 @@ def make_train_step(config: Any, stage_index: int, mesh: Mesh, graphdef=None, tx
     from illume_jax.train.state import model_config
     vocab = model_config(config).vocab
 
-    code_noise = float(config.vision.get("code_noise", 0.0))
-    if not 0.0 <= code_noise < 1.0:
-        raise ValueError(f"config.vision.code_noise={code_noise}: expected a rate in [0, 1)")
+    code_noise = float(config.vision.get("code_noise", 0.0))   # in [0, 1): config_check
 
     def step(state, batch, tok_params):
         batch = vision.prepare(tok_params, batch, vocab)

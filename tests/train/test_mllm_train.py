@@ -175,6 +175,10 @@ def test_config_validates_and_names_bad_vision_values(micro_tokenizer_workdir):
     bad.stages[3].cfg_dropout = 1.0
     with pytest.raises(ValueError, match="cfg_dropout"):
         config_check.validate(bad)
+    bad = micro_config(micro_tokenizer_workdir)
+    bad.vision.code_noise = 1.0
+    with pytest.raises(ValueError, match="vision.code_noise"):
+        config_check.validate(bad)
 
 
 def test_step_fills_discrete_slots_with_the_tokenizers_codes(micro_tokenizer_workdir):
