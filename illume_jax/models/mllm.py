@@ -231,9 +231,9 @@ def noisy_code_inputs(tokens: jax.Array, slots: jax.Array, vocab: ImageVocab, ra
     """tokens [B,T] with each discrete code *input* (SLOT_SEM_OUT / SLOT_PIX_OUT positions) replaced, with
     probability `rate`, by a uniformly drawn code of its level; the targets stay the true codes. Why
     (`vision.code_noise`, not official): teacher-forced, the tiny editor with `source_copy` copies a kept
-    code at 0.8-0.96, yet drawn, its first background synonym that differs from the source starts a run
-    of codes that follow its own left neighbour instead of the source ("A copy path for edits"). Trained
-    on contexts with wrong codes, it learns not to trust them (scheduled-sampling style)."""
+    code at 0.8-0.96, yet drawn (greedy) it leaves the source's code at kept background cells in runs
+    and copies no kept object ("A copy path for edits"). Trained on contexts with wrong codes, it might
+    learn not to trust them (scheduled-sampling style; at 0.2 it did not: same section)."""
     k_mask, k_sem, k_pix = jax.random.split(rng, 3)
     hit = jax.random.uniform(k_mask, tokens.shape) < rate
     sem = vocab.level0_start + jax.random.randint(k_sem, tokens.shape, 0, vocab.semantic_codes)
