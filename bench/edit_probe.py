@@ -110,15 +110,11 @@ def edit_probe(model, *, pairs: int = 48, sampling=None, seed: int = 0, forced_p
         # The model's own forward (with `source_copy`, its copy bonus reads the source's codes).
         codes = mllm.input_codes(jnp.asarray(seq_slots), jnp.asarray(seq_cells), jnp.asarray(source[0].reshape(1, -1)),
                                  jnp.asarray(source[1].reshape(1, -1)))
-        all_logits = np.asarray(model.model(jnp.asarray(seq), slots=jnp.asarray(seq_slots),
-                                            cells=jnp.asarray(seq_cells), images=jnp.asarray(before[None, :, 0]),
-                                            codes=codes))[0]
+        all_logits, normed = model.model.logits_and_normed(
+            jnp.asarray(seq), slots=jnp.asarray(seq_slots), cells=jnp.asarray(seq_cells),
+            images=jnp.asarray(before[None, :, 0]), codes=codes)
+        all_logits, normed = np.asarray(all_logits[0]), normed[0]
         start = len(ids) - 1                                 # where the block's <start_of_image> sits
-        normed = None
-        if model.cfg.source_copy:   # for the copy path's bonus on the source's code at each cell
-            normed = model.model.llm.final_norm(model.model.llm(inputs_embeds=model.model.embed(
-                jnp.asarray(seq), jnp.asarray(seq_slots), jnp.asarray(seq_cells), jnp.asarray(before[None, :, 0])),
-                return_hidden=True)[0])
         for name, slot, first, n, k in levels:
             pos = np.nonzero(t.slots == slot)[0]
             logits = all_logits[start + pos - 1, first:first + n]
@@ -128,7 +124,7 @@ def edit_probe(model, *, pairs: int = 48, sampling=None, seed: int = 0, forced_p
             nlls[name][1].append(source[k].reshape(-1)[t.cells[pos]])
             nlls[name][2].append(true)
             nlls[name][3].append(cell_mask(shown, grids[k])[t.cells[pos]])
-            if normed is not None:
+            if model.cfg.source_copy:   # the copy path's bonus on the source's code at each cell
                 bonuses[name].append(np.asarray(model.model.source_copy(normed[start + pos - 1], jnp.full(len(pos), k))))
     forced = {name: kept_changed_nll(*(np.concatenate(a) for a in parts)) for name, parts in nlls.items()}
     if model.cfg.source_copy:   # where it learned to copy: a high bonus at kept cells, a low one at changed

@@ -744,17 +744,24 @@ class MLLM(nnx.Module):
         """-> logits [B,T,V] fp32 (discrete slots must already hold code ids: `fill_codes`). codes [B,T]:
         the tokenizer's codes of the continuous cells (`input_codes`), needed with `source_copy` when images
         are shown."""
+        return self.logits_and_normed(tokens, slots=slots, cells=cells, images=images, positions=positions,
+                                      segment_ids=segment_ids, codes=codes)[0]
+
+    def logits_and_normed(self, tokens: jax.Array, *, slots=None, cells=None, images=None, positions=None,
+                          segment_ids=None, codes=None) -> tuple[jax.Array, jax.Array]:
+        """`__call__`'s logits and the final-normed hidden states [B,T,D] they come from (what
+        `SourceCodeCopy` reads; probes need both from one forward)."""
         x = self.embed(tokens, slots, cells, images, segment_ids)
+        normed = self.llm.final_norm(self.llm(inputs_embeds=x, positions=positions, segment_ids=segment_ids,
+                                              return_hidden=True))
+        logits = self.llm.head(normed)
         if not (self.cfg.source_copy and slots is not None) or (codes is None and images is None):
-            return self.llm(inputs_embeds=x, positions=positions, segment_ids=segment_ids)   # nothing to copy
+            return logits, normed   # nothing to copy
         if codes is None:
             raise ValueError("this MLLM has source_copy: pass codes= (mllm.input_codes of the images' tokenizer "
                              "codes) so it can copy the source's code of each cell it draws")
-        normed = self.llm.final_norm(self.llm(inputs_embeds=x, positions=positions, segment_ids=segment_ids,
-                                              return_hidden=True))
         level, code, valid = source_code_targets(slots, codes, segment_ids)
-        return add_copy_bonus(self.llm.head(normed), self.source_copy(normed, level), level, code, valid,
-                              self.cfg.vocab)
+        return add_copy_bonus(logits, self.source_copy(normed, level), level, code, valid, self.cfg.vocab), normed
 
 
 def load_tower_from_tokenizer(model: MLLM, tokenizer: dvt.DualViTok) -> None:

@@ -428,6 +428,9 @@ def test_source_copy_adds_its_bonus_to_the_source_code_of_the_cell_drawn():
     got = np.asarray(model(*args, **kw, codes=codes))[0]
     normed = np.asarray(model.llm.final_norm(model.llm(inputs_embeds=model.embed(args[0], kw["slots"], kw["cells"],
                                                                                   images), return_hidden=True)))[0]
+    both = model.logits_and_normed(*args, **kw, codes=codes)      # one forward for probes: the same values
+    np.testing.assert_allclose(np.asarray(both[0])[0], got, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(both[1])[0], normed, atol=1e-5)
     gate, bias = np.asarray(model.source_copy.gate[...]), np.asarray(model.source_copy.bias[...])
     v = cfg.vocab
     drawn = 0
