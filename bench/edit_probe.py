@@ -9,7 +9,8 @@
   cells: `eval-tokenizer`'s edit_kept_*). 'kept_object' / 'kept_background' split the kept cells by
   whether they show an object (in the source or the target). For an MLLM with `source_copy`, also
   'copy_bonus': the copy path's mean bonus on the source's code, by the same split (a copier that knows
-  what the edit changes puts a high one on kept cells and a low one on changed cells).
+  what the edit changes puts a high one on kept cells and a low one on changed cells); with `copy_mixture`,
+  'copy_gate': the mixture's share g instead.
 
 - **Given the semantic level** (`--semantic_from target|source`, instead of the above): the prompt ends with
   that image's semantic codes and the model draws only the pixel codes; graded as the suite grades.
@@ -124,12 +125,13 @@ def edit_probe(model, *, pairs: int = 48, sampling=None, seed: int = 0, forced_p
             nlls[name][1].append(source[k].reshape(-1)[t.cells[pos]])
             nlls[name][2].append(true)
             nlls[name][3].append(cell_mask(shown, grids[k])[t.cells[pos]])
-            if model.cfg.source_copy:   # the copy path's bonus on the source's code at each cell
-                bonuses[name].append(np.asarray(model.model.source_copy(normed[start + pos - 1], jnp.full(len(pos), k))))
+            if model.cfg.source_copy:   # the copy path's bonus on the source's code at each cell (or its gate)
+                out = np.asarray(model.model.source_copy(normed[start + pos - 1], jnp.full(len(pos), k)))
+                bonuses[name].append(1 / (1 + np.exp(-out)) if model.cfg.copy_mixture else out)
     forced = {name: kept_changed_nll(*(np.concatenate(a) for a in parts)) for name, parts in nlls.items()}
     if model.cfg.source_copy:   # where it learned to copy: a high bonus at kept cells, a low one at changed
-        forced["copy_bonus"] = {name: kept_changed_nll(np.concatenate(bonuses[name]),
-                                                       *(np.concatenate(a) for a in nlls[name][1:]), value="bonus")
+        forced["copy_gate" if model.cfg.copy_mixture else "copy_bonus"] = {name: kept_changed_nll(np.concatenate(bonuses[name]),
+                                                       *(np.concatenate(a) for a in nlls[name][1:]), value="gate" if model.cfg.copy_mixture else "bonus")
                                 for name in bonuses}
     return dict(drawn=drawn, teacher_forced=forced, forced_pairs=forced_pairs)
 
@@ -150,8 +152,6 @@ def forced_semantic_edits(model, *, which: str, pairs: int = 48, sampling=None, 
     from illume_jax.models import mllm
     if which not in ("target", "source"):
         raise ValueError(f"which={which!r}: expected 'target' or 'source'")
-    if model.cfg.parent_codes:   # its row state would lack the given semantic codes
-        raise ValueError("forced_semantic_edits: not for an MLLM with parent_codes")
     sampling = sampling or il.Sampling.for_task("edit")
     grids = model.cfg.grids(model.resolution, model.resolution)
     v = model.cfg.vocab
@@ -176,8 +176,14 @@ def forced_semantic_edits(model, *, which: str, pairs: int = 48, sampling=None, 
         prompts = model._batch(cond + (uncond if use_cfg else []),
                                np.concatenate([images, images]) if use_cfg else images)
         state = il.RowState.start(np.tile([*grids[0], *grids[1]], (len(chunk), 1)), True, True, phase=il.LEVEL1)
+        max_new = len(t.ids) - first_pix
+        if model.cfg.neighbour_codes or model.cfg.parent_codes:
+            # The row's code buffer (by level and raster cell) starts with the given semantic codes, as if drawn.
+            drawn_codes = np.zeros((len(chunk), 2, max(max_new, sem[0].size)), np.int32)
+            drawn_codes[:, 0, :sem[0].size] = sem.reshape(len(chunk), -1)
+            state = state.replace(codes=jnp.asarray(drawn_codes))
         out, _ = il.generate(model.model, prompts, state, jax.random.key(seed + start), vocab=v, sampling=sampling,
-                             max_new_tokens=len(t.ids) - first_pix, eos_id=model.eos_id, pad_id=0)
+                             max_new_tokens=max_new, eos_id=model.eos_id, pad_id=0)
         drawn = model._to_images(np.concatenate([np.stack(halves), np.asarray(out)], axis=1))
         for pair, img, before in zip(chunk, drawn, befores):
             g = scorer.grade_edit(img, pair.before, pair.after, pair.edited, pair.untouched,

@@ -163,6 +163,9 @@ def vision_config(**overrides) -> mlc.ConfigDict:
         # image's own code of the same cell gets a learned bonus -- a copy path (not official; models/mllm.py
         # `SourceCodeCopy`).
         source_copy=False,
+        # True (with source_copy): the copy is a mixture -- the source's code gets at least a learned share
+        # of the probability -- not a bonus on its logit (not official; models/mllm.py `add_copy_mixture`).
+        copy_mixture=False,
         # > 0: in training, each code the model is fed back (a drawn block's inputs) is replaced by a random
         # code of its level with this probability; targets stay true (not official; models/mllm.py
         # `noisy_code_inputs`).

@@ -61,6 +61,10 @@ Args:     --config=configs/illume_tiny.py:steps=400,batch=16,tokenizer=runs/dual
           a kept cell is a copy; not official: with the source's cell handed over as a vector the tiny editor
           still pays 2.0 nats per kept object code. Its `source_copy/` trains wherever the projector does.
           README, "A copy path for edits")
+          copy_mixture=0 (1, with source_copy=1: the copy is a mixture -- the source's code gets at least a learned
+          share g of the probability, whatever the head says -- not a bonus on its logit; not official: with
+          the bonus, a drawn edit stops copying once its own codes depart from the source. README, "A copy
+          path for edits")
           code_noise=0.0 (> 0: in training, each code fed back as input is replaced by a random code of its
           level with this probability, targets unchanged; not official: the drawn editor follows its own
           wrong background codes instead of the source. README, "A copy path for edits")
@@ -120,7 +124,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
                          lr_scale=1.0, tower_lr=0.0, text_steps=0, qa_negatives="mixed", base_steps=0,
                          qa_lookups=0, text_lr=0.0, base_text=0.0, qa_turns=0,
                          projector_window=1, cell_embedding=0, neighbour_codes=0,
-                         parent_codes=0, source_cells=0, source_copy=0, code_noise=0.0)
+                         parent_codes=0, source_cells=0, source_copy=0, copy_mixture=0, code_noise=0.0)
     if a.size not in LLM_SIZES:
         raise ValueError(f"config argument size={a.size!r}: expected one of {sorted(LLM_SIZES)}")
     if a.device not in DEVICES:
@@ -140,7 +144,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
                                     neighbour_codes=_flag(a.neighbour_codes, "neighbour_codes"),
                                     parent_codes=_flag(a.parent_codes, "parent_codes"),
                                     source_cells=_flag(a.source_cells, "source_cells"),
-                                    source_copy=_flag(a.source_copy, "source_copy"), code_noise=float(a.code_noise))
+                                    source_copy=_flag(a.source_copy, "source_copy"),
+                                    copy_mixture=_flag(a.copy_mixture, "copy_mixture"), code_noise=float(a.code_noise))
     c.tokenizer = mlc.ConfigDict(dict(kind="sentencepiece", path="", vocab_size=a.vocab, chat_template="plain",
                                       corpus_tasks=("caption", "qa", "edit", "t2i", "recon")))
     levels = tuple(int(ch) for ch in a.levels)

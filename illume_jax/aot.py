@@ -294,7 +294,7 @@ def _abstract_extra_embedding(config: Any, llm_cfg: LLMConfig, mesh, option: str
                                                         semantic_stride=mcfg.tokenizer.semantic_factor,
                                                         rngs=nnx.Rngs(0), **kw),
             "source_copy": lambda: SourceCodeCopy(llm_cfg.d_model, param_dtype=llm_cfg.weight_dtype,
-                                                  rngs=nnx.Rngs(0))}[option]
+                                                  rngs=nnx.Rngs(0), mixture=mcfg.copy_mixture)}[option]
     with sharding.use_mesh(mesh):
         module = nnx.eval_shape(make)
         graph, params = nnx.split(module, nnx.Param)

@@ -50,10 +50,11 @@ def test_decode_step_compiles_for_v5p_2x2x1_at_the_official_vocabulary():
     # vectors, the codes drawn above it and the semantic code over it: the tables (2 x 2 levels x 256
     # cells, 3 x the official 32,768 + 98,304 codes, 32,768 codes, x 64 fp32, sharded by 'embed'), the
     # rows' code buffers and, with source cells, each row's projected source block are arguments of the step;
-    # with the copy path, each row's source codes too.
+    # with the copy path (here the mixture, whose log-softmax over the window the step adds), each row's
+    # source codes too.
     from configs import illume_tiny
     extras = illume_tiny.get_config("cell_embedding=1,neighbour_codes=1,parent_codes=1,source_cells=1,"
-                                    "source_copy=1,tokenizer=")  # (shapes: config)
+                                    "source_copy=1,copy_mixture=1,tokenizer=")  # (shapes: config)
     extras.mesh.update(data=1, fsdp=-1, tensor=1)
     extras.model.update(text_vocab_size=151665, vocab_size=283047, d_model=64, num_layers=2, dtype="bfloat16")
     with_extras = aot.compile_decode_step(extras, "v5p:2x2x1", batch=2, cache_len=128)

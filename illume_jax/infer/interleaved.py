@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from illume_jax.infer.module_jit import module_jit
-from illume_jax.models.mllm import EOL, EOL0, EOL1, EOI, SOI, SOL0, SOL1, ImageVocab, add_copy_bonus
+from illume_jax.models.mllm import EOL, EOL0, EOL1, EOI, SOI, SOL0, SOL1, ImageVocab
 
 TEXT, EXPECT_SOL0, LEVEL0, EXPECT_SOL1, LEVEL1, EXPECT_EOI, DONE = range(7)
 
@@ -429,8 +429,8 @@ def next_tokens_from_hidden(llm, hidden: jax.Array, state: RowState, sampling: S
     """`next_tokens` from the last hidden states [R,D], computing only the logits it needs:
     none when every row is forced, the level's code range when every free row is inside one
     level, the whole vocabulary otherwise (text, mixed phases). copy: (the MLLM's `SourceCodeCopy`,
-    code [B], valid [B]) -- the source's code of the cell each row draws now gets its bonus, taken on
-    the guided normed state (the bonus is linear in it, as the head is)."""
+    code [B], valid [B]) -- the source's code of the cell each row draws now gets its bonus (or its
+    mixture share), taken on the guided normed state (the bonus is linear in it, as the head is)."""
     forced, token = forced_tokens(state, vocab, pad_id)
     free = ~forced
     in0 = ~free | (state.phase == LEVEL0)
@@ -443,8 +443,7 @@ def next_tokens_from_hidden(llm, hidden: jax.Array, state: RowState, sampling: S
         copier, code, valid = copy
         level = next_cell(state)[0]
         valid = valid & (level >= 0)
-        bonus = copier(x, level)
-        with_copy = lambda s, start: add_copy_bonus(s, bonus, level, code, valid, vocab, start)  # noqa: E731
+        with_copy = lambda s, start: copier.apply(s, x, level, code, valid, vocab, start)  # noqa: E731
     else:
         with_copy = lambda s, start: s  # noqa: E731
 

@@ -271,11 +271,18 @@ class MLLMConfig:
     # same conversation, the logit of that image's own code at (level, r, c) gets a learned, hidden-state
     # dependent bonus (`SourceCodeCopy`, a pointer-generator style copy); False is the official model.
     source_copy: bool = False
+    # Not official, with source_copy: the copy is a mixture (the source's code gets at least a learned
+    # share g of the probability, `add_copy_mixture`), not a bonus on its logit.
+    copy_mixture: bool = False
 
     def __post_init__(self):
-        for name in ("cell_embedding", "neighbour_codes", "parent_codes", "source_cells", "source_copy"):
+        for name in ("cell_embedding", "neighbour_codes", "parent_codes", "source_cells", "source_copy",
+                     "copy_mixture"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"config.vision.{name}={getattr(self, name)!r}: expected True or False")
+        if self.copy_mixture and not self.source_copy:
+            raise ValueError("config.vision.copy_mixture=True needs config.vision.source_copy=True (it says how "
+                             "the copy path combines with the head)")
         if isinstance(self.projector_window, bool) or not isinstance(self.projector_window, int) \
                 or self.projector_window < 1 or self.projector_window % 2 == 0:
             raise ValueError(f"config.vision.projector_window={self.projector_window!r}: expected an odd int >= 1 "
@@ -297,7 +304,7 @@ class MLLMConfig:
     def create(cls, llm_config: Any, tokenizer_config: Any, *, vit_trainable_from: int = 0,
                projector_window: int = 1, cell_embedding: bool = False, neighbour_codes: bool = False,
                parent_codes: bool = False, source_cells: bool = False, source_copy: bool = False,
-               tag_step: int = 64, max_side: int = 1024) -> "MLLMConfig":
+               copy_mixture: bool = False, tag_step: int = 64, max_side: int = 1024) -> "MLLMConfig":
         llm = llm_config if isinstance(llm_config, LLMConfig) else LLMConfig.from_config(llm_config)
         tok = tokenizer_config if isinstance(tokenizer_config, dvt.DualViTokConfig) \
             else dvt.DualViTokConfig.from_config(tokenizer_config)
@@ -306,7 +313,7 @@ class MLLMConfig:
         return cls(llm=llm, tokenizer=tok, vocab=vocab, vit_trainable_from=vit_trainable_from,
                    projector_window=projector_window, cell_embedding=cell_embedding,
                    neighbour_codes=neighbour_codes, parent_codes=parent_codes, source_cells=source_cells,
-                   source_copy=source_copy)
+                   source_copy=source_copy, copy_mixture=copy_mixture)
 
     def grids(self, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int]]:
         return dvt.token_grids(h, w, self.tokenizer)
@@ -635,31 +642,65 @@ class SourceCodeCopy(nnx.Module):
     (`source_cells`; README, "A local pixel encoder"). A pointer-generator's copy, as for summaries.
     Linear in x, so CFG may guide the normed states before it (`infer/interleaved.py`). Zero-initialised:
     a model forked into it starts unchanged. The bias is scaled by 10 because Adam moves a parameter about
-    one learning rate per step: at the stages' 3e-3 a plain bias would take ~1,000 steps to a few nats."""
+    one learning rate per step: at the stages' 3e-3 a plain bias would take ~1,000 steps to a few nats.
+    With `mixture` (`copy_mixture`) the same w . x + 10 b is a gate's logit instead (`add_copy_mixture`)."""
 
     BIAS_SCALE = 10.0
+    # With `mixture`, the bias starts here: a gate of sigmoid(-5) = 0.7%, so a fork starts almost unchanged.
+    MIXTURE_START_BIAS = -0.5
 
-    def __init__(self, d_model: int, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, d_model: int, *, param_dtype, rngs: nnx.Rngs, mixture: bool = False):
         del rngs   # zero-initialised
+        self.mixture = mixture
         self.gate = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, ("embed", None))(
             jax.random.key(0), (d_model, 2), param_dtype))
-        self.bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, (None,))(
-            jax.random.key(0), (2,), param_dtype))
+        start = nnx.initializers.constant(self.MIXTURE_START_BIAS) if mixture else nnx.initializers.zeros
+        self.bias = nnx.Param(nnx.with_partitioning(start, (None,))(jax.random.key(0), (2,), param_dtype))
 
     def __call__(self, x: jax.Array, level: jax.Array) -> jax.Array:
-        """x [..., D] final-normed hidden states, level [...] (0/1; clipped) -> bonus [...] fp32."""
+        """x [..., D] final-normed hidden states, level [...] (0/1; clipped) -> bonus [...] fp32 (with
+        `mixture`: the gate's logit)."""
         lv = jnp.clip(level, 0, 1)
         w = self.gate[...].astype(jnp.float32)
         per_level = jnp.matmul(x.astype(jnp.float32), w) + self.BIAS_SCALE * self.bias[...].astype(jnp.float32)
         return jnp.take_along_axis(per_level, lv[..., None], axis=-1)[..., 0]
+
+    def apply(self, logits: jax.Array, x: jax.Array, level: jax.Array, code: jax.Array, valid: jax.Array,
+              vocab: "ImageVocab", start: jax.Array | int = 0) -> jax.Array:
+        """logits [..., N] of ids [start, start + N) from the final-normed states x [..., D] -> the copy's
+        logits: the bonus added at the source's code (`add_copy_bonus`), or with `mixture` the log-probs of
+        the mixture (`add_copy_mixture`, this module's output as the gate's logit)."""
+        out = self(x, level)
+        combine = add_copy_mixture if self.mixture else add_copy_bonus
+        return combine(logits, out, level, code, valid, vocab, start)
+
+
+def _source_code_hit(logits, level, code, vocab, start):
+    col = jnp.where(level == 0, vocab.level0_start, vocab.level1_start) + code - start
+    return jnp.arange(logits.shape[-1], dtype=jnp.int32) == col[..., None]
+
+
+def add_copy_mixture(logits: jax.Array, gate_logit: jax.Array, level: jax.Array, code: jax.Array,
+                     valid: jax.Array, vocab: "ImageVocab", start: jax.Array | int = 0) -> jax.Array:
+    """A pointer-generator's mixture: where `valid`, logits [..., N] of ids [start, start + N) become the
+    log-probs of g * onehot(code) + (1 - g) * softmax(logits), g = sigmoid(`gate_logit`) [...]; elsewhere
+    they are returned as they are. Why not a bonus (`add_copy_bonus`): a bonus is added to the head's logit,
+    so the copy loses wherever the head, reading a drawn context that has departed from the source, favours
+    another code; the mixture gives the source's code at least g whatever the head says (README, "A copy
+    path for edits")."""
+    logits = logits.astype(jnp.float32)
+    g = gate_logit.astype(jnp.float32)[..., None]
+    head = jax.nn.log_softmax(logits, axis=-1) + jax.nn.log_sigmoid(-g)
+    mixed = jnp.where(_source_code_hit(logits, level, code, vocab, start),
+                      jnp.logaddexp(head, jax.nn.log_sigmoid(g)), head)
+    return jnp.where(valid[..., None], mixed, logits)
 
 
 def add_copy_bonus(logits: jax.Array, bonus: jax.Array, level: jax.Array, code: jax.Array, valid: jax.Array,
                    vocab: "ImageVocab", start: jax.Array | int = 0) -> jax.Array:
     """logits [..., N] of ids [start, start + N) + `bonus` [...] at the id of `code` [...] of `level`
     [...] where `valid` [...] (ids outside the window get nothing). An iota compare, no scatter."""
-    col = jnp.where(level == 0, vocab.level0_start, vocab.level1_start) + code - start
-    hit = jnp.arange(logits.shape[-1], dtype=jnp.int32) == col[..., None]
+    hit = _source_code_hit(logits, level, code, vocab, start)
     return logits + jnp.where(hit & valid[..., None], bonus[..., None], 0).astype(logits.dtype)
 
 
@@ -694,7 +735,8 @@ class MLLM(nnx.Module):
             self.source_embed = SourceCellProjection(cfg.llm.d_model, dtype=cfg.llm.compute_dtype,
                                                      param_dtype=cfg.llm.weight_dtype, rngs=rngs)
         if cfg.source_copy:
-            self.source_copy = SourceCodeCopy(cfg.llm.d_model, param_dtype=cfg.llm.weight_dtype, rngs=rngs)
+            self.source_copy = SourceCodeCopy(cfg.llm.d_model, param_dtype=cfg.llm.weight_dtype, rngs=rngs,
+                                              mixture=cfg.copy_mixture)
 
     def image_features(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """images [B,M,H,W,3] -> projected (semantic [B, M*n0, D], pixel [B, M*n1, D])."""
@@ -761,7 +803,7 @@ class MLLM(nnx.Module):
             raise ValueError("this MLLM has source_copy: pass codes= (mllm.input_codes of the images' tokenizer "
                              "codes) so it can copy the source's code of each cell it draws")
         level, code, valid = source_code_targets(slots, codes, segment_ids)
-        return add_copy_bonus(logits, self.source_copy(normed, level), level, code, valid, self.cfg.vocab), normed
+        return self.source_copy.apply(logits, normed, level, code, valid, self.cfg.vocab), normed
 
 
 def load_tower_from_tokenizer(model: MLLM, tokenizer: dvt.DualViTok) -> None:

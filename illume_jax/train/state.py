@@ -60,7 +60,8 @@ def model_config(config: Any):
                              neighbour_codes=bool(v.get("neighbour_codes", False)),
                              parent_codes=bool(v.get("parent_codes", False)),
                              source_cells=bool(v.get("source_cells", False)),
-                             source_copy=bool(v.get("source_copy", False)), tag_step=int(v.get("tag_step", 64)),
+                             source_copy=bool(v.get("source_copy", False)),
+                             copy_mixture=bool(v.get("copy_mixture", False)), tag_step=int(v.get("tag_step", 64)),
                              max_side=int(v.get("max_side", 1024)))
 
 

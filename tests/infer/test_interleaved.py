@@ -433,13 +433,15 @@ def test_generation_reads_the_source_codes_as_training_does():
                                  if src_grids else 0)
 
 
-def test_a_strong_copy_path_draws_the_source_codes_under_cfg():
-    """A copy bonus of 50 nats: every code drawn (sampled, guidance 2) is the conditional row's source code
-    of its cell; the prompts' images without their codes are refused."""
+@pytest.mark.parametrize("mixture", [False, True])
+def test_a_strong_copy_path_draws_the_source_codes_under_cfg(mixture):
+    """A copy bonus of 50 nats (or a mixture gate of sigmoid(50)): every code drawn (sampled, guidance 2) is
+    the conditional row's source code of its cell; the prompts' images without their codes are refused."""
     tok = dualvitok_config.model_config("tiny")
     rows = 40 + 7 + 32 + tok.semantic_codes + tok.pixel_codes + 3
     cfg = mllm.MLLMConfig.create(common.llm_config(text_vocab_size=40, vocab_size=rows, d_model=32, num_heads=2,
-                                                   num_kv_heads=1, mlp_dim=64), tok, source_copy=True)
+                                                   num_kv_heads=1, mlp_dim=64), tok, source_copy=True,
+                                 copy_mixture=mixture)
     model = mllm.create_mllm(cfg, seed=3)
     model.source_copy.bias[...] = jnp.asarray([5.0, 5.0])
     B = 2
@@ -459,7 +461,22 @@ def test_a_strong_copy_path_draws_the_source_codes_under_cfg():
         il.generate(model, prompts.replace(codes=None), state, jax.random.key(1), **kw)
 
 
-@pytest.mark.parametrize("which", ["tiny", "tiny_cells", "tiny_neighbours"])
+@pytest.fixture(scope="module")
+def tiny_mixture():
+    """`tiny` with the copy as a mixture (`copy_mixture`, not official) and a random gate of mean 0.5:
+    generation reads the source's codes from its prompt, the eager reference off the whole sequence."""
+    tok = dualvitok_config.model_config("tiny")
+    rows = 40 + 7 + 32 + tok.semantic_codes + tok.pixel_codes + 3
+    cfg = mllm.MLLMConfig.create(common.llm_config(text_vocab_size=40, vocab_size=rows, d_model=32, num_heads=2,
+                                                   num_kv_heads=1, mlp_dim=64), tok, source_copy=True,
+                                 copy_mixture=True)
+    model = mllm.create_mllm(cfg, seed=3)
+    model.source_copy.gate[...] = 0.3 * jax.random.normal(jax.random.key(10), model.source_copy.gate.shape)
+    model.source_copy.bias[...] = jnp.asarray([0.0, 0.0])
+    return cfg, model
+
+
+@pytest.mark.parametrize("which", ["tiny", "tiny_cells", "tiny_neighbours", "tiny_mixture"])
 def test_jitted_generation_equals_the_eager_reference_with_cfg(which, request):
     cfg, model = request.getfixturevalue(which)
     rng = np.random.default_rng(0)
@@ -476,9 +493,16 @@ def test_jitted_generation_equals_the_eager_reference_with_cfg(which, request):
     block = mllm.block_template(grids, cfg.vocab, continuous=False)
     ref, _ = _eager_reference(model, prompts, state, key, cfg.vocab, sampling, n_new, block.slots[1:])
     np.testing.assert_array_equal(np.asarray(out), ref)
+    copied = []
     for r in range(B):
         seq = np.concatenate([[cfg.vocab.soi], np.asarray(out)[r]])
-        mllm.parse_block(seq, grids, cfg.vocab)
+        sem, pix = mllm.parse_block(seq, grids, cfg.vocab)
+        if which == "tiny_mixture":   # the mixture is at work: about half the codes are the source's
+            slots, codes = np.asarray(prompts.slots)[r], np.asarray(prompts.codes)[r]
+            copied += [sem.reshape(-1) == codes[slots == mllm.SLOT_SEM_IN],
+                       pix.reshape(-1) == codes[slots == mllm.SLOT_PIX_IN]]
+    if copied:
+        assert 0.25 < np.concatenate(copied).mean() < 0.9
     assert (np.asarray(final.phase) == il.DONE).all()
     assert (np.asarray(out)[:, -2:] == 0).all()  # finished rows emit padding
 

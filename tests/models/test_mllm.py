@@ -451,6 +451,50 @@ def test_source_copy_adds_its_bonus_to_the_source_code_of_the_cell_drawn():
     assert drawn == sum(h * w for h, w in grids)
 
 
+def test_copy_mixture_gives_the_source_code_at_least_its_gate_share():
+    """With `copy_mixture`, at a position that draws a source cell the model's distribution is
+    g * onehot(source code) + (1 - g) * softmax(head), g = sigmoid of the copy module's output, so the source
+    code gets at least g whatever the head says; every other position keeps the head's logits. A fork starts
+    with g = sigmoid(-5); the option needs source_copy."""
+    with pytest.raises(ValueError, match="copy_mixture.*source_copy"):
+        _tiny_neighbour_cfg(copy_mixture=True)
+    cfg = _tiny_neighbour_cfg(source_copy=True, copy_mixture=True)
+    model = mllm.create_mllm(cfg, seed=2)
+    assert model.source_copy.mixture and not mllm.create_mllm(_tiny_neighbour_cfg(source_copy=True)).source_copy.mixture
+    grids = cfg.grids(32, 32)
+    tokens, slots, out_at, _, _ = _edit_row(grids, cfg.vocab, 4)
+    t_in = mllm.block_template(grids, cfg.vocab, continuous=True)
+    cells = np.concatenate([[0, 0], t_in.cells, np.zeros(len(tokens) - 2 - len(t_in.cells), np.int64)])
+    images = jax.random.uniform(jax.random.key(5), (1, 1, 32, 32, 3), minval=-1, maxval=1)
+    rng = np.random.default_rng(1)
+    n0, n1 = cfg.cells_per_image(32, 32)
+    sem, pix = rng.integers(0, cfg.vocab.semantic_codes, (1, n0)), rng.integers(0, cfg.vocab.pixel_codes, (1, n1))
+    codes = mllm.input_codes(jnp.asarray(slots[None]), jnp.asarray(cells[None]), jnp.asarray(sem), jnp.asarray(pix))
+    kw = dict(slots=jnp.asarray(slots[None]), cells=jnp.asarray(cells[None]), images=images, codes=codes)
+    model.source_copy.gate[...] = jax.random.normal(jax.random.key(2), model.source_copy.gate.shape)
+    logits, normed = (np.asarray(a)[0] for a in model.logits_and_normed(jnp.asarray(tokens[None]), **kw))
+    head = np.asarray(model.llm.head(jnp.asarray(normed[None])))[0]
+    gate, bias = np.asarray(model.source_copy.gate[...]), np.asarray(model.source_copy.bias[...])
+    np.testing.assert_allclose(bias, mllm.SourceCodeCopy.MIXTURE_START_BIAS)
+    v, t_out = cfg.vocab, mllm.block_template(grids, cfg.vocab, continuous=False)
+    softmax = lambda a: np.exp(a - a.max()) / np.exp(a - a.max()).sum()  # noqa: E731
+    drawn = 0
+    for p in range(len(tokens) - 1):
+        nxt = slots[p + 1]
+        if nxt not in (mllm.SLOT_SEM_OUT, mllm.SLOT_PIX_OUT):
+            np.testing.assert_allclose(logits[p], head[p], atol=1e-5, err_msg=f"position {p}")
+            continue
+        lv = 0 if nxt == mllm.SLOT_SEM_OUT else 1
+        code = (sem if lv == 0 else pix)[0, t_out.cells[p + 1 - out_at]]
+        g = 1 / (1 + np.exp(-(normed[p] @ gate[:, lv] + mllm.SourceCodeCopy.BIAS_SCALE * bias[lv])))
+        want = (1 - g) * softmax(head[p].astype(np.float64))
+        want[(v.level0_start if lv == 0 else v.level1_start) + code] += g
+        np.testing.assert_allclose(np.exp(logits[p]), want, atol=1e-6, err_msg=f"position {p}")
+        assert np.exp(logits[p]).sum() == pytest.approx(1, abs=1e-5)
+        drawn += 1
+    assert drawn == sum(h * w for h, w in grids)
+
+
 def test_embed_splices_projected_features_at_the_slots(tiny_model):
     cfg, model = tiny_model
     grids = cfg.grids(32, 32)

@@ -179,6 +179,8 @@ def test_config_validates_and_names_bad_vision_values(micro_tokenizer_workdir):
     bad.vision.code_noise = 1.0
     with pytest.raises(ValueError, match="vision.code_noise"):
         config_check.validate(bad)
+    with pytest.raises(ValueError, match="copy_mixture=True needs config.vision.source_copy"):
+        config_check.validate(micro_config(micro_tokenizer_workdir, arg="copy_mixture=1"))
 
 
 def test_step_fills_discrete_slots_with_the_tokenizers_codes(micro_tokenizer_workdir):
@@ -539,3 +541,21 @@ def test_a_run_forks_into_a_model_with_a_cell_embedding(trained, micro_tokenizer
     assert images[0].shape == (RES, RES, 3)
     edited = model.edit([images[0]], ["make the red circle blue"], seed=0)   # drawn over its source's cells
     assert edited[0].shape == (RES, RES, 3)
+    # bench/edit_probe.py --semantic_from: with the source's semantic half given and the copy forced (a 500-nat
+    # bonus), each drawn edit is the tokenizer's own reconstruction of its source, so it scores as that does.
+    from bench import edit_probe
+    copier = model.model.source_copy
+    copier.gate[...] = jnp.zeros_like(copier.gate[...])
+    copier.bias[...] = jnp.full_like(copier.bias[...], 50.0)
+    got = edit_probe.forced_semantic_edits(model, which="source", pairs=2, batch_size=2)
+    befores = [shapecomp.render(shapecomp.edit_pair(1, "test", i).before) for i in range(2)]
+    sem, pix = (np.asarray(a) for a in model.vision_tokenizer.encode(jnp.asarray(model._image_batch(befores)[:, 0])))
+    t = mllm.block_template(model.cfg.grids(RES, RES), model.cfg.vocab, continuous=False)
+    recon = model._to_images(np.stack([mllm.block_ids(t, s, p, model.cfg.vocab)[1:] for s, p in zip(sem, pix)]))
+    fg = [edit_probe.foreground(r) for r in recon]
+    assert got["semantic_from"] == "source"
+    assert got["fg_iou_source"] == pytest.approx(np.mean([edit_probe.iou(f, edit_probe.foreground(b))
+                                                          for f, b in zip(fg, befores)]))
+    assert got["empty"] == pytest.approx(np.mean([not f.any() for f in fg]))
+    with pytest.raises(ValueError, match="which='other'"):
+        edit_probe.forced_semantic_edits(model, which="other", pairs=1)
