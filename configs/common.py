@@ -122,15 +122,17 @@ def checkpoint_config(**overrides) -> mlc.ConfigDict:
     return c
 
 
-def model_init_config() -> mlc.ConfigDict:
+def model_init_config(**overrides) -> mlc.ConfigDict:
     """`config.model_init` of a `train` config: where the first stage's parameters come from."""
-    return mlc.ConfigDict(dict(
+    c = mlc.ConfigDict(dict(
         # '' : initialise from config.seed; a folder from `python -m illume_jax convert`: fine-tune those
         # weights; a `train` workdir: fork that run (its text tokenizer must be this run's too).
         weights_from="",
         weights_step=-1,   # a forked run's checkpoint step; -1 its latest
         reinit=(),         # regexes of parameters a fork initialises afresh (a module the run lacks)
     ))
+    c.update(overrides)
+    return c
 
 
 def vision_config(**overrides) -> mlc.ConfigDict:

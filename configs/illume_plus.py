@@ -61,6 +61,7 @@ def get_config(arg: str | None = None, size: str = "7b") -> mlc.ConfigDict:
         common.stage_config("sft", steps=a.steps, lr=2e-5, schedule="cosine", end_lr_ratio=0.0,
                             warmup_steps=max(int(0.03 * a.steps), 1), **common_stage),
     ]
+    c.model_init = common.model_init_config()   # a converted folder or a `train` run to start from
     c.optim = common.optim_config(b1=0.9, b2=0.95, weight_decay=0.0, clip_norm=1.0, grad_accum=a.grad_accum)
     c.checkpoint = common.checkpoint_config(every_steps=2000, max_to_keep=3)
     c.log_every = 10

@@ -47,6 +47,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
                             trainable=("layers/.*", "final_norm/.*"), lr=1e-3, warmup_steps=5,
                             mixture={"shapecomp_caption": 0.2, "shapecomp_qa": 0.8}),
     ]
+    c.model_init = common.model_init_config()   # a converted folder or a `train` run to start from
     c.optim = common.optim_config()
     c.checkpoint = common.checkpoint_config(every_steps=25)
     c.log_every = 5

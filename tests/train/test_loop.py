@@ -160,3 +160,26 @@ def test_stage_ends_survive_pruning_and_stop_after_stage(tmp_path):
     loop.train(config, str(tmp_path / "pruned"), make_iterator=synthetic_iterator_factory(config, 64))
     with pytest.raises(ValueError, match=r"from_stage='a'.*step 5.*--stop_after_stage=a"):
         round_lib.start_step(config, str(tmp_path / "pruned"))
+
+
+def test_an_llm_run_forks_from_a_checkpoint_of_another_run(tmp_path):
+    """model_init.weights_from = a `train` workdir also serves the LLM-only configs (configs/tiny.py and the
+    ILLUME+ 3B / 7B configs carry `model_init`): the fork's first stage starts from that run's checkpoint
+    at weights_step (here the end of stage 'a'; with lr 0 it ends there too), not from config.seed."""
+    from illume_jax.train import state as state_lib
+    config = _config()
+    loop.train(config, str(tmp_path / "run"), make_iterator=synthetic_iterator_factory(config, 64))
+    fork = _config()
+    fork.stages = [fork.stages[1]]
+    fork.stages[0].lr = 0.0
+    with fork.unlocked():
+        fork.model_init = common.model_init_config(weights_from=str(tmp_path / "run"), weights_step=5)
+    loop.train(fork, str(tmp_path / "fork"), make_iterator=synthetic_iterator_factory(fork, 64))
+    mesh = sharding.make_mesh(dict(config.mesh))
+    flat = lambda run, step: {str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(  # noqa: E731
+        state_lib.checkpoint_params(str(tmp_path / run), step, mesh, where=run)[1])[0]}
+    source, forked, last = flat("run", 5), flat("fork", None), flat("run", 10)
+    assert source.keys() == forked.keys()
+    for name, x in source.items():
+        np.testing.assert_array_equal(forked[name], x, err_msg=name)
+    assert any(not np.array_equal(last[name], x) for name, x in source.items())   # (stage 'b' moved them)
