@@ -219,12 +219,17 @@ def test_guidance_on_hidden_states_equals_guidance_on_logits(tiny):
 
 # -- the jitted loop on a tiny MLLM ---------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny():
+def _tiny_mllm_cfg(**options) -> mllm.MLLMConfig:
+    """The `tiny` tokenizer's MLLM config on a 32-wide LLM, with the not-official `options` on."""
     tok = dualvitok_config.model_config("tiny")
     rows = 40 + 7 + 32 + tok.semantic_codes + tok.pixel_codes + 3   # text + added ids + padding
-    cfg = mllm.MLLMConfig.create(common.llm_config(text_vocab_size=40, vocab_size=rows, d_model=32, num_heads=2,
-                                                   num_kv_heads=1, mlp_dim=64), tok)
+    return mllm.MLLMConfig.create(common.llm_config(text_vocab_size=40, vocab_size=rows, d_model=32, num_heads=2,
+                                                    num_kv_heads=1, mlp_dim=64), tok, **options)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = _tiny_mllm_cfg()
     return cfg, mllm.create_mllm(cfg, seed=3)
 
 
@@ -306,10 +311,7 @@ def _eager_reference(model, prompts, state, rng, vocab, sampling, n_new, new_slo
 def tiny_cells():
     """`tiny` with a cell embedding (not official): generation adds it from the rows' counters, the
     eager reference from the slots of the whole sequence, as training does."""
-    tok = dualvitok_config.model_config("tiny")
-    rows = 40 + 7 + 32 + tok.semantic_codes + tok.pixel_codes + 3
-    cfg = mllm.MLLMConfig.create(common.llm_config(text_vocab_size=40, vocab_size=rows, d_model=32, num_heads=2,
-                                                   num_kv_heads=1, mlp_dim=64), tok, cell_embedding=True)
+    cfg = _tiny_mllm_cfg(cell_embedding=True)
     model = mllm.create_mllm(cfg, seed=3)
     # Large cell vectors, so a cell given wrongly anywhere changes the samples.
     model.cell_embed.rows[...] = model.cell_embed.rows[...] * 50
@@ -324,11 +326,8 @@ def tiny_neighbours():
     Generation reads the codes from its per-row buffer and the source cells and codes from its prompt, the
     eager reference from the whole sequence (`neighbour_code_targets`, `parent_code_targets`,
     `source_cell_targets`, `source_code_targets`), as training does."""
-    tok = dualvitok_config.model_config("tiny")
-    rows = 40 + 7 + 32 + tok.semantic_codes + tok.pixel_codes + 3
-    cfg = mllm.MLLMConfig.create(common.llm_config(text_vocab_size=40, vocab_size=rows, d_model=32, num_heads=2,
-                                                   num_kv_heads=1, mlp_dim=64), tok, cell_embedding=True,
-                                 neighbour_codes=True, parent_codes=True, source_cells=True, source_copy=True)
+    cfg = _tiny_mllm_cfg(cell_embedding=True, neighbour_codes=True, parent_codes=True, source_cells=True,
+                         source_copy=True)
     model = mllm.create_mllm(cfg, seed=3)
     model.cell_embed.rows[...] = model.cell_embed.rows[...] * 50
     model.cell_embed.cols[...] = model.cell_embed.cols[...] * 50
@@ -437,11 +436,7 @@ def test_generation_reads_the_source_codes_as_training_does():
 def test_a_strong_copy_path_draws_the_source_codes_under_cfg(mixture):
     """A copy bonus of 50 nats (or a mixture gate of sigmoid(50)): every code drawn (sampled, guidance 2) is
     the conditional row's source code of its cell; the prompts' images without their codes are refused."""
-    tok = dualvitok_config.model_config("tiny")
-    rows = 40 + 7 + 32 + tok.semantic_codes + tok.pixel_codes + 3
-    cfg = mllm.MLLMConfig.create(common.llm_config(text_vocab_size=40, vocab_size=rows, d_model=32, num_heads=2,
-                                                   num_kv_heads=1, mlp_dim=64), tok, source_copy=True,
-                                 copy_mixture=mixture)
+    cfg = _tiny_mllm_cfg(source_copy=True, copy_mixture=mixture)
     model = mllm.create_mllm(cfg, seed=3)
     model.source_copy.bias[...] = jnp.asarray([5.0, 5.0])
     B = 2
@@ -465,11 +460,7 @@ def test_a_strong_copy_path_draws_the_source_codes_under_cfg(mixture):
 def tiny_mixture():
     """`tiny` with the copy as a mixture (`copy_mixture`, not official) and a random gate of mean 0.5:
     generation reads the source's codes from its prompt, the eager reference off the whole sequence."""
-    tok = dualvitok_config.model_config("tiny")
-    rows = 40 + 7 + 32 + tok.semantic_codes + tok.pixel_codes + 3
-    cfg = mllm.MLLMConfig.create(common.llm_config(text_vocab_size=40, vocab_size=rows, d_model=32, num_heads=2,
-                                                   num_kv_heads=1, mlp_dim=64), tok, source_copy=True,
-                                 copy_mixture=True)
+    cfg = _tiny_mllm_cfg(source_copy=True, copy_mixture=True)
     model = mllm.create_mllm(cfg, seed=3)
     model.source_copy.gate[...] = 0.3 * jax.random.normal(jax.random.key(10), model.source_copy.gate.shape)
     model.source_copy.bias[...] = jnp.asarray([0.0, 0.0])

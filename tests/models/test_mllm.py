@@ -403,11 +403,10 @@ def test_input_codes_are_the_codes_of_the_continuous_cells():
     assert (got >= 0).sum() == 2 * (n0 + n1)
 
 
-def test_source_copy_adds_its_bonus_to_the_source_code_of_the_cell_drawn():
-    """With `source_copy`, the logits differ from the plain head's only at positions that draw a cell of
-    the source's grid, and there only at the id of the source's own code of that cell, by the module's
-    bonus. Zero at first (a fork starts unchanged); codes are required."""
-    cfg, model = _option_model("source_copy", "source_copy")
+def _copy_row(cfg):
+    """An edit row (`_edit_row`) with the cells of its source, a random source image and random tokenizer
+    codes of that image -> (tokens, slots, cells, where the drawn block starts, images, sem [1,n0],
+    pix [1,n1], input_codes [1,T])."""
     grids = cfg.grids(32, 32)
     tokens, slots, out_at, _, _ = _edit_row(grids, cfg.vocab, 4)
     t_in = mllm.block_template(grids, cfg.vocab, continuous=True)
@@ -417,6 +416,16 @@ def test_source_copy_adds_its_bonus_to_the_source_code_of_the_cell_drawn():
     n0, n1 = cfg.cells_per_image(32, 32)
     sem, pix = rng.integers(0, cfg.vocab.semantic_codes, (1, n0)), rng.integers(0, cfg.vocab.pixel_codes, (1, n1))
     codes = mllm.input_codes(jnp.asarray(slots[None]), jnp.asarray(cells[None]), jnp.asarray(sem), jnp.asarray(pix))
+    return tokens, slots, cells, out_at, images, sem, pix, codes
+
+
+def test_source_copy_adds_its_bonus_to_the_source_code_of_the_cell_drawn():
+    """With `source_copy`, the logits differ from the plain head's only at positions that draw a cell of
+    the source's grid, and there only at the id of the source's own code of that cell, by the module's
+    bonus. Zero at first (a fork starts unchanged); codes are required."""
+    cfg, model = _option_model("source_copy", "source_copy")
+    grids = cfg.grids(32, 32)
+    tokens, slots, cells, out_at, images, sem, pix, codes = _copy_row(cfg)
     args = (jnp.asarray(tokens[None]),)
     kw = dict(slots=jnp.asarray(slots[None]), cells=jnp.asarray(cells[None]), images=images)
     plain = np.asarray(model.llm(inputs_embeds=model.embed(args[0], kw["slots"], kw["cells"], images)))[0]
@@ -462,14 +471,7 @@ def test_copy_mixture_gives_the_source_code_at_least_its_gate_share():
     model = mllm.create_mllm(cfg, seed=2)
     assert model.source_copy.mixture and not mllm.create_mllm(_tiny_neighbour_cfg(source_copy=True)).source_copy.mixture
     grids = cfg.grids(32, 32)
-    tokens, slots, out_at, _, _ = _edit_row(grids, cfg.vocab, 4)
-    t_in = mllm.block_template(grids, cfg.vocab, continuous=True)
-    cells = np.concatenate([[0, 0], t_in.cells, np.zeros(len(tokens) - 2 - len(t_in.cells), np.int64)])
-    images = jax.random.uniform(jax.random.key(5), (1, 1, 32, 32, 3), minval=-1, maxval=1)
-    rng = np.random.default_rng(1)
-    n0, n1 = cfg.cells_per_image(32, 32)
-    sem, pix = rng.integers(0, cfg.vocab.semantic_codes, (1, n0)), rng.integers(0, cfg.vocab.pixel_codes, (1, n1))
-    codes = mllm.input_codes(jnp.asarray(slots[None]), jnp.asarray(cells[None]), jnp.asarray(sem), jnp.asarray(pix))
+    tokens, slots, cells, out_at, images, sem, pix, codes = _copy_row(cfg)
     kw = dict(slots=jnp.asarray(slots[None]), cells=jnp.asarray(cells[None]), images=images, codes=codes)
     model.source_copy.gate[...] = jax.random.normal(jax.random.key(2), model.source_copy.gate.shape)
     logits, normed = (np.asarray(a)[0] for a in model.logits_and_normed(jnp.asarray(tokens[None]), **kw))
