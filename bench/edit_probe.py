@@ -129,10 +129,11 @@ def edit_probe(model, *, pairs: int = 48, sampling=None, seed: int = 0, forced_p
                 out = np.asarray(model.model.source_copy(normed[start + pos - 1], jnp.full(len(pos), k)))
                 bonuses[name].append(1 / (1 + np.exp(-out)) if model.cfg.copy_mixture else out)
     forced = {name: kept_changed_nll(*(np.concatenate(a) for a in parts)) for name, parts in nlls.items()}
-    if model.cfg.source_copy:   # where it learned to copy: a high bonus at kept cells, a low one at changed
-        forced["copy_gate" if model.cfg.copy_mixture else "copy_bonus"] = {name: kept_changed_nll(np.concatenate(bonuses[name]),
-                                                       *(np.concatenate(a) for a in nlls[name][1:]), value="gate" if model.cfg.copy_mixture else "bonus")
-                                for name in bonuses}
+    if model.cfg.source_copy:   # where it learned to copy: a high bonus (gate) at kept cells, a low one at changed
+        kind = "gate" if model.cfg.copy_mixture else "bonus"
+        forced[f"copy_{kind}"] = {name: kept_changed_nll(np.concatenate(bonuses[name]),
+                                                         *(np.concatenate(a) for a in nlls[name][1:]), value=kind)
+                                  for name in bonuses}
     return dict(drawn=drawn, teacher_forced=forced, forced_pairs=forced_pairs)
 
 
