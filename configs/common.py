@@ -138,7 +138,7 @@ def model_init_config(**overrides) -> mlc.ConfigDict:
 def vision_config(**overrides) -> mlc.ConfigDict:
     """`config.vision` of an MLLM config (models/mllm.py): the frozen vision tokenizer and images."""
     c = mlc.ConfigDict(dict(
-        tokenizer_workdir="",     # a train-tokenizer workdir (DualViTok); its codes are the image tokens
+        tokenizer_workdir="",     # a train-tokenizer workdir (DualViTok or semantic VQ); its codes are the image tokens
         # The tokenizer's model config, used only when the workdir has no checkpoint yet
         # (shape-only tools: AOT, config checks). A trained checkpoint's own config wins.
         tokenizer_model=None,
@@ -172,6 +172,10 @@ def vision_config(**overrides) -> mlc.ConfigDict:
         # code of its level with this probability; targets stay true (not official; models/mllm.py
         # `noisy_code_inputs`).
         code_noise=0.0,
+        # > 0: an understanding image larger than one view is shown as a global view + up to this many
+        # slices, each its own block (the original ILLUME's high-resolution input: 9; data/anyres.py).
+        # Every view takes one of max_images.
+        anyres_max_slices=0,
         tag_step=64,              # resolution tags <height_64> ... <height_1024> (spec §3.2)
         max_side=1024,
     ))

@@ -1,8 +1,16 @@
-"""Tiny ILLUME+ MLLM on ShapeComp level 1: ILLUME's three stages on CPU.
+"""Tiny ILLUME+ (or ILLUME) MLLM on ShapeComp level 1: ILLUME's three stages on CPU.
 
 Launch:   python -m illume_jax train-tokenizer --config=configs/dualvitok.py:size=tiny --workdir=runs/dualvitok_tiny
           python -m illume_jax train --config=configs/illume_tiny.py --workdir=runs/illume_tiny
+          The original ILLUME's path (family=illume: the semantic VQ's 16x16 codes, one level, a CLIP-style
+          ViT through an adapter, the Vicuna template and a LLaMA-style LLM):
+          python -m illume_jax train-tokenizer --config=configs/semantic_vq_illume.py:size=tiny --workdir=runs/svq_tiny
+          python -m illume_jax train --config=configs/illume_tiny.py:family=illume,tokenizer=runs/svq_tiny \
+              --workdir=runs/illume_v1_tiny
 Args:     --config=configs/illume_tiny.py:steps=400,batch=16,tokenizer=runs/dualvitok_tiny,levels=1,workers=0,
+          family=illume_plus|illume (illume_plus: DualViTok, two code levels, Qwen2-style LLM, 'plain'
+          template; illume: see Launch; the options marked "not official" below are ILLUME+ experiments and
+          stay off, except cell_embedding / neighbour_codes / source_cells / source_copy, which work on one level),
           size=tiny|small|medium (the LLM's shape, LLM_SIZES below),
           pixel_grid=16|32 (the tokenizer's pixel code grid, as in configs/dualvitok.py: 32 makes 1,134-token
           image blocks, and the sequence lengths follow),
@@ -97,19 +105,24 @@ LLM_SIZES = {
     # For an accelerator (device=gpu): about 6x the small LLM's parameters.
     "medium": dict(d_model=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64, mlp_dim=1536),
 }
+FAMILIES = ("illume_plus", "illume")
 DEVICES = {
     "cpu": dict(dtype="float32", attention="cpu"),
     "gpu": dict(dtype="bfloat16", attention="cudnn"),
 }
 
 
-def sequence_lengths(pixel_grid: int) -> tuple[int, int]:
+def sequence_lengths(pixel_grid: int, family: str = "illume_plus") -> tuple[int, int]:
     """(one-image, two-image) row lengths: an image block plus the longest text of the ShapeComp
-    tasks (a multi-turn QA record: ~160 tokens; an edit instruction: ~60), in multiples of 128."""
+    tasks (a multi-turn QA record: ~160 tokens; an edit instruction: ~60), in multiples of 128.
+    family=illume: the semantic VQ's one-level 16x16 block, and ~70 tokens of Vicuna system prompt."""
     from illume_jax.models.mllm import block_length  # light import: configs stay cheap to load
-    block = block_length(((8, 8), (pixel_grid, pixel_grid)))  # 64² images: 8x8 semantic grid
+    if family == "illume":
+        block, system = block_length(((16, 16), (0, 0))), 70
+    else:
+        block, system = block_length(((8, 8), (pixel_grid, pixel_grid))), 0  # 64² images: 8x8 semantic grid
     up = lambda n: -(-n // 128) * 128  # noqa: E731
-    return up(block + 160), up(2 * block + 60)
+    return up(block + 160 + system), up(2 * block + 60 + system)
 
 
 def _flag(value, name: str) -> bool:
@@ -119,7 +132,7 @@ def _flag(value, name: str) -> bool:
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-    a = common.parse_arg(arg, steps=400, batch=16, tokenizer="runs/dualvitok_tiny", levels="1", workers=0,
+    a = common.parse_arg(arg, family="illume_plus", steps=400, batch=16, tokenizer="", levels="1", workers=0,
                          vocab=512, size="tiny", stages="0123", pixel_grid=16, examples=2000, device="cpu",
                          lr_scale=1.0, tower_lr=0.0, text_steps=0, qa_negatives="mixed", base_steps=0,
                          qa_lookups=0, text_lr=0.0, base_text=0.0, qa_turns=0,
@@ -129,28 +142,49 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         raise ValueError(f"config argument size={a.size!r}: expected one of {sorted(LLM_SIZES)}")
     if a.device not in DEVICES:
         raise ValueError(f"config argument device={a.device!r}: expected one of {sorted(DEVICES)}")
+    if a.family not in FAMILIES:
+        raise ValueError(f"config argument family={a.family!r}: expected one of {FAMILIES}")
+    illume = a.family == "illume"
+    if illume and (int(a.pixel_grid) != 16 or _flag(a.parent_codes, "parent_codes")):
+        raise ValueError("config arguments pixel_grid / parent_codes are for family=illume_plus (DualViTok's pixel "
+                         "level); family=illume has one level of 16x16 semantic codes")
     c = mlc.ConfigDict()
     c.seed = 0
     c.mesh = common.mesh_config()
-    tok = dualvitok.model_config("tiny", int(a.pixel_grid))  # validates pixel_grid
-    # Added ids: 7 structure + 32 resolution tags + both codebooks; padded to a multiple of 64.
-    added = 7 + 32 + tok.semantic_codes + tok.pixel_codes
+    if illume:  # the semantic VQ: 256 codes of a 16x16 grid (configs/semantic_vq_illume.py)
+        from configs import semantic_vq_illume
+        tok = semantic_vq_illume.model_config("tiny")
+        codes = tok.num_codes
+    else:
+        tok = dualvitok.model_config("tiny", int(a.pixel_grid))  # validates pixel_grid
+        codes = tok.semantic_codes + tok.pixel_codes
+    # Added ids: 7 structure + 32 resolution tags + the codebooks; padded to a multiple of 64.
+    added = 7 + 32 + codes
     rows = -(-(a.vocab + added) // 64) * 64
+    # family=illume: LLaMA-style blocks (no qkv bias, RoPE base 10,000), as Vicuna's; the head stays tied to
+    # the embedding (Vicuna's is not) so stage 1's new-row updates cover both, as in the ILLUME+ tiny model.
+    llama = dict(family="llama", qkv_bias=False, rope_theta=10_000.0) if illume else {}
     c.model = common.llm_config(text_vocab_size=a.vocab, vocab_size=rows, remat="none",
-                                **DEVICES[a.device], **LLM_SIZES[a.size])
-    c.vision = common.vision_config(tokenizer_workdir=a.tokenizer, tokenizer_model=tok, resolution=64,
+                                **DEVICES[a.device], **LLM_SIZES[a.size], **llama)
+    c.vision = common.vision_config(tokenizer_workdir=a.tokenizer or ("runs/svq_tiny" if illume else
+                                                                      "runs/dualvitok_tiny"),
+                                    tokenizer_model=tok, resolution=64,
                                     max_images=2, projector_window=int(a.projector_window),
                                     cell_embedding=_flag(a.cell_embedding, "cell_embedding"),
                                     neighbour_codes=_flag(a.neighbour_codes, "neighbour_codes"),
                                     parent_codes=_flag(a.parent_codes, "parent_codes"),
                                     source_cells=_flag(a.source_cells, "source_cells"),
                                     source_copy=_flag(a.source_copy, "source_copy"),
-                                    copy_mixture=_flag(a.copy_mixture, "copy_mixture"), code_noise=float(a.code_noise))
-    c.tokenizer = mlc.ConfigDict(dict(kind="sentencepiece", path="", vocab_size=a.vocab, chat_template="plain",
+                                    copy_mixture=_flag(a.copy_mixture, "copy_mixture"), code_noise=float(a.code_noise),
+                                    # ILLUME's up to 9 slices + a global view for images larger than 64²
+                                    # (ShapeComp's are all 64²: training rows never slice).
+                                    anyres_max_slices=9 if illume else 0)
+    c.tokenizer = mlc.ConfigDict(dict(kind="sentencepiece", path="", vocab_size=a.vocab,
+                                      chat_template="vicuna" if illume else "plain",
                                       corpus_tasks=("caption", "qa", "edit", "t2i", "recon")))
     levels = tuple(int(ch) for ch in a.levels)
     n = int(a.examples)
-    one, two = sequence_lengths(int(a.pixel_grid))  # 512 / 768 at the default 16x16 grid
+    one, two = sequence_lengths(int(a.pixel_grid), a.family)  # 512 / 768 at the default 16x16 grid (both families)
     c.data = mlc.ConfigDict(dict(
         datasets={f"shapecomp_{t}": dict(kind="shapecomp", levels=levels, tasks=(t,), num_examples=n)
                   for t in ("caption", "qa", "t2i", "edit", "recon")},

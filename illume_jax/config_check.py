@@ -147,12 +147,15 @@ def _validate_vision(config: Any) -> None:
             _fail(f"data.datasets.{name}.text_only", True, f"only for understanding tasks (caption, qa): {sorted(drawn)} "
                   "answer with an image, which a scene description cannot stand in for")
     if not v.tokenizer_workdir and v.tokenizer_model is None:
-        _fail("vision.tokenizer_workdir", v.tokenizer_workdir, "a train-tokenizer workdir (DualViTok)")
+        _fail("vision.tokenizer_workdir", v.tokenizer_workdir, "a train-tokenizer workdir (DualViTok or semantic VQ)")
     if v.max_images < 1:
         _fail("vision.max_images", v.max_images, "an int >= 1")
     if v.resolution % v.tag_step or not v.tag_step <= v.resolution <= v.max_side:
         _fail("vision.resolution", v.resolution, f"a multiple of vision.tag_step ({v.tag_step}) up to "
                                                  f"vision.max_side ({v.max_side}): it must have resolution tags")
+    slices = v.get("anyres_max_slices", 0)
+    if isinstance(slices, bool) or not isinstance(slices, int) or slices < 0:
+        _fail("vision.anyres_max_slices", slices, "an int >= 0 (0: every image is one view; ILLUME: 9)")
     if not 0.0 <= float(v.get("code_noise", 0.0)) < 1.0:
         _fail("vision.code_noise", v.code_noise, "a rate in [0, 1) (the share of fed-back codes replaced)")
     from illume_jax.train.state import model_config

@@ -59,7 +59,8 @@ def micro_tokenizer_workdir(tmp_path_factory):
 # on modules that do not need it, so it rarely waits for the lock.
 _SLOW_MODULES = ("tests/train/test_mllm_train.py", "tests/align/test_round.py",
                  "tests/train/test_tokenizer_train.py", "tests/train/test_decoder_train.py",
-                 "tests/launch/test_colab_notebook.py", "tests/convert/test_convert_pipeline.py")
+                 "tests/launch/test_colab_notebook.py", "tests/convert/test_convert_pipeline.py",
+                 "tests/train/test_illume_v1_train.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,6 +11,13 @@ Rules, as the official dataset applies them:
   "Generate a random image of <tags>\\n"; an edit becomes the reconstruction prompt with the
   source image as its own target.
 
+High-resolution understanding (the original ILLUME's "patchify", `vision.anyres_max_slices` > 0): in a
+record whose answers are text, a human-turn image larger than the base resolution is shown as a global
+view plus up to that many slices (data/anyres.py), each its own continuous block; slices of a row are
+separated by "," and rows end with "\n" (LLaVA-UHD's separators; ILLUME's are unpublished). Every view
+counts as an image. Generation and editing records keep one view per image, as `Illume.edit` shows
+its source (an edit's target is drawn over the source's one grid).
+
 Images are numbered in order of appearance; slot cells are `image * cells_per_image + cell`
 (see models/mllm.py), and the discrete cells are filled with codes inside the train step by the
 frozen vision tokenizer, so the pipeline only decodes and resizes pixels. Rows are not packed
@@ -59,9 +66,26 @@ class Assembler:
         self.blocks = {c: mllm.block_template(self.grids, cfg.vocab, continuous=c) for c in (False, True)}
         self.tag = f"<height_{resolution}><width_{resolution}>"
 
-    def _encode(self, text: str, discrete: bool, counter: list[int], tag_images: bool):
+    def _encode(self, text: str, discrete: bool, counter: list[int], tag_images: bool, views=()):
         ids, slots, cells = [], [], []
         v = self.cfg.vocab
+
+        def text_piece(piece: str):
+            got = self.tokenizer.encode(piece)
+            ids.extend(got)
+            slots.extend([mllm.SLOT_TEXT] * len(got))
+            cells.extend([0] * len(got))
+
+        def block():
+            t = self.blocks[not discrete]
+            k = counter[0]
+            counter[0] += 1
+            per = np.where((t.slots == mllm.SLOT_SEM_IN) | (t.slots == mllm.SLOT_SEM_OUT), self.cells[0],
+                           self.cells[1])
+            ids.extend(t.ids.clip(0).tolist())
+            slots.extend(t.slots.tolist())
+            cells.extend(np.where(t.slots == mllm.SLOT_TEXT, 0, t.cells + k * per).tolist())
+
         for part in _SPLIT.split(text.replace(TAG, self.tag)):
             if not part:
                 continue
@@ -70,29 +94,28 @@ class Assembler:
                     ids += [v.height_tag(self.resolution), v.width_tag(self.resolution)]
                     slots += [mllm.SLOT_TEXT] * 2
                     cells += [0, 0]
-                t = self.blocks[not discrete]
-                k = counter[0]
-                counter[0] += 1
-                per = np.where((t.slots == mllm.SLOT_SEM_IN) | (t.slots == mllm.SLOT_SEM_OUT), self.cells[0],
-                               self.cells[1])
-                ids += t.ids.clip(0).tolist()
-                slots += t.slots.tolist()
-                cells += np.where(t.slots == mllm.SLOT_TEXT, 0, t.cells + k * per).tolist()
+                rows, cols = views[counter[1]] if not discrete and counter[1] < len(views) else (1, 1)
+                counter[1] += not discrete
+                block()   # the image, or with slices its global view
+                if (rows, cols) != (1, 1):
+                    for r in range(rows):
+                        for c in range(cols):
+                            block()
+                            text_piece("," if c < cols - 1 else "\n")
             elif m := re.fullmatch(r"<(height|width)_(\d+)>", part):
                 ids.append(v.height_tag(int(m[2])) if m[1] == "height" else v.width_tag(int(m[2])))
                 slots.append(mllm.SLOT_TEXT)
                 cells.append(0)
             else:
-                piece = self.tokenizer.encode(part)
-                ids += piece
-                slots += [mllm.SLOT_TEXT] * len(piece)
-                cells += [0] * len(piece)
+                text_piece(part)
         return ids, slots, cells
 
-    def render(self, turns: Sequence[dict], *, add_generation_prompt: bool = False
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def render(self, turns: Sequence[dict], *, add_generation_prompt: bool = False,
+               views: Sequence[tuple[int, int]] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """-> (ids, slots, cells, loss mask), all [L]. With `add_generation_prompt` the turns end
-        with a human turn and the assistant's opening is appended (an inference prompt)."""
+        with a human turn and the assistant's opening is appended (an inference prompt). `views`: the
+        slice grid (rows, cols) of each continuous (human-turn) image in order (data/anyres.py
+        `slice_grid`; (1, 1) or absent: the image alone); its views take consecutive image indices."""
         tag_images = any(t["from"] == "gpt" and IMAGE in t["value"] for t in turns)
         eos = "</s>"
         pieces = chat._pieces(self.template, list(turns), eos)
@@ -100,12 +123,12 @@ class Assembler:
             raise ValueError("add_generation_prompt: the conversation must end with a human turn")
         ids = [] if self.tokenizer.bos_id is None or self.tokenizer.bos_id < 0 else [self.tokenizer.bos_id]
         slots, cells, mask = [0] * len(ids), [0] * len(ids), [0.0] * len(ids)
-        counter = [0]
+        counter = [0, 0]   # image indices used; continuous images seen
         for text, trained in pieces:
             if text == eos:
                 i, s, c = [self.tokenizer.eos_id], [0], [0]
             else:
-                i, s, c = self._encode(text, trained, counter, tag_images)
+                i, s, c = self._encode(text, trained, counter, tag_images, views)
             ids += i
             slots += s
             cells += c
@@ -115,6 +138,24 @@ class Assembler:
 
     def num_images(self, turns: Sequence[dict]) -> int:
         return sum(t["value"].count(IMAGE) for t in turns)
+
+
+def continuous_images(turns: Sequence[dict]) -> list[bool]:
+    """For each `<image>` in order of appearance: True where it is a continuous input (a human turn's)."""
+    return [t["from"] != "gpt" for t in turns for _ in range(t["value"].count(IMAGE))]
+
+
+def model_views(image: np.ndarray, size: int, max_slices: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """A uint8 image [H,W,3] -> (views [V,size,size,3] in [-1,1], slice grid): the image alone (centre-fit to
+    size x size, as every image is without slicing) when `max_slices` is 0 or the image is no larger than
+    one view, else its global view + slices (data/anyres.py)."""
+    from illume_jax.data import anyres
+    if max_slices > 0:
+        grid = anyres.slice_grid(image.shape[0], image.shape[1], size, max_slices)
+        if grid != (1, 1):
+            views, grid = anyres.image_views(image, size, max_slices)
+            return views / 127.5 - 1.0, grid
+    return images_lib.to_model_range(images_lib.fit_resolution(image, size))[None], (1, 1)
 
 
 def cfg_dropout_turns(task: str, turns: list[dict]) -> tuple[list[dict], bool]:
@@ -136,9 +177,10 @@ class MultimodalExample:
     """
 
     def __init__(self, tokenizer, template: str, cfg: mllm.MLLMConfig, resolution: int, seq_len: int,
-                 max_images: int, cfg_dropout: float = 0.0):
+                 max_images: int, cfg_dropout: float = 0.0, anyres_max_slices: int = 0):
         self.assembler = Assembler(tokenizer, template, cfg, resolution)
         self.seq_len, self.max_images, self.cfg_dropout = seq_len, max_images, cfg_dropout
+        self.anyres_max_slices = anyres_max_slices   # > 0: human images larger than a view are sliced
         self.resolution = resolution
         self.skipped = {"too_long": 0, "too_many_images": 0, "bad_image": 0, "bad_record": 0}
 
@@ -158,23 +200,35 @@ class MultimodalExample:
         if n > self.max_images or n > len(images):
             self.skipped["too_many_images"] += 1
             return None
+        S = self.resolution
+        kinds = continuous_images(turns)
+        slices = self.anyres_max_slices if all(kinds) else 0   # understanding records only (module doc)
+        views, grids = [], []
+        for k, continuous in enumerate(kinds):
+            try:
+                img = decode_image(images[k]) if isinstance(images[k], (bytes, np.bytes_)) else np.asarray(images[k])
+                v, grid = model_views(img, S, slices if continuous else 0)
+            except Exception:  # noqa: BLE001 - any undecodable image skips the record, counted
+                self.skipped["bad_image"] += 1
+                return None
+            views.append(v)
+            if continuous:
+                grids.append(grid)
+        if sum(len(v) for v in views) > self.max_images:   # slices made more views than a row holds
+            self.skipped["too_many_images"] += 1
+            return None
         try:
-            ids, slots, cells, mask = self.assembler.render(turns)
+            ids, slots, cells, mask = self.assembler.render(turns, views=grids)
         except (chat.SkipRecord, ValueError):
             self.skipped["bad_record"] += 1
             return None
         if len(ids) > self.seq_len + 1:
             self.skipped["too_long"] += 1
             return None
-        S = self.resolution
         pix = np.zeros((self.max_images, S, S, 3), np.float32)
-        for k in range(n):
-            try:
-                img = decode_image(images[k]) if isinstance(images[k], (bytes, np.bytes_)) else np.asarray(images[k])
-            except Exception:  # noqa: BLE001 - any undecodable image skips the record, counted
-                self.skipped["bad_image"] += 1
-                return None
-            pix[k] = images_lib.to_model_range(images_lib.fit_resolution(img, S))
+        if views:
+            flat = np.concatenate(views)
+            pix[:len(flat)] = flat
         T = self.seq_len
         L = len(ids) - 1
         pad = lambda a, dtype: np.pad(a, (0, T - len(a))).astype(dtype)
@@ -229,7 +283,7 @@ def make_multimodal_iterator(config: Any, stage_index: int, tokenizer, data_dir:
     check_stage_fits_images(config, stage_index, mcfg)
     example = MultimodalExample(tokenizer, config.tokenizer.chat_template, mcfg,
                                 int(v.resolution), int(stage.seq_len), int(v.max_images),
-                                float(stage.get("cfg_dropout", 0.0)))
+                                float(stage.get("cfg_dropout", 0.0)), int(v.get("anyres_max_slices", 0)))
     ds = ds.random_map(example, seed=_seed("cfg-dropout", seed)).filter(lambda x: x is not None)
     it = ds.to_iter_dataset().batch(stage.global_batch_size // process_count, drop_remainder=True)
     workers = int(config.data.num_workers)

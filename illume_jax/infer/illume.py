@@ -108,10 +108,16 @@ class Illume:
         self.assembler = multimodal.Assembler(text_tokenizer, config.tokenizer.chat_template, self.cfg,
                                               self.resolution)
         self.anchors = [(self.resolution, self.resolution)]
+        self.anyres_max_slices = int(config.vision.get("anyres_max_slices", 0))
         self.eos_id = int(text_tokenizer.eos_id)
-        self._decode = module_jit(lambda m, s, p: m.decode(s, p))
-        self._code_map = module_jit(lambda m, s, p: m.code_map(s, p))
-        self._encode = module_jit(lambda m, x: m.encode(x))
+        if self.cfg.levels == 1:  # a semantic VQ (ILLUME): codes of one level, no pixel codes
+            self._decode = module_jit(lambda m, s, p: m.decode(s))
+            self._code_map = module_jit(lambda m, s, p: m.reconstruct_features(s))
+            self._encode = module_jit(lambda m, x: (m.encode(x), jnp.zeros((x.shape[0], 0), jnp.int32)))
+        else:
+            self._decode = module_jit(lambda m, s, p: m.decode(s, p))
+            self._code_map = module_jit(lambda m, s, p: m.code_map(s, p))
+            self._encode = module_jit(lambda m, x: m.encode(x))
         self.decoder = decoder  # (DecoderTrainer, DecoderState) of a trained diffusion decoder, or None
         self.pixel_decoder_dir = pixel_decoder_dir  # the tokenizer run whose pixel decoder replaced the model's
 
@@ -180,8 +186,8 @@ class Illume:
         return cls(config, model, text_tok, vision, mesh, decoder, pixel_decoder_dir=pixel_decoder or None)
 
     # -- prompt building -----------------------------------------------------------------------
-    def _prompt(self, user: str, *, suffix: Sequence[int] = ()):
-        ids, slots, cells, _ = self.assembler.render([{"from": "human", "value": user}])
+    def _prompt(self, user: str, *, suffix: Sequence[int] = (), views: Sequence[tuple[int, int]] = ()):
+        ids, slots, cells, _ = self.assembler.render([{"from": "human", "value": user}], views=views)
         if suffix:
             ids = np.concatenate([ids, np.asarray(suffix, np.int32)])
             slots = np.concatenate([slots, np.zeros(len(suffix), np.int32)])
@@ -209,6 +215,19 @@ class Illume:
         """Checked uint8 images -> [N, 1, S, S, 3] in the model's range (one image per row)."""
         S = self.resolution
         return np.stack([images_lib.to_model_range(images_lib.fit_resolution(im, S)) for im in images])[:, None]
+
+    def _question_rows(self, images: Sequence[np.ndarray], questions: Sequence[str]):
+        """(prompt rows, images [N, V, S, S, 3]) of understanding questions, one image each. With
+        `vision.anyres_max_slices` > 0 an image larger than one view is shown as its global view + slices
+        (data/anyres.py); rows with fewer views are padded with blank ones, which no slot reads."""
+        S = self.resolution
+        views = [multimodal.model_views(im, S, self.anyres_max_slices) for im in images]
+        rows = [self._prompt(f"<image>\n{q}", views=[grid]) for (_, grid), q in zip(views, questions)]
+        V = max(len(v) for v, _ in views)
+        pix = np.zeros((len(views), V, S, S, 3), np.float32)
+        for i, (v, _) in enumerate(views):
+            pix[i, :len(v)] = v
+        return rows, pix
 
     def _image_prefix(self) -> list[int]:
         v = self.cfg.vocab
@@ -287,8 +306,7 @@ class Illume:
         answers = []
         for start in _progress(range(0, len(images), batch_size), progress, len(images), batch_size, "understand"):
             chunk = [_check_image(im, f"images[{start + i}]") for i, im in enumerate(images[start:start + batch_size])]
-            pix = self._image_batch(chunk)
-            rows = [self._prompt(f"<image>\n{q}") for q in questions[start:start + batch_size]]
+            rows, pix = self._question_rows(chunk, questions[start:start + batch_size])
             state = il.RowState.start(np.tile([*grids[0], *grids[1]], (len(rows), 1)), False, True)
             tokens, _ = il.generate(self.model, self._batch(rows, pix), state, jax.random.key(seed + start),
                                     vocab=self.cfg.vocab, sampling=sampling, max_new_tokens=max_new_tokens,
@@ -313,8 +331,7 @@ class Illume:
         out = []
         for start in _progress(range(0, len(images), batch_size), progress, len(images), batch_size, "score"):
             chunk = [_check_image(im, f"images[{start + i}]") for i, im in enumerate(images[start:start + batch_size])]
-            pix = self._image_batch(chunk)
-            rows = [self._prompt(f"<image>\n{q}") for q in questions[start:start + batch_size]]
+            rows, pix = self._question_rows(chunk, questions[start:start + batch_size])
             lp = il.next_text_logprobs(self.model, self._batch(rows, pix), text_size=self.cfg.vocab.first_id)
             out.append(np.asarray(lp)[:, first])
         return np.concatenate(out) if out else np.zeros((0, len(answers)), np.float32)

@@ -6,7 +6,8 @@ state is an array per row, updated from that row's own last token, and every rul
 arithmetic over the vocabulary iota (no host round-trip, no per-row Python):
 
   phase  TEXT -> (SOI) -> EXPECT_SOL0 -> LEVEL0 -> (EOL0) -> EXPECT_SOL1 -> LEVEL1 -> (EOL1)
-         -> EXPECT_EOI -> (EOI) -> TEXT (or DONE when the row stops at the image's end)
+         -> EXPECT_EOI -> (EOI) -> TEXT (or DONE when the row stops at the image's end);
+         a row whose pixel grid is 0 x 0 (ILLUME's one-level blocks) goes from EOL0 to EXPECT_EOI
   col, row  cells emitted in the current row / rows completed in the current level.
 
 Masks (allowed ids): in a level, `EOL` once `col == w`, the level's end once `row == h`, else
@@ -203,7 +204,8 @@ def advance(state: RowState, tok: jax.Array, vocab: ImageVocab, eos_id: int) -> 
          (ph == EXPECT_SOL1) & (tok == s(SOL1)),
          (ph == LEVEL1) & (tok == s(EOL1)),
          (ph == EXPECT_EOI) & (tok == s(EOI))],
-        [DONE, DONE, EXPECT_SOL0, LEVEL0, EXPECT_SOL1, LEVEL1, EXPECT_EOI,
+        [DONE, DONE, EXPECT_SOL0, LEVEL0, jnp.where(state.grids[:, 2] > 0, EXPECT_SOL1, EXPECT_EOI), LEVEL1,
+         EXPECT_EOI,
          jnp.where(state.stop_at_eoi, DONE, TEXT)],
         default=ph)
     entered = new_phase != ph
@@ -419,9 +421,10 @@ def _source_lookup(level, row, col, source: SourceCells) -> tuple[jax.Array, jax
 
 def code_heads(llm, vocab: ImageVocab) -> tuple[jax.Array, jax.Array]:
     """The head rows of the level-0 and level-1 code ranges, sliced once per generation call
-    (slicing inside each step copies the table: more than the whole head's matmul on CPU)."""
+    (slicing inside each step copies the table: more than the whole head's matmul on CPU); None for a
+    level without codes (one-level ILLUME vocabularies)."""
     return (llm.head_rows(vocab.level0_start, vocab.semantic_codes),
-            llm.head_rows(vocab.level1_start, vocab.pixel_codes))
+            llm.head_rows(vocab.level1_start, vocab.pixel_codes) if vocab.pixel_codes else None)
 
 
 def next_tokens_from_hidden(llm, hidden: jax.Array, state: RowState, sampling: Sampling, rng: jax.Array,
@@ -457,7 +460,7 @@ def next_tokens_from_hidden(llm, hidden: jax.Array, state: RowState, sampling: S
     sampled = jax.lax.switch(branch, [
         lambda: token,
         window(vocab.level0_start, heads[0]),
-        window(vocab.level1_start, heads[1]),
+        window(vocab.level1_start, heads[1]) if vocab.pixel_codes else full,  # one level: never taken
         full,
     ])
     return jnp.where(forced, token, sampled)

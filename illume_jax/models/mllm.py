@@ -17,6 +17,15 @@ Three pieces, one file because they only make sense together:
   `embed(...)` splices projected features into the token embeddings at their slots; the rest is
   the plain LLM, so cached decoding (`LLM.decode`) works unchanged on the spliced embeddings.
 
+The original ILLUME path (arXiv 2412.06673) is the same model with one level: its tokenizer is the
+semantic VQ (models/semantic_vq.py), so `MLLMConfig.tokenizer` is a `SemanticVQConfig`, the vocabulary
+has no pixel codes, a block is SOI, SOL0, h rows of w codes + EOL, EOL0, EOI (`block_template` with an
+empty pixel grid; ILLUME's own added-token layout is unpublished, so it keeps ILLUME+'s structure ids
+and tags: a documented choice), the tower is the tokenizer's CLIP-style ViT (`SemanticVisionTower`)
+and the projector is one 2-layer GELU MLP, the paper's adapter (`MixedProjector` without its pixel
+branch). High-resolution understanding (up to 9 slices + a global view, data/anyres.py) shows each view
+as its own block.
+
 Token arrays carry two companions of the same shape: `slots` (what each position is, SLOT_*)
 and `cells` (for a slot: image index within the row x cells per image + raster cell index).
 Discrete code slots hold placeholder ids until `fill_codes` writes the codes the frozen
@@ -34,6 +43,7 @@ from flax import nnx
 
 from illume_jax.models import dualvitok as dvt
 from illume_jax.models import movq, vit
+from illume_jax.models.semantic_vq import SemanticVQConfig, clip_vit_tokens
 from illume_jax.models.llm import LLM, LLMConfig
 from illume_jax.modules.linear import Dense
 from illume_jax.sharding import constrain
@@ -130,8 +140,12 @@ class BlockTemplate:
 
 
 def block_template(grids: Sequence[Sequence[int]], vocab: ImageVocab, *, continuous: bool) -> BlockTemplate:
-    """The block for semantic grid (h1, w1) and pixel grid (h2, w2) (spec §3.3/§3.4)."""
+    """The block for semantic grid (h1, w1) and pixel grid (h2, w2) (spec §3.3/§3.4). A pixel grid of
+    (0, 0) is the one-level block of the ILLUME path: SOI, SOL0, rows + EOL, EOL0, EOI."""
     (h1, w1), (h2, w2) = (tuple(int(v) for v in g) for g in grids)
+    if min(h1, w1) < 1 or min(h2, w2) < 0 or (h2 == 0) != (w2 == 0):
+        raise ValueError(f"image block grids {grids}: expected a semantic grid of at least 1x1 and a pixel grid "
+                         f"of at least 1x1, or (0, 0) for a one-level (ILLUME) block")
     ids, slots, cells = [], [], []
 
     def fixed(which):
@@ -151,7 +165,8 @@ def block_template(grids: Sequence[Sequence[int]], vocab: ImageVocab, *, continu
 
     fixed(SOI)
     level(h1, w1, SOL0, EOL0, SLOT_SEM_IN if continuous else SLOT_SEM_OUT)
-    level(h2, w2, SOL1, EOL1, SLOT_PIX_IN if continuous else SLOT_PIX_OUT)
+    if h2:
+        level(h2, w2, SOL1, EOL1, SLOT_PIX_IN if continuous else SLOT_PIX_OUT)
     fixed(EOI)
     return BlockTemplate(((h1, w1), (h2, w2)), np.asarray(ids, np.int32), np.asarray(slots, np.int32),
                          np.asarray(cells, np.int32))
@@ -159,6 +174,8 @@ def block_template(grids: Sequence[Sequence[int]], vocab: ImageVocab, *, continu
 
 def block_length(grids: Sequence[Sequence[int]]) -> int:
     (h1, w1), (h2, w2) = grids
+    if h2 == 0:  # one level (ILLUME)
+        return 4 + h1 * (w1 + 1)
     return 6 + h1 * (w1 + 1) + h2 * (w2 + 1)
 
 
@@ -203,15 +220,21 @@ def parse_block(ids: Sequence[int], grids, vocab: ImageVocab) -> tuple[np.ndarra
             (ids[pix] - vocab.level1_start).reshape(h2, w2).astype(np.int32))
 
 
+def _codes_at(codes: jax.Array, slots: jax.Array, cells: jax.Array, slot: int) -> jax.Array:
+    """codes [B, M*n] gathered at the `slot` positions' cells -> [B,T] (0 elsewhere, and everywhere when
+    the level has no codes: the pixel level of a one-level model)."""
+    if codes.shape[1] == 0:
+        return jnp.zeros(slots.shape, codes.dtype)
+    idx = jnp.where(slots == slot, cells, 0)
+    return jnp.take_along_axis(codes, jnp.clip(idx, 0, codes.shape[1] - 1), axis=1)
+
+
 def fill_codes(tokens: jax.Array, slots: jax.Array, cells: jax.Array, semantic_codes: jax.Array,
                pixel_codes: jax.Array, vocab: ImageVocab) -> jax.Array:
     """Writes code ids into the discrete slots. tokens/slots/cells [B,T]; codes [B, M*n] (the
     row's M images flattened in order, so `cells` = image * n + cell)."""
-    def take(codes, slot):
-        idx = jnp.where(slots == slot, cells, 0)
-        return jnp.take_along_axis(codes, jnp.clip(idx, 0, codes.shape[1] - 1), axis=1)
-    sem = take(semantic_codes, SLOT_SEM_OUT) + vocab.level0_start
-    pix = take(pixel_codes, SLOT_PIX_OUT) + vocab.level1_start
+    sem = _codes_at(semantic_codes, slots, cells, SLOT_SEM_OUT) + vocab.level0_start
+    pix = _codes_at(pixel_codes, slots, cells, SLOT_PIX_OUT) + vocab.level1_start
     return jnp.where(slots == SLOT_SEM_OUT, sem, jnp.where(slots == SLOT_PIX_OUT, pix, tokens)).astype(tokens.dtype)
 
 
@@ -219,11 +242,9 @@ def input_codes(slots: jax.Array, cells: jax.Array, semantic_codes: jax.Array, p
     """The tokenizer's code of every continuous image cell: slots/cells [B,T], codes [B, M*n] as
     `fill_codes` takes them -> [B,T] int32, the code (within its level) at SLOT_SEM_IN / SLOT_PIX_IN
     positions, -1 elsewhere. What `source_copy` copies from (`source_code_targets`)."""
-    def take(codes, slot):
-        idx = jnp.where(slots == slot, cells, 0)
-        return jnp.take_along_axis(codes, jnp.clip(idx, 0, codes.shape[1] - 1), axis=1)
-    return jnp.where(slots == SLOT_SEM_IN, take(semantic_codes, SLOT_SEM_IN),
-                     jnp.where(slots == SLOT_PIX_IN, take(pixel_codes, SLOT_PIX_IN), -1)).astype(jnp.int32)
+    return jnp.where(slots == SLOT_SEM_IN, _codes_at(semantic_codes, slots, cells, SLOT_SEM_IN),
+                     jnp.where(slots == SLOT_PIX_IN, _codes_at(pixel_codes, slots, cells, SLOT_PIX_IN),
+                               -1)).astype(jnp.int32)
 
 
 def noisy_code_inputs(tokens: jax.Array, slots: jax.Array, vocab: ImageVocab, rate: float, rng: jax.Array
@@ -247,7 +268,9 @@ def noisy_code_inputs(tokens: jax.Array, slots: jax.Array, vocab: ImageVocab, ra
 @dataclasses.dataclass(frozen=True)
 class MLLMConfig:
     llm: LLMConfig
-    tokenizer: dvt.DualViTokConfig  # the tower reuses its ViT and pixel encoder; grids come from it
+    # The tower reuses its encoders and the grids come from it: DualViTok (ILLUME+, two levels) or the
+    # semantic VQ (ILLUME, one level).
+    tokenizer: dvt.DualViTokConfig | SemanticVQConfig
     vocab: ImageVocab
     # ViT blocks below this index get no gradient (official stage 3: tune_vit_from_layer=16).
     vit_trainable_from: int = 0
@@ -280,6 +303,9 @@ class MLLMConfig:
                      "copy_mixture"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"config.vision.{name}={getattr(self, name)!r}: expected True or False")
+        if self.parent_codes and self.levels == 1:
+            raise ValueError("config.vision.parent_codes=True needs a two-level tokenizer (DualViTok): a semantic VQ "
+                             "model draws no pixel codes to give a parent")
         if self.copy_mixture and not self.source_copy:
             raise ValueError("config.vision.copy_mixture=True needs config.vision.source_copy=True (it says how "
                              "the copy path combines with the head)")
@@ -294,11 +320,21 @@ class MLLMConfig:
             raise ValueError(f"config.model.vocab_size={self.llm.vocab_size} is too small for the image vocabulary "
                              f"(needs >= {self.vocab.end} = {self.llm.text_vocab_size} text + "
                              f"{self.vocab.end - self.vocab.first_id} added ids)")
-        if (self.vocab.semantic_codes, self.vocab.pixel_codes) != (self.tokenizer.semantic_codes,
-                                                                   self.tokenizer.pixel_codes):
+        if (self.vocab.semantic_codes, self.vocab.pixel_codes) != self.codebook_sizes:
             raise ValueError(f"image vocabulary codes ({self.vocab.semantic_codes}, {self.vocab.pixel_codes}) differ "
-                             f"from the tokenizer's codebooks ({self.tokenizer.semantic_codes}, "
-                             f"{self.tokenizer.pixel_codes})")
+                             f"from the tokenizer's codebooks {self.codebook_sizes}")
+
+    @property
+    def levels(self) -> int:
+        """Code levels per image block: 2 for ILLUME+ (DualViTok), 1 for ILLUME (semantic VQ)."""
+        return 1 if isinstance(self.tokenizer, SemanticVQConfig) else 2
+
+    @property
+    def codebook_sizes(self) -> tuple[int, int]:
+        """(semantic, pixel) codes of the tokenizer; pixel 0 for a one-level one."""
+        if self.levels == 1:
+            return self.tokenizer.num_codes, 0
+        return self.tokenizer.semantic_codes, self.tokenizer.pixel_codes
 
     @classmethod
     def create(cls, llm_config: Any, tokenizer_config: Any, *, vit_trainable_from: int = 0,
@@ -306,16 +342,26 @@ class MLLMConfig:
                parent_codes: bool = False, source_cells: bool = False, source_copy: bool = False,
                copy_mixture: bool = False, tag_step: int = 64, max_side: int = 1024) -> "MLLMConfig":
         llm = llm_config if isinstance(llm_config, LLMConfig) else LLMConfig.from_config(llm_config)
-        tok = tokenizer_config if isinstance(tokenizer_config, dvt.DualViTokConfig) \
-            else dvt.DualViTokConfig.from_config(tokenizer_config)
-        vocab = ImageVocab(first_id=llm.text_vocab_size, semantic_codes=tok.semantic_codes,
-                           pixel_codes=tok.pixel_codes, tag_step=tag_step, max_side=max_side)
+        tok = tokenizer_config
+        if not isinstance(tok, (dvt.DualViTokConfig, SemanticVQConfig)):
+            kind = dict(tok).get("kind", "dualvitok")
+            if kind not in ("dualvitok", "semantic_vq"):
+                raise ValueError(f"the MLLM's tokenizer config has kind={kind!r}: expected 'dualvitok' (ILLUME+) or "
+                                 f"'semantic_vq' (ILLUME)")
+            tok = (SemanticVQConfig if kind == "semantic_vq" else dvt.DualViTokConfig).from_config(tok)
+        sem, pix = (tok.num_codes, 0) if isinstance(tok, SemanticVQConfig) else (tok.semantic_codes, tok.pixel_codes)
+        vocab = ImageVocab(first_id=llm.text_vocab_size, semantic_codes=sem, pixel_codes=pix, tag_step=tag_step,
+                           max_side=max_side)
         return cls(llm=llm, tokenizer=tok, vocab=vocab, vit_trainable_from=vit_trainable_from,
                    projector_window=projector_window, cell_embedding=cell_embedding,
                    neighbour_codes=neighbour_codes, parent_codes=parent_codes, source_cells=source_cells,
                    source_copy=source_copy, copy_mixture=copy_mixture)
 
     def grids(self, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(semantic, pixel) code grids of an h x w image; the pixel grid is (0, 0) with one level (the
+        semantic VQ resizes every image to its ViT's input: one grid whatever h and w)."""
+        if self.levels == 1:
+            return (self.tokenizer.grid, self.tokenizer.grid), (0, 0)
         return dvt.token_grids(h, w, self.tokenizer)
 
     def cells_per_image(self, h: int, w: int) -> tuple[int, int]:
@@ -365,6 +411,24 @@ class DualVisionTower(nnx.Module):
         return self.semantic_features(images), pix.reshape(pix.shape[0], -1, pix.shape[-1])
 
 
+class SemanticVisionTower(nnx.Module):
+    """ILLUME's tower: the semantic VQ's CLIP-style ViT, its patch-token features before the tokenizer's
+    normalisation and quantiser ([N, g*g, hidden], g = the VQ's grid). Same interface as
+    `DualVisionTower`, with no pixel features."""
+
+    def __init__(self, cfg: SemanticVQConfig, *, trainable_from: int = 0, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.trainable_from = trainable_from
+        self.vit = vit.ClipVisionTransformer(cfg.vit, rngs=rngs)
+
+    def semantic_features(self, images: jax.Array) -> jax.Array:
+        """images [N,H,W,3] in [-1,1] -> [N, g*g, hidden] (resized to the ViT's input size)."""
+        return clip_vit_tokens(self.vit, images, self.cfg.image_size, trainable_from=self.trainable_from)
+
+    def __call__(self, images: jax.Array) -> tuple[jax.Array, None]:
+        return self.semantic_features(images), None
+
+
 def neighbourhoods(x: jax.Array, h: int, w: int, k: int) -> jax.Array:
     """x [N, h*w, C] (a raster grid of cells) -> [N, h*w, k*k*C]: each cell's k x k neighbours (k odd), in
     raster order, zeros outside the grid. k=1 returns x.
@@ -384,12 +448,14 @@ def neighbourhoods(x: jax.Array, h: int, w: int, k: int) -> jax.Array:
 
 class MixedProjector(nnx.Module):
     """The official two-branch projector (a GELU MLP per branch). window > 1 (not official) feeds each branch
-    the window x window cells around every token (`neighbourhoods`): fc1 is then window² times wider."""
+    the window x window cells around every token (`neighbourhoods`): fc1 is then window² times wider.
+    pixel_dim 0: no pixel branch -- ILLUME's adapter, one GELU MLP on the ViT features."""
 
     def __init__(self, semantic_dim: int, pixel_dim: int, d_model: int, *, dtype, param_dtype, rngs: nnx.Rngs,
                  window: int = 1):
         self.semantic = MLP2(semantic_dim * window ** 2, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.pixel = MLP2(pixel_dim * window ** 2, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.pixel = (MLP2(pixel_dim * window ** 2, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                      if pixel_dim else None)
 
 
 def cell_coordinates(slots: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -706,7 +772,8 @@ def add_copy_bonus(logits: jax.Array, bonus: jax.Array, level: jax.Array, code: 
 
 class MLLM(nnx.Module):
     """LLM + vision tower + projector. Parameter paths: `llm/...` (as models/llm.py),
-    `vision/vit/...`, `vision/pixel_encoder/...`, `projector/{semantic,pixel}/fc{1,2}/...`, and with
+    `vision/vit/...`, `vision/pixel_encoder/...`, `projector/{semantic,pixel}/fc{1,2}/...` (one level: no
+    `vision/pixel_encoder`, no `projector/pixel`; `vision/vit` is then the CLIP-style ViT), and with
     `cell_embedding` `cell_embed/{rows,cols}`, with `neighbour_codes` `neighbour_embed/{level0,level1}`,
     with `parent_codes` `parent_embed/table`, with `source_cells` `source_embed/proj/kernel`, with
     `source_copy` `source_copy/{gate,bias}`."""
@@ -714,15 +781,20 @@ class MLLM(nnx.Module):
     def __init__(self, cfg: MLLMConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.llm = LLM(cfg.llm, rngs=rngs)
-        self.vision = DualVisionTower(cfg.tokenizer, trainable_from=cfg.vit_trainable_from, rngs=rngs)
-        self.projector = MixedProjector(cfg.tokenizer.vit.hidden_size, cfg.tokenizer.pixel_encoder.z_channels,
-                                        cfg.llm.d_model, dtype=cfg.llm.compute_dtype,
-                                        param_dtype=cfg.llm.weight_dtype, rngs=rngs, window=cfg.projector_window)
+        if cfg.levels == 1:
+            self.vision = SemanticVisionTower(cfg.tokenizer, trainable_from=cfg.vit_trainable_from, rngs=rngs)
+            pixel_dim = 0
+        else:
+            self.vision = DualVisionTower(cfg.tokenizer, trainable_from=cfg.vit_trainable_from, rngs=rngs)
+            pixel_dim = cfg.tokenizer.pixel_encoder.z_channels
+        self.projector = MixedProjector(cfg.tokenizer.vit.hidden_size, pixel_dim, cfg.llm.d_model,
+                                        dtype=cfg.llm.compute_dtype, param_dtype=cfg.llm.weight_dtype, rngs=rngs,
+                                        window=cfg.projector_window)
         if cfg.cell_embedding:
             self.cell_embed = CellEmbedding(cfg.cell_table_side, cfg.llm.d_model, dtype=cfg.llm.compute_dtype,
                                             param_dtype=cfg.llm.weight_dtype, rngs=rngs)
         if cfg.neighbour_codes:
-            self.neighbour_embed = NeighbourCodeEmbedding(cfg.vocab.semantic_codes, cfg.vocab.pixel_codes,
+            self.neighbour_embed = NeighbourCodeEmbedding(cfg.vocab.semantic_codes, max(cfg.vocab.pixel_codes, 1),
                                                           cfg.llm.d_model, dtype=cfg.llm.compute_dtype,
                                                           param_dtype=cfg.llm.weight_dtype, rngs=rngs)
         if cfg.parent_codes:
@@ -738,20 +810,23 @@ class MLLM(nnx.Module):
             self.source_copy = SourceCodeCopy(cfg.llm.d_model, param_dtype=cfg.llm.weight_dtype, rngs=rngs,
                                               mixture=cfg.copy_mixture)
 
-    def image_features(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """images [B,M,H,W,3] -> projected (semantic [B, M*n0, D], pixel [B, M*n1, D])."""
+    def image_features(self, images: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """images [B,M,H,W,3] -> projected (semantic [B, M*n0, D], pixel [B, M*n1, D] or None with one level)."""
         B, M = images.shape[:2]
         sem, pix = self.vision(images.reshape(B * M, *images.shape[2:]))
         sem, pix = self.project(sem, pix, images.shape[2], images.shape[3])
-        return sem.reshape(B, -1, sem.shape[-1]), pix.reshape(B, -1, pix.shape[-1])
+        return sem.reshape(B, -1, sem.shape[-1]), None if pix is None else pix.reshape(B, -1, pix.shape[-1])
 
-    def project(self, sem: jax.Array, pix: jax.Array, height: int, width: int) -> tuple[jax.Array, jax.Array]:
-        """The tower's grids of height x width images (semantic [N,h1*w1,hidden], pixel [N,h2*w2,z]) -> the
-        LLM's width, each token from its `projector_window` neighbourhood."""
+    def project(self, sem: jax.Array, pix: jax.Array | None, height: int, width: int
+                ) -> tuple[jax.Array, jax.Array | None]:
+        """The tower's grids of height x width images (semantic [N,h1*w1,hidden], pixel [N,h2*w2,z] or None)
+        -> the LLM's width, each token from its `projector_window` neighbourhood."""
         (h1, w1), (h2, w2) = self.cfg.grids(height, width)
         k, dtype = self.cfg.projector_window, self.cfg.llm.compute_dtype
-        return (self.projector.semantic(neighbourhoods(sem.astype(dtype), h1, w1, k)),
-                self.projector.pixel(neighbourhoods(pix.astype(dtype), h2, w2, k)))
+        sem = self.projector.semantic(neighbourhoods(sem.astype(dtype), h1, w1, k))
+        if pix is None:
+            return sem, None
+        return sem, self.projector.pixel(neighbourhoods(pix.astype(dtype), h2, w2, k))
 
     def embed(self, tokens: jax.Array, slots: jax.Array | None = None, cells: jax.Array | None = None,
               images: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -766,7 +841,8 @@ class MLLM(nnx.Module):
                 idx = jnp.clip(jnp.where(slots == slot, cells, 0), 0, feats.shape[1] - 1)
                 return jnp.take_along_axis(feats, idx[..., None], axis=1)
             x = jnp.where((slots == SLOT_SEM_IN)[..., None], take(sem, SLOT_SEM_IN).astype(x.dtype), x)
-            x = jnp.where((slots == SLOT_PIX_IN)[..., None], take(pix, SLOT_PIX_IN).astype(x.dtype), x)
+            if pix is not None:
+                x = jnp.where((slots == SLOT_PIX_IN)[..., None], take(pix, SLOT_PIX_IN).astype(x.dtype), x)
         if self.cfg.cell_embedding and slots is not None:
             x = x + self.cell_embed(*cell_embedding_targets(slots))
         if self.cfg.neighbour_codes and slots is not None:
@@ -806,11 +882,15 @@ class MLLM(nnx.Module):
         return self.source_copy.apply(logits, normed, level, code, valid, self.cfg.vocab), normed
 
 
-def load_tower_from_tokenizer(model: MLLM, tokenizer: dvt.DualViTok) -> None:
-    """Copies the tokenizer's ViT and pixel encoder into the MLLM's tower (the official
-    DualVisionTower takes these submodules from a DualViTok instance)."""
-    nnx.update(model.vision.vit, nnx.state(tokenizer.semantic_encoder.vit, nnx.Param))
-    nnx.update(model.vision.pixel_encoder, nnx.state(tokenizer.pixel_encoder, nnx.Param))
+def tokenizer_tower(tokenizer) -> dict[str, nnx.State]:
+    """The MLLM tower's parameters taken from a tokenizer, by submodule of `MLLM.vision`: DualViTok's ViT
+    and pixel encoder (as the official DualVisionTower takes them from a DualViTok instance), or the
+    semantic VQ's CLIP-style ViT."""
+    if isinstance(tokenizer.cfg, SemanticVQConfig):
+        return {"vit": nnx.state(tokenizer.vit, nnx.Param)}
+    return {"vit": nnx.state(tokenizer.semantic_encoder.vit, nnx.Param),
+            "pixel_encoder": nnx.state(tokenizer.pixel_encoder, nnx.Param)}
+
 
 
 def create_mllm(cfg: MLLMConfig, mesh: jax.sharding.Mesh | None = None, seed: int = 0) -> MLLM:

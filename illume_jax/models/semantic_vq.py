@@ -76,16 +76,18 @@ class SemanticVQConfig:
         return cfg
 
 
-def clip_vit_tokens(model: vit.ClipVisionTransformer, images: jax.Array, image_size: int) -> jax.Array:
+def clip_vit_tokens(model: vit.ClipVisionTransformer, images: jax.Array, image_size: int, *,
+                    trainable_from: int = 0) -> jax.Array:
     """Images [B,H,W,3] in [-1,1] -> patch-token features [B, h*w, D] (class token dropped):
-    antialiased bicubic to the ViT's input size, CLIP normalisation, ViT last hidden state."""
+    antialiased bicubic to the ViT's input size, CLIP normalisation, ViT last hidden state.
+    trainable_from: see `ClipVisionTransformer.__call__`."""
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images: expected [B, H, W, 3] in [-1, 1], got shape {images.shape}")
     x = (images.astype(jnp.float32) + 1.0) / 2.0
     if x.shape[1:3] != (image_size, image_size):
         x = resample.resize_bicubic(x, (image_size, image_size), antialias=True)
     x = (jnp.clip(x, 0, 1) - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
-    hidden, _ = model(x.astype(jnp.dtype(model.cfg.dtype)))
+    hidden, _ = model(x.astype(jnp.dtype(model.cfg.dtype)), trainable_from=trainable_from)
     return hidden[:, 1:]
 
 

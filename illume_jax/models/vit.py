@@ -508,11 +508,14 @@ class ClipVisionTransformer(nnx.Module):
         self.blocks = _stack(cfg.num_layers, lambda r: ClipBlock(cfg, rngs=r), rngs)
         self.post_layernorm = LayerNorm(D, eps=cfg.norm_eps, param_dtype=cfg.weight_dtype)
 
-    def __call__(self, images: jax.Array, *, num_blocks: int | None = None) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, images: jax.Array, *, num_blocks: int | None = None, trainable_from: int = 0
+                 ) -> tuple[jax.Array, jax.Array]:
         """images NHWC [B, S, S, C] (CLIP-normalised) -> (last_hidden_state [B, 1+L, D], pooled [B, D]).
 
         num_blocks=n runs only the first n blocks; the hidden state is then HF's
-        `hidden_states[n]` (LLaVA's "penultimate layer" is n = num_layers - 1).
+        `hidden_states[n]` (LLaVA's "penultimate layer" is n = num_layers - 1). trainable_from=N: blocks
+        below N, and with N > 0 the embeddings before them, get no gradient (the MLLM's
+        `vit_trainable_from`, as the Qwen2-VL tower's).
         """
         cfg = self.cfg
         B, Hh, Ww, C = images.shape
@@ -525,8 +528,10 @@ class ClipVisionTransformer(nnx.Module):
         cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (B, 1, cfg.hidden_size))
         x = jnp.concatenate([cls, x], axis=1) + self.position_embedding[...].astype(x.dtype)
         x = self.pre_layrnorm(constrain(x, "batch", "act_seq", "act_embed"))
+        if trainable_from > 0:  # the embeddings sit below the first frozen block
+            x = jax.lax.stop_gradient(x)
         x = run_stack(self.blocks, lambda blk, h: blk(h), x, num_layers=cfg.num_layers, remat=cfg.remat,
-                      scan_layers=cfg.scan_layers, stop=num_blocks)
+                      scan_layers=cfg.scan_layers, stop=num_blocks, trainable_from=trainable_from)
         return x, self.post_layernorm(x[:, 0])
 
 

@@ -1,13 +1,14 @@
 """What MLLM training adds to the staged loop: the frozen vision tokenizer.
 
-* `VisionTokenizer` loads the DualViTok checkpoint of `config.vision.tokenizer_workdir` (with the
-  config it was trained with) and keeps its parameters replicated on the mesh. Inside the
-  jitted train step it turns the batch's images into codes (`prepare_batch`), which are written
+* `VisionTokenizer` loads the DualViTok (ILLUME+) or semantic VQ (ILLUME) checkpoint of
+  `config.vision.tokenizer_workdir` (with the config it was trained with) and keeps its parameters
+  replicated on the mesh. Inside the jitted train step it turns the batch's images into codes
+  (`prepare`; a semantic VQ's pixel codes are empty), which are written
   into the discrete slots of both the inputs and the targets: the data pipeline only decodes
   pixels, and the codes are exactly the tokenizer's, as official training reads them from its
   codebook-inference files.
-* At a fresh start the MLLM's vision tower is the tokenizer's ViT and pixel encoder
-  (`tower_params`), as the official DualVisionTower takes them from a DualViTok instance.
+* At a fresh start the MLLM's vision tower is the tokenizer's ViT and pixel encoder (`with_tower`), as
+  the official DualVisionTower takes them from a DualViTok instance; with a semantic VQ, its ViT.
 """
 from __future__ import annotations
 
@@ -19,10 +20,31 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from illume_jax import sharding
 from illume_jax.models import mllm
 
 
 class VisionTokenizer:
+    @classmethod
+    def abstract(cls, config: Any, mesh) -> "VisionTokenizer":
+        """Shapes only, from `config.vision.tokenizer_model` (no checkpoint read): what the AOT command
+        lowers the multimodal train step with. `params` are ShapeDtypeStructs, replicated as in training."""
+        from illume_jax.train.tokenizer import make_model
+        tok_model = config.vision.tokenizer_model
+        if tok_model is None:
+            raise ValueError("config.vision.tokenizer_model is None: the shape-only vision tokenizer needs the "
+                             "tokenizer's model config")
+        self = cls.__new__(cls)
+        with sharding.use_mesh(mesh):
+            model = nnx.eval_shape(lambda: make_model(tok_model, nnx.Rngs(0)))
+        self.graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
+        replicated = NamedSharding(mesh, P())
+        self.params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                                   (params, buffers))
+        self.one_level = tok_model.kind == "semantic_vq"
+        self.tower = None   # nothing to copy into a model that has no values
+        return self
+
     def __init__(self, config: Any, mesh):
         from illume_jax.train.tokenizer import load_tokenizer, saved_config
         workdir = os.path.abspath(config.vision.tokenizer_workdir)
@@ -31,22 +53,26 @@ class VisionTokenizer:
             raise ValueError(f"config.vision.tokenizer_workdir={workdir!r} holds no tokenizer checkpoint: run "
                              "`python -m illume_jax train-tokenizer --config=configs/dualvitok.py:size=tiny "
                              f"--workdir={config.vision.tokenizer_workdir}` first")
-        if tok_cfg.model.kind != "dualvitok":
-            raise ValueError(f"config.vision.tokenizer_workdir: the MLLM needs a DualViTok tokenizer, found "
-                             f"{tok_cfg.model.kind!r}")
+        if tok_cfg.model.kind not in ("dualvitok", "semantic_vq"):
+            raise ValueError(f"config.vision.tokenizer_workdir: the MLLM needs a DualViTok (ILLUME+) or semantic VQ "
+                             f"(ILLUME) tokenizer, found {tok_cfg.model.kind!r}")
         model, _, _ = load_tokenizer(tok_cfg, workdir, mesh)
         self.graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
         replicated = NamedSharding(mesh, P())
         # Replicated: the tokenizer is small next to the LLM and runs data-parallel on every batch.
         self.params = jax.device_put((params, buffers), replicated)
-        self.tower = {"vit": nnx.state(model.semantic_encoder.vit, nnx.Param),
-                      "pixel_encoder": nnx.state(model.pixel_encoder, nnx.Param)}
+        self.one_level = tok_cfg.model.kind == "semantic_vq"
+        self.tower = mllm.tokenizer_tower(model)
 
     def codes(self, tok_params, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """images [B,M,S,S,3] -> (semantic [B, M*n0], pixel [B, M*n1]) int32 codes (no gradient)."""
+        """images [B,M,S,S,3] -> (semantic [B, M*n0], pixel [B, M*n1]) int32 codes (no gradient); a semantic
+        VQ's pixel codes are [B, 0]."""
         model = nnx.merge(self.graphdef, *tok_params)
         B, M = images.shape[:2]
-        sem, pix = model.encode(jax.lax.stop_gradient(images.reshape(B * M, *images.shape[2:])))
+        flat = jax.lax.stop_gradient(images.reshape(B * M, *images.shape[2:]))
+        if self.one_level:
+            return model.encode(flat).reshape(B, -1), jnp.zeros((B, 0), jnp.int32)
+        sem, pix = model.encode(flat)
         return sem.reshape(B, -1), pix.reshape(B, -1)
 
     def prepare(self, tok_params, batch: dict, vocab: mllm.ImageVocab) -> dict:

@@ -324,7 +324,12 @@ class _BoundMeshJit(MeshJit):
 
 
 def lower_train_step(config: Any, stage_index: int, mesh: Mesh):
-    """Lowers the real step on abstract inputs (used by the AOT command for TPU topologies)."""
+    """Lowers the real step on abstract inputs (used by the AOT command for TPU topologies). A multimodal
+    config's frozen vision tokenizer enters as shapes from `config.vision.tokenizer_model`."""
     graphdef, tx, abs_state = abstract_state(config, stage_index, mesh)
-    step = make_train_step(config, stage_index, mesh, graphdef, tx, abs_state)
+    vision = None
+    if "vision" in config:
+        from illume_jax.train.multimodal import VisionTokenizer
+        vision = VisionTokenizer.abstract(config, mesh)
+    step = make_train_step(config, stage_index, mesh, graphdef, tx, abs_state, vision=vision)
     return step.lower(abs_state, batch_shapes(config, stage_index, mesh))

@@ -116,6 +116,42 @@ def test_per_row_masks_match_the_official_rules_with_rows_starting_images_at_dif
     assert int(state.phase[2]) == il.TEXT and all(int(state.phase[r]) == il.DONE for r in (0, 1, 3))
 
 
+@pytest.mark.parametrize("vocab", [mllm.ImageVocab(first_id=40, semantic_codes=16, pixel_codes=0), VOCAB],
+                         ids=["one_level_vocabulary", "two_level_vocabulary"])
+def test_rows_with_an_empty_pixel_grid_draw_one_level_blocks(vocab):
+    """ILLUME's blocks: after EOL0 the row closes the image (EOI), whatever the vocabulary; in a two-level
+    vocabulary one-level and two-level rows share the batch."""
+    one = vocab.pixel_codes == 0
+    grids = np.array([[2, 3, 0, 0], [1, 1, 0, 0], [3, 2, 0, 0]] + ([] if one else [[2, 2, 2, 3]]))
+    start_at = [0, 4, 9] + ([] if one else [2])
+    B, size = len(grids), vocab.end + 3
+    state = il.RowState.start(grids, True, True)
+    sampling = il.Sampling(temperature=(1.0, 1.0, 1.0))
+    step = jax.jit(lambda logits, st, key: il.next_tokens(logits, st, sampling, key, vocab, EOS, pad_id=0))
+    adv = jax.jit(lambda st, tok: il.advance(st, tok, vocab, EOS))
+    rng = np.random.default_rng(1)
+    history = []
+    for i in range(40):
+        logits = rng.normal(size=(B, size)).astype(np.float32)
+        logits[:, EOS] = -30.0
+        logits[:, vocab.soi] = np.where(np.asarray(start_at) == i, 30.0, -30.0)
+        tok = np.asarray(step(jnp.asarray(logits), state, jax.random.key(i)))
+        state = adv(state, jnp.asarray(tok))
+        history.append(tok)
+    history = np.stack(history, axis=1)
+    for r in range(B):
+        h1, w1, h2, w2 = (int(g) for g in grids[r])
+        soi = start_at[r]
+        sem, pix = mllm.parse_block(history[r, soi:], ((h1, w1), (h2, w2)), vocab)
+        assert sem.shape == (h1, w1) and pix.shape == (h2, w2)
+        end = soi + mllm.block_length(((h1, w1), (h2, w2)))
+        if h2 == 0:
+            assert history[r, end - 2:end].tolist() == [vocab.structure(mllm.EOL0), vocab.eoi]
+            assert vocab.structure(mllm.SOL1) not in history[r].tolist()
+        assert (history[r, end:] == 0).all(), f"row {r} kept emitting after its image"
+    assert (np.asarray(state.phase) == il.DONE).all()
+
+
 def test_understanding_rows_never_open_an_image():
     state = il.RowState.start(np.array([[2, 2, 2, 2]]), False, True)
     mask = np.asarray(il.allowed_mask(state, VOCAB, V, EOS))[0]

@@ -71,6 +71,39 @@ def test_worked_example_256():
     np.testing.assert_array_equal(back_pix, pix)
 
 
+def test_one_level_blocks_for_the_original_illume():
+    """ILLUME's semantic VQ: SOI, SOL0, rows of codes + EOL, EOL0, EOI -- ILLUME+'s skeleton without level 1,
+    in a vocabulary without pixel codes (its codes end where level 1 would start)."""
+    vocab = mllm.ImageVocab(first_id=32000, semantic_codes=16384, pixel_codes=0)
+    assert vocab.level0_start == 32000 + 7 + 32 and vocab.end == vocab.level1_start == 32000 + 39 + 16384
+    grids = ((16, 16), (0, 0))
+    t = mllm.block_template(grids, vocab, continuous=False)
+    assert len(t) == mllm.block_length(grids) == 4 + 16 * 17 == 276
+    codes = np.random.default_rng(0).integers(0, 16384, (16, 16))
+    ids = mllm.block_ids(t, codes, np.zeros((0, 0), int), vocab)
+    assert list(ids[:2]) == [vocab.soi, vocab.structure(mllm.SOL0)]
+    assert list(ids[2:18]) == list(codes[0] + vocab.level0_start) and ids[18] == vocab.eol
+    assert list(ids[-2:]) == [vocab.structure(mllm.EOL0), vocab.eoi]
+    sem, pix = mllm.parse_block(ids, grids, vocab)
+    np.testing.assert_array_equal(sem, codes)
+    assert pix.shape == (0, 0)
+    inp = mllm.block_template(grids, vocab, continuous=True)
+    assert (inp.slots == mllm.SLOT_SEM_IN).sum() == 256 and not np.isin(inp.slots, [mllm.SLOT_PIX_IN,
+                                                                                     mllm.SLOT_PIX_OUT]).any()
+    for bad in (((16, 16), (0, 4)), ((0, 16), (0, 0))):
+        with pytest.raises(ValueError, match="image block grids"):
+            mllm.block_template(bad, vocab, continuous=False)
+    # Codes of an empty level: fill_codes / input_codes take a [B, 0] pixel code array.
+    slots = jnp.asarray(np.concatenate([inp.slots, t.slots])[None])
+    cells = jnp.asarray(np.concatenate([inp.cells, t.cells])[None])
+    sem_codes = jnp.asarray(codes.reshape(1, -1))
+    filled = mllm.fill_codes(jnp.zeros_like(slots), slots, cells, sem_codes, jnp.zeros((1, 0), jnp.int32), vocab)
+    np.testing.assert_array_equal(np.asarray(filled[0, len(t):])[t.slots == mllm.SLOT_SEM_OUT],
+                                  codes.reshape(-1) + vocab.level0_start)
+    got = mllm.input_codes(slots, cells, sem_codes, jnp.zeros((1, 0), jnp.int32))
+    np.testing.assert_array_equal(np.asarray(got[0, :len(t)])[inp.slots == mllm.SLOT_SEM_IN], codes.reshape(-1))
+
+
 def test_parse_block_names_the_broken_position():
     grids = ((2, 2), (2, 3))
     t = mllm.block_template(grids, OFFICIAL, continuous=False)
@@ -519,6 +552,46 @@ def test_embed_splices_projected_features_at_the_slots(tiny_model):
     logits = model(jnp.asarray(tokens), slots=jnp.asarray(slots), cells=jnp.asarray(cells), images=images)
     ref = model.llm(inputs_embeds=jnp.asarray(x))
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_illume_model_reads_its_vq_vit_through_an_adapter():
+    """The original ILLUME's path: the tower is the semantic VQ's CLIP-style ViT (patch tokens, no class
+    token), the projector one GELU MLP (no pixel branch), spliced at SLOT_SEM_IN; `vit_trainable_from`
+    stops the gradient below that block, embeddings included."""
+    from configs import semantic_vq_illume
+    from flax import nnx
+    from illume_jax.models.semantic_vq import clip_vit_tokens
+    tok = semantic_vq_illume.model_config("tiny")
+    tok.vit.update(num_layers=2, hidden_size=16, num_heads=2, mlp_dim=32)
+    tok.update(num_codes=64)
+    llm = common.llm_config(text_vocab_size=100, vocab_size=100 + 39 + 64 + 5, d_model=32, num_heads=2,
+                            num_kv_heads=1, mlp_dim=64)
+    with pytest.raises(ValueError, match="parent_codes=True needs a two-level tokenizer"):
+        mllm.MLLMConfig.create(llm, tok, parent_codes=True)
+    cfg = mllm.MLLMConfig.create(llm, tok, vit_trainable_from=1)
+    assert cfg.levels == 1 and cfg.vocab.pixel_codes == 0 and cfg.grids(64, 64) == ((16, 16), (0, 0))
+    model = mllm.create_mllm(cfg)
+    assert model.projector.pixel is None and not hasattr(model.vision, "pixel_encoder")
+    images = jax.random.uniform(jax.random.key(0), (1, 1, 64, 64, 3), minval=-1, maxval=1)
+    sem, pix = model.image_features(images)
+    assert pix is None and sem.shape == (1, 256, 32)
+    feats = clip_vit_tokens(model.vision.vit, images[:, 0], 64)
+    p = model.projector.semantic
+    want = p.fc2(jax.nn.gelu(p.fc1(feats), approximate=False))
+    np.testing.assert_allclose(np.asarray(sem), np.asarray(want), rtol=1e-5, atol=1e-6)
+    t = mllm.block_template(cfg.grids(64, 64), cfg.vocab, continuous=True)
+    tokens, slots, cells = (jnp.asarray(np.concatenate([[1, 2], a])[None]) for a in (t.ids.clip(0), t.slots, t.cells))
+    x = np.asarray(model.embed(tokens, slots, cells, images))
+    np.testing.assert_allclose(x[0, 2:][t.slots == mllm.SLOT_SEM_IN], np.asarray(sem[0]), rtol=1e-6)
+    logits = model(tokens, slots=slots, cells=cells, images=images)
+    assert logits.shape == (1, len(t) + 2, cfg.llm.vocab_size) and np.isfinite(np.asarray(logits)).all()
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    grads = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p, rest).image_features(images)[0] ** 2))(params)
+    vit_grads = grads["vision"]["vit"]
+    blocks = jax.tree.leaves(vit_grads["blocks"])
+    assert all(float(jnp.abs(g[0]).max()) == 0 for g in blocks) and any(float(jnp.abs(g[1]).max()) > 0 for g in blocks)
+    assert float(jnp.abs(vit_grads["patch_embed"]["kernel"][...]).max()) == 0
 
 
 def _windows_reference(x, h, w, k):
