@@ -96,10 +96,9 @@ def topology_devices(topology: str) -> list:
 def compile_train_step(config: Any, topology: str, stage_index: int = -1) -> AotReport:
     from illume_jax.train import step as step_lib
 
-    if "vision" in config:
-        raise ValueError("aot: the multimodal (config.vision) train step runs the trained vision tokenizer inside "
-                         "it and is not compiled ahead of time yet; compile the LLM configs "
-                         "(configs/illume_plus_3b.py, configs/illume_plus_7b.py), or --what=decode")
+    # A multimodal config (config.vision) compiles the whole step: vision tower, projector, LLM and the frozen
+    # vision tokenizer that fills the code slots (its shapes from vision.tokenizer_model). Model FLOPs count
+    # the LLM only.
     cfg = LLMConfig.from_config(config.model)
     stages = list(config.stages)
     if stage_index < 0:
@@ -161,6 +160,7 @@ class DecodeAotReport:
     parent_codes: bool = False
     source_cells: bool = False
     source_copy: bool = False
+    layout: str = "ILLUME+ 512x512: 18x18 semantic + 32x32 pixel codes"
 
     @property
     def fits(self) -> bool | None:
@@ -168,7 +168,7 @@ class DecodeAotReport:
 
     def table(self) -> str:
         return "\n".join([
-            f"topology {self.topology}: {self.num_devices} chips, mesh {self.mesh}",
+            f"topology {self.topology}: {self.num_devices} chips, mesh {self.mesh}; image layout {self.layout}",
             f"decode step (sample + one token, CFG{', cell embedding' if self.cell_embedding else ''}"
             f"{', neighbour codes' if self.neighbour_codes else ''}{', parent codes' if self.parent_codes else ''}"
             f"{', source cells' if self.source_cells else ''}{', source copy' if self.source_copy else ''}): "
@@ -193,13 +193,9 @@ def compile_decode_step(config: Any, topology: str, *, batch: int = 8, cache_len
     from flax import nnx
 
     from illume_jax.infer import interleaved as il
-    from illume_jax.models.mllm import ImageVocab, block_length
+    from illume_jax.models.mllm import block_length
     cfg = LLMConfig.from_config(config.model)
-    vocab = ImageVocab(first_id=cfg.text_vocab_size)
-    if vocab.end > cfg.vocab_size:
-        raise ValueError(f"config.model.vocab_size={cfg.vocab_size} has no room for the ILLUME+ image vocabulary "
-                         f"(needs {vocab.end}): the decode step is compiled for ILLUME+ configs")
-    grids = ((18, 18), (32, 32))
+    vocab, grids, layout = _decode_layout(config, cfg)
     cache_len = cache_len or 64 + block_length(grids)
     devices = topology_devices(topology)
     mesh = sharding.make_mesh(dict(config.mesh), devices=devices)
@@ -213,6 +209,10 @@ def compile_decode_step(config: Any, topology: str, *, batch: int = 8, cache_len
     parent_graph, abs_parent = _abstract_extra_embedding(config, cfg, mesh, "parent_codes", vocab)
     copy_graph, abs_copy = _abstract_extra_embedding(config, cfg, mesh, "source_copy", vocab)
     R = 2 * batch
+    if copy_graph is not None or nb_graph is not None or config.get("vision", {}).get("source_cells", False):
+        if grids[1] == (0, 0):
+            raise ValueError("aot --what=decode: the not-official copy / neighbour / source-cell options are "
+                             "compiled for ILLUME+ layouts only")
     cache_shape = (cfg.num_layers, R, cache_len, cfg.num_kv_heads, cfg.head_dim)
     from jax.sharding import NamedSharding, PartitionSpec as P
     kv_sh = NamedSharding(mesh, P(None, ("data", "fsdp"), None, "tensor", None))
@@ -268,7 +268,28 @@ def compile_decode_step(config: Any, topology: str, *, batch: int = 8, cache_len
                            cache_gib=cache_gib, xla_flops=float(cost.get("flops", 0.0)), compile_s=compile_s,
                            cell_embedding=cell_graph is not None, neighbour_codes=nb_graph is not None,
                            parent_codes=parent_graph is not None, source_cells=source is not None,
-                           source_copy=copy_graph is not None)
+                           source_copy=copy_graph is not None, layout=layout)
+
+
+def _decode_layout(config: Any, cfg: LLMConfig):
+    """(image vocabulary, block grids, description) the decode step is compiled for: the original ILLUME's
+    one-level block of its semantic VQ's grid when the config's vision tokenizer is one (configs/illume_7b.py),
+    else ILLUME+'s 512x512 block with the official 32,768 + 98,304 codes."""
+    from illume_jax.models.mllm import ImageVocab
+    vision = config.get("vision")
+    tok = None if vision is None else vision.get("tokenizer_model")
+    if tok is not None and tok.get("kind") == "semantic_vq":
+        g = int(tok.image_size) // int(tok.vit.patch_size)
+        vocab = ImageVocab(first_id=cfg.text_vocab_size, semantic_codes=int(tok.num_codes), pixel_codes=0)
+        if vocab.end > cfg.vocab_size:
+            raise ValueError(f"config.model.vocab_size={cfg.vocab_size} has no room for the ILLUME image vocabulary "
+                             f"(needs {vocab.end})")
+        return vocab, ((g, g), (0, 0)), f"ILLUME one level: {g}x{g} codes of {tok.num_codes}"
+    vocab = ImageVocab(first_id=cfg.text_vocab_size)
+    if vocab.end > cfg.vocab_size:
+        raise ValueError(f"config.model.vocab_size={cfg.vocab_size} has no room for the ILLUME+ image vocabulary "
+                         f"(needs {vocab.end}): the decode step is compiled for ILLUME+ configs")
+    return vocab, ((18, 18), (32, 32)), "ILLUME+ 512x512: 18x18 semantic + 32x32 pixel codes"
 
 
 def _abstract_extra_embedding(config: Any, llm_cfg: LLMConfig, mesh, option: str, vocab):

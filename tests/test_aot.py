@@ -67,3 +67,19 @@ def test_decode_step_compiles_for_v5p_2x2x1_at_the_official_vocabulary():
     bad = tiny.get_config()
     with pytest.raises(ValueError, match="no room for the ILLUME\\+ image vocabulary"):
         aot.compile_decode_step(bad, "v5p:2x2x1", batch=2, cache_len=128)
+
+
+def test_the_original_illume_compiles_its_multimodal_step_and_decode_for_v5p_2x2x1():
+    """configs/illume_tiny.py:family=illume with a micro LLM: the whole multimodal train step (the semantic VQ's
+    CLIP-style tower + adapter + LLM, and the frozen VQ filling the code slots, built from its config's shapes
+    alone), and the decode step at ILLUME's one-level 16x16 layout."""
+    from configs import illume_tiny
+    config = illume_tiny.get_config("family=illume,batch=8")
+    config.vision.tokenizer_workdir = ""   # shapes from vision.tokenizer_model, whatever runs/ holds
+    config.mesh.update(data=1, fsdp=-1, tensor=1)
+    config.model.update(d_model=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, mlp_dim=128)
+    report = aot.compile_train_step(config, "v5p:2x2x1")
+    assert report.stage == "sft" and report.seq_len == 768 and report.fits and report.temp_gib > 0
+    decode = aot.compile_decode_step(config, "v5p:2x2x1", batch=2, cache_len=512)
+    assert decode.layout == "ILLUME one level: 16x16 codes of 256" and decode.fits
+    assert "ILLUME one level" in decode.table()

@@ -19,6 +19,26 @@ def test_shipped_configs_validate():
     assert validate(illume_plus_7b.get_config()).vocab_size == 283_175
 
 
+def test_the_original_illume_7b_config():
+    """Vicuna-7B + the semantic VQ's 16,384 codes after ILLUME+'s 39 structure / tag ids, padded to 64 rows;
+    one-level 16x16 blocks, up to 9 slices + a global view per understanding image, 3 stages."""
+    from configs import illume_7b
+    from illume_jax.train.state import model_config
+    c = illume_7b.get_config()
+    llm = validate(c)
+    assert (llm.d_model, llm.num_layers, llm.num_heads, llm.mlp_dim, llm.family) == (4096, 32, 32, 11008, "llama")
+    assert llm.text_vocab_size == 32_000 and llm.vocab_size == 48_448 and not llm.tie_embeddings
+    m = model_config(c)
+    assert m.levels == 1 and m.vocab.end == 32_000 + 39 + 16_384 and m.grids(256, 256) == ((16, 16), (0, 0))
+    assert c.vision.anyres_max_slices == 9 and c.vision.max_images == 10 and c.tokenizer.chat_template == "vicuna"
+    assert [s.name for s in c.stages] == ["visual_embedding_init", "unified_alignment", "sft"]
+    assert c.stages[0].new_vocab_only and "llm/lm_head/kernel" in c.stages[0].trainable
+    bad = illume_7b.get_config()
+    bad.vision.anyres_max_slices = -1
+    with pytest.raises(ValueError, match="vision.anyres_max_slices"):
+        validate(bad)
+
+
 @pytest.mark.parametrize("arg,match", [
     ("stepz=3", "'stepz' is unknown"), ("steps=abc", "steps='abc': expected int"), ("steps", "needs a value")])
 def test_parse_arg_errors(arg, match):
