@@ -13,6 +13,7 @@ from illume_jax import config_check
 from illume_jax.data import multimodal, shapecomp
 from illume_jax.models import mllm
 from illume_jax.train import loop
+from tests.train.test_mllm_train import CharTokenizer
 
 RES = 64
 
@@ -60,15 +61,10 @@ def test_the_family_argument_builds_illumes_config():
 def test_a_record_holds_one_level_blocks_in_the_vicuna_template(svq_workdir):
     from illume_jax.train.state import model_config
 
-    class Chars:
-        bos_id, eos_id, vocab_size = 1, 2, 100
-
-        def encode(self, text):
-            return [3 + (ord(ch) % 90) for ch in text]
-
     cfg = model_config(micro_config(svq_workdir))
     assert cfg.levels == 1 and cfg.grids(RES, RES) == ((16, 16), (0, 0))
-    ex = multimodal.MultimodalExample(Chars(), "vicuna", cfg, RES, seq_len=1024, max_images=2)  # one id per char
+    # seq_len 1,024: one id per character of the Vicuna system prompt
+    ex = multimodal.MultimodalExample(CharTokenizer(), "vicuna", cfg, RES, seq_len=1024, max_images=2)
     turns = [{"from": "human", "value": multimodal.edit_prompt("make it blue")}, {"from": "gpt", "value": "<image>"}]
     img = shapecomp.png_bytes(shapecomp.render(shapecomp.make_scene(1, "train", 0)))
     row = ex({"task": "edit", "conversations": json.dumps(turns), "images": [img, img]}, np.random.default_rng(0))
@@ -92,17 +88,12 @@ def test_a_large_image_is_shown_as_a_global_view_and_slices(svq_workdir):
     from illume_jax.data import anyres
     from illume_jax.train.state import model_config
 
-    class Chars:
-        bos_id, eos_id, vocab_size = 1, 2, 100
-
-        def encode(self, text):
-            return [3 + (ord(ch) % 90) for ch in text]
-
     cfg = model_config(micro_config(svq_workdir))
     big = np.kron(shapecomp.render(shapecomp.make_scene(1, "train", 3)), np.ones((2, 2, 1), np.uint8))
     turns = [{"from": "human", "value": "<image>\nIs there a red circle?"}, {"from": "gpt", "value": "yes"}]
     rec = {"task": "qa", "conversations": json.dumps(turns), "images": [shapecomp.png_bytes(big)]}
-    ex = multimodal.MultimodalExample(Chars(), "vicuna", cfg, RES, seq_len=2048, max_images=5, anyres_max_slices=9)
+    ex = multimodal.MultimodalExample(CharTokenizer(), "vicuna", cfg, RES, seq_len=2048, max_images=5,
+                                      anyres_max_slices=9)
     row = ex(rec, np.random.default_rng(0))
     assert row is not None, ex.skipped
     slots = np.concatenate([row["token_slots"][:1], row["target_slots"]])
@@ -115,14 +106,15 @@ def test_a_large_image_is_shown_as_a_global_view_and_slices(svq_workdir):
     np.testing.assert_allclose(row["images"], views / 127.5 - 1.0, atol=1e-6)
     ids = np.concatenate([row["tokens"][:1], row["targets"]])
     ends = np.nonzero(ids == cfg.vocab.eoi)[0]
-    assert [int(ids[e + 1]) for e in ends[1:]] == Chars().encode(",\n,\n")   # after each slice
+    assert [int(ids[e + 1]) for e in ends[1:]] == CharTokenizer().encode(",\n,\n")   # after each slice
     # An edit keeps one view per image (as Illume.edit shows its source): no slices, whatever the size.
     edit = [{"from": "human", "value": multimodal.edit_prompt("make it blue")}, {"from": "gpt", "value": "<image>"}]
     erow = ex({"task": "edit", "conversations": json.dumps(edit), "images": [shapecomp.png_bytes(big)] * 2},
               np.random.default_rng(0))
     assert (erow["token_slots"] == mllm.SLOT_SEM_IN).sum() == 256 and not erow["images"][2:].any()
     # Too many views for the row's images: skipped and counted, not truncated.
-    small = multimodal.MultimodalExample(Chars(), "vicuna", cfg, RES, seq_len=2048, max_images=4, anyres_max_slices=9)
+    small = multimodal.MultimodalExample(CharTokenizer(), "vicuna", cfg, RES, seq_len=2048, max_images=4,
+                                         anyres_max_slices=9)
     assert small(rec, np.random.default_rng(0)) is None and small.skipped["too_many_images"] == 1
 
 
