@@ -276,15 +276,13 @@ def _decode_layout(config: Any, cfg: LLMConfig):
     one-level block of its semantic VQ's grid when the config's vision tokenizer is one (configs/illume_7b.py),
     else ILLUME+'s 512x512 block with the official 32,768 + 98,304 codes."""
     from illume_jax.models.mllm import ImageVocab
-    vision = config.get("vision")
-    tok = None if vision is None else vision.get("tokenizer_model")
-    if tok is not None and tok.get("kind") == "semantic_vq":
-        g = int(tok.image_size) // int(tok.vit.patch_size)
-        vocab = ImageVocab(first_id=cfg.text_vocab_size, semantic_codes=int(tok.num_codes), pixel_codes=0)
-        if vocab.end > cfg.vocab_size:
-            raise ValueError(f"config.model.vocab_size={cfg.vocab_size} has no room for the ILLUME image vocabulary "
-                             f"(needs {vocab.end})")
-        return vocab, ((g, g), (0, 0)), f"ILLUME one level: {g}x{g} codes of {tok.num_codes}"
+    if config.get("vision") is not None:
+        from illume_jax.train.state import model_config
+        mcfg = model_config(config)
+        if mcfg.levels == 1:
+            grids = mcfg.grids(mcfg.tokenizer.image_size, mcfg.tokenizer.image_size)
+            g = grids[0][0]
+            return mcfg.vocab, grids, f"ILLUME one level: {g}x{g} codes of {mcfg.vocab.semantic_codes}"
     vocab = ImageVocab(first_id=cfg.text_vocab_size)
     if vocab.end > cfg.vocab_size:
         raise ValueError(f"config.model.vocab_size={cfg.vocab_size} has no room for the ILLUME+ image vocabulary "
