@@ -154,7 +154,7 @@ def model_views(image: np.ndarray, size: int, max_slices: int) -> tuple[np.ndarr
         grid = anyres.slice_grid(image.shape[0], image.shape[1], size, max_slices)
         if grid != (1, 1):
             views, grid = anyres.image_views(image, size, max_slices)
-            return views / 127.5 - 1.0, grid
+            return images_lib.to_model_range(views), grid   # float [0, 255] views: the same map as uint8
     return images_lib.to_model_range(images_lib.fit_resolution(image, size))[None], (1, 1)
 
 
