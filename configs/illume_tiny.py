@@ -115,10 +115,12 @@ DEVICES = {
 def sequence_lengths(pixel_grid: int, family: str = "illume_plus") -> tuple[int, int]:
     """(one-image, two-image) row lengths: an image block plus the longest text of the ShapeComp
     tasks (a multi-turn QA record: ~160 tokens; an edit instruction: ~60), in multiples of 128.
-    family=illume: the semantic VQ's one-level 16x16 block, and ~70 tokens of Vicuna system prompt."""
+    family=illume: the semantic VQ's one-level 16x16 block, and ~100 tokens of Vicuna system prompt (92 with
+    the tiny text tokenizer, which never saw its words). At 70 the one-image rows were 512 and 44% of the QA
+    records did not fit (README, "The original ILLUME's path on ShapeComp")."""
     from illume_jax.models.mllm import block_length  # light import: configs stay cheap to load
     if family == "illume":
-        block, system = block_length(((16, 16), (0, 0))), 70
+        block, system = block_length(((16, 16), (0, 0))), 100
     else:
         block, system = block_length(((8, 8), (pixel_grid, pixel_grid))), 0  # 64² images: 8x8 semantic grid
     up = lambda n: -(-n // 128) * 128  # noqa: E731
@@ -184,7 +186,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
                                       corpus_tasks=("caption", "qa", "edit", "t2i", "recon")))
     levels = tuple(int(ch) for ch in a.levels)
     n = int(a.examples)
-    one, two = sequence_lengths(int(a.pixel_grid), a.family)  # 512 / 768 at the default 16x16 grid (both families)
+    one, two = sequence_lengths(int(a.pixel_grid), a.family)  # 512 / 768 at the default 16x16 grid; illume 640 / 768
     c.data = mlc.ConfigDict(dict(
         datasets={f"shapecomp_{t}": dict(kind="shapecomp", levels=levels, tasks=(t,), num_examples=n)
                   for t in ("caption", "qa", "t2i", "edit", "recon")},

@@ -51,6 +51,8 @@ def test_the_family_argument_builds_illumes_config():
     assert c.vision.tokenizer_model.kind == "semantic_vq" and c.vision.tokenizer_workdir == "runs/svq_tiny"
     assert c.tokenizer.chat_template == "vicuna" and c.model.family == "llama" and not c.model.qkv_bias
     assert [s.name for s in c.stages] == ["base", "embed_init", "align", "sft"]
+    # Rows hold the longest ShapeComp record of each kind after the ~100-token Vicuna system prompt.
+    assert [s.seq_len for s in c.stages] == [640, 768, 640, 768]
     config_check.validate(c)
     with pytest.raises(ValueError, match="family='illume2'"):
         illume_tiny.get_config("family=illume2")
