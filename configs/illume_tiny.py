@@ -9,8 +9,8 @@ Launch:   python -m illume_jax train-tokenizer --config=configs/dualvitok.py:siz
               --workdir=runs/illume_v1_tiny
 Args:     --config=configs/illume_tiny.py:steps=400,batch=16,tokenizer=runs/dualvitok_tiny,levels=1,workers=0,
           family=illume_plus|illume (illume_plus: DualViTok, two code levels, Qwen2-style LLM, 'plain'
-          template; illume: see Launch; the options marked "not official" below are ILLUME+ experiments and
-          stay off, except cell_embedding / neighbour_codes / source_cells / source_copy, which work on one level),
+          template; illume: see Launch; the options marked "not official" below are ILLUME+ experiments:
+          parent_codes and pixel_grid are refused with family=illume, the others are untested on one level),
           size=tiny|small|medium (the LLM's shape, LLM_SIZES below),
           pixel_grid=16|32 (the tokenizer's pixel code grid, as in configs/dualvitok.py: 32 makes 1,134-token
           image blocks, and the sequence lengths follow),
