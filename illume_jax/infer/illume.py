@@ -113,11 +113,10 @@ class Illume:
         if self.cfg.levels == 1:  # a semantic VQ (ILLUME): codes of one level, no pixel codes
             self._decode = module_jit(lambda m, s, p: m.decode(s))
             self._code_map = module_jit(lambda m, s, p: m.reconstruct_features(s))
-            self._encode = module_jit(lambda m, x: (m.encode(x), jnp.zeros((x.shape[0], 0), jnp.int32)))
         else:
             self._decode = module_jit(lambda m, s, p: m.decode(s, p))
             self._code_map = module_jit(lambda m, s, p: m.code_map(s, p))
-            self._encode = module_jit(lambda m, x: m.encode(x))
+        self._encode = module_jit(mllm.tokenizer_codes)
         self.decoder = decoder  # (DecoderTrainer, DecoderState) of a trained diffusion decoder, or None
         self.pixel_decoder_dir = pixel_decoder_dir  # the tokenizer run whose pixel decoder replaced the model's
 

@@ -882,6 +882,14 @@ class MLLM(nnx.Module):
         return self.source_copy.apply(logits, normed, level, code, valid, self.cfg.vocab), normed
 
 
+def tokenizer_codes(tokenizer, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """images [N,H,W,3] -> (semantic [N,h1,w1], pixel [N,h2,w2]) codes of either tokenizer; a semantic VQ's
+    pixel codes are [N, 0] (one level), so callers fill and copy codes the same way for both."""
+    if isinstance(tokenizer.cfg, SemanticVQConfig):
+        return tokenizer.encode(images), jnp.zeros((images.shape[0], 0), jnp.int32)
+    return tokenizer.encode(images)
+
+
 def tokenizer_tower(tokenizer) -> dict[str, nnx.State]:
     """The MLLM tower's parameters taken from a tokenizer, by submodule of `MLLM.vision`: DualViTok's ViT
     and pixel encoder (as the official DualVisionTower takes them from a DualViTok instance), or the

@@ -41,7 +41,6 @@ class VisionTokenizer:
         replicated = NamedSharding(mesh, P())
         self.params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                                    (params, buffers))
-        self.one_level = tok_model.kind == "semantic_vq"
         self.tower = None   # nothing to copy into a model that has no values
         return self
 
@@ -61,7 +60,6 @@ class VisionTokenizer:
         replicated = NamedSharding(mesh, P())
         # Replicated: the tokenizer is small next to the LLM and runs data-parallel on every batch.
         self.params = jax.device_put((params, buffers), replicated)
-        self.one_level = tok_cfg.model.kind == "semantic_vq"
         self.tower = mllm.tokenizer_tower(model)
 
     def codes(self, tok_params, images: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -69,10 +67,7 @@ class VisionTokenizer:
         VQ's pixel codes are [B, 0]."""
         model = nnx.merge(self.graphdef, *tok_params)
         B, M = images.shape[:2]
-        flat = jax.lax.stop_gradient(images.reshape(B * M, *images.shape[2:]))
-        if self.one_level:
-            return model.encode(flat).reshape(B, -1), jnp.zeros((B, 0), jnp.int32)
-        sem, pix = model.encode(flat)
+        sem, pix = mllm.tokenizer_codes(model, jax.lax.stop_gradient(images.reshape(B * M, *images.shape[2:])))
         return sem.reshape(B, -1), pix.reshape(B, -1)
 
     def prepare(self, tok_params, batch: dict, vocab: mllm.ImageVocab) -> dict:
