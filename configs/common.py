@@ -107,6 +107,10 @@ def stage_config(name: str, **overrides) -> mlc.ConfigDict:
         # Multimodal stages: probability that a text-to-image / edit record becomes its
         # unconditional form (CFG training; the official value is 0.1).
         cfg_dropout=0.0,
+        # Multimodal stages: the square side of this stage's images (tower input, code grids, resolution
+        # tags); 0 = vision.resolution, which is also what inference uses. ILLUME+ trains its early
+        # stages on 256² and the later ones at ~512² (spec §5.2).
+        resolution=0,
     ))
     c.update(overrides)
     return c

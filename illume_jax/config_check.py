@@ -109,6 +109,8 @@ def validate(config: Any) -> LLMConfig:
             _fail(f"{key}.loss_weighting", st.loss_weighting, f"one of {LOSS_WEIGHTINGS}")
         if not 0.0 <= st.cfg_dropout < 1.0:
             _fail(f"{key}.cfg_dropout", st.cfg_dropout, "a probability in [0, 1)")
+        if st.get("resolution", 0) and "vision" not in config:
+            _fail(f"{key}.resolution", st.resolution, "0 in a text-only config (it sizes a multimodal stage's images)")
     if "vision" in config:
         _validate_vision(config)
     if "self_enhance" in config:
@@ -153,6 +155,12 @@ def _validate_vision(config: Any) -> None:
     if v.resolution % v.tag_step or not v.tag_step <= v.resolution <= v.max_side:
         _fail("vision.resolution", v.resolution, f"a multiple of vision.tag_step ({v.tag_step}) up to "
                                                  f"vision.max_side ({v.max_side}): it must have resolution tags")
+    for i, st in enumerate(config.stages):
+        res = st.get("resolution", 0)
+        if isinstance(res, bool) or not isinstance(res, int) or res < 0 or (
+                res and (res % v.tag_step or not v.tag_step <= res <= v.max_side)):
+            _fail(f"stages[{i}].resolution", res, f"0 (vision.resolution) or a multiple of vision.tag_step "
+                                                  f"({v.tag_step}) up to vision.max_side ({v.max_side})")
     slices = v.get("anyres_max_slices", 0)
     if isinstance(slices, bool) or not isinstance(slices, int) or slices < 0:
         _fail("vision.anyres_max_slices", slices, "an int >= 0 (0: every image is one view; ILLUME: 9)")

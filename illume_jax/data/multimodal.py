@@ -247,8 +247,9 @@ def check_stage_fits_images(config: Any, stage_index: int, mcfg: mllm.MLLMConfig
     """Raise when a stage's rows cannot hold the image blocks its tasks need. Every record that
     does not fit is skipped, so without this a too-short `seq_len` (say, a config sized for a
     16x16 tokenizer given a 32x32 one) would filter out every record and hang the iterator."""
+    from illume_jax.train.state import stage_resolution
     stage = config.stages[stage_index]
-    res = int(config.vision.resolution)
+    res = stage_resolution(config, stage_index)
     block = mllm.block_length(mcfg.grids(res, res))
     tasks = set()
     for name in stage.mixture:
@@ -274,7 +275,7 @@ def make_multimodal_iterator(config: Any, stage_index: int, tokenizer, data_dir:
     import grain
 
     from illume_jax.data.pipeline import _seed, mixture_dataset
-    from illume_jax.train.state import model_config
+    from illume_jax.train.state import model_config, stage_resolution
     stage = config.stages[stage_index]
     ds, _ = mixture_dataset(config, stage_index, data_dir, seed=seed, process_index=process_index,
                             process_count=process_count, sources=sources)
@@ -282,7 +283,7 @@ def make_multimodal_iterator(config: Any, stage_index: int, tokenizer, data_dir:
     mcfg = model_config(config)
     check_stage_fits_images(config, stage_index, mcfg)
     example = MultimodalExample(tokenizer, config.tokenizer.chat_template, mcfg,
-                                int(v.resolution), int(stage.seq_len), int(v.max_images),
+                                stage_resolution(config, stage_index), int(stage.seq_len), int(v.max_images),
                                 float(stage.get("cfg_dropout", 0.0)), int(v.get("anyres_max_slices", 0)))
     ds = ds.random_map(example, seed=_seed("cfg-dropout", seed)).filter(lambda x: x is not None)
     it = ds.to_iter_dataset().batch(stage.global_batch_size // process_count, drop_remainder=True)

@@ -179,7 +179,9 @@ def train(config: Any, workdir: str, *, make_iterator: Callable[[int], Any] | No
             if stage_step < stage.steps:
                 print(f"stage {si} {stage.name!r}: steps {stage_step}..{stage.steps} "
                       f"(global {step}..{offsets[si] + stage.steps}); "
-                      f"{optim_lib.trainable_summary(abs_state.params, stage)}", flush=True)
+                      f"{optim_lib.trainable_summary(abs_state.params, stage)}"
+                      + (f"; {state_lib.stage_resolution(config, si)}² images" if vision is not None else ""),
+                      flush=True)
 
             def save(force: bool):
                 ckpt.save(step, state, iterator, dict(stage_index=si, stage_name=stage.name, step=step,

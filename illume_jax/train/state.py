@@ -34,6 +34,11 @@ class TrainState:
     nan_skips: jax.Array     # updates skipped because the loss or gradient was not finite
 
 
+def stage_resolution(config: Any, stage_index: int) -> int:
+    """The square image side of a multimodal stage: its own `resolution`, else `vision.resolution`."""
+    return int(config.stages[stage_index].get("resolution", 0) or config.vision.resolution)
+
+
 def model_config(config: Any):
     """`LLMConfig` for text-only configs; `MLLMConfig` when the config has a `vision` block.
 

@@ -158,7 +158,8 @@ def batch_shapes(config: Any, stage_index: int, mesh: Mesh) -> dict:
     if "vision" in config:
         for k in ("token_slots", "token_cells", "target_slots", "target_cells"):
             out[k] = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=sh)
-        S, M = int(config.vision.resolution), int(config.vision.max_images)
+        from illume_jax.train.state import stage_resolution
+        S, M = stage_resolution(config, stage_index), int(config.vision.max_images)
         out["images"] = jax.ShapeDtypeStruct((B, M, S, S, 3), jnp.float32, sharding=sharding.batch_sharding(mesh, 5))
     return out
 

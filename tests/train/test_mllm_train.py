@@ -150,6 +150,9 @@ def micro_config(tokenizer_workdir, steps=4, arg=""):
     extra = f",{arg}" if arg else ""
     c = illume_tiny.get_config(f"steps={steps},batch=8,tokenizer={tokenizer_workdir},vocab=128{extra}")
     c.model.update(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64)
+    # Resolution tags every 32 pixels up to 512 (the same 32 tag rows as 64 up to 1024): a stage may then
+    # train on 32² images, a quarter of the default's cost.
+    c.vision.update(tag_step=32, max_side=512)
     for d in c.data.datasets.values():
         d.num_examples = 16
     # Saves only at stage ends and stops (each Orbax save costs seconds on 8 fake devices);
@@ -215,13 +218,47 @@ def test_step_fills_discrete_slots_with_the_tokenizers_codes(micro_tokenizer_wor
     np.testing.assert_array_equal(np.asarray(out["tokens"][0, 1:n]), targets[:n - 1])
 
 
+def test_a_stage_may_train_at_its_own_resolution(micro_tokenizer_workdir, tmp_path):
+    """`stages[i].resolution` (ILLUME+'s 256² early stages before ~512² ones): the stage's batches hold images,
+    and code grids of that side; the others keep vision.resolution."""
+    from illume_jax import sharding
+    from illume_jax.train import step as step_lib
+    from illume_jax.train.state import model_config
+    config = micro_config(micro_tokenizer_workdir)
+    config.stages[0].resolution = 32
+    config_check.validate(config)
+    mesh = sharding.make_mesh(dict(config.mesh))
+    assert step_lib.batch_shapes(config, 0, mesh)["images"].shape[2:] == (32, 32, 3)
+    assert step_lib.batch_shapes(config, 1, mesh)["images"].shape[2:] == (RES, RES, 3)
+    cfg = model_config(config)
+    iterator = loop.default_iterator_factory(config, str(tmp_path), tokenizer=CharTokenizer())
+    for si, side in ((0, 32), (2, RES)):
+        batch = next(iterator(si))
+        assert batch["images"].shape[2:] == (side, side, 3)
+        # Each understanding image is one continuous block of that side's code grids.
+        n0, n1 = cfg.cells_per_image(side, side)
+        shown = (batch["token_slots"] == mllm.SLOT_SEM_IN).sum(axis=1)
+        assert shown.max() > 0 and (shown % n0 == 0).all()
+        assert ((batch["token_slots"] == mllm.SLOT_PIX_IN).sum(axis=1) == shown // n0 * n1).all()
+    bad = micro_config(micro_tokenizer_workdir)
+    bad.stages[0].resolution = 48
+    with pytest.raises(ValueError, match=r"stages\[0\].resolution=48: expected 0 \(vision.resolution\) or a "
+                                         r"multiple of vision.tag_step \(32\)"):
+        config_check.validate(bad)
+    bad.stages[0].resolution = 512   # fits no image block into its 512-token rows
+    with pytest.raises(ValueError, match="512x512 images"):
+        multimodal.check_stage_fits_images(bad, 0, cfg)
+
+
 @pytest.fixture(scope="module")
 def trained(micro_tokenizer_workdir, tmp_path_factory):
     """The four micro stages, 2 steps each, interrupted after 3 steps (inside stage 1) and resumed,
-    next to an uninterrupted run. (Each step is ~1.5 s of 2-core CPU: the runs take 16.)"""
+    next to an uninterrupted run. (Each step is ~1.5 s of 2-core CPU: the runs take 16.) The first
+    stage trains on 32² images, the others on 64² (`stages[i].resolution`)."""
     config = micro_config(micro_tokenizer_workdir, steps=2)
     for st in config.stages:
         st.steps = 2
+    config.stages[0].resolution = 32
     full_dir = str(tmp_path_factory.mktemp("mllm_full"))
     full = loop.train(config, full_dir)
     resumed_dir = str(tmp_path_factory.mktemp("mllm_resumed"))
@@ -559,3 +596,4 @@ def test_a_run_forks_into_a_model_with_a_cell_embedding(trained, micro_tokenizer
     assert got["empty"] == pytest.approx(np.mean([not f.any() for f in fg]))
     with pytest.raises(ValueError, match="which='other'"):
         edit_probe.forced_semantic_edits(model, which="other", pairs=1)
+
