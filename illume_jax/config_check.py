@@ -203,7 +203,8 @@ def _check_model_init(config: Any) -> None:
     path = init.get("weights_from", "")
     forks = bool(path) and is_train_run(path)
     if not forks:
-        _check_weights_from(config, ("mllm",) if "vision" in config else ("llm",),
+        # An MLLM config starts from a converted MLLM, or from a text LLM (its LLM grafted in: train/state.py).
+        _check_weights_from(config, ("mllm", "llm") if "vision" in config else ("llm",),
                             " or a `train` workdir with a checkpoint")
     step, reinit = init.get("weights_step", -1), tuple(init.get("reinit", ()))
     if not isinstance(step, int) or step < -1:

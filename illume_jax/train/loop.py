@@ -163,11 +163,17 @@ def train(config: Any, workdir: str, *, make_iterator: Callable[[int], Any] | No
                 # Forking a `train` run (a model that changes, say, by a new module) or fine-tuning
                 # converted weights (the MLLM's own tower included).
                 from_run = bool(weights_from) and state_lib.is_train_run(weights_from)
-                if weights_from and not from_run:
+                # An MLLM starting from a converted text LLM (ILLUME+'s Qwen2.5, ILLUME's Vicuna): fresh
+                # parameters, the LLM grafted in, the tower from the vision tokenizer.
+                from_text_llm = bool(weights_from) and not from_run and vision is not None and \
+                    state_lib.converted_kind(weights_from) == "llm"
+                if weights_from and not from_run and not from_text_llm:
                     params = state_lib.load_converted_params(weights_from, abs_state.params, "vision" in config)
                 _, _, state = state_lib.create_state(config, si, mesh, params=params, step=offsets[si],
                                                      abstract=abstract)
-                if fresh and (from_run or not weights_from) and vision is not None:
+                if from_text_llm:
+                    state = state.replace(params=state_lib.graft_text_llm(weights_from, state.params, config))
+                if fresh and (from_run or from_text_llm or not weights_from) and vision is not None:
                     state = state.replace(params=vision.with_tower(state.params))
                 if from_run:
                     step0 = init.get("weights_step", -1)

@@ -124,6 +124,12 @@ def abstract_state(config: Any, stage_index: int, mesh: Mesh):
     return graphdef, tx, abs_state
 
 
+def converted_kind(path: str) -> str:
+    """The kind of a converted-weights folder ('llm', 'mllm', ...)."""
+    from illume_jax.convert import weights
+    return weights.info(path)["kind"]
+
+
 def load_converted_params(path: str, abstract_params: Any, multimodal: bool):
     """The parameters of a converted-weights folder (`python -m illume_jax convert`), restored into
     `abstract_params` (ShapeDtypeStructs with the run's shardings and dtype: bf16 files become fp32
@@ -136,6 +142,65 @@ def load_converted_params(path: str, abstract_params: Any, multimodal: bool):
     except ValueError as e:
         raise ValueError(f"config.model_init.weights_from={path!r} does not fit config.model: {e}") from e
     return params
+
+
+# The LLM fields a text checkpoint must share with an MLLM config to seed its LLM (vocabulary rows may grow).
+_LLM_ARCH_FIELDS = ("family", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+                    "qkv_bias", "scan_layers")
+
+
+def graft_text_llm(path: str, params: Any, config: Any) -> Any:
+    """An MLLM's parameters with its LLM taken from a converted *text* LLM folder (Qwen2.5-3B/7B-Instruct for
+    ILLUME+, Vicuna-7B for ILLUME): how the first stage of a 3B / 7B run starts.
+
+    `params` are the run's freshly initialised, sharded MLLM parameters. The text LLM's weights replace
+    `llm/` except the embedding / head rows beyond its vocabulary (the image, structure and tag ids), which
+    keep their fresh initialisation (the official code grows the vocabulary by HF's resize, new rows freshly
+    initialised). A tied text model (Qwen2.5-3B) seeds an untied head with its embedding. The tower and
+    projector are untouched (the caller seeds the tower from the vision tokenizer)."""
+    from illume_jax.convert import weights
+    src = LLMConfig.from_config(weights.read_config(path).model)
+    dst = LLMConfig.from_config(config.model)
+    what = f"config.model_init.weights_from={path!r}"
+    for field in _LLM_ARCH_FIELDS:
+        if getattr(src, field) != getattr(dst, field):
+            raise ValueError(f"{what}: its LLM has {field}={getattr(src, field)!r}, config.model has "
+                             f"{getattr(dst, field)!r}; a text LLM seeds an MLLM of the same architecture")
+    if not dst.text_vocab_size <= src.vocab_size <= dst.vocab_size:
+        raise ValueError(f"{what}: its {src.vocab_size:,} vocabulary rows must cover config.model.text_vocab_size "
+                         f"({dst.text_vocab_size:,}) and fit in config.model.vocab_size ({dst.vocab_size:,})")
+    if src.tie_embeddings is False and dst.tie_embeddings:
+        raise ValueError(f"{what}: its head is separate from its embedding, config.model ties them "
+                         f"(tie_embeddings=True) and would lose it")
+    rows = src.vocab_size
+    pure = nnx.to_pure_dict(params)
+    fresh = pure["llm"]
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), fresh)
+    abstract["embed"]["embedding"] = jax.ShapeDtypeStruct((rows, dst.d_model), fresh["embed"]["embedding"].dtype,
+                                                          sharding=fresh["embed"]["embedding"].sharding)
+    if src.tie_embeddings:
+        abstract.pop("lm_head", None)
+    else:
+        head = fresh["lm_head"]["kernel"]
+        abstract["lm_head"]["kernel"] = jax.ShapeDtypeStruct((dst.d_model, rows), head.dtype, sharding=head.sharding)
+    try:
+        text, _ = weights.restore(path, abstract)
+    except ValueError as e:
+        raise ValueError(f"{what} does not fit config.model's LLM: {e}") from e
+
+    def merge(fresh, text):
+        out = dict(text)
+        out["embed"] = {"embedding": fresh["embed"]["embedding"].at[:rows].set(text["embed"]["embedding"])}
+        if "lm_head" in fresh:
+            seed = text["embed"]["embedding"].T if src.tie_embeddings else text["lm_head"]["kernel"]
+            out["lm_head"] = {"kernel": fresh["lm_head"]["kernel"].at[:, :rows].set(seed)}
+        return out
+
+    out_sh = jax.tree.map(lambda a: a.sharding, fresh)
+    pure["llm"] = jax.jit(merge, out_shardings=out_sh, donate_argnums=(0,))(fresh, text)
+    out = jax.tree.map(lambda x: x, params)
+    nnx.replace_by_pure_dict(out, pure)
+    return out
 
 
 def is_train_run(path: str) -> bool:

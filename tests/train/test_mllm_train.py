@@ -597,3 +597,62 @@ def test_a_run_forks_into_a_model_with_a_cell_embedding(trained, micro_tokenizer
     with pytest.raises(ValueError, match="which='other'"):
         edit_probe.forced_semantic_edits(model, which="other", pairs=1)
 
+
+def _text_llm_folder(config, dst):
+    """A converted text-LLM folder (what `convert --kind=llm` writes for Qwen2.5 / Vicuna) of the micro
+    MLLM's architecture: its text rows only, random weights."""
+    from configs import tiny
+    from illume_jax import sharding
+    from illume_jax.convert import weights
+    from illume_jax.models.llm import LLM, LLMConfig
+    text = tiny.get_config()
+    text.model = config.model.copy_and_resolve_references()
+    text.model.vocab_size = config.model.text_vocab_size
+    with sharding.use_mesh(sharding.make_mesh(dict(config.mesh))):
+        model = LLM(LLMConfig.from_config(text.model), rngs=nnx.Rngs(7))
+        tensors = {k: v + 0.5 for k, v in weights.flat_numpy(model).items()}  # unlike any fresh init
+    weights.save(str(dst), kind="llm", config=text, module=model, tensors=tensors, dtype=None, source="test")
+    return tensors
+
+
+def test_an_mllm_starts_from_a_converted_text_llm(micro_tokenizer_workdir, tmp_path):
+    """ILLUME+ 3B / 7B start from Qwen2.5 (ILLUME from Vicuna): `model_init.weights_from` = a converted text
+    LLM grafts its weights into the MLLM's LLM (embedding / head rows past its vocabulary stay fresh), the
+    tower comes from the vision tokenizer. Through stage 1 (LLM and tower frozen, only new rows) the text
+    part is exactly the source."""
+    from illume_jax import sharding
+    from illume_jax.convert import weights
+    from illume_jax.infer.illume import Illume
+    from illume_jax.train import state as state_lib
+    from illume_jax.train.multimodal import VisionTokenizer
+    config = micro_config(micro_tokenizer_workdir, arg="stages=1")
+    src = _text_llm_folder(config, tmp_path / "text_llm")
+    config.model_init.weights_from = str(tmp_path / "text_llm")
+    config_check.validate(config)   # an MLLM config accepts a text LLM's folder
+    loop.train(config, str(tmp_path / "run"))
+    got = weights.flat_numpy(Illume.load(str(tmp_path / "run")).model)
+    text_rows = config.model.text_vocab_size
+    for k, v in src.items():
+        mine = got[f"llm/{k}"]
+        if k == "embed/embedding":
+            np.testing.assert_array_equal(mine[:text_rows], v)   # stage 1 moves only the new rows
+            assert mine.shape[0] > text_rows and np.abs(mine[text_rows:]).mean() < 0.2  # fresh, not ~0.5
+        else:
+            np.testing.assert_array_equal(mine, v, err_msg=k)
+    tower = VisionTokenizer(config, sharding.make_mesh(dict(config.mesh))).tower
+    for name, sub in tower.items():
+        for k, v in weights.flat_numpy(sub).items():
+            np.testing.assert_array_equal(got[f"vision/{name}/{k}"], v, err_msg=f"vision/{name}/{k}")
+    # Qwen2.5-3B ties its head; ILLUME+ 3B's is separate: a tied text LLM seeds an untied head's text columns.
+    untied = micro_config(micro_tokenizer_workdir, arg="stages=1")
+    untied.model.tie_embeddings = False
+    _, _, state = state_lib.create_state(untied, 0, sharding.make_mesh(dict(untied.mesh)))
+    fresh_head = np.asarray(state.params["llm"]["lm_head"]["kernel"][...])
+    grafted = state_lib.graft_text_llm(str(tmp_path / "text_llm"), state.params, untied)
+    head = np.asarray(grafted["llm"]["lm_head"]["kernel"][...])
+    np.testing.assert_array_equal(head[:, :text_rows], src["embed/embedding"].T)
+    np.testing.assert_array_equal(head[:, text_rows:], fresh_head[:, text_rows:])
+    bad = micro_config(micro_tokenizer_workdir, arg="stages=1")
+    bad.model.d_model = 48
+    with pytest.raises(ValueError, match="d_model=32, config.model has 48"):
+        state_lib.graft_text_llm(str(tmp_path / "text_llm"), None, bad)
