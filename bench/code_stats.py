@@ -94,7 +94,7 @@ def code_stats(model, *, scenes: int = 128, prompts: int = 48, seed: int = 0, sp
     texts = [p for p, _, _ in eval_mllm.geneval_prompts(level, scenes, split)][:prompts]
     blocks = []
     decode_blocks = model._to_images
-    model._to_images = lambda tokens: blocks.append(np.asarray(tokens)) or decode_blocks(tokens)
+    model._to_images = lambda tokens, *size: blocks.append(np.asarray(tokens)) or decode_blocks(tokens, *size)
     try:
         model.generate(texts, seed=seed)
     finally:

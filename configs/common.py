@@ -180,6 +180,9 @@ def vision_config(**overrides) -> mlc.ConfigDict:
         # slices, each its own block (the original ILLUME's high-resolution input: 9; data/anyres.py).
         # Every view takes one of max_images.
         anyres_max_slices=0,
+        # (h, w) aspect anchors for inference: editing pads its source to the nearest one and draws there;
+        # `generate(size=)` may use any. Empty: the square vision.resolution alone (ILLUME+: 11 near 512²).
+        anchors=(),
         tag_step=64,              # resolution tags <height_64> ... <height_1024> (spec §3.2)
         max_side=1024,
     ))

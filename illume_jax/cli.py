@@ -33,7 +33,7 @@ Official weights (no --config needed; see illume_jax/convert/official.py):
                  [--dtype=bfloat16|float32]; or --to=official --kind=... --src=DIR --dst=DIR
 
 MLLM inference (no --config: the model's own config is read from its checkpoint in --workdir):
-  generate       text-to-image: --prompt=TEXT (repeatable) -> PNGs + results.json in --out
+  generate       text-to-image: --prompt=TEXT (repeatable) [--size=HxW, e.g. 384x768] -> PNGs + results.json in --out
   understand     --image=PNG --question=TEXT (repeat both, paired) -> answers.json in --out
   edit           --image=PNG --instruction=TEXT (repeat both, paired) -> PNGs at the input size in --out
   eval           held-out ShapeComp GenEval-, POPE- and editing-style scores (--level, --eval_split=test|compositional)
@@ -78,6 +78,8 @@ _BATCH = flags.DEFINE_integer("batch", 8, "aot --what=decode: images per batch (
 _SPLIT = flags.DEFINE_string("split", "train", "encode-dataset: split to encode.")
 _MIN_SIZE = flags.DEFINE_integer("min_size", 16, "encode-dataset: skip (and count) images with a side below this.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "generate: a text prompt (repeatable).")
+_SIZE = flags.DEFINE_string("size", None, "generate: HEIGHTxWIDTH of the images, e.g. 384x768 (multiples of the "
+                            "model's tag step; default: its square resolution). ILLUME+ was trained at 11 anchors.")
 _IMAGE = flags.DEFINE_multi_string("image", [], "understand / edit: an image file (repeatable).")
 _QUESTION = flags.DEFINE_multi_string("question", [], "understand: a question, paired with --image.")
 _INSTRUCTION = flags.DEFINE_multi_string("instruction", [], "edit: an instruction, paired with --image.")
@@ -353,6 +355,15 @@ def _inference(command: str) -> None:
     out = os.path.abspath(_OUT.value or os.path.join(workdir, "outputs"))
     if command == "generate" and not _PROMPT.value:
         _usage("generate needs at least one --prompt")
+    size = None
+    if _SIZE.value is not None:
+        if command != "generate":
+            _usage(f"--size is for generate (edit draws at its source's nearest anchor), not {command}")
+        try:
+            size = tuple(int(x) for x in _SIZE.value.lower().split("x"))
+            assert len(size) == 2
+        except (ValueError, AssertionError):
+            _usage(f"--size={_SIZE.value!r}: expected HEIGHTxWIDTH, e.g. 384x768")
     if command in ("understand", "edit"):
         paired = _QUESTION.value if command == "understand" else _INSTRUCTION.value
         what = "--question" if command == "understand" else "--instruction"
@@ -381,7 +392,12 @@ def _inference(command: str) -> None:
     sampling = samplings.get("t2i" if command == "generate" else command)
     records = []
     if command == "generate":
-        images = model.generate(_PROMPT.value, seed=_SEED.value, sampling=sampling, progress=True)
+        try:
+            images = model.generate(_PROMPT.value, seed=_SEED.value, sampling=sampling, progress=True, size=size)
+        except ValueError as e:
+            if "size=" not in str(e):
+                raise
+            _usage(f"--size={_SIZE.value!r}: {e}")
         for k, (prompt, img) in enumerate(zip(_PROMPT.value, images)):
             path = os.path.join(out, f"generate_{k:03d}.png")
             Image.fromarray(img).save(path)

@@ -161,6 +161,11 @@ def _validate_vision(config: Any) -> None:
                 res and (res % v.tag_step or not v.tag_step <= res <= v.max_side)):
             _fail(f"stages[{i}].resolution", res, f"0 (vision.resolution) or a multiple of vision.tag_step "
                                                   f"({v.tag_step}) up to vision.max_side ({v.max_side})")
+    for a in v.get("anchors", ()):
+        if len(a) != 2 or any(isinstance(x, bool) or not isinstance(x, int) or x % v.tag_step
+                              or not v.tag_step <= x <= v.max_side for x in a):
+            _fail("vision.anchors", a, f"(height, width) pairs of multiples of vision.tag_step ({v.tag_step}) up to "
+                                       f"vision.max_side ({v.max_side})")
     slices = v.get("anyres_max_slices", 0)
     if isinstance(slices, bool) or not isinstance(slices, int) or slices < 0:
         _fail("vision.anyres_max_slices", slices, "an int >= 0 (0: every image is one view; ILLUME: 9)")

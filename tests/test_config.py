@@ -101,7 +101,9 @@ def test_cli_rejects_bad_values_before_compiling(tmp_path):
     assert r.returncode == 2 and "drop --config" in r.stderr
     r = run("eval-decoder", f"--workdir={tmp_path}")
     assert r.returncode == 1 and "no trained diffusion decoder" in r.stderr
-    # Sampling flags are checked before a model loads (the workdir here has none).
+    # Sampling flags and --size are checked before a model loads (the workdir here has none).
+    r = run("generate", f"--workdir={tmp_path}", "--prompt=a cat", "--size=384by768")
+    assert r.returncode == 2 and "--size='384by768': expected HEIGHTxWIDTH" in r.stderr
     r = run("understand", f"--workdir={tmp_path}", "--image=a.png", "--question=Is it red?", "--temperature=1")
     assert r.returncode == 2 and "understand answers greedily" in r.stderr
     r = run("eval", f"--workdir={tmp_path}", "--top_p=0")

@@ -58,13 +58,14 @@ def edit_prompt(instruction: str) -> str:
 class Assembler:
     """Turns conversations into (ids, slots, cells, loss mask) with image blocks in place."""
 
-    def __init__(self, tokenizer, template: str, cfg: mllm.MLLMConfig, resolution: int):
+    def __init__(self, tokenizer, template: str, cfg: mllm.MLLMConfig, resolution: int | tuple[int, int]):
+        """`resolution`: the side of every image block, or its (height, width) (an aspect anchor)."""
         self.tokenizer, self.template, self.cfg = tokenizer, template, cfg
-        self.resolution = resolution
-        self.grids = cfg.grids(resolution, resolution)
-        self.cells = cfg.cells_per_image(resolution, resolution)
+        self.size = (resolution, resolution) if isinstance(resolution, int) else tuple(int(x) for x in resolution)
+        self.grids = cfg.grids(*self.size)
+        self.cells = cfg.cells_per_image(*self.size)
         self.blocks = {c: mllm.block_template(self.grids, cfg.vocab, continuous=c) for c in (False, True)}
-        self.tag = f"<height_{resolution}><width_{resolution}>"
+        self.tag = f"<height_{self.size[0]}><width_{self.size[1]}>"
 
     def _encode(self, text: str, discrete: bool, counter: list[int], tag_images: bool, views=()):
         ids, slots, cells = [], [], []
@@ -91,7 +92,7 @@ class Assembler:
                 continue
             if part == IMAGE:
                 if tag_images or discrete:
-                    ids += [v.height_tag(self.resolution), v.width_tag(self.resolution)]
+                    ids += [v.height_tag(self.size[0]), v.width_tag(self.size[1])]
                     slots += [mllm.SLOT_TEXT] * 2
                     cells += [0, 0]
                 rows, cols = views[counter[1]] if not discrete and counter[1] < len(views) else (1, 1)

@@ -107,7 +107,9 @@ class Illume:
         self.resolution = int(config.vision.resolution)
         self.assembler = multimodal.Assembler(text_tokenizer, config.tokenizer.chat_template, self.cfg,
                                               self.resolution)
-        self.anchors = [(self.resolution, self.resolution)]
+        # Editing pads its source to the nearest of these (h, w); generation draws at any of them (`size=`).
+        self.anchors = [tuple(int(x) for x in a) for a in config.vision.get("anchors", ())] or \
+            [(self.resolution, self.resolution)]
         self.anyres_max_slices = int(config.vision.get("anyres_max_slices", 0))
         self.eos_id = int(text_tokenizer.eos_id)
         if self.cfg.levels == 1:  # a semantic VQ (ILLUME): codes of one level, no pixel codes
@@ -185,8 +187,13 @@ class Illume:
         return cls(config, model, text_tok, vision, mesh, decoder, pixel_decoder_dir=pixel_decoder or None)
 
     # -- prompt building -----------------------------------------------------------------------
-    def _prompt(self, user: str, *, suffix: Sequence[int] = (), views: Sequence[tuple[int, int]] = ()):
-        ids, slots, cells, _ = self.assembler.render([{"from": "human", "value": user}], views=views)
+    def _prompt(self, user: str, *, suffix: Sequence[int] = (), views: Sequence[tuple[int, int]] = (),
+                size: tuple[int, int] | None = None):
+        """A user turn's prompt row; `size` (h, w): its images' blocks and `{resolution_tag}` at that anchor."""
+        assembler = self.assembler
+        if size is not None and tuple(size) != assembler.size:
+            assembler = multimodal.Assembler(self.text_tokenizer, self.config.tokenizer.chat_template, self.cfg, size)
+        ids, slots, cells, _ = assembler.render([{"from": "human", "value": user}], views=views)
         if suffix:
             ids = np.concatenate([ids, np.asarray(suffix, np.int32)])
             slots = np.concatenate([slots, np.zeros(len(suffix), np.int32)])
@@ -228,49 +235,69 @@ class Illume:
             pix[i, :len(v)] = v
         return rows, pix
 
-    def _image_prefix(self) -> list[int]:
+    def _image_prefix(self, size: tuple[int, int] | None = None) -> list[int]:
+        """The drawn block's opening: its resolution tags and SOI (`size` (h, w): the square resolution if None)."""
+        size = size or (self.resolution, self.resolution)
         v = self.cfg.vocab
-        return [v.height_tag(self.resolution), v.width_tag(self.resolution), v.soi]
+        return [v.height_tag(size[0]), v.width_tag(size[1]), v.soi]
 
-    def _row_state(self, n: int) -> il.RowState:
-        (h1, w1), (h2, w2) = self.cfg.grids(self.resolution, self.resolution)
+    def _row_state(self, n: int, size: tuple[int, int] | None = None) -> il.RowState:
+        (h1, w1), (h2, w2) = self.cfg.grids(*(size or (self.resolution, self.resolution)))
         return il.RowState.start(np.tile([h1, w1, h2, w2], (n, 1)), True, True, phase=il.EXPECT_SOL0)
 
-    def _to_images(self, tokens: np.ndarray) -> list[np.ndarray]:
-        grids = self.cfg.grids(self.resolution, self.resolution)
+    def _check_size(self, size, what: str) -> tuple[int, int]:
+        """(h, w) of an image to draw: multiples of vision.tag_step up to vision.max_side (it needs its tags)."""
+        step, top = self.cfg.vocab.tag_step, self.cfg.vocab.max_side
+        if size is None:
+            return self.resolution, self.resolution
+        try:
+            h, w = (int(x) for x in size)
+        except (TypeError, ValueError):
+            raise ValueError(f"{what}={size!r}: expected (height, width)") from None
+        if h % step or w % step or not (step <= h <= top and step <= w <= top):
+            raise ValueError(f"{what}={size!r}: expected a height and width that are multiples of {step} from {step} "
+                             f"to {top} (the resolution tags); this model's anchors are {self.anchors}")
+        return h, w
+
+    def _to_images(self, tokens: np.ndarray, size: tuple[int, int] | None = None) -> list[np.ndarray]:
+        size = size or (self.resolution, self.resolution)
+        grids = self.cfg.grids(*size)
         sem, pix = zip(*[mllm.parse_block(np.concatenate([[self.cfg.vocab.soi], row]), grids, self.cfg.vocab)
                          for row in tokens])
         sem, pix = jnp.asarray(np.stack(sem)), jnp.asarray(np.stack(pix))
         if self.decoder is not None:
             trainer, state = self.decoder
             feats = self._code_map(self.vision_tokenizer, sem, pix)
-            return list(trainer.decode_features(state, feats, (self.resolution, self.resolution)))
+            return list(trainer.decode_features(state, feats, size))
         out = self._decode(self.vision_tokenizer, sem, pix)
         return [images_lib.to_uint8(x) for x in np.asarray(out)]
 
-    def _sample_images(self, cond_rows, uncond_rows, images, sampling: il.Sampling, seed: int) -> list[np.ndarray]:
+    def _sample_images(self, cond_rows, uncond_rows, images, sampling: il.Sampling, seed: int,
+                       size: tuple[int, int]) -> list[np.ndarray]:
         n = len(cond_rows)
         use_cfg = sampling.guidance_scale != 1.0
         rows = cond_rows + (uncond_rows if use_cfg else [])
         if images is not None and use_cfg:
             images = np.concatenate([images, images])
-        block = mllm.block_length(self.cfg.grids(self.resolution, self.resolution))
-        tokens, _ = il.generate(self.model, self._batch(rows, images), self._row_state(n), jax.random.key(seed),
+        block = mllm.block_length(self.cfg.grids(*size))
+        tokens, _ = il.generate(self.model, self._batch(rows, images), self._row_state(n, size), jax.random.key(seed),
                                 vocab=self.cfg.vocab, sampling=sampling, max_new_tokens=block - 1,
                                 eos_id=self.eos_id, pad_id=0)
-        return self._to_images(np.asarray(tokens))
+        return self._to_images(np.asarray(tokens), size)
 
     # -- tasks -----------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str], *, seed: int = 0, sampling: il.Sampling | None = None,
-                 batch_size: int = 8, progress: bool = False) -> list[np.ndarray]:
-        """Text-to-image at the model's resolution -> uint8 [S,S,3] images, one per prompt."""
+                 batch_size: int = 8, progress: bool = False, size: tuple[int, int] | None = None) -> list[np.ndarray]:
+        """Text-to-image -> uint8 [H,W,3] images, one per prompt. `size` (h, w): the model's square resolution by
+        default; ILLUME+ draws at its 11 aspect anchors (`self.anchors`), the official evaluation's sizes."""
         sampling = sampling or il.Sampling.for_task("t2i")
-        uncond = self._prompt(multimodal.T2I_UNCOND, suffix=self._image_prefix())
+        size = self._check_size(size, "generate: size")
+        uncond = self._prompt(multimodal.T2I_UNCOND, suffix=self._image_prefix(size), size=size)
         out = []
         for start in _progress(range(0, len(prompts), batch_size), progress, len(prompts), batch_size, "generate"):
             chunk = prompts[start:start + batch_size]
-            cond = [self._prompt(multimodal.t2i_prompt(p), suffix=self._image_prefix()) for p in chunk]
-            out += self._sample_images(cond, [uncond] * len(chunk), None, sampling, seed + start)
+            cond = [self._prompt(multimodal.t2i_prompt(p), suffix=self._image_prefix(size), size=size) for p in chunk]
+            out += self._sample_images(cond, [uncond] * len(chunk), None, sampling, seed + start, size)
         return out
 
     def edit(self, images: Sequence[np.ndarray], instructions: Sequence[str], *, seed: int = 0,
@@ -283,13 +310,19 @@ class Illume:
         for start in _progress(range(0, len(images), batch_size), progress, len(images), batch_size, "edit"):
             chunk = [_check_image(im, f"images[{start + i}]") for i, im in enumerate(images[start:start + batch_size])]
             padded, boxes = zip(*[pad_to_anchor(im, self.anchors) for im in chunk])
-            pix = np.stack([images_lib.to_model_range(p) for p in padded])[:, None]
-            cond = [self._prompt(multimodal.edit_prompt(t), suffix=self._image_prefix())
-                    for t in instructions[start:start + batch_size]]
-            uncond = [self._prompt(multimodal.EDIT_UNCOND, suffix=self._image_prefix())] * len(chunk)
-            results = self._sample_images(cond, uncond, pix, sampling, seed + start)
-            for r, box, im in zip(results, boxes, chunk):
-                f = r.shape[0] // padded[0].shape[0]   # 2 when a diffusion decoder super-resolves
+            texts = instructions[start:start + batch_size]
+            results = [None] * len(chunk)
+            # One sampling call per anchor among the chunk's sources (a call's images share one shape).
+            for size in dict.fromkeys(p.shape[:2] for p in padded):
+                idx = [i for i, p in enumerate(padded) if p.shape[:2] == size]
+                pix = np.stack([images_lib.to_model_range(padded[i]) for i in idx])[:, None]
+                cond = [self._prompt(multimodal.edit_prompt(texts[i]), suffix=self._image_prefix(size), size=size)
+                        for i in idx]
+                uncond = [self._prompt(multimodal.EDIT_UNCOND, suffix=self._image_prefix(size), size=size)] * len(idx)
+                for i, r in zip(idx, self._sample_images(cond, uncond, pix, sampling, seed + start, size)):
+                    results[i] = r
+            for r, p, box, im in zip(results, padded, boxes, chunk):
+                f = r.shape[0] // p.shape[0]   # 2 when a diffusion decoder super-resolves
                 out.append(unpad_and_resize(r, tuple(v * f for v in box), im.shape[:2]))
         return out
 

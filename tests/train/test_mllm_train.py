@@ -179,6 +179,10 @@ def test_config_validates_and_names_bad_vision_values(micro_tokenizer_workdir):
     with pytest.raises(ValueError, match="cfg_dropout"):
         config_check.validate(bad)
     bad = micro_config(micro_tokenizer_workdir)
+    bad.vision.anchors = ((64, 64), (64, 80))
+    with pytest.raises(ValueError, match=r"vision.anchors=\(64, 80\): expected \(height, width\) pairs"):
+        config_check.validate(bad)
+    bad = micro_config(micro_tokenizer_workdir)
     bad.vision.code_noise = 1.0
     with pytest.raises(ValueError, match="vision.code_noise"):
         config_check.validate(bad)
@@ -366,6 +370,40 @@ def test_api_generates_edits_and_answers(trained, tmp_path):
     _check_report(os.path.join(out, "report.html"), images=results["geneval"]["images"] + 3 * 6 + 2 * 3)
     with pytest.raises(ValueError, match="compositional.*level >= 3"):
         mllm_eval.run_suites(model, level=1, split="compositional")
+
+
+def test_api_draws_and_edits_at_aspect_anchors(trained, monkeypatch):
+    """ILLUME+ draws at 11 aspect anchors: `generate(size=(h, w))` puts the anchor's tags in the prompt and the
+    assistant's prefix and draws its grids; `edit` pads each source to its nearest anchor (`vision.anchors`) and
+    shows and draws it there, one sampling call per anchor, and returns the source's own size."""
+    from illume_jax.infer.illume import Illume
+    _, full_dir, *_ = trained
+    model = Illume.load(full_dir)
+    v, cfg = model.cfg.vocab, model.cfg
+    wide = model.generate(["a red circle"], seed=0, size=(64, 96))
+    assert wide[0].shape == (64, 96, 3) and wide[0].dtype == np.uint8
+    ids = list(model._prompt(multimodal.t2i_prompt("x"), suffix=model._image_prefix((64, 96)), size=(64, 96))[0])
+    assert ids.count(v.height_tag(64)) == 2 and ids.count(v.width_tag(96)) == 2 and v.width_tag(64) not in ids
+    with pytest.raises(ValueError, match=r"generate: size=\(64, 80\): expected a height and width that are "
+                                         r"multiples of 32"):
+        model.generate(["x"], size=(64, 80))
+    model.anchors = [(64, 64), (64, 128)]
+    calls = []
+    sample = model._sample_images
+
+    def spy(cond, uncond, images, sampling, seed, size):
+        shown = [(r[1] == mllm.SLOT_SEM_IN).sum() for r in cond + uncond]
+        calls.append((size, images.shape, set(shown)))
+        return sample(cond, uncond, images, sampling, seed, size)
+
+    monkeypatch.setattr(model, "_sample_images", spy)
+    src = shapecomp.render(shapecomp.make_scene(1, "test", 0))
+    long = np.concatenate([src, src], axis=1)           # 64 x 128: its own anchor
+    edited = model.edit([src, long, src[:, :48]], ["make it blue", "remove it", "make it red"])
+    assert [e.shape for e in edited] == [src.shape, long.shape, (RES, 48, 3)]
+    assert [c[0] for c in calls] == [(64, 64), (64, 128)]          # src and the 64x48 one share the square
+    assert calls[0][1][:2] == (2, 1) and calls[1][1][1:] == (1, 64, 128, 3)
+    assert calls[0][2] == {cfg.cells_per_image(64, 64)[0]} and calls[1][2] == {cfg.cells_per_image(64, 128)[0]}
 
 
 def test_a_pixel_decoder_retrained_on_the_same_codes_draws_the_images(trained, micro_tokenizer_workdir, tmp_path):
