@@ -19,6 +19,42 @@ def test_shipped_configs_validate():
     assert validate(illume_plus_7b.get_config()).vocab_size == 283_175
 
 
+def test_the_illume_plus_configs_are_whole_mllms():
+    """ILLUME+ 3B / 7B: the LLM + the official DualViTok tower and projectors, 512² blocks of 18x18 + 32x32 codes
+    (1,404 tokens), four stages at 256² then 512², and stage patterns that select what the release trains."""
+    from illume_jax import sharding
+    from illume_jax.models import mllm
+    from illume_jax.train import optim
+    from illume_jax.train import state as state_lib
+    for module, d_model in ((illume_plus_3b, 2048), (illume_plus_7b, 3584)):
+        c = module.get_config()
+        m = state_lib.model_config(c)
+        assert m.levels == 2 and m.llm.d_model == d_model and m.vocab.end == 282_776
+        assert m.grids(512, 512) == ((18, 18), (32, 32)) and mllm.block_length(m.grids(512, 512)) == 1404
+        assert [s.name for s in c.stages] == ["visual_embedding_init", "unified_alignment", "alignment_512", "sft"]
+        assert [state_lib.stage_resolution(c, i) for i in range(4)] == [256, 256, 512, 512]
+        assert c.vision.vit_trainable_from == 16 and c.stages[3].cfg_dropout == 0.1 and c.seed == 423
+        from illume_jax.models.dualvitok import ANCHORS
+        assert tuple(map(tuple, c.vision.anchors)) == ANCHORS[:11]   # the 11 of stages 2.5-3, not 256²
+    mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1))
+    _, params = state_lib.abstract_model(m, mesh)
+
+    def trained(stage):
+        frozen = optim.frozen_mask(params, stage)   # fails on a pattern that matches no parameter
+        flat = jax.tree_util.tree_flatten_with_path(frozen)[0]
+        return {optim.path_str(p) for p, f in flat if not f}
+
+    stage1, sft = trained(c.stages[0]), trained(c.stages[3])
+    assert stage1 == {"llm/embed/embedding", "llm/lm_head/kernel"} | {p for p in sft if p.startswith("projector/")}
+    pixel = {p for p in sft if p.startswith("vision/pixel_encoder/")}
+    assert pixel and not any(p.startswith("vision/pixel_encoder/down/") for p in pixel)
+    assert "vision/pixel_encoder/conv_in/kernel" in pixel and "vision/pixel_encoder/mid/attn_1/q/kernel" in pixel
+    assert any(p.startswith("vision/vit/merger/") for p in sft) and any(p.startswith("vision/vit/blocks/") for p in sft)
+    everything = {optim.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    assert {p for p in everything if p.startswith(("llm/", "projector/"))} <= sft
+    assert all(p in sft for p in trained(c.stages[1]))
+
+
 def test_the_original_illume_7b_config():
     """Vicuna-7B + the semantic VQ's 16,384 codes after ILLUME+'s 39 structure / tag ids, padded to 64 rows;
     one-level 16x16 blocks, up to 9 slices + a global view per understanding image, 3 stages."""

@@ -180,12 +180,14 @@ def _mllm_from_official(src, dst, base, tokenizer, dtype, overwrite) -> dict:
     config = _base(base, f"illume_plus_{size}.py")
     tok = _tokenizer_file(src)
     with config.unlocked():
+        if base is None:  # the released model has been through every stage: fine-tuning it is its stage 3
+            config.stages = [st for st in config.stages if st.name == "sft"]
         config.model = _llm_model_block(llm_cfg, config.model)
         if tok:
             config.tokenizer.kind, config.tokenizer.chat_template = "hf", "qwen2"
             config.tokenizer.path = os.path.join(os.path.abspath(dst), "tokenizer.json")
             config.tokenizer.vocab_size = min(HFTokenizer(tok).vocab_size, llm_cfg.text_vocab_size)
-        if "vision" not in config:
+        if "vision" not in config:  # a text-only --config
             from configs import common
             config.vision = common.vision_config(resolution=512, max_images=2, vit_trainable_from=16)
         config.vision.tokenizer_workdir = os.path.abspath(tokenizer)

@@ -185,10 +185,17 @@ def test_tokenizer_and_decoder_trainers_start_from_the_converted_weights(convert
                                               if k.startswith("unet/")})
 
 
-def test_converted_configs_pass_validation(converted):
+def test_converted_configs_pass_validation(converted, tmp_path):
     from configs import converted as converted_config
     from illume_jax import config_check
     root = converted["root"]
     config_check.validate(converted_config.get_config(str(root / "mllm")))
+    # Without --config, the release's own recipe: configs/illume_plus_3b.py's vision block and its stage 3 only.
+    official.from_official("mllm", str(root / "mllm_official"), str(tmp_path / "default"), tokenizer=str(root / "dualvitok"))
+    default = converted_config.get_config(str(tmp_path / "default"))
+    config_check.validate(default)
+    assert [st.name for st in default.stages] == ["sft"] and default.stages[0].cfg_dropout == 0.1
+    assert default.vision.resolution == 512 and default.vision.vit_trainable_from == 16
+    assert default.vision.tokenizer_workdir == str(root / "dualvitok")
     config_check.validate_tokenizer(converted_config.get_config(str(root / "dualvitok")))
     config_check.validate_decoder(converted_config.get_config(str(root / "decoder")))
