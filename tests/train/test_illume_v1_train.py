@@ -164,3 +164,33 @@ def test_api_generates_edits_and_answers_with_one_level(trained):
     # The one-view row scores as it does alone: the padded views of its neighbour change nothing.
     np.testing.assert_allclose(model.answer_logprobs([src], ["Is there a red circle?"], ("yes", "no")), lp[1:],
                                rtol=1e-4, atol=1e-4)
+
+
+def test_a_one_level_model_draws_through_the_illume_diffusion_decoder(trained, svq_workdir, tmp_path):
+    """ILLUME's detokenizer: a decoder trained on the semantic VQ's features (`conditioning=illume`: its codes
+    turned back into ViT features, the UNet's cross-attention context), then used by the one-level MLLM's
+    `generate` and `edit` at 2x the token resolution."""
+    from configs import diffusion_decoder as decoder_config
+    from illume_jax.infer.illume import Illume
+    from illume_jax.train import decoder as dec
+    c = decoder_config.get_config(f"size=tiny,conditioning=illume,steps=2,vae_steps=2,batch=8,"
+                                  f"tokenizer_workdir={svq_workdir}")
+    c.model.unet.update(cross_attention_dim=16, block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=2,
+                        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))   # context: the micro VQ's 16-d ViT
+    c.model.vae.update(block_out_channels=(8, 16, 16), norm_num_groups=4)
+    c.vae_train.update(batch_size=8, eval_every=0)
+    c.data.update(num_examples=16, num_eval=8)
+    c.train.update(eval_every=0)
+    c.eval.update(num_images=8, batch_size=8, steps=2)
+    c.checkpoint.update(every_steps=1000, async_save=False)
+    config_check.validate_decoder(c)
+    out = dec.train_decoder(c, str(tmp_path / "decoder"))
+    assert not out["preempted"] and 0 <= out["unet"]["decoder_agreement"] <= 1
+    _, workdir, _ = trained
+    model = Illume.load(workdir, diffusion_decoder=str(tmp_path / "decoder"))
+    images = model.generate(["a red circle"], seed=0)
+    assert images[0].shape == (2 * RES, 2 * RES, 3) and images[0].dtype == np.uint8
+    src = shapecomp.render(shapecomp.make_scene(1, "test", 0))
+    wide = np.concatenate([src, src], axis=1)
+    assert [e.shape for e in model.edit([src, wide], ["make it blue", "remove it"])] == [src.shape, wide.shape]
