@@ -183,6 +183,9 @@ def vision_config(**overrides) -> mlc.ConfigDict:
         # (h, w) aspect anchors for inference: editing pads its source to the nearest one and draws there;
         # `generate(size=)` may use any. Empty: the square vision.resolution alone (ILLUME+: 11 near 512²).
         anchors=(),
+        # (min, max) pixels: at inference an understanding image keeps its aspect, its sides multiples of 16
+        # within these bounds (ILLUME+'s stage 3: 32²..768²; a DualViTok tower). Empty: square at resolution.
+        understand_pixels=(),
         tag_step=64,              # resolution tags <height_64> ... <height_1024> (spec §3.2)
         max_side=1024,
     ))

@@ -19,7 +19,8 @@ What is released and what is a choice (spec §5.2: only stage 3's config is publ
   train the LLM and projectors on mixed data; their learning rates and mixtures are choices;
 * training images are square (256² in stages 1-2, 512² in 2.5-3); the official training crops to the nearest
   of 11 aspect anchors near 512², which the train pipeline does not build. Inference has the anchors
-  (`vision.anchors`): editing pads to the nearest, `generate(size=)` draws at any.
+  (`vision.anchors`): editing pads to the nearest, `generate(size=)` draws at any; and understanding images
+  keep their aspect there (`vision.understand_pixels`, 32²..768²), which training's square rows do not.
 """
 import ml_collections as mlc
 
@@ -60,7 +61,8 @@ def get_config(arg: str | None = None, size: str = "7b") -> mlc.ConfigDict:
     c.vision = common.vision_config(
         tokenizer_workdir=a.dualvitok, tokenizer_model=dualvitok.model_config("official"),
         # Inference and the later stages: 512² (18x18 semantic + 32x32 pixel codes, a 1,404-token block).
-        resolution=512, max_images=2, vit_trainable_from=int(a.vit_from), anchors=ANCHORS)
+        resolution=512, max_images=2, vit_trainable_from=int(a.vit_from), anchors=ANCHORS,
+        understand_pixels=(32 * 32, 768 * 768))   # the released stage 3's tower bounds (spec §5.2)
     c.tokenizer = mlc.ConfigDict(dict(kind="hf", path=a.tokenizer, vocab_size=QWEN_TEXT_TOKENS,
                                       chat_template="qwen2"))
     c.data = mlc.ConfigDict(dict(

@@ -169,10 +169,18 @@ def _validate_vision(config: Any) -> None:
     slices = v.get("anyres_max_slices", 0)
     if isinstance(slices, bool) or not isinstance(slices, int) or slices < 0:
         _fail("vision.anyres_max_slices", slices, "an int >= 0 (0: every image is one view; ILLUME: 9)")
+    pixels = tuple(v.get("understand_pixels", ()))
+    if pixels and (len(pixels) != 2 or not all(isinstance(p, int) and not isinstance(p, bool) for p in pixels)
+                   or not 0 <= pixels[0] <= pixels[1] or pixels[1] < 32 * 32 or slices):
+        _fail("vision.understand_pixels", pixels, "() or (min_pixels, max_pixels) with 0 <= min <= max and max >= 32², "
+                                                  "and no vision.anyres_max_slices (one or the other)")
     if not 0.0 <= float(v.get("code_noise", 0.0)) < 1.0:
         _fail("vision.code_noise", v.code_noise, "a rate in [0, 1) (the share of fed-back codes replaced)")
     from illume_jax.train.state import model_config
-    model_config(config)  # vocabulary rows, codebooks and grids are checked by MLLMConfig
+    mcfg = model_config(config)  # vocabulary rows, codebooks and grids are checked by MLLMConfig
+    if pixels and mcfg.levels == 1:
+        _fail("vision.understand_pixels", pixels, "() with a semantic VQ tower (its CLIP ViT reads one fixed size; "
+                                                  "ILLUME's high-resolution input is vision.anyres_max_slices)")
 
 
 TOKENIZER_KINDS_MODEL = ("dualvitok", "semantic_vq")

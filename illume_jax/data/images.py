@@ -12,6 +12,7 @@ spec §0) at one fixed training resolution.
 from __future__ import annotations
 
 import io
+import math
 import re
 import zlib
 from typing import Any, Sequence
@@ -115,6 +116,36 @@ def fit_resolution(image: np.ndarray, size: int) -> np.ndarray:
     im = Image.fromarray(image).resize((nw, nh), Image.BICUBIC)
     top, left = (nh - size) // 2, (nw - size) // 2
     return np.asarray(im)[top:top + size, left:left + size]
+
+
+def native_size(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(h, w) an image keeps at its own aspect: each side a multiple of `factor` (the nearest one), scaled
+    down into `max_pixels` or up to `min_pixels` when outside them (the official understanding pre-processing,
+    Qwen2-VL's "smart resize" rule with the tower's pixel bounds; spec §5.2: 32²..768², factor 16)."""
+    if height < 1 or width < 1 or max(height, width) / min(height, width) > 200:
+        raise ValueError(f"native_size: an image of {height}x{width} pixels (expected sides >= 1 and an aspect "
+                         f"ratio up to 200)")
+    if min_pixels > max_pixels or max_pixels < factor * factor:
+        raise ValueError(f"native_size: pixel bounds ({min_pixels}, {max_pixels}) with factor {factor}")
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 [H,W,3] -> [h,w,3] (PIL bicubic, as the official image processor), aspect not kept."""
+    if image.shape[:2] == tuple(size):
+        return image
+    from PIL import Image
+    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BICUBIC))
 
 
 def to_model_range(image: np.ndarray) -> np.ndarray:

@@ -111,6 +111,8 @@ class Illume:
         self.anchors = [tuple(int(x) for x in a) for a in config.vision.get("anchors", ())] or \
             [(self.resolution, self.resolution)]
         self.anyres_max_slices = int(config.vision.get("anyres_max_slices", 0))
+        # (min, max) pixels: understanding images keep their aspect (ILLUME+'s stage 3: 32²..768²); () square.
+        self.understand_pixels = tuple(int(x) for x in config.vision.get("understand_pixels", ()))
         self.eos_id = int(text_tokenizer.eos_id)
         if self.cfg.levels == 1:  # a semantic VQ (ILLUME): codes of one level, no pixel codes
             self._decode = module_jit(lambda m, s, p: m.decode(s))
@@ -222,10 +224,35 @@ class Illume:
         S = self.resolution
         return np.stack([images_lib.to_model_range(images_lib.fit_resolution(im, S)) for im in images])[:, None]
 
-    def _question_rows(self, images: Sequence[np.ndarray], questions: Sequence[str]):
+    def _understand_size(self, image: np.ndarray) -> tuple[int, int] | None:
+        """The (h, w) an understanding image is shown at with `vision.understand_pixels`, else None (square)."""
+        if not self.understand_pixels:
+            return None
+        size = images_lib.native_size(*image.shape[:2], NATIVE_FACTOR, *self.understand_pixels)
+        if 0 in (d for grid in self.cfg.grids(*size) for d in grid):
+            raise ValueError(f"understand: an image of {image.shape[0]}x{image.shape[1]} pixels is too thin for the "
+                             f"tower at its own aspect ({size[0]}x{size[1]} gives code grids {self.cfg.grids(*size)})")
+        return size
+
+    def _question_groups(self, images: Sequence[np.ndarray], questions: Sequence[str]):
+        """[(indices, prompt rows, images)]: the questions' rows grouped by the shape their image is shown at
+        (one group unless `vision.understand_pixels` keeps each image's aspect)."""
+        sizes = [self._understand_size(im) for im in images]
+        groups = []
+        for size in dict.fromkeys(sizes):
+            idx = [i for i, s in enumerate(sizes) if s == size]
+            groups.append((idx, *self._question_rows([images[i] for i in idx], [questions[i] for i in idx], size)))
+        return groups
+
+    def _question_rows(self, images: Sequence[np.ndarray], questions: Sequence[str],
+                       size: tuple[int, int] | None = None):
         """(prompt rows, images [N, V, S, S, 3]) of understanding questions, one image each. With
         `vision.anyres_max_slices` > 0 an image larger than one view is shown as its global view + slices
-        (data/anyres.py); rows with fewer views are padded with blank ones, which no slot reads."""
+        (data/anyres.py); rows with fewer views are padded with blank ones, which no slot reads. `size`
+        (h, w): every image resized to it, one view each (`vision.understand_pixels`)."""
+        if size is not None:
+            rows = [self._prompt(f"<image>\n{q}", size=size) for q in questions]
+            return rows, np.stack([images_lib.to_model_range(images_lib.resize(im, size)) for im in images])[:, None]
         S = self.resolution
         views = [multimodal.model_views(im, S, self.anyres_max_slices) for im in images]
         rows = [self._prompt(f"<image>\n{q}", views=[grid]) for (_, grid), q in zip(views, questions)]
@@ -334,21 +361,21 @@ class Illume:
             raise ValueError(f"understand: {len(images)} images but {len(questions)} questions")
         sampling = sampling or il.Sampling.for_task("understand")
         S = self.resolution
-        grids = self.cfg.grids(S, S)
-        answers = []
+        grids = self.cfg.grids(S, S)   # no image is drawn: the row state's grids are never read
+        known = getattr(self.text_tokenizer, "vocab_size", self.cfg.vocab.first_id)
+        answers = [""] * len(images)
         for start in _progress(range(0, len(images), batch_size), progress, len(images), batch_size, "understand"):
             chunk = [_check_image(im, f"images[{start + i}]") for i, im in enumerate(images[start:start + batch_size])]
-            rows, pix = self._question_rows(chunk, questions[start:start + batch_size])
-            state = il.RowState.start(np.tile([*grids[0], *grids[1]], (len(rows), 1)), False, True)
-            tokens, _ = il.generate(self.model, self._batch(rows, pix), state, jax.random.key(seed + start),
-                                    vocab=self.cfg.vocab, sampling=sampling, max_new_tokens=max_new_tokens,
-                                    eos_id=self.eos_id, pad_id=0)
-            for row in np.asarray(tokens):
-                ids = row.tolist()
-                if self.eos_id in ids:
-                    ids = ids[:ids.index(self.eos_id)]
-                known = getattr(self.text_tokenizer, "vocab_size", self.cfg.vocab.first_id)
-                answers.append(self.text_tokenizer.decode([i for i in ids if 0 < i < known]).strip())
+            for idx, rows, pix in self._question_groups(chunk, questions[start:start + batch_size]):
+                state = il.RowState.start(np.tile([*grids[0], *grids[1]], (len(rows), 1)), False, True)
+                tokens, _ = il.generate(self.model, self._batch(rows, pix), state, jax.random.key(seed + start),
+                                        vocab=self.cfg.vocab, sampling=sampling, max_new_tokens=max_new_tokens,
+                                        eos_id=self.eos_id, pad_id=0)
+                for i, row in zip(idx, np.asarray(tokens)):
+                    ids = row.tolist()
+                    if self.eos_id in ids:
+                        ids = ids[:ids.index(self.eos_id)]
+                    answers[start + i] = self.text_tokenizer.decode([t for t in ids if 0 < t < known]).strip()
         return answers
 
     def answer_logprobs(self, images: Sequence[np.ndarray], questions: Sequence[str], answers: Sequence[str], *,
@@ -360,13 +387,18 @@ class Illume:
         if len(images) != len(questions):
             raise ValueError(f"answer_logprobs: {len(images)} images but {len(questions)} questions")
         first = answer_first_tokens(self.text_tokenizer, answers, "answer_logprobs")
-        out = []
+        out = np.zeros((len(images), len(answers)), np.float32)
         for start in _progress(range(0, len(images), batch_size), progress, len(images), batch_size, "score"):
             chunk = [_check_image(im, f"images[{start + i}]") for i, im in enumerate(images[start:start + batch_size])]
-            rows, pix = self._question_rows(chunk, questions[start:start + batch_size])
-            lp = il.next_text_logprobs(self.model, self._batch(rows, pix), text_size=self.cfg.vocab.first_id)
-            out.append(np.asarray(lp)[:, first])
-        return np.concatenate(out) if out else np.zeros((0, len(answers)), np.float32)
+            for idx, rows, pix in self._question_groups(chunk, questions[start:start + batch_size]):
+                lp = il.next_text_logprobs(self.model, self._batch(rows, pix), text_size=self.cfg.vocab.first_id)
+                out[[start + i for i in idx]] = np.asarray(lp)[:, first]
+        return out
+
+
+# Sides of an understanding image kept at its own aspect are multiples of this: the pixel encoder's
+# downsampling (the official processor's smart-resize factor, spec §5.2).
+NATIVE_FACTOR = 16
 
 
 def _check_image(image, name: str) -> np.ndarray:

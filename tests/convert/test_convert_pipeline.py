@@ -191,7 +191,8 @@ def test_converted_configs_pass_validation(converted, tmp_path):
     root = converted["root"]
     config_check.validate(converted_config.get_config(str(root / "mllm")))
     # Without --config, the release's own recipe: configs/illume_plus_3b.py's vision block and its stage 3 only.
-    official.from_official("mllm", str(root / "mllm_official"), str(tmp_path / "default"), tokenizer=str(root / "dualvitok"))
+    official.from_official("mllm", str(root / "mllm_official"), str(tmp_path / "default"),
+                           tokenizer=str(root / "dualvitok"))
     default = converted_config.get_config(str(tmp_path / "default"))
     config_check.validate(default)
     assert [st.name for st in default.stages] == ["sft"] and default.stages[0].cfg_dropout == 0.1

@@ -183,6 +183,12 @@ def test_config_validates_and_names_bad_vision_values(micro_tokenizer_workdir):
     with pytest.raises(ValueError, match=r"vision.anchors=\(64, 80\): expected \(height, width\) pairs"):
         config_check.validate(bad)
     bad = micro_config(micro_tokenizer_workdir)
+    bad.vision.understand_pixels = (32 * 32, 64 * 64)
+    config_check.validate(bad)
+    bad.vision.understand_pixels = (64 * 64, 32 * 32)
+    with pytest.raises(ValueError, match=r"vision.understand_pixels=\(4096, 1024\): expected \(\) or \(min_pixels"):
+        config_check.validate(bad)
+    bad = micro_config(micro_tokenizer_workdir)
     bad.vision.code_noise = 1.0
     with pytest.raises(ValueError, match="vision.code_noise"):
         config_check.validate(bad)
@@ -404,6 +410,33 @@ def test_api_draws_and_edits_at_aspect_anchors(trained, monkeypatch):
     assert [c[0] for c in calls] == [(64, 64), (64, 128)]          # src and the 64x48 one share the square
     assert calls[0][1][:2] == (2, 1) and calls[1][1][1:] == (1, 64, 128, 3)
     assert calls[0][2] == {cfg.cells_per_image(64, 64)[0]} and calls[1][2] == {cfg.cells_per_image(64, 128)[0]}
+
+
+def test_understanding_keeps_each_images_aspect(trained):
+    """`vision.understand_pixels` (ILLUME+'s 32²..768²): each understanding image is shown at its own aspect
+    (sides multiples of 16 in the bounds), the questions grouped by that shape; answers and scores come back
+    in the caller's order, each as the image's group alone gives it."""
+    from illume_jax.infer.illume import Illume
+    _, full_dir, *_ = trained
+    model = Illume.load(full_dir)
+    model.understand_pixels = (32 * 32, 64 * 128)
+    src = shapecomp.render(shapecomp.make_scene(1, "test", 0))
+    long = np.concatenate([src, shapecomp.render(shapecomp.make_scene(1, "test", 1))], axis=1)   # 64 x 128
+    qs = ["Is there a red circle in the image?", "How many objects?", "Is there a blue square?"]
+    groups = model._question_groups([src, long, src], qs)
+    assert [g[0] for g in groups] == [[0, 2], [1]]
+    assert groups[0][2].shape == (2, 1, 64, 64, 3) and groups[1][2].shape == (1, 1, 64, 128, 3)
+    n_wide = model.cfg.cells_per_image(64, 128)
+    assert [((r[1] == mllm.SLOT_SEM_IN).sum(), (r[1] == mllm.SLOT_PIX_IN).sum()) for r in groups[1][1]] == [n_wide]
+    lp = model.answer_logprobs([src, long, src], qs, ("yes", "no"))
+    np.testing.assert_allclose(lp[[0, 2]], model.answer_logprobs([src, src], qs[::2], ("yes", "no")), rtol=1e-4,
+                               atol=1e-4)
+    np.testing.assert_allclose(lp[1:2], model.answer_logprobs([long], qs[1:2], ("yes", "no")), rtol=1e-4, atol=1e-4)
+    answers = model.understand([src, long, src], qs, max_new_tokens=3)
+    assert answers[1] == model.understand([long], qs[1:2], max_new_tokens=3)[0]
+    model.understand_pixels = (0, 64 * 128)   # no lower bound: a 4-pixel-high image rounds to no rows of codes
+    with pytest.raises(ValueError, match="an image of 4x300 pixels is too thin for the tower"):
+        model.understand([np.zeros((4, 300, 3), np.uint8)], ["?"])
 
 
 def test_a_pixel_decoder_retrained_on_the_same_codes_draws_the_images(trained, micro_tokenizer_workdir, tmp_path):
