@@ -723,6 +723,18 @@ def test_an_mllm_starts_from_a_converted_text_llm(micro_tokenizer_workdir, tmp_p
     head = np.asarray(grafted["llm"]["lm_head"]["kernel"][...])
     np.testing.assert_array_equal(head[:, :text_rows], src["embed/embedding"].T)
     np.testing.assert_array_equal(head[:, text_rows:], fresh_head[:, text_rows:])
+    # Qwen2.5-7B and Vicuna-7B have their own heads (ILLUME+ 7B, ILLUME 7B): the head's text columns are copied.
+    src_untied = _text_llm_folder(untied, tmp_path / "text_llm_untied")
+    _, _, state = state_lib.create_state(untied, 0, sharding.make_mesh(dict(untied.mesh)))
+    fresh = {k: np.asarray(v) for k, v in weights.flat_numpy(state.params).items()}
+    grafted = weights.flat_numpy(state_lib.graft_text_llm(str(tmp_path / "text_llm_untied"), state.params, untied))
+    head = grafted["llm/lm_head/kernel"]
+    np.testing.assert_array_equal(head[:, :text_rows], src_untied["lm_head/kernel"])
+    np.testing.assert_array_equal(head[:, text_rows:], fresh["llm/lm_head/kernel"][:, text_rows:])
+    np.testing.assert_array_equal(grafted["llm/embed/embedding"][:text_rows], src_untied["embed/embedding"])
+    np.testing.assert_array_equal(grafted["projector/semantic/fc1/kernel"], fresh["projector/semantic/fc1/kernel"])
+    with pytest.raises(ValueError, match="its head is separate from its embedding, config.model ties them"):
+        state_lib.graft_text_llm(str(tmp_path / "text_llm_untied"), None, config)
     bad = micro_config(micro_tokenizer_workdir, arg="stages=1")
     bad.model.d_model = 48
     with pytest.raises(ValueError, match="d_model=32, config.model has 48"):
