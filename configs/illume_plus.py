@@ -1,6 +1,13 @@
 """ILLUME+ (Qwen2.5-3B / 7B-Instruct + DualViTok vocabulary): the shared body of the two
 size configs. Shapes and vocabulary follow the official release (spec §3.1, §3.2, §5.2).
 
+Train (3B; 7B alike with configs/illume_plus_7b.py):
+  python -m illume_jax convert --from=official --kind=llm --src=ckpt/Qwen2.5-3B-Instruct --dst=runs/qwen_3b
+  python -m illume_jax train --config=configs/illume_plus_3b.py:tokenizer=runs/qwen_3b/tokenizer.json,\
+      dualvitok=runs/official/dualvitok --config.model_init.weights_from=runs/qwen_3b \
+      --config.data.datasets.pretrain.path=... --workdir=gs://...
+  (to fine-tune the released ILLUME+ instead: --config=configs/converted.py:runs/official/illume_plus_3b)
+
 Args: size, seq_len=4096, batch=256, steps=1000 (per stage), grad_accum, data, fsdp, tensor, attention,
       remat, tokenizer (Qwen2.5's tokenizer.json), dualvitok (the vision tokenizer's workdir: a converted
       `ILLUME-MLLM/dualvitok` or a `train-tokenizer --config=configs/dualvitok.py:size=official` run),

@@ -1,12 +1,7 @@
 """ILLUME+ 3B (Qwen2.5-3B-Instruct LLM, 36 layers, d=2048, 283,047 vocabulary rows).
 
 AOT check: python -m illume_jax aot --config=configs/illume_plus_3b.py --topology=v5p:4x4x4
-Train:     python -m illume_jax convert --from=official --kind=llm --src=ckpt/Qwen2.5-3B-Instruct --dst=runs/qwen_3b
-           python -m illume_jax train --config=configs/illume_plus_3b.py:tokenizer=runs/qwen_3b/tokenizer.json,\
-             dualvitok=runs/official/dualvitok --config.model_init.weights_from=runs/qwen_3b \
-             --config.data.datasets.pretrain.path=... --workdir=gs://...
-           (the four stages of configs/illume_plus.py from Qwen2.5; to fine-tune the released ILLUME+ instead:
-           --config=configs/converted.py:runs/official/illume_plus_3b)
+Train:     configs/illume_plus.py's docstring (this file is its size=3b).
 Hardware:  a TPU v5p-128 slice (64 chips, FSDP 64); figures in the README.
 """
 from configs import illume_plus
