@@ -359,11 +359,10 @@ def _inference(command: str) -> None:
     if _SIZE.value is not None:
         if command != "generate":
             _usage(f"--size is for generate (edit draws at its source's nearest anchor), not {command}")
-        try:
-            size = tuple(int(x) for x in _SIZE.value.lower().split("x"))
-            assert len(size) == 2
-        except (ValueError, AssertionError):
+        parts = _SIZE.value.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
             _usage(f"--size={_SIZE.value!r}: expected HEIGHTxWIDTH, e.g. 384x768")
+        size = (int(parts[0]), int(parts[1]))
     if command in ("understand", "edit"):
         paired = _QUESTION.value if command == "understand" else _INSTRUCTION.value
         what = "--question" if command == "understand" else "--instruction"
@@ -392,12 +391,12 @@ def _inference(command: str) -> None:
     sampling = samplings.get("t2i" if command == "generate" else command)
     records = []
     if command == "generate":
-        try:
-            images = model.generate(_PROMPT.value, seed=_SEED.value, sampling=sampling, progress=True, size=size)
-        except ValueError as e:
-            if "size=" not in str(e):
-                raise
-            _usage(f"--size={_SIZE.value!r}: {e}")
+        if size is not None:
+            try:
+                model.check_size(size, "--size")   # the model's tag step and largest side
+            except ValueError as e:
+                _usage(str(e))
+        images = model.generate(_PROMPT.value, seed=_SEED.value, sampling=sampling, progress=True, size=size)
         for k, (prompt, img) in enumerate(zip(_PROMPT.value, images)):
             path = os.path.join(out, f"generate_{k:03d}.png")
             Image.fromarray(img).save(path)

@@ -107,6 +107,7 @@ class Illume:
         self.resolution = int(config.vision.resolution)
         self.assembler = multimodal.Assembler(text_tokenizer, config.tokenizer.chat_template, self.cfg,
                                               self.resolution)
+        self._assemblers = {self.assembler.size: self.assembler}
         # Editing pads its source to the nearest of these (h, w); generation draws at any of them (`size=`).
         self.anchors = [tuple(int(x) for x in a) for a in config.vision.get("anchors", ())] or \
             [(self.resolution, self.resolution)]
@@ -192,10 +193,11 @@ class Illume:
     def _prompt(self, user: str, *, suffix: Sequence[int] = (), views: Sequence[tuple[int, int]] = (),
                 size: tuple[int, int] | None = None):
         """A user turn's prompt row; `size` (h, w): its images' blocks and `{resolution_tag}` at that anchor."""
-        assembler = self.assembler
-        if size is not None and tuple(size) != assembler.size:
-            assembler = multimodal.Assembler(self.text_tokenizer, self.config.tokenizer.chat_template, self.cfg, size)
-        ids, slots, cells, _ = assembler.render([{"from": "human", "value": user}], views=views)
+        size = self.assembler.size if size is None else tuple(size)
+        if size not in self._assemblers:   # one per anchor / understanding shape met (block templates inside)
+            self._assemblers[size] = multimodal.Assembler(self.text_tokenizer, self.config.tokenizer.chat_template,
+                                                          self.cfg, size)
+        ids, slots, cells, _ = self._assemblers[size].render([{"from": "human", "value": user}], views=views)
         if suffix:
             ids = np.concatenate([ids, np.asarray(suffix, np.int32)])
             slots = np.concatenate([slots, np.zeros(len(suffix), np.int32)])
@@ -272,7 +274,7 @@ class Illume:
         (h1, w1), (h2, w2) = self.cfg.grids(*(size or (self.resolution, self.resolution)))
         return il.RowState.start(np.tile([h1, w1, h2, w2], (n, 1)), True, True, phase=il.EXPECT_SOL0)
 
-    def _check_size(self, size, what: str) -> tuple[int, int]:
+    def check_size(self, size, what: str = "size") -> tuple[int, int]:
         """(h, w) of an image to draw: multiples of vision.tag_step up to vision.max_side (it needs its tags)."""
         step, top = self.cfg.vocab.tag_step, self.cfg.vocab.max_side
         if size is None:
@@ -318,7 +320,7 @@ class Illume:
         """Text-to-image -> uint8 [H,W,3] images, one per prompt. `size` (h, w): the model's square resolution by
         default; ILLUME+ draws at its 11 aspect anchors (`self.anchors`), the official evaluation's sizes."""
         sampling = sampling or il.Sampling.for_task("t2i")
-        size = self._check_size(size, "generate: size")
+        size = self.check_size(size, "generate: size")
         uncond = self._prompt(multimodal.T2I_UNCOND, suffix=self._image_prefix(size), size=size)
         out = []
         for start in _progress(range(0, len(prompts), batch_size), progress, len(prompts), batch_size, "generate"):
