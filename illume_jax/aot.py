@@ -56,6 +56,8 @@ class AotReport:
     xla_flops: float
     model_flops_per_step: float
     compile_s: float
+    params: int = 0            # every parameter of the model (an MLLM's tower and projectors included)
+    trained_params: int = 0    # those in the stage's optimizer (its `trainable` patterns)
 
     @property
     def fits(self) -> bool | None:
@@ -64,7 +66,8 @@ class AotReport:
     def table(self) -> str:
         return "\n".join([
             f"topology {self.topology}: {self.num_devices} chips, mesh {self.mesh}",
-            f"stage {self.stage!r}: global batch {self.global_batch_size} x seq {self.seq_len}",
+            f"stage {self.stage!r}: global batch {self.global_batch_size} x seq {self.seq_len}; parameters "
+            f"{self.params / 1e9:.3f} B, {self.trained_params / 1e9:.3f} B of them in the stage's optimizer",
             *_memory_lines(self),
             f"FLOPs per step: model {self.model_flops_per_step:.3e} (all chips; "
             f"{self.model_flops_per_step / self.num_devices:.3e} per chip), "
@@ -108,6 +111,8 @@ def compile_train_step(config: Any, topology: str, stage_index: int = -1) -> Aot
     stage = stages[stage_index]
     devices = topology_devices(topology)
     mesh = sharding.make_mesh(dict(config.mesh), devices=devices)
+    from illume_jax.train import optim, state as state_lib
+    trained, params = optim.parameter_counts(state_lib.abstract_state(config, stage_index, mesh)[2].params, stage)
     t0 = time.time()
     lowered = step_lib.lower_train_step(config, stage_index, mesh)
     compiled = lowered.compile()
@@ -123,7 +128,7 @@ def compile_train_step(config: Any, topology: str, stage_index: int = -1) -> Aot
         seq_len=stage.seq_len, global_batch_size=stage.global_batch_size, argument_gib=arg, temp_gib=temp,
         output_gib=out, alias_gib=alias, peak_gib=arg + temp + out - alias, hbm_gib=HBM_GIB.get(kind),
         xla_flops=float(cost.get("flops", 0.0)), model_flops_per_step=model_flops_per_token(cfg, stage.seq_len) * tokens,
-        compile_s=compile_s)
+        compile_s=compile_s, params=params, trained_params=trained)
 
 
 def main(config: Any, topology: str, stage_index: int = -1, what: str = "train", batch: int = 8,

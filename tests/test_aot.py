@@ -17,6 +17,11 @@ def test_tiny_config_compiles_for_v5p_2x2x1(attention):
     assert 0 < report.argument_gib < 0.01 and report.temp_gib > 0 and report.fits
     assert report.xla_flops > 0 and report.model_flops_per_step > 0
     assert "fits" in report.table()
+    from illume_jax.models.llm import LLMConfig
+    llm = LLMConfig.from_config(config.model)
+    # The report's stage (`sft`) trains the layers and the final norm, not the (tied) embedding.
+    assert report.stage == "sft" and config.stages[1].trainable == ("layers/.*", "final_norm/.*") and llm.tie_embeddings
+    assert report.params == llm.num_params() and report.trained_params == llm.num_params() - llm.vocab_size * llm.d_model
 
 
 def test_unknown_topology_is_a_clear_error():
@@ -80,6 +85,10 @@ def test_the_original_illume_compiles_its_multimodal_step_and_decode_for_v5p_2x2
     config.model.update(d_model=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, mlp_dim=128)
     report = aot.compile_train_step(config, "v5p:2x2x1")
     assert report.stage == "sft" and report.seq_len == 768 and report.fits and report.temp_gib > 0
+    # Every parameter of the MLLM is counted, the tower's and adapter's with the LLM's; sft trains them all.
+    from illume_jax.models.llm import LLMConfig
+    assert report.params > LLMConfig.from_config(config.model).num_params() and report.trained_params == report.params
+    assert f"parameters {report.params / 1e9:.3f} B" in report.table()
     decode = aot.compile_decode_step(config, "v5p:2x2x1", batch=2, cache_len=512)
     assert decode.layout == "ILLUME one level: 16x16 codes of 256" and decode.fits
     assert "ILLUME one level" in decode.table()

@@ -110,14 +110,19 @@ def frozen_mask(params, stage: Any):
     return jax.tree.map(lambda label: label == "frozen", param_labels(params, stage)(params))
 
 
+def parameter_counts(params, stage: Any) -> tuple[int, int]:
+    """(parameters the stage trains -- those in its optimizer --, all parameters); params may be abstract."""
+    frozen = jax.tree.leaves(frozen_mask(params, stage))
+    sizes = [math.prod(x.shape) for x in jax.tree.leaves(params)]
+    return sum(n for n, f in zip(sizes, frozen) if not f), sum(sizes)
+
+
 def trainable_summary(params, stage: Any) -> str:
     """'trains 1,234,567 of 4,567,890 parameters' for a stage (params may be abstract): the stage header
     says it, so a `trainable` override that froze or opened more than meant shows at once."""
-    frozen = jax.tree.leaves(frozen_mask(params, stage))
-    sizes = [math.prod(x.shape) for x in jax.tree.leaves(params)]
-    trained = sum(n for n, f in zip(sizes, frozen) if not f)
+    trained, total = parameter_counts(params, stage)
     rows = " (of the embedding and head, only the new vocabulary rows)" if stage.new_vocab_only else ""
-    return f"trains {trained:,} of {sum(sizes):,} parameters{rows}"
+    return f"trains {trained:,} of {total:,} parameters{rows}"
 
 
 def drop_frozen(grads, frozen):
