@@ -165,8 +165,9 @@ def train(config: Any, workdir: str, *, make_iterator: Callable[[int], Any] | No
                 from_run = bool(weights_from) and state_lib.is_train_run(weights_from)
                 # An MLLM starting from a converted text LLM (ILLUME+'s Qwen2.5, ILLUME's Vicuna): fresh
                 # parameters, the LLM grafted in, the tower from the vision tokenizer.
+                from illume_jax.convert import weights as weights_lib
                 from_text_llm = bool(weights_from) and not from_run and vision is not None and \
-                    state_lib.converted_kind(weights_from) == "llm"
+                    weights_lib.info(weights_from)["kind"] == "llm"
                 if weights_from and not from_run and not from_text_llm:
                     params = state_lib.load_converted_params(weights_from, abs_state.params, "vision" in config)
                 _, _, state = state_lib.create_state(config, si, mesh, params=params, step=offsets[si],

@@ -124,12 +124,6 @@ def abstract_state(config: Any, stage_index: int, mesh: Mesh):
     return graphdef, tx, abs_state
 
 
-def converted_kind(path: str) -> str:
-    """The kind of a converted-weights folder ('llm', 'mllm', ...)."""
-    from illume_jax.convert import weights
-    return weights.info(path)["kind"]
-
-
 def load_converted_params(path: str, abstract_params: Any, multimodal: bool):
     """The parameters of a converted-weights folder (`python -m illume_jax convert`), restored into
     `abstract_params` (ShapeDtypeStructs with the run's shardings and dtype: bf16 files become fp32
